@@ -1,0 +1,72 @@
+"""The ``seka`` command: LightningCLI (fit / validate / predict) plus a few plain subcommands.
+
+- ``seka fit -c configs/build/synthetic_qa.yaml ...`` builds a projection bank;
+- ``seka predict -c configs/predict/highlight.yaml ...`` generates with and without highlighting;
+- ``seka derive --stats X.stats.safetensors --top_pct 0.8 ...`` re-derives a bank from saved statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from jsonargparse import CLI
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.cli import LightningCLI
+
+from seka_lightning.bank import derive_bank
+from seka_lightning.lit.builder import ProjectionBuilder
+from seka_lightning.lit.strategies import FROZEN_DDP
+
+PLAIN_COMMANDS = {"derive": derive_bank}
+
+
+def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> int:
+    """How many devices a Trainer with these settings would use (for choosing the DDP flavour)."""
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return len(devices)
+    use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and CUDAAccelerator.is_available())
+    kind = CUDAAccelerator if use_cuda else CPUAccelerator
+    if devices == "auto":
+        return kind.auto_device_count()
+    return len(kind.get_parallel_devices(kind.parse_devices(devices)))
+
+
+class SekaCLI(LightningCLI):
+    """LightningCLI that runs frozen-model builds on several devices without the DDP wrapper."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_class = str(config.get("model", {}).get("class_path", ""))
+        if not model_class.endswith(ProjectionBuilder.__name__):
+            return
+        trainer = config["trainer"]
+        if (
+            trainer.get("strategy") in ("auto", "ddp")
+            and requested_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto")) > 1
+        ):
+            trainer["strategy"] = FROZEN_DDP
+
+
+def run_lightning(args: Sequence[str] | None = None, *, run: bool = True) -> SekaCLI:
+    return SekaCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in PLAIN_COMMANDS:
+        CLI(PLAIN_COMMANDS[args[0]], args=args[1:])
+        return
+    run_lightning(None if argv is None else args)
+
+
+if __name__ == "__main__":
+    main()

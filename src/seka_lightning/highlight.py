@@ -1,0 +1,193 @@
+"""Highlighted prompts -> token masks (SPEC §2).
+
+A prompt marks spans with a start and an end marker (default ``**`` and ``**``). The markers are removed, the
+plain text is tokenized with offsets, and token i is highlighted iff its character offsets ``(cs, ce)`` satisfy
+``cs >= span_start - 1 and ce <= span_end`` and it is not a ``(0, 0)`` special/pad token. The ``-1`` admits a
+token that carries the span's leading space. Batches are left-padded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+Span = tuple[int, int]
+
+DEFAULT_MARKERS: tuple[str, str] = ("**", "**")
+
+
+def strip_markers(text: str, markers: tuple[str, str] = DEFAULT_MARKERS, *, index: int = 0) -> tuple[str, list[Span]]:
+    """Remove the markers from ``text``; return the plain text and the character spans they enclosed.
+
+    Matching is non-greedy and spans may contain newlines. Unbalanced, nested or empty highlights raise
+    ``ValueError`` naming the prompt ``index`` and the offending span.
+    """
+    start, end = markers
+    if not start or not end:
+        raise ValueError(f"markers must be two non-empty strings, got {markers!r}")
+    pattern = re.compile(re.escape(start) + "(.*?)" + re.escape(end), flags=re.DOTALL)
+    pieces: list[str] = []
+    spans: list[Span] = []
+    plain_len = 0
+    last = 0
+    for match in pattern.finditer(text):
+        before = text[last : match.start()]
+        content = match.group(1)
+        if start != end and start in content:
+            raise ValueError(
+                f"prompt {index}: nested highlight markers in span {content!r}; "
+                f"highlights cannot nest, close the outer span with {end!r} before opening another"
+            )
+        if not content.strip():
+            raise ValueError(
+                f"prompt {index}: empty highlight {match.group(0)!r} at character {match.start()}; "
+                "put the text to highlight between the markers or remove them"
+            )
+        pieces.append(before)
+        plain_len += len(before)
+        spans.append((plain_len, plain_len + len(content)))
+        pieces.append(content)
+        plain_len += len(content)
+        last = match.end()
+    rest = text[last:]
+    for marker in {start, end}:
+        if marker in rest:
+            position = last + rest.index(marker)
+            raise ValueError(
+                f"prompt {index}: unbalanced highlight marker {marker!r} at character {position} "
+                f"(context: {text[max(0, position - 20) : position + 20]!r}); every {start!r} needs a closing {end!r}"
+            )
+    pieces.append(rest)
+    return "".join(pieces), spans
+
+
+def token_highlight_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[bool]:
+    """SPEC §2 rule: token highlighted iff ``cs >= start - 1 and ce <= end`` for some span, and not ``(0, 0)``."""
+    mask = [False] * len(offsets)
+    for i, (cs, ce) in enumerate(offsets):
+        if cs == 0 and ce == 0:
+            continue
+        mask[i] = any(cs >= s - 1 and ce <= e for s, e in spans)
+    return mask
+
+
+def encode_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    spans: Sequence[Sequence[Span]],
+    *,
+    add_special_tokens: bool = False,
+    max_length: int | None = None,
+    truncation_side: str = "left",
+) -> dict[str, torch.Tensor]:
+    """Tokenize plain ``texts`` and mark the tokens inside the given character ``spans`` (one list per text).
+
+    Returns left-padded ``input_ids``, ``attention_mask`` and a bool ``highlight_mask`` (all ``[B, T]``).
+    With ``max_length``, prompts are truncated from ``truncation_side``; a highlight that loses tokens to
+    truncation is an error, never a silently shorter highlight.
+    """
+    if len(texts) != len(spans):
+        raise ValueError(f"got {len(texts)} texts but {len(spans)} span lists; pass one span list per text")
+    if not texts:
+        raise ValueError("no prompts to encode; pass at least one text")
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer without offset mapping; load the fast tokenizer "
+            "(AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+
+    rows: list[tuple[list[int], list[bool]]] = []
+    for i, (text, row_spans) in enumerate(zip(texts, spans, strict=True)):
+        ids = list(encoded["input_ids"][i])
+        offsets = [tuple(o) for o in encoded["offset_mapping"][i]]
+        for s, e in row_spans:
+            if not 0 <= s < e <= len(text):
+                raise ValueError(f"prompt {i}: span ({s}, {e}) is outside the text of length {len(text)}")
+        mask = token_highlight_mask(offsets, row_spans)
+        per_span = [token_highlight_mask(offsets, [span]) for span in row_spans]
+        for (s, e), span_mask in zip(row_spans, per_span, strict=True):
+            if not any(span_mask):
+                raise ValueError(
+                    f"prompt {i}: highlight {text[s:e]!r} covers no whole token (tokens straddle its edges); "
+                    "widen the highlight to whole words"
+                )
+        if max_length is not None and len(ids) > max_length:
+            cut = slice(len(ids) - max_length, None) if truncation_side == "left" else slice(0, max_length)
+            for (s, e), span_mask in zip(row_spans, per_span, strict=True):
+                if sum(span_mask[cut]) != sum(span_mask):
+                    raise ValueError(
+                        f"prompt {i}: highlight {text[s:e]!r} is cut off by truncation to {max_length} tokens "
+                        f"(prompt has {len(ids)}); raise max_length or shorten the prompt"
+                    )
+            ids, mask = ids[cut], mask[cut]
+        rows.append((ids, mask))
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    highlight_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids)
+        if n == 0:
+            raise ValueError(f"prompt {i} is empty after tokenization; pass a non-empty prompt")
+        input_ids[i, width - n :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - n :] = 1
+        highlight_mask[i, width - n :] = torch.tensor(mask, dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "highlight_mask": highlight_mask}
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, text: str, *, system: str | None = None) -> str:
+    """Wrap ``text`` as a user message with the tokenizer's chat template (markers pass through verbatim)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "chat=True but the tokenizer has no chat template; pass chat=False or set tokenizer.chat_template"
+        )
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_highlighted(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: str | Sequence[str],
+    *,
+    markers: tuple[str, str] = DEFAULT_MARKERS,
+    chat: bool = False,
+    system: str | None = None,
+    add_special_tokens: bool = False,
+    max_length: int | None = None,
+    truncation_side: str = "left",
+) -> dict[str, torch.Tensor]:
+    """Encode prompts whose highlights are marked inline (``"Answer **in French**."``).
+
+    ``chat=True`` first wraps each prompt as a user message with the tokenizer's chat template (the template's own
+    special tokens are part of the text, so ``add_special_tokens`` stays False). Returns left-padded
+    ``input_ids``, ``attention_mask`` and bool ``highlight_mask``, each ``[B, T]``. A prompt without markers is
+    encoded with an all-False highlight mask.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    plain: list[str] = []
+    spans: list[list[Span]] = []
+    for i, text in enumerate(texts):
+        if chat:
+            text = apply_chat_template(tokenizer, text, system=system)
+        stripped, row_spans = strip_markers(text, markers, index=i)
+        plain.append(stripped)
+        spans.append(row_spans)
+    return encode_spans(
+        tokenizer,
+        plain,
+        spans,
+        add_special_tokens=add_special_tokens,
+        max_length=max_length,
+        truncation_side=truncation_side,
+    )

@@ -1,0 +1,162 @@
+"""ProjectionBuilder: ``seka fit`` streams key statistics over synthetic QA triplets, then runs one SVD step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import SumMetric
+
+from seka_lightning import __version__
+from seka_lightning.bank import ProjectionBank
+from seka_lightning.capture import collect_triplet_keys
+from seka_lightning.data.triplets import Triplet
+from seka_lightning.families import resolve_layout
+from seka_lightning.models import load_model, model_id
+from seka_lightning.projections import validate_hyperparameters
+from seka_lightning.stats import KeyStatistics, KeySums
+from seka_lightning.steering import parse_layers
+
+log = logging.getLogger(__name__)
+
+
+def stats_path_for(bank_path: str | Path) -> Path:
+    """Where the sufficient statistics live beside a bank: ``bank.safetensors`` -> ``bank.stats.safetensors``."""
+    path = Path(bank_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".stats.safetensors")
+
+
+class ProjectionBuilder(L.LightningModule):
+    """Holds the frozen model; each training step adds a batch of triplets' answer-token keys to float64 sums
+    (DDP-reduced by sum); at the end rank 0 derives the bank (SPEC §3) and writes it with its statistics."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        dtype: str = "float32",
+        layers: str = "all",
+        top_pct: float = 0.9,
+        min_diff: float = 0.2,
+        positive_only: bool = False,
+        output: str = "checkpoints/bank.safetensors",
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        """
+        Args:
+            pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
+            dtype: model dtype (float32, bfloat16, float16, float64); statistics are float64 regardless.
+            layers: decoder layers to build for: ``all``, ``lastN``, ``firstN`` or comma-separated ids.
+            top_pct: fraction of the singular spectrum kept by P+ (its complement gives P-), in (0, 1].
+            min_diff: heads with ``sqrt(Σ||h+ - h-||²) / N`` below this are skipped (zero projectors).
+            positive_only: build an AdaSEKA expert (``||h+ - h||`` filter, NaN for skipped heads).
+            output: the bank file (``.safetensors``); its statistics go beside it as ``*.stats.safetensors``.
+            attn_implementation: ``sdpa`` or ``eager`` (keys are the same either way).
+        """
+        super().__init__()
+        validate_hyperparameters(top_pct, min_diff)
+        if not output.endswith(".safetensors"):
+            raise ValueError(f"output must end with .safetensors, got {output!r}")
+        self.save_hyperparameters()
+        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
+        self.layout = resolve_layout(self.model)
+        self.layer_ids = parse_layers(layers, self.layout.num_layers)
+        self.stats = KeyStatistics(len(self.layer_ids), self.layout.num_kv_heads, self.layout.head_dim)
+        self.kept = SumMetric()
+        self.skipped = SumMetric()
+        self.strict_loading = False  # checkpoints hold the statistics, not the (pretrained) model weights
+        self.automatic_optimization = False  # nothing is optimised: each step only adds to the sums
+        self._started = 0.0
+        self._examples = 0
+
+    def configure_optimizers(self) -> None:
+        return None
+
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+        self._examples = 0
+
+    def training_step(self, batch: list[Triplet], batch_idx: int) -> None:
+        if batch:
+            keys = collect_triplet_keys(
+                self.model, self.tokenizer, self.layout, self.layer_ids, batch, device=self.device
+            )
+            if keys is not None:
+                self.stats.update(keys.neutral, keys.positive, keys.negative)
+                self.kept.update(keys.kept)
+            kept = 0 if keys is None else keys.kept
+            self.skipped.update(len(batch) - kept)
+        self._examples += len(batch)
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self.log("examples_per_s", self._examples * self.trainer.world_size / elapsed, prog_bar=True, batch_size=1)
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep only the statistics, summed over ranks, so a resume on any number of devices continues exactly.
+        state = {}
+        for metric_name in ("stats", "kept", "skipped"):
+            metric = getattr(self, metric_name)
+            with metric.sync_context(should_unsync=True):
+                for key, value in metric.state_dict().items():
+                    state[f"{metric_name}.{key}"] = value.detach().clone().cpu()
+        checkpoint["state_dict"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trainer is not None and self.trainer.global_rank != 0:
+            # the saved sums are global: only rank 0 restores them, so the final all-reduce counts them once
+            checkpoint["state_dict"] = {k: torch.zeros_like(v) for k, v in checkpoint["state_dict"].items()}
+
+    def on_train_end(self) -> None:
+        sums = self.stats.compute()
+        kept, skipped = int(self.kept.compute().item()), int(self.skipped.compute().item())
+        self._write_bank(sums, kept=kept, skipped=skipped)
+
+    @rank_zero_only
+    def _write_bank(self, sums: KeySums, *, kept: int, skipped: int) -> None:
+        if kept == 0:
+            raise ValueError(
+                "no triplet had its answer in all three texts, so there are no statistics; check the data "
+                "(answers must be verbatim spans of their contexts)"
+            )
+        hp = self.hparams
+        metadata = {
+            "model_id": model_id(self.model) if not hp.pretrained.startswith("embedded:") else hp.pretrained,
+            "family": self.layout.family,
+            "num_layers": self.layout.num_layers,
+            "feature": "none",
+            "triplets_used": kept,
+            "triplets_skipped": skipped,
+            "data_fingerprint": self._data_fingerprint(),
+            "seka_lightning_version": __version__,
+            "model_dtype": hp.dtype,
+        }
+        bank = ProjectionBank.from_statistics(
+            sums,
+            layers=self.layer_ids,
+            top_pct=hp.top_pct,
+            min_diff=hp.min_diff,
+            positive_only=hp.positive_only,
+            metadata=metadata,
+        )
+        stats_path = stats_path_for(hp.output)
+        sums.save(stats_path, metadata={**metadata, "layers": self.layer_ids, "head_dim": self.layout.head_dim})
+        bank.save(hp.output)
+        log.info(
+            "wrote %s (%d/%d heads kept, N=%d rows from %d triplets; %d skipped) and %s",
+            hp.output,
+            bank.metadata["heads_kept"],
+            bank.metadata["heads_total"],
+            bank.metadata["num_rows"],
+            kept,
+            skipped,
+            stats_path,
+        )
+
+    def _data_fingerprint(self) -> str | None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else None

@@ -1,0 +1,132 @@
+"""Streaming key statistics for building projections (SPEC §3).
+
+Everything a bank needs is a sum over answer-token rows, so the statistics stream in float64 and all-reduce by
+sum across DDP ranks. The keys themselves are never kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torchmetrics import Metric
+
+
+@dataclass
+class KeySums:
+    """The sufficient statistics of SPEC §3 for L layers, H KV heads and head dim d.
+
+    ``count`` is N (rows); ``a0 = Σ hᵀh``, ``a_pos = Σ hᵀh+``, ``a_neg = Σ hᵀh-`` are ``[L, H, d, d]``;
+    ``d_pos_neg = Σ ||h+ - h-||²`` and ``d_pos_neutral = Σ ||h+ - h||²`` are ``[L, H]``. All float64.
+    """
+
+    count: torch.Tensor
+    a0: torch.Tensor
+    a_pos: torch.Tensor
+    a_neg: torch.Tensor
+    d_pos_neg: torch.Tensor
+    d_pos_neutral: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_heads: int, head_dim: int) -> KeySums:
+        mat = (num_layers, num_heads, head_dim, head_dim)
+        return cls(
+            count=torch.zeros((), dtype=torch.float64),
+            a0=torch.zeros(mat, dtype=torch.float64),
+            a_pos=torch.zeros(mat, dtype=torch.float64),
+            a_neg=torch.zeros(mat, dtype=torch.float64),
+            d_pos_neg=torch.zeros(mat[:2], dtype=torch.float64),
+            d_pos_neutral=torch.zeros(mat[:2], dtype=torch.float64),
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, path: str | Path, *, metadata: dict | None = None) -> None:
+        """Write the sums (and JSON ``metadata``) to a safetensors file atomically."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        atomic_save_safetensors(tensors, path, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[KeySums, dict]:
+        """Read sums written by :meth:`save`; returns ``(sums, metadata)``."""
+        tensors, metadata = load_safetensors(path)
+        missing = [f.name for f in fields(cls) if f.name not in tensors]
+        if missing:
+            raise ValueError(f"{path}: not a key-statistics file, missing tensors {missing}")
+        sums = cls(**{f.name: tensors[f.name].to(torch.float64) for f in fields(cls)})
+        if int(sums.count.item()) <= 0:
+            raise ValueError(f"{path}: the statistics hold no rows (N = 0); rebuild them from data with answers")
+        return sums, metadata
+
+
+class KeyStatistics(Metric):
+    """A torchmetrics state holding :class:`KeySums`; ``dist_reduce_fx="sum"`` makes DDP reduction exact."""
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int) -> None:
+        super().__init__(sync_on_compute=True)
+        for name, value in KeySums.zeros(num_layers, num_heads, head_dim).tensors().items():
+            self.add_state(name, default=value, dist_reduce_fx="sum", persistent=True)
+
+    def update(self, neutral: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> None:
+        """Add answer-token keys, each ``[L, M, H, d]`` (M rows aligned across the three texts)."""
+        if not neutral.shape == positive.shape == negative.shape:
+            raise ValueError(
+                f"key shapes differ: neutral {tuple(neutral.shape)}, positive {tuple(positive.shape)}, "
+                f"negative {tuple(negative.shape)}"
+            )
+        h, hp, hn = (x.to(torch.float64) for x in (neutral, positive, negative))
+        if not (torch.isfinite(h).all() and torch.isfinite(hp).all() and torch.isfinite(hn).all()):
+            raise ValueError("non-finite keys (NaN or inf) reached the statistics; check the model dtype and weights")
+        self.count += h.shape[1]
+        self.a0 += torch.einsum("lmhd,lmhe->lhde", h, h)
+        self.a_pos += torch.einsum("lmhd,lmhe->lhde", h, hp)
+        self.a_neg += torch.einsum("lmhd,lmhe->lhde", h, hn)
+        self.d_pos_neg += (hp - hn).square().sum(dim=(1, 3))
+        self.d_pos_neutral += (hp - h).square().sum(dim=(1, 3))
+
+    def compute(self) -> KeySums:
+        return KeySums(**{f.name: getattr(self, f.name) for f in fields(KeySums)})
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, *, metadata: dict | None = None
+) -> None:
+    """Save ``tensors`` with JSON ``metadata`` via a temp file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"seka": json.dumps(metadata or {}, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a safetensors file written by :func:`atomic_save_safetensors`; corrupt files get a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        metadata = json.loads(header.get("seka", "{}"))
+    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+        raise ValueError(f"{path} is corrupt or not a safetensors file ({err}); rebuild it") from err
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and torch.isnan(tensor).any() and not metadata.get("nan_allowed", False):
+            raise ValueError(f"{path}: tensor {name!r} contains NaN; the file is corrupt, rebuild it")
+    return tensors, metadata

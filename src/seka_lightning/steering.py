@@ -1,0 +1,224 @@
+"""Key steering with a SEKA bank (SPEC §4): forward hooks on the key sites and the ``steer()`` context manager.
+
+On highlighted prompt tokens only, at prefill, ``k' = k + k G`` with the fused gain matrix
+``G = (g+ P+ + g- P-) / 2`` when a negative bank is in use, else ``G = g+ P+`` (P is symmetric). Decode steps see
+one new token per row and add no edit; the edited keys live on in the KV cache.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from seka_lightning.bank import ProjectionBank
+from seka_lightning.families import LayerSites, ModelLayout, keys_view, resolve_layout, with_keys
+
+LayerSpec = str | Sequence[int]
+LAYER_MAPPINGS = ("by_id", "positional")
+
+
+def parse_layers(spec: LayerSpec, num_layers: int) -> list[int]:
+    """Resolve ``"all"``, ``"lastN"``, ``"firstN"``, ``"3,5,7"`` or a list of ids against ``num_layers`` layers."""
+    if not isinstance(spec, str):
+        layers = [int(layer) for layer in spec]
+    elif spec == "all":
+        layers = list(range(num_layers))
+    elif match := re.fullmatch(r"(last|first)(\d+)", spec):
+        count = int(match.group(2))
+        if not 0 < count <= num_layers:
+            raise ValueError(f"layers={spec!r}: N must be between 1 and {num_layers} (the model's layer count)")
+        layers = list(range(num_layers - count, num_layers)) if match.group(1) == "last" else list(range(count))
+    else:
+        try:
+            layers = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"layers={spec!r} is not understood; use 'all', 'lastN', 'firstN', or comma-separated layer ids"
+            ) from None
+    if not layers:
+        raise ValueError(f"layers={spec!r} selects no layer")
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"layers={spec!r}: ids {bad} are outside 0..{num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers={spec!r} repeats a layer id")
+    return layers
+
+
+def select_bank_layers(bank: ProjectionBank, spec: LayerSpec, num_layers: int, mapping: str) -> dict[int, int]:
+    """Map model layer id -> index into the bank's stacks.
+
+    ``by_id`` applies each stored matrix to the layer it was built on (``"all"`` = every layer of the bank).
+    ``positional`` reproduces the reference: the i-th stored matrix goes to the i-th selected model layer.
+    """
+    if mapping not in LAYER_MAPPINGS:
+        raise ValueError(f"layer_mapping must be one of {LAYER_MAPPINGS}, got {mapping!r}")
+    if mapping == "positional":
+        selected = parse_layers(spec, num_layers)
+        if len(selected) > len(bank.layers):
+            raise ValueError(
+                f"layer_mapping='positional' pairs {len(selected)} selected layers with only {len(bank.layers)} "
+                "stored matrices; select at most as many layers as the bank holds"
+            )
+        return {layer: i for i, layer in enumerate(selected)}
+    selected = list(bank.layers) if spec == "all" else parse_layers(spec, num_layers)
+    index = {layer: i for i, layer in enumerate(bank.layers)}
+    missing = [layer for layer in selected if layer not in index]
+    if missing:
+        raise ValueError(
+            f"layers {missing} are not in the bank (it covers {bank.layers}); choose layers the bank has, "
+            "build a bank on those layers, or use layer_mapping='positional' for the reference's pairing"
+        )
+    return {layer: index[layer] for layer in selected}
+
+
+def fused_gains(bank: ProjectionBank, *, gain_pos: float, gain_neg: float | None) -> torch.Tensor:
+    """``G`` per bank layer ``[n, H, d, d]`` in float32: ``(g+ P+ + g- P-) / 2`` with a negative bank, else ``g+ P+``.
+
+    The reference halves whenever a negative file is given, even with ``g- = 0``; that is kept for fidelity.
+    """
+    if gain_neg is not None and bank.neg is None:
+        if gain_neg != 0.0:
+            raise ValueError(f"gain_neg={gain_neg} needs a bank with negative projectors; this bank has none")
+        gain_neg = None
+    pos = bank.pos.to(torch.float32)
+    if gain_neg is None:
+        return gain_pos * pos
+    return (gain_pos * pos + gain_neg * bank.neg.to(torch.float32)) / 2
+
+
+def make_key_edit_hook(
+    sites: LayerSites, layout: ModelLayout, gains: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]
+) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
+    """A forward hook for ``sites.key_module`` that adds ``k G`` to the keys of the highlighted ``rows``.
+
+    ``rows`` are flat indices into ``[B * T]`` of the prompt (computed once per steer block, so the hook does no
+    host-device sync); ``gains`` is ``[H, d, d]`` float32 on the layer's device.
+    """
+    batch, seq_len = shape
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        keys = keys_view(output, sites, layout)  # [B, T, H, d]
+        b, t, heads, head_dim = keys.shape
+        if t != seq_len:
+            if t == 1:  # a decode step: its token is not highlighted and the cache keeps the prefill edit
+                return None
+            raise ValueError(
+                f"layer {sites.layer_id}: the highlight mask covers {seq_len} tokens but the model received {t}; "
+                "encode the highlight for exactly the input you run"
+            )
+        if b != batch:
+            raise ValueError(
+                f"layer {sites.layer_id}: the highlight mask has {batch} rows but the batch has {b}; "
+                "expand the mask the same way as the inputs (e.g. for num_return_sequences)"
+            )
+        flat = keys.reshape(b * t, heads, head_dim)
+        picked = flat.index_select(0, rows).to(torch.float32)  # [M, H, d]
+        edited = picked + torch.einsum("mhd,hde->mhe", picked, gains)
+        return with_keys(output, flat.index_copy(0, rows, edited.to(flat.dtype)).view(keys.shape), sites, layout)
+
+    return hook
+
+
+@dataclass
+class KeySteerer:
+    """Steering hooks attached to a model; ``remove()`` detaches them (idempotent)."""
+
+    handles: list[RemovableHandle]
+    layer_ids: list[int]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    @classmethod
+    def attach(
+        cls,
+        model: nn.Module,
+        bank: ProjectionBank,
+        highlight_mask: torch.Tensor,
+        *,
+        gain_pos: float = 1.0,
+        gain_neg: float | None = None,
+        layers: LayerSpec = "all",
+        layer_mapping: str = "by_id",
+        layout: ModelLayout | None = None,
+    ) -> KeySteerer:
+        layout = layout or resolve_layout(model)
+        model_id = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+        bank.check_compatible(
+            num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim,
+            model_id=model_id,
+        )
+        if highlight_mask.ndim != 2 or highlight_mask.dtype != torch.bool:
+            raise ValueError(
+                f"highlight_mask must be a bool tensor [B, T], got {highlight_mask.dtype} {tuple(highlight_mask.shape)}"
+            )
+        mapping = select_bank_layers(bank, layers, layout.num_layers, layer_mapping)
+        gains = fused_gains(bank, gain_pos=gain_pos, gain_neg=gain_neg)
+        flat_rows = highlight_mask.reshape(-1).nonzero().squeeze(1).cpu()
+        steerer = cls(handles=[], layer_ids=[])
+        if flat_rows.numel() == 0:
+            return steerer
+        rows_on: dict[torch.device, torch.Tensor] = {}
+        try:
+            for layer_id, bank_index in mapping.items():
+                layer_gains = gains[bank_index]
+                if not layer_gains.any():  # skipped heads only, or zero gains: the edit is the identity
+                    continue
+                sites = layout.layers[layer_id]
+                device = _module_device(sites.key_module)
+                rows = rows_on.setdefault(device, flat_rows.to(device))
+                hook = make_key_edit_hook(sites, layout, layer_gains.to(device), rows, tuple(highlight_mask.shape))
+                steerer.handles.append(sites.key_module.register_forward_hook(hook))
+                steerer.layer_ids.append(layer_id)
+        except BaseException:
+            steerer.remove()
+            raise
+        return steerer
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def steer(
+    model: nn.Module,
+    bank: ProjectionBank,
+    highlight_mask: torch.Tensor,
+    *,
+    gain_pos: float = 1.0,
+    gain_neg: float | None = None,
+    layers: LayerSpec = "all",
+    layer_mapping: str = "by_id",
+) -> Iterator[KeySteerer]:
+    """Steer ``model`` towards the highlighted tokens for the duration of the block; hooks are always removed.
+
+    ``gain_neg`` (with a bank that has negative projectors) follows the reference formula ``(g+P+ + g-P-) / 2``.
+    ``layer_mapping="positional"`` reproduces the reference's pairing of stored matrices with selected layers.
+    """
+    steerer = KeySteerer.attach(
+        model,
+        bank,
+        highlight_mask,
+        gain_pos=gain_pos,
+        gain_neg=gain_neg,
+        layers=layers,
+        layer_mapping=layer_mapping,
+    )
+    try:
+        yield steerer
+    finally:
+        steerer.remove()

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random-weight models with a tokenizer trained in the test session."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+WORDS = (
+    "the a of in on at under above river tower lantern garden orchard glass silver golden ancient city village "
+    "keepers guard carry produce grow shine glow whisper travel north south east west moon sun wind rain storm "
+    "stone iron velvet crystal ember azure scarlet harbor market bridge castle forest desert valley mountain "
+    "question context answer what where when who how many which does do is are was were by with from into"
+).split()
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
+    lines += ["Question: What do the keepers carry?\nContext: The keepers carry silver lanterns. "] * 5
+    return lines
+
+
+def train_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small in-memory corpus (offsets work like GPT-2/Llama-3 style)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+    fast.padding_side = "left"
+    fast.chat_template = (
+        "{% for m in messages %}<bos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}<bos>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def tiny_llama(vocab_size: int, *, layers: int = 3, seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation=attn,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger-than-default weights so keys and logits move visibly
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny Llama saved like a real checkpoint (config, safetensors, tokenizer), for `load_model` and the CLI."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tokenizer: PreTrainedTokenizerFast):
+    return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture
+def default_dtype():
+    """Restore torch's default dtype after a test that changes it."""
+    before = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(before)
+
+
+def write_qa_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """Synthetic QA pairs in the SPEC §3 format, varied enough that key statistics are non-degenerate."""
+    rng = random.Random(seed)
+    things = ["silver lanterns", "ancient stone", "golden wind", "velvet rain", "iron bridge", "crystal moon"]
+    places = ["the north harbor", "the azure valley", "the ember market", "the scarlet forest", "the old castle"]
+    with path.open("w") as handle:
+        for i in range(n):
+            a1, a2 = rng.choice(things), rng.choice(places)
+            who = rng.choice(["keepers", "guards", "travelers", "villagers"])
+            pair = {
+                "id": i,
+                "context_1": f"The {who} of {rng.choice(WORDS)} carry {a1} every {rng.choice(WORDS)}.",
+                "question_1": f"What do the {who} carry?",
+                "answer_1": a1,
+                "context_2": f"A {rng.choice(WORDS)} tower stands in {a2} near the {rng.choice(WORDS)}.",
+                "question_2": "Where does the tower stand?",
+                "answer_2": a2,
+            }
+            handle.write(json.dumps(pair) + "\n")
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path: Path) -> Path:
+    return write_qa_pairs(tmp_path / "qa.jsonl")

@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+
+from seka_lightning.metrics import NGramEntropy, n_gram_entropy, word_tokenize
+
+# "the cat the cat": bigrams (the,cat) x2, (cat,the) x1 -> H2 = log2(3) - 2/3 = 0.918295834054489;
+# trigrams (the,cat,the), (cat,the,cat) -> H3 = 1; score = (2/3 * H2 + 4/3 * H3) / 2
+REPEAT = "the cat the cat"
+REPEAT_SCORE = 0.972765278018163
+# "Hello, world.": tokens Hello , world . -> 3 distinct bigrams (H2 = log2 3), 2 distinct trigrams (H3 = 1)
+PUNCT = "Hello, world."
+PUNCT_SCORE = 1.194987500240385
+# a single word has no bigram or trigram -> 0
+SHORT = "Hi"
+MEAN = (REPEAT_SCORE + PUNCT_SCORE + 0.0) / 3  # 0.722584259419516
+
+
+def test_word_tokenize_approximates_nltk() -> None:
+    text = "Dr. Smith's well-known cat cost 3.50 dollars... don't"
+    assert word_tokenize(text) == [
+        "Dr",
+        ".",
+        "Smith",
+        "'s",
+        "well-known",
+        "cat",
+        "cost",
+        "3.50",
+        "dollars",
+        "...",
+        "don",
+        "'t",
+    ]
+
+
+def test_n_gram_entropy_by_hand() -> None:
+    assert n_gram_entropy(REPEAT) == pytest.approx(REPEAT_SCORE, abs=1e-12)
+    assert n_gram_entropy(PUNCT) == pytest.approx(PUNCT_SCORE, abs=1e-12)
+    assert n_gram_entropy(SHORT) == 0.0
+    assert n_gram_entropy("") == 0.0
+
+
+def test_case_is_kept() -> None:
+    # "The cat the cat" has 3 distinct bigrams, unlike REPEAT: ROME does not lowercase
+    assert n_gram_entropy("The cat the cat") > REPEAT_SCORE
+
+
+def test_metric_mean_two_updates_and_merge(ddp_compute, assert_same_result) -> None:
+    whole = NGramEntropy()
+    whole.update([REPEAT, PUNCT, SHORT])
+    assert whole.compute().item() == pytest.approx(MEAN, abs=1e-12)
+
+    split = NGramEntropy()
+    split.update([REPEAT])
+    split.update([PUNCT, SHORT])
+    assert_same_result(split.compute(), whole.compute())
+
+    rank0, rank1 = NGramEntropy(), NGramEntropy()
+    rank0.update([REPEAT, PUNCT])
+    rank1.update([SHORT])
+    merged = copy.deepcopy(rank0)
+    merged.merge_state(rank1)
+    assert_same_result(merged.compute(), whole.compute())
+    assert_same_result(ddp_compute(rank0, rank1), whole.compute())
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_no_updates_raises() -> None:
+    with pytest.raises(ValueError, match=r"NGramEntropy.compute\(\) found no examples"):
+        NGramEntropy().compute()
+
+
+def test_invalid_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="single string"):
+        NGramEntropy().update(REPEAT)
+    with pytest.raises(ValueError, match="equal length"):
+        NGramEntropy(ns=(2, 3), weights=(1.0,))
+    with pytest.raises(ValueError, match="positive integers"):
+        NGramEntropy(ns=(0,), weights=(1.0,))

@@ -1,0 +1,239 @@
+"""Lost in the middle: multi-document QA with the middle documents highlighted.
+
+Reads the NQ-Open oracle file (one gold passage per question), building k-document contexts
+from other questions' gold passages as distractors, and the public multi-document files of the
+lost-in-the-middle repository (``ctxs`` already holds the k documents; ``isgold`` marks the gold).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Literal
+
+from seka_lightning.data.benchmarks.records import (
+    BenchmarkExamples,
+    HighlightedExample,
+    read_json_records,
+    require_str,
+    select_subset,
+)
+
+Highlight = Literal["middle", "all"]
+HIGHLIGHTS: tuple[str, ...] = ("middle", "all")
+DEFAULT_NUM_DOCUMENTS = 20
+INSTRUCTION = "Directly answer in one short phrase without any other word.\n\nContext:\n"
+
+_NON_WORD = re.compile(r"[\W_]+")
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One document: a Wikipedia title and passage text."""
+
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class _Question:
+    index: int
+    question: str
+    answers: tuple[str, ...]
+    passages: tuple[Passage, ...]
+    gold_index: int
+
+
+def load_lost_in_the_middle(
+    path: str | PathLike[str],
+    *,
+    num_documents: int | None = None,
+    gold_position: int | None = None,
+    seed: int = 0,
+    highlight: Highlight = "middle",
+    example_subset: str | None = None,
+) -> BenchmarkExamples:
+    """Lost-in-the-middle prompts with the gold passage at ``gold_position`` (0-based) of k documents.
+
+    From the oracle file (every record has one passage), k = ``num_documents`` (default 20) and
+    ``gold_position`` is required; the k - 1 distractors are other questions' gold passages that
+    contain none of this question's answers (:func:`normalize_words`), drawn with a generator
+    seeded by ``seed`` and the question's index, so a question's context does not depend on
+    ``example_subset``. From a multi-document file both come from the records (``isgold``); if
+    given they must match. ``highlight`` is "middle" (:func:`middle_documents`) or "all".
+    ``example_subset`` slices the questions in file order.
+    """
+    if highlight not in HIGHLIGHTS:
+        raise ValueError(f"highlight {highlight!r} is not one of {list(HIGHLIGHTS)}")
+    if num_documents is not None and num_documents < 1:
+        raise ValueError(f"num_documents must be >= 1, got {num_documents}")
+    path = Path(path)
+    questions = _read_questions(path)
+    selected = select_subset(questions, example_subset, what=f"questions in {path}")
+    counts = {len(question.passages) for question in questions}
+    if 1 in counts and len(counts) > 1:
+        raise ValueError(
+            f"{path.name} mixes oracle records (one passage) with multi-document records; use one layout per file"
+        )
+    oracle = counts == {1}
+    examples = []
+    if oracle:
+        k = DEFAULT_NUM_DOCUMENTS if num_documents is None else num_documents
+        if gold_position is None:
+            raise ValueError(
+                f"{path.name} is an oracle file (one passage per question), so gold_position is required; "
+                f"pass 0 <= gold_position < num_documents = {k} (the paper uses 0, 4, 9, 14, 19 for 20)"
+            )
+        if not 0 <= gold_position < k:
+            raise ValueError(
+                f"gold_position must satisfy 0 <= gold_position < num_documents = {k}, got {gold_position}"
+            )
+        pool = [question.passages[0] for question in questions]
+        pool_normalized = [f" {normalize_words(f'{passage.title} {passage.text}')} " for passage in pool]
+        for question in selected:
+            distractors = _draw_distractors(question, pool, pool_normalized, count=k - 1, seed=seed, source=path)
+            documents = [*distractors[:gold_position], question.passages[0], *distractors[gold_position:]]
+            examples.append(_example(question, documents, gold_position, highlight))
+    else:
+        for question in selected:
+            where = f"{path.name} record {question.index}"
+            if num_documents is not None and len(question.passages) != num_documents:
+                raise ValueError(
+                    f"{where}: has {len(question.passages)} documents, not num_documents = {num_documents}"
+                )
+            if gold_position is not None and question.gold_index != gold_position:
+                raise ValueError(
+                    f"{where}: the gold document is at {question.gold_index}, not gold_position = {gold_position}"
+                )
+            examples.append(_example(question, list(question.passages), question.gold_index, highlight))
+    return BenchmarkExamples("lost_in_the_middle", tuple(examples))
+
+
+def middle_documents(num_documents: int) -> range:
+    """The 0-based indices of the "middle" documents of k: all but about a sixth at each end.
+
+    BENCHMARKS.md highlights "documents 5 through 25 (of 30)", read as the slice 5:25, which
+    leaves five documents (a sixth) unhighlighted at each end. For k documents: m = round(k / 6)
+    (halves up) and the middle is m .. k - m - 1; k = 30 gives 5..24, k = 20 gives 3..16.
+    """
+    margin = (num_documents + 3) // 6
+    return range(margin, num_documents - margin)
+
+
+def normalize_words(text: str) -> str:
+    """Lower-case words without the articles a/an/the, split at any punctuation, joined by single spaces.
+
+    The distractor filter's notion of "contains an answer": whole words, so a one-letter answer
+    (NQ-Open has "S") does not match every passage, while punctuation splitting words keeps
+    possessives a match ("Shakespeare's" contains "Shakespeare").
+    """
+    return " ".join(word for word in _NON_WORD.split(text.lower()) if word and word not in _ARTICLES)
+
+
+def build_prompt(
+    question: str, documents: Sequence[Passage], highlighted: Collection[int]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt for ``documents`` (in order) and the character span of each highlighted document."""
+    pieces = [INSTRUCTION]
+    offset = len(INSTRUCTION)
+    spans = []
+    for position, passage in enumerate(documents):
+        if position:
+            pieces.append("\n\n")
+            offset += 2
+        document = f"{passage.title}\n{passage.text}"
+        if position in highlighted:
+            spans.append((offset, offset + len(document)))
+        pieces.append(document)
+        offset += len(document)
+    pieces.append(f"\n\nQuestion: {question}\n\nAnswer:")
+    return "".join(pieces), spans
+
+
+def _example(
+    question: _Question, documents: list[Passage], gold_position: int, highlight: Highlight
+) -> HighlightedExample:
+    k = len(documents)
+    highlighted = range(k) if highlight == "all" else middle_documents(k)
+    text, spans = build_prompt(question.question, documents, highlighted)
+    fields: dict[str, Any] = {
+        "question": question.question,
+        "answers": question.answers,
+        "gold_position": gold_position,
+        "num_documents": k,
+        "highlighted_documents": tuple(highlighted),
+        "record_index": question.index,
+        "gold_title": documents[gold_position].title,
+    }
+    uid = f"lost_in_the_middle/{question.index}/k{k}/gold{gold_position}"
+    return HighlightedExample(uid, text, tuple(spans), fields)
+
+
+def _draw_distractors(
+    question: _Question,
+    pool: list[Passage],
+    pool_normalized: list[str],
+    *,
+    count: int,
+    seed: int,
+    source: Path,
+) -> list[Passage]:
+    """``count`` distinct pool passages, none the gold one nor containing a gold answer, in draw order.
+
+    ``pool_normalized`` holds each passage's normalised title and text padded with a space at both ends.
+    """
+    rng = random.Random(f"{seed}/{question.index}")
+    # Padding with spaces makes the substring test match whole words only (see normalize_words).
+    answers = [f" {answer} " for answer in map(normalize_words, question.answers) if answer]
+    chosen: list[Passage] = []
+    taken = {question.passages[0]}
+    tried: set[int] = set()
+    while len(chosen) < count:
+        if len(tried) == len(pool):
+            raise ValueError(
+                f"{source.name} record {question.index}: only {len(chosen)} of the {count} distractors needed "
+                "contain none of its answers; lower num_documents"
+            )
+        candidate = rng.randrange(len(pool))
+        if candidate in tried:
+            continue
+        tried.add(candidate)
+        passage = pool[candidate]
+        if passage in taken or any(answer in pool_normalized[candidate] for answer in answers):
+            continue
+        chosen.append(passage)
+        taken.add(passage)
+    return chosen
+
+
+def _read_questions(path: Path) -> list[_Question]:
+    if not path.is_file():
+        raise ValueError(f"lost-in-the-middle path {path} is not a file; point it at a .jsonl(.gz) file")
+    questions = []
+    for index, record in enumerate(read_json_records(path)):
+        where = f"{path.name} record {index}"
+        question = require_str(record, "question", where=where)
+        answers = record.get("answers")
+        if not isinstance(answers, list) or not answers or not all(isinstance(answer, str) for answer in answers):
+            raise ValueError(f"{where}: missing field 'answers' (a non-empty list of strings)")
+        ctxs = record.get("ctxs")
+        if not isinstance(ctxs, list) or not ctxs or not all(isinstance(ctx, dict) for ctx in ctxs):
+            raise ValueError(f"{where}: missing field 'ctxs' (a non-empty list of documents)")
+        passages = []
+        for position, ctx in enumerate(ctxs):
+            title = ctx.get("title")
+            if not isinstance(title, str):
+                raise ValueError(f"{where}: ctxs[{position}] missing field 'title'")
+            passages.append(Passage(title, require_str(ctx, "text", where=f"{where} ctxs[{position}]")))
+        gold = [position for position, ctx in enumerate(ctxs) if ctx.get("isgold") is True]
+        if len(ctxs) > 1 and len(gold) != 1:
+            raise ValueError(
+                f"{where}: a multi-document record needs exactly one ctx with isgold true, found {len(gold)}"
+            )
+        questions.append(_Question(index, question, tuple(answers), tuple(passages), gold[0] if gold else 0))
+    return questions

@@ -53,7 +53,7 @@ def run_lightning(args: Sequence[str] | None = None, *, run: bool = True) -> Sek
     return SekaCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=None,
         args=args,
         run=run,
     )

@@ -1,0 +1,90 @@
+"""HighlightGenerator: ``seka predict`` generates each prompt unsteered and steered, side by side."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from seka_lightning.bank import ProjectionBank
+from seka_lightning.highlight import DEFAULT_MARKERS, encode_highlighted
+from seka_lightning.models import load_model
+from seka_lightning.steering import steer
+
+
+class HighlightGenerator(L.LightningModule):
+    """Greedy generation with and without SEKA key steering on the highlighted spans."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        bank: str,
+        *,
+        neg: str | None = None,
+        gain_pos: float = 1.0,
+        gain_neg: float | None = None,
+        layers: str = "all",
+        layer_mapping: str = "by_id",
+        max_new_tokens: int = 32,
+        markers: tuple[str, str] = DEFAULT_MARKERS,
+        chat: bool = False,
+        add_special_tokens: bool = False,
+        dtype: str = "float32",
+    ) -> None:
+        """
+        Args:
+            pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
+            bank: projection bank (``.safetensors`` from ``seka fit``, or a reference ``*_pos_proj.pt``).
+            neg: the reference negative ``.pt`` to pair with a reference positive file.
+            gain_pos: g+ of SPEC §4.
+            gain_neg: g- of SPEC §4 (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive only.
+            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
+            layer_mapping: ``by_id`` (default) or ``positional`` (the reference's pairing).
+            max_new_tokens: tokens generated per prompt.
+            markers: start and end highlight markers.
+            chat: wrap each prompt as a user message with the tokenizer's chat template.
+            add_special_tokens: let the tokenizer add its special tokens (e.g. BOS for base models).
+            dtype: model dtype.
+        """
+        super().__init__()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.save_hyperparameters()
+        self.model, self.tokenizer = load_model(pretrained, dtype=dtype)
+        self.bank = ProjectionBank.load(bank, neg=neg)
+
+    @torch.no_grad()
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        hp = self.hparams
+        enc = encode_highlighted(
+            self.tokenizer,
+            [record["prompt"] for record in batch],
+            markers=tuple(hp.markers),
+            chat=hp.chat,
+            add_special_tokens=hp.add_special_tokens,
+        )
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        plain = self._generate(enc)
+        with steer(
+            self.model,
+            self.bank,
+            enc["highlight_mask"],
+            gain_pos=hp.gain_pos,
+            gain_neg=hp.gain_neg,
+            layers=hp.layers,
+            layer_mapping=hp.layer_mapping,
+        ):
+            steered = self._generate(enc)
+        return [
+            {**record, "highlighted_tokens": int(mask.sum()), "unsteered": u, "steered": s}
+            for record, mask, u, s in zip(batch, enc["highlight_mask"], plain, steered, strict=True)
+        ]
+
+    def _generate(self, enc: dict[str, torch.Tensor]) -> list[str]:
+        out = self.model.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)

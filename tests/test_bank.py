@@ -9,7 +9,9 @@ from seka_lightning import ProjectionBank
 from seka_lightning.projections import top_rank
 
 
-def projectors(layers: int = 2, heads: int = 2, d: int = 8, rank: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def projectors(
+    layers: int = 2, heads: int = 2, d: int = 8, rank: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(layers, heads, d, d, generator=gen))
     return u, u[..., :rank] @ u[..., :rank].transpose(-1, -2)
@@ -17,7 +19,14 @@ def projectors(layers: int = 2, heads: int = 2, d: int = 8, rank: int = 3, seed:
 
 def test_own_format_round_trip(tmp_path):
     u, pos = projectors()
-    bank = ProjectionBank(layers=[3, 5], pos=pos, neg=pos.flip(0), u_pos=u, s_pos=torch.rand(2, 2, 8), metadata={"model_id": "m", "num_layers": 6})
+    bank = ProjectionBank(
+        layers=[3, 5],
+        pos=pos,
+        neg=pos.flip(0),
+        u_pos=u,
+        s_pos=torch.rand(2, 2, 8),
+        metadata={"model_id": "m", "num_layers": 6},
+    )
     path = bank.save(tmp_path / "bank.safetensors")
     loaded = ProjectionBank.load(path)
     assert loaded.layers == [3, 5] and loaded.metadata["model_id"] == "m" and loaded.metadata["num_layers"] == 6

@@ -59,9 +59,7 @@ COMMON = {
 
 def _gemma3_text_config(**overrides: object) -> Gemma3TextConfig:
     # A wide sliding window keeps every layer's attention plainly causal on SEQ tokens.
-    return Gemma3TextConfig(
-        **{**COMMON, "head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8, **overrides}
-    )
+    return Gemma3TextConfig(**{**COMMON, "head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8, **overrides})
 
 
 def _gemma3_multimodal() -> Gemma3ForConditionalGeneration:
@@ -135,9 +133,7 @@ def _linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
     return F.linear(x, module.weight.double(), bias)
 
 
-def _reference(
-    case: Case, attention: nn.Module, x: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(case: Case, attention: nn.Module, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-RoPE (keys [B, T, n_kv, d], queries [B, T, n_q, d]) from the attention input, in float64."""
     d = case.head_dim
     x = x.double()
@@ -238,9 +234,7 @@ def test_rewritten_site_reaches_attention(case: Case, part: str) -> None:
     model = _randomized(case.build())
     layout = resolve_layout(model)
     handles = [
-        (s.key_module if part == "key" else s.query_module).register_forward_hook(
-            _zeroing_hook(s, layout, part)
-        )
+        (s.key_module if part == "key" else s.query_module).register_forward_hook(_zeroing_hook(s, layout, part))
         for s in layout.layers
     ]
     try:
@@ -283,9 +277,7 @@ def test_with_keys_rejects_wrong_shape() -> None:
     layout = resolve_layout(LlamaForCausalLM(LlamaConfig(**COMMON)))
     sites = layout.layers[0]
     output = torch.randn(BATCH, SEQ, NUM_KV * 8)
-    with pytest.raises(
-        ValueError, match=re.escape("replacement heads have shape (2, 5, 4, 8), expected (2, 5, 2, 8)")
-    ):
+    with pytest.raises(ValueError, match=re.escape("replacement heads have shape (2, 5, 4, 8), expected (2, 5, 2, 8)")):
         with_keys(output, torch.zeros(BATCH, SEQ, NUM_Q, 8), sites, layout)
 
 
@@ -295,9 +287,7 @@ def test_discovery_finds_llama_like_model() -> None:
     layout = resolve_layout(model)
     assert layout.family == "discovered"
     assert layout.num_layers == COMMON["num_hidden_layers"]
-    assert all(
-        s.key_module is s.attention.k_proj and s.query_module is s.attention.q_proj for s in layout.layers
-    )
+    assert all(s.key_module is s.attention.k_proj and s.query_module is s.attention.q_proj for s in layout.layers)
     inputs, keys, queries = _capture(model, layout, _input_ids())
     llama = CASES[0]
     for sites in layout.layers:

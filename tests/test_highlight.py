@@ -79,7 +79,9 @@ def test_span_inside_a_token_is_an_error(tokenizer):
 
 def test_truncation_that_cuts_a_highlight_is_an_error(tokenizer):
     prompt = "**The keepers carry** silver lanterns across the north harbor every night."
-    with pytest.raises(ValueError, match="prompt 0: highlight 'The keepers carry' is cut off by truncation to 30 tokens"):
+    with pytest.raises(
+        ValueError, match="prompt 0: highlight 'The keepers carry' is cut off by truncation to 30 tokens"
+    ):
         encode_highlighted(tokenizer, [prompt], max_length=30)
     enc = encode_highlighted(tokenizer, [prompt], max_length=30, truncation_side="right")
     assert enc["input_ids"].shape[1] == 30 and enc["highlight_mask"].any()

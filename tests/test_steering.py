@@ -16,7 +16,9 @@ PROMPTS = [
 ]
 
 
-def random_bank(layers: list[int], n_kv: int = 2, d: int = 16, rank: int = 4, seed: int = 0, neg: bool = True) -> ProjectionBank:
+def random_bank(
+    layers: list[int], n_kv: int = 2, d: int = 16, rank: int = 4, seed: int = 0, neg: bool = True
+) -> ProjectionBank:
     gen = torch.Generator().manual_seed(seed)
 
     def projectors() -> torch.Tensor:
@@ -24,7 +26,9 @@ def random_bank(layers: list[int], n_kv: int = 2, d: int = 16, rank: int = 4, se
         u = q[..., :rank]
         return u @ u.transpose(-1, -2)
 
-    return ProjectionBank(layers=layers, pos=projectors(), neg=projectors() if neg else None, metadata={"num_layers": 3})
+    return ProjectionBank(
+        layers=layers, pos=projectors(), neg=projectors() if neg else None, metadata={"num_layers": 3}
+    )
 
 
 def capture_keys(model, inputs) -> list[torch.Tensor]:
@@ -32,7 +36,9 @@ def capture_keys(model, inputs) -> list[torch.Tensor]:
     layout = resolve_layout(model)
     seen: list[torch.Tensor] = []
     handles = [
-        s.key_module.register_forward_hook(lambda m, a, out, s=s: seen.append(keys_view(out, s, layout).detach().clone()))
+        s.key_module.register_forward_hook(
+            lambda m, a, out, s=s: seen.append(keys_view(out, s, layout).detach().clone())
+        )
         for s in layout.layers
     ]
     try:
@@ -124,7 +130,9 @@ def test_decode_steps_add_no_edit_and_cache_carries_the_prefill_edit(tiny_model,
         out2 = tiny_model(**model_inputs(enc), use_cache=True)
     plain_step = tiny_model(input_ids=nxt, attention_mask=attention, past_key_values=out2.past_key_values).logits
     unsteered = tiny_model(**model_inputs(enc), use_cache=True)
-    unsteered_step = tiny_model(input_ids=nxt, attention_mask=attention, past_key_values=unsteered.past_key_values).logits
+    unsteered_step = tiny_model(
+        input_ids=nxt, attention_mask=attention, past_key_values=unsteered.past_key_values
+    ).logits
     assert torch.equal(steered_step, plain_step)
     assert not torch.allclose(plain_step, unsteered_step)  # the cached prefill edit still steers decoding
 
@@ -184,7 +192,9 @@ def test_bank_that_does_not_fit_the_model_is_refused_before_running(tiny_model, 
         with steer(tiny_model, wrong_dim, enc["highlight_mask"]):
             pass
     deeper = ProjectionBank(layers=[0], pos=random_bank([0]).pos, metadata={"num_layers": 28, "model_id": "big-model"})
-    with pytest.raises(ValueError, match=r"built for big-model.*built for a 28-layer model, LlamaForCausalLM has 3 layers"):
+    with pytest.raises(
+        ValueError, match=r"built for big-model.*built for a 28-layer model, LlamaForCausalLM has 3 layers"
+    ):
         with steer(tiny_model, deeper, enc["highlight_mask"]):
             pass
     assert sum(len(s.key_module._forward_hooks) for s in resolve_layout(tiny_model).layers) == 0

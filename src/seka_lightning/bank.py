@@ -262,9 +262,9 @@ def _reference_layers(obj: dict[str, Any], path: Path, count: int) -> list[int]:
 
 
 def derive_bank(
+    *,
     stats: str,
     output: str,
-    *,
     top_pct: float = 0.9,
     min_diff: float = 0.2,
     positive_only: bool = False,

@@ -144,7 +144,10 @@ def test_build_matches_float64_reference_with_skipped_heads(tiny_model_dir, qa_f
 def test_derive_from_saved_statistics_equals_a_fresh_build(tiny_model_dir, qa_file, tmp_path):
     build(tiny_model_dir, qa_file, tmp_path / "a.safetensors", min_diff=0.0)
     derived = derive_bank(
-        str(stats_path_for(tmp_path / "a.safetensors")), str(tmp_path / "b.safetensors"), top_pct=0.5, min_diff=0.05
+        stats=str(stats_path_for(tmp_path / "a.safetensors")),
+        output=str(tmp_path / "b.safetensors"),
+        top_pct=0.5,
+        min_diff=0.05,
     )
     fresh = build(tiny_model_dir, qa_file, tmp_path / "c.safetensors", "--model.top_pct", "0.5", min_diff=0.05)
     bank = ProjectionBank.load(derived)

@@ -21,19 +21,32 @@ def test_predict_writes_side_by_side_generations(tiny_model_dir, tmp_path, capsy
     run_lightning(
         [
             "predict",
-            "--model", "seka_lightning.lit.generation.HighlightGenerator",
-            "--model.pretrained", str(tiny_model_dir),
-            "--model.bank", str(tmp_path / "bank.safetensors"),
-            "--model.gain_pos", "3.0",
-            "--model.max_new_tokens", "5",
-            "--data", "seka_lightning.data.prompts.PromptDataModule",
-            "--data.prompts", json.dumps(PROMPTS),
-            "--data.batch_size", "2",
-            "--trainer.accelerator", "cpu",
-            "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-            "--trainer.callbacks+", "seka_lightning.lit.writers.ComparisonWriter",
-            "--trainer.callbacks.output", str(out),
+            "--model",
+            "seka_lightning.lit.generation.HighlightGenerator",
+            "--model.pretrained",
+            str(tiny_model_dir),
+            "--model.bank",
+            str(tmp_path / "bank.safetensors"),
+            "--model.gain_pos",
+            "3.0",
+            "--model.max_new_tokens",
+            "5",
+            "--data",
+            "seka_lightning.data.prompts.PromptDataModule",
+            "--data.prompts",
+            json.dumps(PROMPTS),
+            "--data.batch_size",
+            "2",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks+",
+            "seka_lightning.lit.writers.ComparisonWriter",
+            "--trainer.callbacks.output",
+            str(out),
         ]
     )
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -43,9 +56,16 @@ def test_predict_writes_side_by_side_generations(tiny_model_dir, tmp_path, capsy
     model, tokenizer = load_model(str(tiny_model_dir))
     for record in records:
         enc = encode_highlighted(tokenizer, [record["prompt"]])
-        kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "max_new_tokens": 5, "do_sample": False}
+        kwargs = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "max_new_tokens": 5,
+            "do_sample": False,
+        }
         plain = tokenizer.decode(model.generate(**kwargs)[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         with steer(model, bank, enc["highlight_mask"], gain_pos=3.0):
-            steered = tokenizer.decode(model.generate(**kwargs)[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            steered = tokenizer.decode(
+                model.generate(**kwargs)[0, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
         assert record["unsteered"] == plain and record["steered"] == steered
     assert records[2]["highlighted_tokens"] == 0 and records[2]["steered"] == records[2]["unsteered"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def test_reference_pos_and_neg_files(tmp_path):
     bank = ProjectionBank.load(tmp_path / "m_pos_proj.pt", neg=tmp_path / "m_neg_proj.pt")
     assert bank.layers == [1, 2] and torch.equal(bank.pos, pos) and torch.equal(bank.neg, pos * 0.5)
     torch.save({"layers": [0, 2], "proj": pos}, tmp_path / "other_neg.pt")
-    with pytest.raises(ValueError, match="covers layers \\[0, 2\\] but .* covers \\[1, 2\\]; pass a matching pair"):
+    with pytest.raises(ValueError, match=r"covers layers \[0, 2\] but .* covers \[1, 2\]; pass a matching pair"):
         ProjectionBank.load(tmp_path / "m_pos_proj.pt", neg=tmp_path / "other_neg.pt")
 
 
@@ -60,17 +62,17 @@ def test_reference_svd_file_rebuilds_projectors_and_ignores_skipped_heads(tmp_pa
 
 def test_bad_files_get_clear_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="junk.safetensors is corrupt or not a safetensors file"):
+    with pytest.raises(ValueError, match=re.escape("junk.safetensors is corrupt or not a safetensors file")):
         ProjectionBank.load(tmp_path / "junk.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"\x00\x01garbage")
-    with pytest.raises(ValueError, match="junk.pt could not be read as a torch file"):
+    with pytest.raises(ValueError, match=re.escape("junk.pt could not be read as a torch file")):
         ProjectionBank.load(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="a reference projection file needs 'proj'"):
         ProjectionBank.load(tmp_path / "wrong.pt")
     with pytest.raises(FileNotFoundError, match="build one with `seka fit`"):
         ProjectionBank.load(tmp_path / "missing.safetensors")
-    with pytest.raises(ValueError, match="unknown bank file type '.npy'"):
+    with pytest.raises(ValueError, match=re.escape("unknown bank file type '.npy'")):
         (tmp_path / "x.npy").write_bytes(b"")
         ProjectionBank.load(tmp_path / "x.npy")
 
@@ -80,7 +82,7 @@ def test_truncated_and_nan_banks_are_rejected(tmp_path):
     path = ProjectionBank(layers=[0, 1], pos=pos).save(tmp_path / "bank.safetensors")
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cut.safetensors is corrupt"):
+    with pytest.raises(ValueError, match=re.escape("cut.safetensors is corrupt")):
         ProjectionBank.load(tmp_path / "cut.safetensors")
     bad = pos.clone()
     bad[0, 0, 0, 0] = float("nan")

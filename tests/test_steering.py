@@ -202,6 +202,6 @@ def test_bank_that_does_not_fit_the_model_is_refused_before_running(tiny_model, 
 
 def test_gain_neg_without_negative_bank_is_an_error(tiny_model, tokenizer):
     enc = encode_highlighted(tokenizer, PROMPTS[:1])
-    with pytest.raises(ValueError, match="gain_neg=0.5 needs a bank with negative projectors"):
+    with pytest.raises(ValueError, match=r"gain_neg=0\.5 needs a bank with negative projectors"):
         with steer(tiny_model, random_bank([0], neg=False), enc["highlight_mask"], gain_neg=0.5):
             pass

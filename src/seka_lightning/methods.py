@@ -1,0 +1,132 @@
+"""Highlighting methods behind one interface, so every method sees the same prompts, tokens and scoring.
+
+A method turns an encoded batch (``input_ids``, ``attention_mask``, ``highlight_mask``, all ``[B, T]``, left-padded)
+into next-token logits at the last prompt position and into greedy continuations. Hook-based methods (SEKA, the
+random-projection ablation, PASTA, AdaSEKA) only override :meth:`HighlightMethod.active`; methods that change
+decoding itself (SPA) override :meth:`prompt_logits` and :meth:`generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from seka_lightning.bank import ProjectionBank
+from seka_lightning.steering import steer
+
+Encoded = dict[str, torch.Tensor]
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (what ``generate`` computes), for plain forward passes."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class HighlightMethod:
+    """No highlighting: the plain model. Subclasses add their effect in :meth:`active` or override the calls."""
+
+    name = "none"
+    uses_highlight = False  # baselines that ignore the highlight see the plain prompt
+
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Load or build what the method needs for this model (called once before the first batch)."""
+
+    @contextmanager
+    def active(self, model: nn.Module, enc: Encoded) -> Iterator[None]:
+        """The method's effect on ``model`` for one batch (hooks, attention functions); always undone."""
+        yield
+
+    @torch.no_grad()
+    def prompt_logits(self, model: nn.Module, enc: Encoded) -> torch.Tensor:
+        """Next-token logits after the prompt, ``[B, V]`` (float32)."""
+        with self.active(model, enc):
+            out = model(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                position_ids=position_ids_for(enc["attention_mask"]),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, enc: Encoded, *, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
+        """Greedy continuation token ids ``[B, max_new_tokens]`` (right-padded with ``pad_token_id`` after EOS)."""
+        with self.active(model, enc):
+            out = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_token_id,
+            )
+        return out[:, enc["input_ids"].shape[1] :]
+
+    def describe(self) -> dict:
+        """Settings recorded in result files."""
+        return {"method": self.name}
+
+
+class SekaMethod(HighlightMethod):
+    """SEKA key steering with a projection bank (SPEC §4)."""
+
+    name = "seka"
+    uses_highlight = True
+
+    def __init__(
+        self,
+        bank: str,
+        *,
+        neg: str | None = None,
+        gain_pos: float = 1.0,
+        gain_neg: float | None = None,
+        layers: str = "all",
+        layer_mapping: str = "by_id",
+    ) -> None:
+        """
+        Args:
+            bank: projection bank file (``.safetensors`` from ``seka fit`` or a reference ``*_pos_proj.pt``).
+            neg: reference negative ``.pt`` paired with a reference positive file.
+            gain_pos: g+ of SPEC §4.
+            gain_neg: g- (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive projector only.
+            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
+            layer_mapping: ``by_id`` or ``positional`` (the reference's pairing).
+        """
+        self.bank_path, self.neg_path = bank, neg
+        self.gain_pos, self.gain_neg = gain_pos, gain_neg
+        self.layers, self.layer_mapping = layers, layer_mapping
+        self.bank: ProjectionBank | None = None
+
+    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+        if self.bank is None:
+            self.bank = ProjectionBank.load(self.bank_path, neg=self.neg_path)
+
+    @contextmanager
+    def active(self, model: nn.Module, enc: Encoded) -> Iterator[None]:
+        if self.bank is None:
+            raise RuntimeError("SekaMethod.setup() must run before the first batch")
+        with steer(
+            model,
+            self.bank,
+            enc["highlight_mask"],
+            gain_pos=self.gain_pos,
+            gain_neg=self.gain_neg,
+            layers=self.layers,
+            layer_mapping=self.layer_mapping,
+        ):
+            yield
+
+    def describe(self) -> dict:
+        return {
+            "method": self.name,
+            "bank": self.bank_path,
+            "neg": self.neg_path,
+            "gain_pos": self.gain_pos,
+            "gain_neg": self.gain_neg,
+            "layers": self.layers,
+            "layer_mapping": self.layer_mapping,
+        }

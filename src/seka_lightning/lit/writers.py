@@ -22,6 +22,33 @@ def write_jsonl_atomic(records: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key: str) -> list[dict[str, Any]] | None:
+    """Each rank writes its records to ``output.rankN``; rank 0 merges them (sorted by ``key``) into ``output``.
+
+    Returns the merged records on rank 0, None elsewhere.
+    """
+    part = output.with_name(f"{output.name}.rank{trainer.global_rank}")
+    write_jsonl_atomic([record for batch in predictions for record in batch], part)
+    trainer.strategy.barrier("merge_rank_parts")
+    if not trainer.is_global_zero:
+        return None
+    records = []
+    for rank in range(trainer.world_size):
+        rank_part = output.with_name(f"{output.name}.rank{rank}")
+        records += [json.loads(line) for line in rank_part.read_text(encoding="utf-8").splitlines()]
+        rank_part.unlink()
+    records.sort(key=lambda r: r[key])
+    write_jsonl_atomic(records, output)
+    return records
+
+
 class ComparisonWriter(BasePredictionWriter):
     """Writes ``{prompt, unsteered, steered}`` per prompt to ``output`` (JSONL) and prints a table."""
 
@@ -35,22 +62,39 @@ class ComparisonWriter(BasePredictionWriter):
         self.output, self.show_table = Path(output), show_table
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
-        part = self.output.with_name(f"{self.output.name}.rank{trainer.global_rank}")
-        write_jsonl_atomic([record for batch in predictions for record in batch], part)
-        trainer.strategy.barrier("ComparisonWriter")
-        if not trainer.is_global_zero:
-            return
-        records = []
-        for rank in range(trainer.world_size):
-            rank_part = self.output.with_name(f"{self.output.name}.rank{rank}")
-            records += [json.loads(line) for line in rank_part.read_text(encoding="utf-8").splitlines()]
-            rank_part.unlink()
-        records.sort(key=lambda r: r["index"])
-        write_jsonl_atomic(records, self.output)
-        if self.show_table:
+        records = merge_rank_parts(trainer, predictions, self.output, key="index")
+        if records is not None and self.show_table:
             table = Table(title=f"SEKA highlighting ({self.output})", show_lines=True)
             for column in ("prompt", "unsteered", "steered"):
                 table.add_column(column, overflow="fold")
             for record in records:
                 table.add_row(record["prompt"], record["unsteered"].strip(), record["steered"].strip())
             Console(width=max(120, Console().width)).print(table)
+
+
+class BenchmarkWriter(BasePredictionWriter):
+    """Per-example ``predictions.jsonl`` and ``metric_result.json`` (metrics, method, model, config, counts, wall time)
+    in ``output_dir``; metrics are reduced over DDP ranks, files are written by rank 0, atomically."""
+
+    def __init__(self, output_dir: str = "outputs/eval") -> None:
+        """
+        Args:
+            output_dir: folder for ``predictions.jsonl`` and ``metric_result.json``.
+        """
+        super().__init__(write_interval="epoch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
+        results = pl_module.results()  # collective: every rank takes part in the metric reduction
+        records = merge_rank_parts(trainer, predictions, self.output_dir / "predictions.jsonl", key="uid")
+        if records is None:
+            return
+        write_json_atomic(results, self.output_dir / "metric_result.json")
+        table = Table(
+            title=f"{results['config']['data'].get('benchmark')} / {results['method']['method']} / {results['model']}"
+        )
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in results["metrics"].items():
+            table.add_row(name, f"{value:.4f}")
+        Console().print(table)

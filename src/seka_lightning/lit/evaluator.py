@@ -1,0 +1,106 @@
+"""BenchmarkEvaluator: ``seka predict`` over a benchmark DataModule with any highlighting method."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from seka_lightning.highlight import encode_highlighted
+from seka_lightning.methods import HighlightMethod
+from seka_lightning.models import load_model
+from seka_lightning.scoring import BenchmarkScorer
+
+# Markers no benchmark text contains: examples carry character spans, which are re-marked for encoding so
+# that chat templates can wrap the prompt (SPEC §2 then recovers the same spans inside the template).
+SPAN_MARKERS = ("\u27e6", "\u27e7")
+
+
+def mark(text: str, spans: list[list[int]]) -> str:
+    """Insert :data:`SPAN_MARKERS` around each character span."""
+    pieces, last = [], 0
+    for start, end in spans:
+        pieces += [text[last:start], SPAN_MARKERS[0], text[start:end], SPAN_MARKERS[1]]
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+class BenchmarkEvaluator(L.LightningModule):
+    """Runs ``method`` on every batch of the benchmark DataModule and scores it with the DataModule's scorer.
+
+    Every method sees the same tokens: baselines that ignore highlights get the same plain prompt.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        method: HighlightMethod,
+        *,
+        dtype: str = "float32",
+        chat: bool = False,
+        add_special_tokens: bool = False,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        """
+        Args:
+            pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
+            method: the highlighting method (``seka_lightning.methods.HighlightMethod`` = none, ``SekaMethod``, ...).
+            dtype: model dtype.
+            chat: wrap prompts as user messages with the tokenizer's chat template.
+            add_special_tokens: let the tokenizer add its special tokens (BOS for base models such as Gemma-3).
+            attn_implementation: ``sdpa`` or ``eager``.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["method"])
+        self.method = method
+        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
+        self.scorer: BenchmarkScorer | None = None
+        self.data_settings: dict[str, Any] = {}
+        self._started = 0.0
+
+    def on_predict_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.scorer = datamodule.scorer().to(self.device)
+        self.data_settings = datamodule.describe()
+        self.method.setup(self.model, self.tokenizer)
+        self._started = time.perf_counter()
+
+    @torch.no_grad()
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        hp = self.hparams
+        enc = encode_highlighted(
+            self.tokenizer,
+            [mark(example["text"], example["spans"]) for example in batch],
+            markers=SPAN_MARKERS,
+            chat=hp.chat,
+            add_special_tokens=hp.add_special_tokens,
+        )
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        records = self.scorer.score(self.method, self.model, self.tokenizer, enc, batch)
+        return [
+            {
+                "uid": example["uid"],
+                "text": example["text"],
+                "highlights": [example["text"][s:e] for s, e in example["spans"]],
+                **record,
+            }
+            for example, record in zip(batch, records, strict=True)
+        ]
+
+    def results(self) -> dict[str, Any]:
+        """Metrics (reduced over ranks: every rank must call this) and the run's settings."""
+        return {
+            "metrics": self.scorer.compute(),
+            "method": self.method.describe(),
+            "model": self.hparams.pretrained,
+            "config": {**{k: v for k, v in self.hparams.items() if k != "pretrained"}, "data": self.data_settings},
+            "counts": {
+                "examples": self.data_settings.get("examples"),
+                "missing_highlight": self.data_settings.get("missing_highlight"),
+                "world_size": self.trainer.world_size,
+            },
+            "wall_time_s": time.perf_counter() - self._started,
+        }

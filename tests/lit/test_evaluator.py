@@ -1,0 +1,155 @@
+"""`seka predict` on a benchmark: metric_result.json equals a direct computation, on one or two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from seka_lightning import ProjectionBank, load_model
+from seka_lightning.cli import run_lightning
+
+CASES = [
+    (
+        0,
+        "Danielle Darrieux",
+        "The mother tongue of {} is",
+        "English",
+        "French",
+        ["{} is a native speaker of", "{} grew up speaking"],
+    ),
+    (1, "Toyota", "{} is based in", "Germany", "Japan", ["The headquarters of {} are in"]),
+    (
+        2,
+        "the keepers",
+        "What {} carry is",
+        "silver",
+        "stone",
+        ["People say {} carry", "It is known that {} carry", "Everyone knows {} hold"],
+    ),
+    (3, "Rome", "{} is the capital of", "France", "Italy", ["The city of {} is the capital of"]),
+]
+
+
+def write_rome(path: Path) -> Path:
+    records = [
+        {
+            "case_id": cid,
+            "requested_rewrite": {
+                "prompt": tpl,
+                "subject": subj,
+                "target_new": {"str": new},
+                "target_true": {"str": old},
+            },
+            "paraphrase_prompts": [p.format(subj) for p in paras],
+        }
+        for cid, subj, tpl, new, old, paras in CASES
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def predict_args(model_dir: Path, data: Path, out: Path, method: list[str], devices: int = 1) -> list[str]:
+    return [
+        "predict",
+        "--model",
+        "seka_lightning.lit.evaluator.BenchmarkEvaluator",
+        "--model.pretrained",
+        str(model_dir),
+        *method,
+        "--data",
+        "seka_lightning.data.benchmark_modules.CounterFactDataModule",
+        "--data.path",
+        str(data),
+        "--data.split",
+        "all",
+        "--data.batch_size",
+        "3",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks+",
+        "seka_lightning.lit.writers.BenchmarkWriter",
+        "--trainer.callbacks.output_dir",
+        str(out),
+    ]
+
+
+def direct_counterfact(model_dir: Path) -> tuple[float, float]:
+    """Each prompt alone, unpadded; first token of each casing; mean over cases of the fraction won."""
+    model, tok = load_model(str(model_dir))
+    efficacy, paraphrase = [], []
+    for _, subj, tpl, new, old, paras in CASES:
+        ctx_new, ctx_old = tpl.format(subj) + " " + new, tpl.format(subj) + " " + old
+        wins = []
+        for query in (p.format(subj) for p in paras):
+            text = "Previously " + ctx_old + ". " + "Currently " + ctx_new.rstrip(". ") + ". " + query
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)
+
+            def best(target: str) -> float:
+                forms = {target.lower(), target[0].upper() + target[1:], target.upper()}
+                return max(logp[tok.encode(f, add_special_tokens=False)[0]].item() for f in forms)
+
+            wins.append(float(best(new) > best(old)))
+        efficacy.append(wins[0])
+        paraphrase.append(sum(wins) / len(wins))
+    return sum(efficacy) / len(efficacy), sum(paraphrase) / len(paraphrase)
+
+
+def test_counterfact_metrics_match_a_direct_computation(tiny_model_dir, tmp_path):
+    data = write_rome(tmp_path / "counterfact.json")
+    run_lightning(
+        predict_args(
+            tiny_model_dir, data, tmp_path / "none", ["--model.method", "seka_lightning.methods.HighlightMethod"]
+        )
+    )
+    result = json.loads((tmp_path / "none" / "metric_result.json").read_text())
+    efficacy, paraphrase = direct_counterfact(tiny_model_dir)
+    assert abs(result["metrics"]["efficacy_score"] - efficacy) < 1e-9
+    assert abs(result["metrics"]["paraphrase_score"] - paraphrase) < 1e-9
+    assert result["counts"]["examples"] == 4 + 7 and result["method"] == {"method": "none"}
+    records = [json.loads(line) for line in (tmp_path / "none" / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 11 and records[0]["highlights"] == ["is English"]
+
+
+def test_seka_method_and_two_process_predict_give_the_same_metrics(tiny_model_dir, tmp_path):
+    data = write_rome(tmp_path / "counterfact.json")
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(3, 2, 16, 16, generator=gen))
+    ProjectionBank(layers=[0, 1, 2], pos=q[..., :4] @ q[..., :4].transpose(-1, -2), metadata={"num_layers": 3}).save(
+        tmp_path / "b.safetensors"
+    )
+    method = [
+        "--model.method",
+        "seka_lightning.methods.SekaMethod",
+        "--model.method.bank",
+        str(tmp_path / "b.safetensors"),
+        "--model.method.gain_pos",
+        "5.0",
+    ]
+    run_lightning(predict_args(tiny_model_dir, data, tmp_path / "one", method))
+    cmd = [
+        sys.executable,
+        "-m",
+        "seka_lightning.cli",
+        *predict_args(tiny_model_dir, data, tmp_path / "two", method, devices=2),
+    ]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metric_result.json").read_text())
+    two = json.loads((tmp_path / "two" / "metric_result.json").read_text())
+    for key, value in one["metrics"].items():
+        assert abs(two["metrics"][key] - value) < 1e-6, key
+    assert two["counts"]["world_size"] == 2 and one["method"]["method"] == "seka" and one["method"]["gain_pos"] == 5.0
+    lines = (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 11 and not list((tmp_path / "two").glob("*.rank*"))

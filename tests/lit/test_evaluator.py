@@ -84,6 +84,11 @@ def predict_args(model_dir: Path, data: Path, out: Path, method: list[str], devi
     ]
 
 
+def best(logp: torch.Tensor, tok, target: str) -> float:
+    forms = {target.lower(), target[0].upper() + target[1:], target.upper()}
+    return max(logp[tok.encode(f, add_special_tokens=False)[0]].item() for f in forms)
+
+
 def direct_counterfact(model_dir: Path) -> tuple[float, float]:
     """Each prompt alone, unpadded; first token of each casing; mean over cases of the fraction won."""
     model, tok = load_model(str(model_dir))
@@ -96,11 +101,7 @@ def direct_counterfact(model_dir: Path) -> tuple[float, float]:
             ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
             logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)
 
-            def best(target: str) -> float:
-                forms = {target.lower(), target[0].upper() + target[1:], target.upper()}
-                return max(logp[tok.encode(f, add_special_tokens=False)[0]].item() for f in forms)
-
-            wins.append(float(best(new) > best(old)))
+            wins.append(float(best(logp, tok, new) > best(logp, tok, old)))
         efficacy.append(wins[0])
         paraphrase.append(sum(wins) / len(wins))
     return sum(efficacy) / len(efficacy), sum(paraphrase) / len(paraphrase)

@@ -18,8 +18,9 @@ from lightning.pytorch.cli import LightningCLI
 from seka_lightning.bank import derive_bank
 from seka_lightning.lit.builder import ProjectionBuilder
 from seka_lightning.lit.strategies import FROZEN_DDP
+from seka_lightning.report import report
 
-PLAIN_COMMANDS = {"derive": derive_bank}
+PLAIN_COMMANDS = {"derive": derive_bank, "report": report}
 
 
 def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> int:

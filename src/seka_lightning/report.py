@@ -1,0 +1,111 @@
+"""``seka report``: a markdown comparison table and a PNG plot from several evaluation result folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("efficacy_score", "paraphrase_score", "top1_accuracy", "pron_score_p", "pron_score_a", "exact_match")
+
+
+def read_results(folders: list[str]) -> list[dict[str, Any]]:
+    """``metric_result.json`` of each folder (a folder may also be a parent searched recursively)."""
+    files: list[Path] = []
+    for folder in folders:
+        path = Path(folder)
+        found = [path] if path.is_file() else sorted(path.rglob("metric_result.json"))
+        if not found:
+            raise FileNotFoundError(f"no metric_result.json under {folder}")
+        files += found
+    results = []
+    for file in files:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON ({err.msg}); re-run the evaluation that wrote it") from None
+        if "metrics" not in data or "method" not in data:
+            raise ValueError(f"{file} has no 'metrics'/'method'; it was not written by seka predict")
+        results.append({**data, "path": str(file)})
+    return results
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per (benchmark, model, method) with the headline metrics (x100) that the row has."""
+    columns = [key for key in HEADLINE if any(key in r["metrics"] for r in results)]
+    lines = ["| benchmark | model | method | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for r in sorted(
+        results, key=lambda r: (r["config"]["data"].get("benchmark", ""), r["model"], r["method"]["method"])
+    ):
+        cells = [f"{100 * r['metrics'][c]:.2f}" if c in r["metrics"] else "" for c in columns]
+        lines.append(
+            f"| {r['config']['data'].get('benchmark', '')} | {r['model']} | {r['method']['method']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
+    """Lost-in-the-middle exact match by gold position, one line per (model, method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    litm = [r for r in results if any(k.startswith("exact_match_pos_") for k in r["metrics"])]
+    if not litm:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in litm:
+        points = sorted(
+            (int(m.group(1)), v) for k, v in r["metrics"].items() if (m := re.fullmatch(r"exact_match_pos_(\d+)", k))
+        )
+        ax.plot(
+            [p for p, _ in points],
+            [100 * v for _, v in points],
+            marker="o",
+            label=f"{r['model']} / {r['method']['method']}",
+        )
+    ax.set_xlabel("position of the gold document")
+    ax.set_ylabel("best-subspan exact match (%)")
+    ax.set_title("Lost in the middle")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def report(
+    results: list[str],
+    *,
+    output: str = "docs/results_table.md",
+    plot: str | None = "docs/results/lost_in_the_middle.png",
+) -> str:
+    """Render a comparison table (markdown) and a lost-in-the-middle plot (PNG) from result folders.
+
+    Args:
+        results: folders holding ``metric_result.json`` files (searched recursively) or the files themselves.
+        output: the markdown file to write.
+        plot: the PNG to write (None = no plot).
+    """
+    rows = read_results(results)
+    table = markdown_table(rows)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(table, encoding="utf-8")
+    os.replace(tmp, out)
+    if plot is not None:
+        position_plot(rows, Path(plot))
+    log.info("wrote %s from %d results", out, len(rows))
+    return table

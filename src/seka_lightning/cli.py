@@ -19,8 +19,9 @@ from seka_lightning.bank import derive_bank
 from seka_lightning.lit.builder import ProjectionBuilder
 from seka_lightning.lit.strategies import FROZEN_DDP
 from seka_lightning.report import report
+from seka_lightning.search import search
 
-PLAIN_COMMANDS = {"derive": derive_bank, "report": report}
+PLAIN_COMMANDS = {"derive": derive_bank, "report": report, "search": search}
 
 
 def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> int:

@@ -28,6 +28,19 @@ def mark(text: str, spans: list[list[int]]) -> str:
     return "".join(pieces)
 
 
+def encode_examples(
+    tokenizer, examples: list[dict[str, Any]], *, chat: bool = False, add_special_tokens: bool = False
+) -> dict[str, torch.Tensor]:
+    """Encode benchmark examples (``text`` + character ``spans``) exactly as every method will see them."""
+    return encode_highlighted(
+        tokenizer,
+        [mark(example["text"], example["spans"]) for example in examples],
+        markers=SPAN_MARKERS,
+        chat=chat,
+        add_special_tokens=add_special_tokens,
+    )
+
+
 class BenchmarkEvaluator(L.LightningModule):
     """Runs ``method`` on every batch of the benchmark DataModule and scores it with the DataModule's scorer.
 
@@ -71,13 +84,7 @@ class BenchmarkEvaluator(L.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         hp = self.hparams
-        enc = encode_highlighted(
-            self.tokenizer,
-            [mark(example["text"], example["spans"]) for example in batch],
-            markers=SPAN_MARKERS,
-            chat=hp.chat,
-            add_special_tokens=hp.add_special_tokens,
-        )
+        enc = encode_examples(self.tokenizer, batch, chat=hp.chat, add_special_tokens=hp.add_special_tokens)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         records = self.scorer.score(self.method, self.model, self.tokenizer, enc, batch)
         return [

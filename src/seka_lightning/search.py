@@ -1,0 +1,123 @@
+"""``seka search``: pick SEKA's layers, gain and min_diff on a dev slice, cheaply.
+
+Banks for each ``min_diff`` are derived from saved key statistics (no rebuild); each (layers, gain) is scored on
+the CounterFact dev slice (records 4500:5000 by default, never the reported 5000:10000) with the same scorer and
+encoding as ``seka predict``. The objective is the mean of efficacy and paraphrase scores, ties broken by the
+efficacy magnitude.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seka_lightning.bank import ProjectionBank
+from seka_lightning.data.benchmark_modules import CounterFactDataModule
+from seka_lightning.lit.evaluator import encode_examples
+from seka_lightning.methods import HighlightMethod, SekaMethod
+from seka_lightning.models import load_model
+from seka_lightning.stats import KeySums
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_counterfact(
+    model, tokenizer, method: HighlightMethod, batches, *, chat: bool, add_special_tokens: bool
+) -> dict[str, float]:
+    """Efficacy/paraphrase scores of ``method`` on pre-built CounterFact batches."""
+    scorer = CounterFactDataModule().scorer().to(model.device)
+    method.setup(model, tokenizer)
+    for batch in batches:
+        enc = encode_examples(tokenizer, batch, chat=chat, add_special_tokens=add_special_tokens)
+        scorer.score(method, model, tokenizer, {k: v.to(model.device) for k, v in enc.items()}, batch)
+    return scorer.compute()
+
+
+def search(
+    *,
+    pretrained: str,
+    stats: str,
+    output: str,
+    data: str = "../shared/data/counterfact",
+    example_subset: str = "4500:5000",
+    layers: list[str] = ["all", "last20", "last10"],  # noqa: B006 - jsonargparse needs a literal default
+    gains: list[float] = [0.5, 1.0, 2.0, 4.0],  # noqa: B006
+    min_diffs: list[float] = [0.0, 0.03, 0.05],  # noqa: B006
+    top_pct: float = 0.9,
+    batch_size: int = 16,
+    chat: bool = False,
+    add_special_tokens: bool = False,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Grid-search SEKA hyper-parameters on a CounterFact dev slice; writes all scores and the best setting as JSON.
+
+    Args:
+        pretrained: the model (hub id, path, or ``embedded:...``).
+        stats: ``*.stats.safetensors`` written by ``seka fit`` for this model.
+        output: JSON file for the grid and the best setting.
+        data: CounterFact folder or file.
+        example_subset: the dev slice (never the reported test slice).
+        layers: layer selections to try (``all`` = every layer of the bank, ``lastN``, ...).
+        gains: ``gain_pos`` values to try.
+        min_diffs: head-filter thresholds to try (banks derived from ``stats``).
+        top_pct: spectrum fraction kept by P+.
+        batch_size: prompts per batch.
+        chat: wrap prompts in the chat template.
+        add_special_tokens: let the tokenizer add BOS (base models such as Gemma-3).
+        dtype: model dtype.
+    """
+    started = time.perf_counter()
+    model, tokenizer = load_model(pretrained, dtype=dtype)
+    if torch.cuda.is_available():
+        model.cuda()
+    sums, metadata = KeySums.load(stats)
+    bank_layers = metadata.pop("layers")
+    datamodule = CounterFactDataModule(data, example_subset=example_subset, batch_size=batch_size)
+    batches = datamodule.batches()
+    kwargs = {"chat": chat, "add_special_tokens": add_special_tokens}
+    baseline = evaluate_counterfact(model, tokenizer, HighlightMethod(), batches, **kwargs)
+    log.info("none: %s", baseline)
+    grid = []
+    for min_diff in min_diffs:
+        bank = ProjectionBank.from_statistics(
+            sums, layers=bank_layers, top_pct=top_pct, min_diff=min_diff, metadata=metadata
+        )
+        for layer_spec, gain in itertools.product(layers, gains):
+            method = SekaMethod(stats, gain_pos=gain, layers=layer_spec)
+            method.bank = bank
+            scores = evaluate_counterfact(model, tokenizer, method, batches, **kwargs)
+            grid.append(
+                {
+                    "min_diff": min_diff,
+                    "layers": layer_spec,
+                    "gain_pos": gain,
+                    "heads_kept": bank.metadata["heads_kept"],
+                    **scores,
+                }
+            )
+            log.info("%s", grid[-1])
+    best = max(grid, key=lambda g: ((g["efficacy_score"] + g["paraphrase_score"]) / 2, g["efficacy_magnitude"]))
+    result = {
+        "model": pretrained,
+        "stats": stats,
+        "dev": {"data": data, "example_subset": example_subset, "examples": len(datamodule.examples)},
+        "settings": {"top_pct": top_pct, "chat": chat, "add_special_tokens": add_special_tokens, "dtype": dtype},
+        "none": baseline,
+        "grid": grid,
+        "best": best,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    log.info("best on %s %s: %s (none: %s)", data, example_subset, best, baseline)
+    return result

@@ -64,7 +64,8 @@ class HighlightMethod:
                 do_sample=False,
                 pad_token_id=pad_token_id,
             )
-        return out[:, enc["input_ids"].shape[1] :]
+        new = out[:, enc["input_ids"].shape[1] :]
+        return torch.nn.functional.pad(new, (0, max_new_tokens - new.shape[1]), value=pad_token_id)
 
     def describe(self) -> dict:
         """Settings recorded in result files."""

@@ -1,0 +1,65 @@
+"""`seka search`: the grid covers every setting, reuses derived banks, and picks the best dev score."""
+
+from __future__ import annotations
+
+import json
+
+from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for
+from seka_lightning.search import search
+
+
+def write_cases(path):
+    cases = [
+        (0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French", ["{} is a native speaker of"]),
+        (1, "Toyota", "{} is based in", "Germany", "Japan", ["The headquarters of {} are in"]),
+    ]
+    records = [
+        {
+            "case_id": cid,
+            "requested_rewrite": {
+                "prompt": tpl,
+                "subject": subj,
+                "target_new": {"str": new},
+                "target_true": {"str": old},
+            },
+            "paraphrase_prompts": [p.format(subj) for p in paras],
+        }
+        for cid, subj, tpl, new, old, paras in cases
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_search_grid_and_best(tiny_model_dir, qa_file, tmp_path):
+    import lightning as L
+
+    from seka_lightning.data.synthetic_qa import SyntheticQADataModule
+
+    bank = tmp_path / "bank.safetensors"
+    builder = ProjectionBuilder(str(tiny_model_dir), min_diff=0.0, output=str(bank))
+    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
+        builder, datamodule=SyntheticQADataModule(str(qa_file), batch_size=4, max_samples=6)
+    )
+    data = write_cases(tmp_path / "cf.json")
+    result = search(
+        pretrained=str(tiny_model_dir),
+        stats=str(stats_path_for(bank)),
+        output=str(tmp_path / "search.json"),
+        data=str(data),
+        example_subset="0:2",
+        layers=["all", "last1"],
+        gains=[0.0, 2.0],
+        min_diffs=[0.0, 1e9],
+    )
+    assert len(result["grid"]) == 8
+    assert {(g["min_diff"], g["layers"], g["gain_pos"]) for g in result["grid"]} == {
+        (m, l, g) for m in (0.0, 1e9) for l in ("all", "last1") for g in (0.0, 2.0)
+    }
+    # zero gain and an all-skipping min_diff reproduce the unsteered scores exactly
+    for g in result["grid"]:
+        if g["gain_pos"] == 0.0 or g["min_diff"] == 1e9:
+            assert g["efficacy_score"] == result["none"]["efficacy_score"]
+            assert g["efficacy_magnitude"] == result["none"]["efficacy_magnitude"]
+    objective = [(g["efficacy_score"] + g["paraphrase_score"]) / 2 for g in result["grid"]]
+    assert (result["best"]["efficacy_score"] + result["best"]["paraphrase_score"]) / 2 == max(objective)
+    assert json.loads((tmp_path / "search.json").read_text())["best"] == result["best"]

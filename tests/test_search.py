@@ -53,7 +53,7 @@ def test_search_grid_and_best(tiny_model_dir, qa_file, tmp_path):
     )
     assert len(result["grid"]) == 8
     assert {(g["min_diff"], g["layers"], g["gain_pos"]) for g in result["grid"]} == {
-        (m, l, g) for m in (0.0, 1e9) for l in ("all", "last1") for g in (0.0, 2.0)
+        (m, spec, g) for m in (0.0, 1e9) for spec in ("all", "last1") for g in (0.0, 2.0)
     }
     # zero gain and an all-skipping min_diff reproduce the unsteered scores exactly
     for g in result["grid"]:

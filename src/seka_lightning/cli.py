@@ -16,12 +16,13 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.cli import LightningCLI
 
 from seka_lightning.bank import derive_bank
+from seka_lightning.baselines.pasta_profile import profile_heads
 from seka_lightning.lit.builder import ProjectionBuilder
 from seka_lightning.lit.strategies import FROZEN_DDP
 from seka_lightning.report import report
 from seka_lightning.search import search
 
-PLAIN_COMMANDS = {"derive": derive_bank, "report": report, "search": search}
+PLAIN_COMMANDS = {"derive": derive_bank, "report": report, "search": search, "pasta-profile": profile_heads}
 
 
 def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> int:

@@ -1,12 +1,15 @@
-"""Capturing keys during batched forward passes, for building projections (SPEC §3).
+"""Capturing keys during batched forward passes, for building projections (SPEC §3) and AdaSEKA experts (§5).
 
 Hooks on the key sites copy out only the answer-token rows; the forward pass stops right after the last layer
-that is needed, and no hidden states are kept.
+that is needed, and no hidden states are kept. For the AdaSEKA triplet filter the same pass also sums, on hooks
+of the attention modules (eager attention, which returns the weights), the attention from each text's last token
+to its answer tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +34,40 @@ def _make_capture_hook(sites: LayerSites, layout: ModelLayout, rows: torch.Tenso
     return hook
 
 
+def _make_attention_hook(layer_id: int, last: torch.Tensor, answer: torch.Tensor, out: list, *, stop: bool):
+    """Adds ``Σ_heads Σ_answer-tokens attn[b, head, last_b, token]`` per row ``b`` to ``out`` (a ``[B]`` tensor)."""
+    batch = torch.arange(last.shape[0], device=last.device)
+
+    def hook(module: nn.Module, args: tuple, output: tuple) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RuntimeError(
+                f"layer {layer_id}: the attention module returned no weights; the attention filter needs eager "
+                "attention (capture_keys_and_attention switches to it)"
+            )
+        from_last = weights[batch, :, last].sum(1)  # [B, T]: summed over query heads
+        out.append((from_last.to(torch.float64) * answer).sum(-1))  # [B]
+        if stop:
+            raise _StopForward
+
+    return hook
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with eager attention (which returns attention weights) for the block, then restore."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 @torch.no_grad()
 def capture_keys(
     model: nn.Module,
@@ -41,15 +78,55 @@ def capture_keys(
     rows: torch.Tensor,
 ) -> torch.Tensor:
     """Keys of the flat token ``rows`` (indices into ``[B * T]``) at ``layer_ids``: ``[L, M, H, d]``."""
-    captured: list[torch.Tensor] = []
-    last = max(layer_ids)
-    handles = [
-        layout.layers[layer].key_module.register_forward_hook(
-            _make_capture_hook(layout.layers[layer], layout, rows, captured, stop=layer == last)
+    keys, _ = _capture(model, layout, layer_ids, input_ids, attention_mask, rows, attention=None)
+    return keys
+
+
+@torch.no_grad()
+def capture_keys_and_attention(
+    model: nn.Module,
+    layout: ModelLayout,
+    layer_ids: Sequence[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    last: torch.Tensor,
+    answer: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys as :func:`capture_keys`, and per row the attention mass ``[B]`` (float64) from token ``last[b]`` to the
+    tokens of the bool mask ``answer`` ``[B, T]``, summed over all query heads of ``layer_ids`` (eager pass)."""
+    with eager_attention(model):
+        return _capture(
+            model, layout, layer_ids, input_ids, attention_mask, rows, attention=(last, answer.to(torch.float64))
         )
-        for layer in sorted(layer_ids)
-    ]
+
+
+def _capture(
+    model: nn.Module,
+    layout: ModelLayout,
+    layer_ids: Sequence[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    attention: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    captured: list[torch.Tensor] = []
+    masses: list[torch.Tensor] = []
+    last = max(layer_ids)
+    handles = []
     try:
+        for layer in sorted(layer_ids):
+            sites = layout.layers[layer]
+            stop_at_key = attention is None and layer == last
+            handles.append(
+                sites.key_module.register_forward_hook(
+                    _make_capture_hook(sites, layout, rows, captured, stop=stop_at_key)
+                )
+            )
+            if attention is not None:
+                hook = _make_attention_hook(layer, *attention, masses, stop=layer == last)
+                handles.append(sites.attention.register_forward_hook(hook))
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
@@ -57,19 +134,25 @@ def capture_keys(
         for handle in handles:
             handle.remove()
     by_layer = dict(zip(sorted(layer_ids), captured, strict=True))
-    return torch.stack([by_layer[layer] for layer in layer_ids])
+    keys = torch.stack([by_layer[layer] for layer in layer_ids])
+    return keys, (torch.stack(masses).sum(0) if attention is not None else None)
 
 
 @dataclass
 class TripletKeys:
-    """Answer-token keys of the kept triplets, each ``[L, M, H, d]``, and what was skipped."""
+    """Answer-token keys of the kept triplets, each ``[L, M, H, d]``, and what was skipped.
+
+    ``negative`` is None for positive-only (AdaSEKA expert) collection, which never runs the negative text;
+    ``skipped_attention`` counts triplets removed by the attention-ratio filter.
+    """
 
     neutral: torch.Tensor
     positive: torch.Tensor
-    negative: torch.Tensor
+    negative: torch.Tensor | None
     kept: int
     skipped_no_answer: int
     skipped_count_mismatch: int
+    skipped_attention: int = 0
 
 
 def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +165,15 @@ def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> tu
     return input_ids.to(device), attention_mask.to(device)
 
 
+def attention_kept(neutral: torch.Tensor, positive: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The AdaSEKA triplet filter: keep where the answer's attention mass grows by ``>= ratio`` from H to H+.
+
+    A zero mass in H keeps the triplet iff H+ has any (the reference's guard against dividing by zero).
+    """
+    grows = positive >= ratio * neutral
+    return torch.where(neutral == 0, positive > 0, grows)
+
+
 def collect_triplet_keys(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -90,18 +182,25 @@ def collect_triplet_keys(
     triplets: Sequence[Triplet],
     *,
     device: torch.device,
+    positive_only: bool = False,
+    attention_ratio: float | None = None,
 ) -> TripletKeys | None:
-    """Run the neutral, positive and negative texts of ``triplets`` (one right-padded pass each) and return the
-    keys of their answer tokens. Right padding keeps positions identical to unpadded runs. ``None`` when no
-    triplet of the batch has its answer in all three texts."""
+    """Run the neutral, positive and (unless ``positive_only``) negative texts of ``triplets`` (one right-padded
+    pass each) and return the keys of their answer tokens. Right padding keeps positions identical to unpadded
+    runs. With ``attention_ratio``, triplets whose last-token attention to the answer (summed over the heads of
+    ``layer_ids``) does not grow by that ratio from H to H+ are dropped. ``None`` when no triplet of the batch has
+    its answer in every text it needs."""
     texts = [triplet.texts() for triplet in triplets]
-    kinds = list(zip(*texts, strict=True))  # 3 lists of B texts
-    encoded = [tokenizer(list(kind), add_special_tokens=False, return_offsets_mapping=True) for kind in kinds]
+    kinds = 2 if positive_only else 3
+    columns = list(zip(*texts, strict=True))[:kinds]  # kinds lists of B texts
+    encoded = [tokenizer(list(column), add_special_tokens=False, return_offsets_mapping=True) for column in columns]
     kept: list[int] = []
     indices: list[list[list[int]]] = []
     no_answer = mismatch = 0
     for b, triplet in enumerate(triplets):
-        found = [answer_token_indices(encoded[k]["offset_mapping"][b], texts[b][k], triplet.answer) for k in range(3)]
+        found = [
+            answer_token_indices(encoded[k]["offset_mapping"][b], texts[b][k], triplet.answer) for k in range(kinds)
+        ]
         if not all(found):
             no_answer += 1
             continue
@@ -113,13 +212,40 @@ def collect_triplet_keys(
     if not kept:
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    keys = []
-    for k in range(3):
+    keys: list[torch.Tensor] = []
+    masses: list[torch.Tensor] = []
+    for k in range(kinds):
         ids = [encoded[k]["input_ids"][b] for b in kept]
         input_ids, attention_mask = _right_padded(ids, pad_id, device)
         width = input_ids.shape[1]
         rows = torch.tensor(
             [row * width + token for row, found in enumerate(indices) for token in found[k]], dtype=torch.long
         ).to(device)
-        keys.append(capture_keys(model, layout, layer_ids, input_ids, attention_mask, rows))
-    return TripletKeys(*keys, kept=len(kept), skipped_no_answer=no_answer, skipped_count_mismatch=mismatch)
+        if attention_ratio is None or k == 2:
+            keys.append(capture_keys(model, layout, layer_ids, input_ids, attention_mask, rows))
+            continue
+        last = torch.tensor([len(row) - 1 for row in ids], dtype=torch.long, device=device)
+        answer = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, found in enumerate(indices):
+            answer[row, found[k]] = True
+        key, mass = capture_keys_and_attention(
+            model, layout, layer_ids, input_ids, attention_mask, rows, last, answer.to(device)
+        )
+        keys.append(key)
+        masses.append(mass)
+    filtered = 0
+    if attention_ratio is not None:
+        keep = attention_kept(masses[0], masses[1], attention_ratio).cpu()  # [B']
+        filtered = int((~keep).sum())
+        owner = torch.tensor([row for row, found in enumerate(indices) for _ in found[0]], dtype=torch.long)
+        row_keep = keep[owner].nonzero().squeeze(1).to(device)
+        keys = [key.index_select(1, row_keep) for key in keys]
+    return TripletKeys(
+        neutral=keys[0],
+        positive=keys[1],
+        negative=keys[2] if kinds == 3 else None,
+        kept=len(kept) - filtered,
+        skipped_no_answer=no_answer,
+        skipped_count_mismatch=mismatch,
+        skipped_attention=filtered,
+    )

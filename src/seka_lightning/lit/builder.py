@@ -44,6 +44,7 @@ class ProjectionBuilder(L.LightningModule):
         top_pct: float = 0.9,
         min_diff: float = 0.2,
         positive_only: bool = False,
+        attention_ratio: float | None = None,
         output: str = "checkpoints/bank.safetensors",
         attn_implementation: str = "sdpa",
     ) -> None:
@@ -54,12 +55,18 @@ class ProjectionBuilder(L.LightningModule):
             layers: decoder layers to build for: ``all``, ``lastN``, ``firstN`` or comma-separated ids.
             top_pct: fraction of the singular spectrum kept by P+ (its complement gives P-), in (0, 1].
             min_diff: heads with ``sqrt(Σ||h+ - h-||²) / N`` below this are skipped (zero projectors).
-            positive_only: build an AdaSEKA expert (``||h+ - h||`` filter, NaN for skipped heads).
+            positive_only: build an AdaSEKA expert (``||h+ - h||`` filter, NaN for skipped heads); the negative
+                text is then never run.
+            attention_ratio: AdaSEKA triplet filter (SPEC §5; the reference uses 1.2): keep a triplet only if the
+                attention from the last token to the answer, summed over all heads of the selected layers, grows by
+                at least this ratio from H to H+ (eager attention for those passes). None = no filter.
             output: the bank file (``.safetensors``); its statistics go beside it as ``*.stats.safetensors``.
             attn_implementation: ``sdpa`` or ``eager`` (keys are the same either way).
         """
         super().__init__()
         validate_hyperparameters(top_pct, min_diff)
+        if attention_ratio is not None and not attention_ratio > 0:
+            raise ValueError(f"attention_ratio must be > 0 (the reference uses 1.2) or None, got {attention_ratio}")
         if not output.endswith(".safetensors"):
             raise ValueError(f"output must end with .safetensors, got {output!r}")
         self.save_hyperparameters()
@@ -69,6 +76,7 @@ class ProjectionBuilder(L.LightningModule):
         self.stats = KeyStatistics(len(self.layer_ids), self.layout.num_kv_heads, self.layout.head_dim)
         self.kept = SumMetric()
         self.skipped = SumMetric()
+        self.filtered = SumMetric()
         self.strict_loading = False  # checkpoints hold the statistics, not the (pretrained) model weights
         self.automatic_optimization = False  # nothing is optimised: each step only adds to the sums
         self._started = 0.0
@@ -83,12 +91,25 @@ class ProjectionBuilder(L.LightningModule):
 
     def training_step(self, batch: list[Triplet], batch_idx: int) -> None:
         if batch:
+            hp = self.hparams
             keys = collect_triplet_keys(
-                self.model, self.tokenizer, self.layout, self.layer_ids, batch, device=self.device
+                self.model,
+                self.tokenizer,
+                self.layout,
+                self.layer_ids,
+                batch,
+                device=self.device,
+                positive_only=hp.positive_only,
+                attention_ratio=hp.attention_ratio,
             )
-            if keys is not None:
-                self.stats.update(keys.neutral, keys.positive, keys.negative)
+            if keys is not None and keys.kept:
+                # Positive-only statistics never see a negative text; the neutral keys stand in for it, so the
+                # negative sums (unused by expert banks) are well defined.
+                negative = keys.neutral if keys.negative is None else keys.negative
+                self.stats.update(keys.neutral, keys.positive, negative)
                 self.kept.update(keys.kept)
+            if keys is not None:
+                self.filtered.update(keys.skipped_attention)
             kept = 0 if keys is None else keys.kept
             self.skipped.update(len(batch) - kept)
         self._examples += len(batch)
@@ -99,7 +120,7 @@ class ProjectionBuilder(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep only the statistics, summed over ranks, so a resume on any number of devices continues exactly.
         state = {}
-        for metric_name in ("stats", "kept", "skipped"):
+        for metric_name in ("stats", "kept", "skipped", "filtered"):
             metric = getattr(self, metric_name)
             with metric.sync_context(should_unsync=True):
                 for key, value in metric.state_dict().items():
@@ -114,11 +135,17 @@ class ProjectionBuilder(L.LightningModule):
     def on_train_end(self) -> None:
         sums = self.stats.compute()
         kept, skipped = int(self.kept.compute().item()), int(self.skipped.compute().item())
-        self._write_bank(sums, kept=kept, skipped=skipped)
+        filtered = int(self.filtered.compute().item())
+        self._write_bank(sums, kept=kept, skipped=skipped, filtered=filtered)
 
     @rank_zero_only
-    def _write_bank(self, sums: KeySums, *, kept: int, skipped: int) -> None:
+    def _write_bank(self, sums: KeySums, *, kept: int, skipped: int, filtered: int) -> None:
         if kept == 0:
+            if filtered:
+                raise ValueError(
+                    f"the attention filter removed all {filtered} triplets that had their answer in every text; "
+                    "lower attention_ratio or set it to None"
+                )
             raise ValueError(
                 "no triplet had its answer in all three texts, so there are no statistics; check the data "
                 "(answers must be verbatim spans of their contexts)"
@@ -131,6 +158,9 @@ class ProjectionBuilder(L.LightningModule):
             "feature": "none",
             "triplets_used": kept,
             "triplets_skipped": skipped,
+            "negative_text": not hp.positive_only,
+            "attention_ratio": hp.attention_ratio,
+            "triplets_filtered_attention": filtered,
             "data_fingerprint": self._data_fingerprint(),
             "seka_lightning_version": __version__,
             "model_dtype": hp.dtype,

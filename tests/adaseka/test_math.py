@@ -1,0 +1,128 @@
+"""AdaSEKA routing math against a direct float64 computation of SPEC §5."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from seka_lightning.adaseka import (
+    ExpertSet,
+    LayerExperts,
+    coefficient_entropy,
+    kv_head_queries,
+    read_expert_config,
+)
+
+from .conftest import random_expert
+
+
+def spec_formula(q_heads: torch.Tensor, u: torch.Tensor, s: torch.Tensor, top_k: int, num_kv: int):
+    """SPEC §5 written out with Python loops in float64: coefficients [B, H, M] and P [B, H, d, d]."""
+    batch, num_q, d = q_heads.shape
+    group = num_q // num_kv
+    num_experts = u.shape[0]
+    coefficients = torch.zeros(batch, num_kv, num_experts, dtype=torch.float64)
+    projection = torch.zeros(batch, num_kv, d, d, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(num_kv):
+            q = q_heads[b, h * group : (h + 1) * group].double().mean(0)
+            q = q / q.norm()
+            valid = [m for m in range(num_experts) if not torch.isnan(u[m, h]).any()]
+            raw = {m: sum(float(q @ u[m, h, :, j].double()) * float(s[m, h, j]) for j in range(top_k)) for m in valid}
+            scale = max(abs(v) for v in raw.values())
+            for m in valid:
+                coefficients[b, h, m] = raw[m] / scale
+                uk = u[m, h, :, :top_k].double()
+                projection[b, h] += coefficients[b, h, m] * (uk @ uk.T)
+    return coefficients, projection
+
+
+def test_coefficients_and_projection_match_float64_spec(expert_banks):
+    experts = ExpertSet.from_banks(expert_banks)
+    q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))
+    for layer in range(3):
+        u, s = experts.factors[layer]
+        layer_experts = experts.layer(layer, top_k=5)
+        c = layer_experts.coefficients(kv_head_queries(q, 2))
+        expected_c, expected_p = spec_formula(q, u, s, 5, 2)
+        torch.testing.assert_close(c.double(), expected_c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer_experts.projection(c).double(), expected_p, rtol=1e-5, atol=1e-5)
+        assert (c.abs().amax(-1) - 1).abs().max() < 1e-6  # normalised by the largest |c_m|
+
+
+def test_nan_experts_are_left_out_without_changing_the_others(expert_banks):
+    with_nan = ExpertSet.from_banks(expert_banks).layer(0, top_k=5)  # alpha is NaN on head 1 of layer 0
+    without = ExpertSet.from_banks({k: v for k, v in expert_banks.items() if k != "alpha"}).layer(0, top_k=5)
+    q = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(1))
+    c_all, c_rest = with_nan.coefficients(q), without.coefficients(q)
+    assert (c_all[:, 1, 0] == 0).all() and (c_all[:, 0, 0] != 0).all()
+    torch.testing.assert_close(c_all[:, 1, 1:], c_rest[:, 1])
+    torch.testing.assert_close(with_nan.projection(c_all)[:, 1], without.projection(c_rest)[:, 1])
+
+
+def test_uniform_fallback_when_not_finite(experts):
+    c = experts.layer(1, top_k=5).coefficients(torch.zeros(1, 2, 16))  # a zero query: 0/0
+    torch.testing.assert_close(c, torch.full((1, 2, 3), 1 / 3))
+
+
+def test_reference_coefficients_keep_epsilons_and_uniform_fallback_on_nan_heads(experts):
+    layer = experts.layer(0, top_k=5)
+    q = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(2))
+    c = layer.coefficients(q, reference=True)
+    torch.testing.assert_close(c[:, 1], torch.full((2, 3), 1 / 3))  # head 1: alpha is NaN -> -inf -> NaN -> uniform
+    q_hat = q / (q.norm(dim=-1, keepdim=True) + 1e-8)
+    raw = torch.einsum("bhd,mhd->bhm", q_hat, layer.weighted)
+    torch.testing.assert_close(c[:, 0], raw[:, 0] / (raw[:, 0].abs().amax(-1, keepdim=True) + 1e-8))
+
+
+def test_top_k_is_clamped_and_validated(experts):
+    u, s = experts.factors[1]
+    assert LayerExperts.from_factors(u, s, top_k=99).projectors.shape == (3, 2, 16, 16)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        LayerExperts.from_factors(u, s, top_k=0)
+
+
+def test_gqa_query_mean_groups_consecutive_heads():
+    q = torch.arange(4.0)[None, :, None].expand(1, 4, 3)  # heads 0..3
+    torch.testing.assert_close(kv_head_queries(q, 2)[0, :, 0], torch.tensor([0.5, 2.5]))
+
+
+def test_coefficient_entropy_bounds():
+    assert coefficient_entropy(torch.tensor([0.0, -1.0, 0.0])).item() == 0.0
+    assert math.isclose(coefficient_entropy(torch.tensor([0.5, -0.5, 0.5])).item(), math.log(3), rel_tol=1e-6)
+
+
+def test_expert_config_json_and_yaml(tmp_path, expert_banks):
+    for name, bank in expert_banks.items():
+        bank.save(tmp_path / f"{name}.safetensors")
+    (tmp_path / "adaseka.json").write_text(json.dumps({n: f"{n}.safetensors" for n in expert_banks}))
+    (tmp_path / "experts.yaml").write_text("experts:\n  gamma: gamma.safetensors\n  alpha: alpha.safetensors\n")
+    from_json = ExpertSet.load(str(tmp_path / "adaseka.json"))
+    assert from_json.names == ("alpha", "beta", "gamma")
+    u = from_json.factors[0][0]
+    assert torch.isnan(u[0, 1]).all() and torch.equal(u[2], expert_banks["gamma"].u_pos[0])
+    assert read_expert_config(tmp_path / "experts.yaml") == {
+        "gamma": str(tmp_path / "gamma.safetensors"),
+        "alpha": str(tmp_path / "alpha.safetensors"),
+    }
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a non-empty mapping \{expert name: bank path\}"):
+        read_expert_config(tmp_path / "bad.json")
+
+
+def test_experts_must_share_layers():
+    with pytest.raises(ValueError, match="build all experts for the same model and layers"):
+        ExpertSet.from_banks({"a": random_expert(0), "b": random_expert(1, layers=2)})
+
+
+def test_projector_only_banks_are_decomposed():
+    bank = random_expert(4)
+    bank.u_pos = bank.s_pos = None
+    bank.pos[1, 0] = 0.0
+    u = ExpertSet.from_banks({"x": bank}).factors[1][0]
+    assert torch.isnan(u[0, 0]).all()
+    uk = u[0, 1, :, :4]
+    torch.testing.assert_close(uk @ uk.T, bank.pos[1, 1], atol=1e-5, rtol=1e-5)

@@ -16,7 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.steering import steer
+from seka_lightning.families import ModelLayout, resolve_layout
+from seka_lightning.steering import FusedGains, KeySteerer
 
 Encoded = dict[str, torch.Tensor]
 
@@ -101,16 +102,23 @@ class SekaMethod(HighlightMethod):
         self.gain_pos, self.gain_neg = gain_pos, gain_neg
         self.layers, self.layer_mapping = layers, layer_mapping
         self.bank: ProjectionBank | None = None
+        self._fused: FusedGains | None = None
+        self._layout: ModelLayout | None = None
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         if self.bank is None:
             self.bank = ProjectionBank.load(self.bank_path, neg=self.neg_path)
+        self._layout = resolve_layout(model)
 
     @contextmanager
     def active(self, model: nn.Module, enc: Encoded) -> Iterator[None]:
         if self.bank is None:
             raise RuntimeError("SekaMethod.setup() must run before the first batch")
-        with steer(
+        device = enc["highlight_mask"].device
+        if self._fused is None or self._fused.gains.device != device:
+            # fused once per device, not per batch: no per-call CPU work or host-to-device copies
+            self._fused = FusedGains.build(self.bank, gain_pos=self.gain_pos, gain_neg=self.gain_neg, device=device)
+        steerer = KeySteerer.attach(
             model,
             self.bank,
             enc["highlight_mask"],
@@ -118,8 +126,13 @@ class SekaMethod(HighlightMethod):
             gain_neg=self.gain_neg,
             layers=self.layers,
             layer_mapping=self.layer_mapping,
-        ):
+            fused=self._fused,
+            layout=self._layout,
+        )
+        try:
             yield
+        finally:
+            steerer.remove()
 
     def describe(self) -> dict:
         return {

@@ -93,6 +93,22 @@ def fused_gains(bank: ProjectionBank, *, gain_pos: float, gain_neg: float | None
     return (gain_pos * pos + gain_neg * bank.neg.to(torch.float32)) / 2
 
 
+@dataclass
+class FusedGains:
+    """``G`` per bank layer ``[n, H, d, d]`` (float32, on one device) and which layers edit anything at all."""
+
+    gains: torch.Tensor
+    nonzero: list[bool]
+
+    @classmethod
+    def build(
+        cls, bank: ProjectionBank, *, gain_pos: float, gain_neg: float | None, device: torch.device | str = "cpu"
+    ) -> FusedGains:
+        gains = fused_gains(bank, gain_pos=gain_pos, gain_neg=gain_neg)
+        nonzero = gains.flatten(1).any(dim=1).tolist()
+        return cls(gains=gains.to(device), nonzero=nonzero)
+
+
 def make_key_edit_hook(
     sites: LayerSites, layout: ModelLayout, gains: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]
 ) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
@@ -150,7 +166,10 @@ class KeySteerer:
         layers: LayerSpec = "all",
         layer_mapping: str = "by_id",
         layout: ModelLayout | None = None,
+        fused: FusedGains | None = None,
     ) -> KeySteerer:
+        """Attach the hooks. ``fused`` (from :meth:`FusedGains.build`, for the same bank and gains) skips
+        re-fusing and re-copying the gain matrices on every call: pass it when steering many batches."""
         layout = layout or resolve_layout(model)
         model_id = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
         bank.check_compatible(
@@ -164,17 +183,17 @@ class KeySteerer:
                 f"highlight_mask must be a bool tensor [B, T], got {highlight_mask.dtype} {tuple(highlight_mask.shape)}"
             )
         mapping = select_bank_layers(bank, layers, layout.num_layers, layer_mapping)
-        gains = fused_gains(bank, gain_pos=gain_pos, gain_neg=gain_neg)
-        flat_rows = highlight_mask.reshape(-1).nonzero().squeeze(1).cpu()
+        fused = fused or FusedGains.build(bank, gain_pos=gain_pos, gain_neg=gain_neg)
+        flat_rows = highlight_mask.reshape(-1).nonzero().squeeze(1)  # the block's one host sync
         steerer = cls(handles=[], layer_ids=[])
         if flat_rows.numel() == 0:
             return steerer
         rows_on: dict[torch.device, torch.Tensor] = {}
         try:
             for layer_id, bank_index in mapping.items():
-                layer_gains = gains[bank_index]
-                if not layer_gains.any():  # skipped heads only, or zero gains: the edit is the identity
+                if not fused.nonzero[bank_index]:  # skipped heads only, or zero gains: the edit is the identity
                     continue
+                layer_gains = fused.gains[bank_index]
                 sites = layout.layers[layer_id]
                 device = _module_device(sites.key_module)
                 rows = rows_on.setdefault(device, flat_rows.to(device))

@@ -1,0 +1,131 @@
+"""What every benchmark writes: the environment, robust summaries of repeated timings, atomic JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import seka_lightning
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware, so a result file says what produced it."""
+    import lightning
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "seka_lightning": seka_lightning.__version__,
+        "device": str(device),
+        "cuda": torch.version.cuda,
+        "gpu_name": None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
+    if device.type == "cuda":
+        env["gpu_name"] = torch.cuda.get_device_name(device)
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return env
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    """Median, extremes and the relative spread ``(max - min) / median`` of repeated measurements."""
+    if not samples:
+        raise ValueError("summarize() needs at least one sample")
+    median = statistics.median(samples)
+    return {
+        "median": median,
+        "min": min(samples),
+        "max": max(samples),
+        "spread_rel": (max(samples) - min(samples)) / median if median > 0 else 0.0,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a host clock read after it covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak allocated bytes since the last reset (None on devices without an allocator counter, e.g. CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def allocated_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return None
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference``, or None when either is unknown or the reference is zero."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` via a temp file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomic JSON; values JSON cannot hold (paths, dtypes in a method's settings) are written as strings."""
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
+    """A GitHub markdown table; ``columns`` are ``(header, key, formatter)``; missing values show as ``-``."""
+    lines = [
+        "| " + " | ".join(header for header, _, _ in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        cells = [fmt(row[key]) if row.get(key) is not None else "-" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def times(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def plain(value: Any) -> str:
+    return str(value)

@@ -1,0 +1,288 @@
+"""The speed and memory benchmarks on a tiny shape (CPU): the files they write, the numbers' definitions, the
+prompts, the floor arithmetic and the naive builder's agreement with ``seka fit``'s streaming one. No timing
+is asserted: CPU timings on shared cores mean nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seka_lightning.bench.__main__ import main
+from seka_lightning.bench.building import (
+    BuildingSettings,
+    ddp_records,
+    naive_build,
+    run_building,
+    streaming_build,
+    sums_difference,
+)
+from seka_lightning.bench.generation import (
+    RECORD_KEYS,
+    Ceilings,
+    GenerationSettings,
+    ModelCost,
+    generation_floor,
+    pasta_heads,
+    random_bank,
+    random_prompts,
+    static_compiled_decoding,
+)
+from seka_lightning.bench.shapes import get_shape, offline_tokenizer, random_model
+from seka_lightning.data.triplets import iter_triplets, read_pairs
+from seka_lightning.families import resolve_layout
+from seka_lightning.methods import HighlightMethod, SekaMethod
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("generation")
+    # fast path included, compiled with dynamo's eager backend: the static-cache + torch.compile plumbing (and
+    # hooks under dynamo) run without minutes of inductor code generation
+    main(
+        [
+            "generation",
+            "--shape", "tiny",
+            "--batch-sizes", "1", "2",
+            "--new-tokens", "3",
+            "--prompt-tokens", "128",
+            "--repeats", "1",
+            "--warmup", "0",
+            "--fast-methods", "none", "seka",
+            "--fast-repeats", "1",
+            "--fast-warmup", "0",
+            "--compile-backend", "eager",
+            "--compile-mode", "default",
+            "--copy-bytes", str(4 * 2**20),
+            "--matmul-size", "64",
+            "--device", "cpu",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    return out
+
+
+def test_generation_writes_records_with_the_documented_keys(generation_run: Path) -> None:
+    records = json.loads((generation_run / "generation.json").read_text())
+    details = json.loads((generation_run / "generation.details.json").read_text())
+    methods = details["settings"]["methods"]
+    for record in records:
+        assert set(RECORD_KEYS) <= set(record)
+        assert record["status"] in ("ok", "skipped", "failed")
+        if record["status"] != "ok":
+            assert record["reason"]
+    eager = {(r["method"], r["batch_size"]) for r in records if r["path"] == "eager"}
+    assert eager == {(m, b) for m in methods for b in (1, 2)}  # every method has a row, run or not
+    fast = {(r["method"], r["batch_size"]) for r in records if r["path"] == "static_compile"}
+    assert fast == {(m, b) for m in ("none", "seka") for b in (1, 2)}
+    for key in ("torch", "transformers", "gpu_name", "device"):
+        assert key in details["environment"]
+    assert details["environment"]["device"] == "cpu"
+    assert set(details["compile_safety"]) == {"none", "seka"}
+    assert (generation_run / "generation.md").read_text().count("\n| none |") == 4
+
+
+def test_generation_ratios_are_against_none_of_the_same_path_and_batch(generation_run: Path) -> None:
+    records = json.loads((generation_run / "generation.json").read_text())
+    ok = [r for r in records if r["status"] == "ok"]
+    reference = {(r["path"], r["batch_size"]): r for r in ok if r["method"] == "none"}
+    assert len(reference) == 4
+    for record in reference.values():
+        assert record["ratio_latency"] == 1.0
+        assert record["peak_mem_bytes"] is None and record["ratio_mem"] is None  # no allocator counter on CPU
+    assert {r["method"] for r in ok} >= {"none", "seka"}
+    for record in ok:
+        none = reference[(record["path"], record["batch_size"])]
+        assert record["ratio_latency"] == pytest.approx(record["latency_s_median"] / none["latency_s_median"])
+
+
+def test_generation_latency_is_per_sample_and_floor_ratio_consistent(generation_run: Path) -> None:
+    details = json.loads((generation_run / "generation.details.json").read_text())
+    for record in details["records"]:
+        if record["status"] != "ok":
+            continue
+        batch = record["batch_size"]
+        assert record["latency_s_median"] == pytest.approx(record["batch_latency_s_median"] / batch)
+        floor = details["floors"][str(batch)]["per_sample_s"]
+        assert record["latency_over_floor"] == pytest.approx(record["latency_s_median"] / floor)
+
+
+def _runs(mask: torch.Tensor) -> int:
+    """Number of maximal runs of True in a 1-D bool tensor."""
+    padded = torch.cat([torch.zeros(1, dtype=torch.bool), mask])
+    return int((padded[1:] & ~padded[:-1]).sum())
+
+
+def test_random_prompts_mark_whole_documents_and_never_padding() -> None:
+    enc = random_prompts(4, 1000, documents=30, highlighted=20, vocab_size=500, seed=1)
+    ids, attention, highlight = enc["input_ids"], enc["attention_mask"], enc["highlight_mask"]
+    assert ids.shape == attention.shape == highlight.shape == (4, 1000)
+    assert attention[0].all()  # the longest row fills the width
+    for row in range(4):
+        real = attention[row].bool()
+        assert _runs(highlight[row]) == 20
+        assert not highlight[row][~real].any()
+        assert not real[: int((~real).sum())].any()  # left padding
+        assert 950 <= int(real.sum()) <= 1000
+        assert int(ids[row][real].min()) >= 3 and int(ids[row][real].max()) < 500
+        assert int(highlight[row].sum()) >= int(real.sum()) * 20 // 30 - 60  # 20 of 30 equal documents
+    again = random_prompts(4, 1000, documents=30, highlighted=20, vocab_size=500, seed=1)
+    assert all(torch.equal(enc[k], again[k]) for k in enc)  # every method sees the same prompts
+
+
+def test_generation_floor_matches_a_hand_count() -> None:
+    cost = ModelCost(
+        matmul_params=100, head_params=10, weight_bytes=1000, kv_bytes_per_token=4, num_layers=1, num_heads=2,
+        head_dim=3,
+    )  # fmt: skip
+    ceilings = Ceilings(copy_bytes_per_s=1000.0, matmul_flops_per_s=1e5, copy_bytes=0, matmul_size=0)
+    floor = generation_floor(cost, ceilings, batch=2, prompt_tokens=5, new_tokens=3)
+    # prefill: 2*2*5*100 + 2*2*10 + 2*2*(1*2*3)*25 = 2000 + 40 + 600 FLOPs -> 0.0264 s; bytes 1000 + 2*5*4 -> 1.04 s
+    assert floor["prefill_s"] == pytest.approx(1.04)
+    # decode at contexts 6 and 7: bytes 1000 + 2*c*4 (1.048, 1.056 s) dominate FLOPs 2*2*110 + 4*2*6*c (~0.01 s)
+    assert floor["decode_s"] == pytest.approx(1.048 + 1.056)
+    assert floor["per_sample_s"] == pytest.approx((1.04 + 1.048 + 1.056) / 2)
+
+
+def test_model_cost_counts_the_qwen3_weights() -> None:
+    shape = get_shape("tiny")
+    model = random_model(shape, device=CPU, dtype=torch.float32)
+    cost = ModelCost.of(model, shape)
+    h, q, kv, i = (
+        shape.hidden_size,
+        shape.num_heads * shape.head_dim,
+        shape.num_kv_heads * shape.head_dim,
+        shape.intermediate_size,
+    )
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    assert cost.matmul_params == shape.num_layers * per_layer
+    assert cost.head_params == shape.vocab_size * h
+    norms = shape.num_layers * (2 * h + 2 * shape.head_dim) + h
+    assert cost.weight_bytes == 4 * (shape.num_layers * per_layer + shape.vocab_size * h + norms)
+    assert cost.kv_bytes_per_token == 2 * shape.num_layers * kv * 4
+
+
+def test_random_bank_has_projectors_of_the_requested_rank() -> None:
+    shape = get_shape("tiny")
+    bank = random_bank(shape, rank=4, seed=0)
+    assert bank.pos.shape == (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.head_dim)
+    eye = torch.eye(shape.head_dim)
+    for pos, neg in zip(bank.pos.flatten(0, 1), bank.neg.flatten(0, 1), strict=True):
+        assert torch.allclose(pos @ pos, pos, atol=1e-5) and torch.allclose(neg @ neg, neg, atol=1e-5)
+        assert float(torch.trace(pos)) == pytest.approx(4, abs=1e-4)
+        assert float(torch.trace(neg)) == pytest.approx(shape.head_dim - 4, abs=1e-4)
+        assert not torch.allclose(pos + neg, eye)  # P- comes from its own directions
+    expert = random_bank(shape, rank=4, seed=1, positive_only=True)
+    assert expert.neg is None and expert.u_pos is not None and expert.s_pos is not None
+
+
+def test_pasta_heads_are_distinct_pairs_inside_the_model() -> None:
+    shape = get_shape("qwen3-8b")
+    heads = pasta_heads(shape, count=16, seed=0)
+    pairs = [(layer, head) for layer, hs in heads.items() for head in hs]
+    assert len(pairs) == len(set(pairs)) == 16
+    assert all(0 <= layer < shape.num_layers and 0 <= head < shape.num_heads for layer, head in pairs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": ["seka"]}, "methods must include 'none'"),
+        ({"methods": ["none", "nope"]}, r"methods \['nope'\] are unknown"),
+        ({"fast_methods": ["seka"]}, "fast_methods must include 'none'"),
+        ({"highlighted": 31}, "highlighted=31 exceeds documents=30"),
+        ({"shape": "qwen9"}, "shape must be one of"),
+    ],
+)
+def test_generation_settings_name_the_problem(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GenerationSettings(**change)
+
+
+def test_building_settings_need_two_increasing_sizes() -> None:
+    with pytest.raises(ValueError, match="sizes must be two increasing dataset sizes"):
+        BuildingSettings(sizes=[64, 32])
+
+
+def test_naive_builder_gives_the_streaming_sums(qa_file: Path) -> None:
+    shape = get_shape("tiny")
+    triplets = list(iter_triplets(read_pairs(qa_file)))[:12]
+    tokenizer = offline_tokenizer([t for tr in triplets for t in tr.texts()], vocab_size=shape.vocab_size)
+    model = random_model(shape, device=CPU, dtype=torch.float32)
+    layout = resolve_layout(model)
+    streamed = streaming_build(model, tokenizer, layout, triplets, batch_size=5, device=CPU)
+    naive = naive_build(model, tokenizer, layout, triplets, device=CPU)
+    assert int(naive.count) == int(streamed.count) > 0
+    assert sums_difference(streamed, naive) < 1e-5
+    assert naive.a0.abs().sum() > 0
+
+
+def test_building_writes_records_and_comparisons(tmp_path: Path, qa_file: Path) -> None:
+    settings = BuildingSettings(
+        shape="tiny", data=str(qa_file), batch_sizes=[4, 8], sizes=[8, 16], naive_sizes=[2, 4], dtype="float32",
+        device="cpu", tokenizer_vocab=512,
+    )  # fmt: skip
+    details = run_building(settings, tmp_path)
+    written = json.loads((tmp_path / "building.json").read_text())
+    assert json.loads((tmp_path / "building.details.json").read_text())["settings"]["sizes"] == [8, 16]
+    records = written["records"]
+    assert [(r["builder"], r["batch_size"], r["triplets"]) for r in records] == [
+        ("streaming", 4, 8), ("streaming", 4, 16), ("streaming", 8, 8), ("streaming", 8, 16),
+        ("naive", 1, 2), ("naive", 1, 4),
+    ]  # fmt: skip
+    for record in records:
+        assert {"devices", "examples_per_s", "peak_mem_bytes"} <= set(record)
+        assert record["devices"] == 1 and record["examples_per_s"] > 0
+    naive_rate = records[-1]["examples_per_s"]
+    assert written["naive_examples_per_s"] == naive_rate
+    assert written["speedup_over_naive"]["8"] == pytest.approx(records[3]["examples_per_s"] / naive_rate)
+    assert set(written["memory_growth"]) == {"streaming_bs4", "streaming_bs8", "naive"}
+    assert details["naive_vs_streaming_max_rel_diff"] < 1e-5
+    assert "| naive | ok | 1 | 1 | 4 |" in (tmp_path / "building.md").read_text()
+
+
+@pytest.mark.slow
+def test_building_ddp_mode_runs_seka_fit_and_counts_every_triplet(tmp_path: Path, qa_file: Path) -> None:
+    settings = BuildingSettings(
+        shape="tiny", data=str(qa_file), batch_sizes=[4], sizes=[4, 8], naive_sizes=[1, 2], dtype="float32",
+        device="cpu", tokenizer_vocab=512, ddp_devices=[1], ddp_pairs=[2, 6], ddp_batch_size=4,
+        config=str(REPO / "configs" / "build" / "synthetic_qa.yaml"), accelerator="cpu",
+    )  # fmt: skip
+    run_building(settings, tmp_path, work_dir=tmp_path)
+    fit = [r for r in json.loads((tmp_path / "building.json").read_text())["records"] if r["builder"] == "seka fit"]
+    assert len(fit) == 1
+    assert fit[0]["devices"] == 1 and fit[0]["triplets"] == 12  # 6 pairs, two triplets each, all seen by fit
+    assert fit[0]["scaling_vs_1_device"] == 1.0
+
+
+def test_fast_path_generates_what_the_eager_path_generates_with_seka(tmp_path: Path) -> None:
+    """The static cache + compiled decode step times the same computation: the prefill edit still applies."""
+    shape = get_shape("tiny")
+    model = random_model(shape, device=CPU, dtype=torch.float32)
+    bank = random_bank(shape, rank=8, seed=0)
+    method = SekaMethod(str(bank.save(tmp_path / "bank.safetensors")), gain_pos=4.0)
+    method.setup(model, tokenizer=None)
+    enc = random_prompts(2, 96, documents=6, highlighted=3, vocab_size=shape.vocab_size, seed=0)
+    eager = method.generate(model, enc, max_new_tokens=4, pad_token_id=0)
+    plain = HighlightMethod().generate(model, enc, max_new_tokens=4, pad_token_id=0)
+    with static_compiled_decoding(model, backend="eager", mode="default"):
+        fast = method.generate(model, enc, max_new_tokens=4, pad_token_id=0)
+        assert model.generation_config.cache_implementation == "static"
+    assert model.generation_config.cache_implementation is None  # restored
+    assert torch.equal(fast, eager)
+    assert not torch.equal(eager, plain)  # the steering is visible, so equality above is not vacuous
+
+
+@pytest.mark.slow
+def test_a_failing_seka_fit_run_is_recorded_not_raised(tmp_path: Path) -> None:
+    settings = BuildingSettings(shape="tiny", ddp_devices=[1], config=str(tmp_path / "missing.yaml"))
+    records = ddp_records(settings, tmp_path / "no-model", tmp_path, "cpu")
+    assert len(records) == 1
+    assert records[0]["status"] == "failed" and records[0]["devices"] == 1
+    assert "seka fit exited with" in records[0]["reason"]
+    assert records[0]["scaling_vs_1_device"] is None

@@ -1,47 +1,84 @@
-"""SyntheticQADataModule: batches of building triplets from a JSONL of synthetic QA pairs."""
+"""SyntheticQADataModule: building triplets from synthetic QA pairs (``seka fit``) and highlighted held-out
+questions (``seka validate``)."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Generic, NamedTuple, TypeVar
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset
 
 from seka_lightning.data.triplets import Triplet, iter_triplets, read_pairs
 
+Item = TypeVar("Item")
 
-class TripletBatches(IterableDataset):
-    """This rank's share of the triplet batches: global batch ``i`` goes to rank ``i % world_size``.
+
+class RankBatches(IterableDataset, Generic[Item]):
+    """This rank's share of the batches: global batch ``i`` goes to rank ``i % world_size``.
 
     Every rank yields the same number of batches (the last ones may be empty lists), so ranks stay in step and
-    no triplet is counted twice, which a padding ``DistributedSampler`` would do.
+    no item is counted twice, which a padding ``DistributedSampler`` would do.
     """
 
     def __init__(
-        self, triplets: list[Triplet], *, batch_size: int, rank: int = 0, world_size: int = 1, skip: int = 0
+        self, items: Sequence[Item], *, batch_size: int, rank: int = 0, world_size: int = 1, skip: int = 0
     ) -> None:
         """``skip``: batches this rank already processed before a resume."""
-        self.batches = [triplets[i : i + batch_size] for i in range(0, len(triplets), batch_size)]
+        self.batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
         self.rank, self.world_size, self.skip = rank, world_size, skip
 
     def __len__(self) -> int:
         return math.ceil(len(self.batches) / self.world_size)
 
-    def __iter__(self) -> Iterator[list[Triplet]]:
+    def __iter__(self) -> Iterator[list[Item]]:
         for step in range(self.skip, len(self)):
             index = step * self.world_size + self.rank
             yield self.batches[index] if index < len(self.batches) else []
 
 
-def _as_list(batch: list[Triplet]) -> list[Triplet]:
+TripletBatches = RankBatches  # the name `seka fit` started with
+
+
+class HighlightedQuestion(NamedTuple):
+    """A held-out probe: a prompt with two contexts and a question, the character span of the context that
+    answers it (the highlight), and the answer."""
+
+    prompt: str
+    span: tuple[int, int]
+    answer: str
+
+
+def highlighted_questions(pair: dict) -> list[HighlightedQuestion]:
+    """Four probes per QA pair: each question, with its own context highlighted, first and then second.
+
+    The prompt is ``"Context: {c_a} {c_b}\\nQuestion: {q}\\nAnswer:"``; the other pair's context is the distractor.
+    """
+    probes = []
+    for context, question, answer, other in (
+        (pair["context_1"], pair["question_1"], pair["answer_1"], pair["context_2"]),
+        (pair["context_2"], pair["question_2"], pair["answer_2"], pair["context_1"]),
+    ):
+        for first in (True, False):
+            head = "Context: " if first else f"Context: {other} "
+            tail = f" {other}" if first else ""
+            start = len(head)
+            prompt = f"{head}{context}{tail}\nQuestion: {question}\nAnswer:"
+            probes.append(HighlightedQuestion(prompt, (start, start + len(context)), answer))
+    return probes
+
+
+def _as_list(batch: list[Item]) -> list[Item]:
     return batch
 
 
 class SyntheticQADataModule(L.LightningDataModule):
-    """Triplets ``(context, relevant question, answer, irrelevant question)`` from synthetic QA pairs (SPEC §3)."""
+    """Triplets ``(context, relevant question, answer, irrelevant question)`` from synthetic QA pairs (SPEC §3)
+    for building, and :class:`HighlightedQuestion` probes from a held-out file for validating a bank."""
 
     def __init__(
         self,
@@ -49,28 +86,49 @@ class SyntheticQADataModule(L.LightningDataModule):
         *,
         batch_size: int = 16,
         max_samples: int | None = None,
+        val_path: str | None = "data/synthetic_qa_heldout.jsonl",
+        val_max_samples: int | None = None,
     ) -> None:
         """
         Args:
             path: JSONL of QA pairs with context_1/2, question_1/2, answer_1/2.
-            batch_size: triplets per forward pass (each pass runs the three texts of every triplet).
+            batch_size: triplets per forward pass when building (each pass runs the three texts of every
+                triplet); prompts per batch when validating.
             max_samples: use only the first N pairs (as the reference's ``--max_samples``); None = all.
+            val_path: held-out JSONL of QA pairs for ``seka validate`` (four probes per pair); None = no validation.
+            val_max_samples: use only the first N held-out pairs; None = all.
         """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+        for name, value in (("max_samples", max_samples), ("val_max_samples", val_max_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.path, self.batch_size, self.max_samples = path, batch_size, max_samples
+        self.val_path, self.val_max_samples = val_path, val_max_samples
         self.triplets: list[Triplet] = []
+        self.val_questions: list[HighlightedQuestion] = []
         self._skip = 0
 
     def prepare_data(self) -> None:
-        read_pairs(self.path, max_samples=self.max_samples)
+        # check the file the running stage reads, so validating needs no training file
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING:
+            self._read_val_pairs()
+        else:
+            read_pairs(self.path, max_samples=self.max_samples)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.triplets:
             self.triplets = list(iter_triplets(read_pairs(self.path, max_samples=self.max_samples)))
+        if stage == "validate" and not self.val_questions:
+            self.val_questions = [probe for pair in self._read_val_pairs() for probe in highlighted_questions(pair)]
+
+    def _read_val_pairs(self) -> list[dict]:
+        if self.val_path is None:
+            raise ValueError(
+                "data.val_path is None; set it to a held-out QA JSONL (e.g. data/synthetic_qa_heldout.jsonl)"
+            )
+        return read_pairs(self.val_path, max_samples=self.val_max_samples)
 
     def fingerprint(self) -> str:
         """SHA-256 of the data file plus ``max_samples``: identifies the data a bank was built from."""
@@ -78,12 +136,19 @@ class SyntheticQADataModule(L.LightningDataModule):
         digest.update(f"max_samples={self.max_samples}".encode())
         return digest.hexdigest()
 
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        dataset = TripletBatches(
-            self.triplets, batch_size=self.batch_size, rank=rank, world_size=world, skip=self._skip
-        )
+        rank, world = self._rank()
+        dataset = RankBatches(self.triplets, batch_size=self.batch_size, rank=rank, world_size=world, skip=self._skip)
         self._skip = 0
+        return DataLoader(dataset, batch_size=None, collate_fn=_as_list)
+
+    def val_dataloader(self) -> DataLoader:
+        """Batches of :class:`HighlightedQuestion`, split across ranks without repeats (DDP-exact metrics)."""
+        rank, world = self._rank()
+        dataset = RankBatches(self.val_questions, batch_size=self.batch_size, rank=rank, world_size=world)
         return DataLoader(dataset, batch_size=None, collate_fn=_as_list)
 
     def state_dict(self) -> dict[str, int]:

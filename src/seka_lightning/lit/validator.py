@@ -1,0 +1,282 @@
+"""BankValidator: ``seka validate`` shows whether a bank highlights, before it is used.
+
+On held-out synthetic QA probes (two contexts, a question, the answering context highlighted) it measures, without
+and with SEKA steering: the attention from the last prompt token onto the highlighted context, per layer, and the
+teacher-forced log-likelihood of the answer. Steering that works moves attention onto the highlight and makes the
+answer likelier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import Metric
+from transformers import PreTrainedTokenizerBase
+
+from seka_lightning.bank import ProjectionBank
+from seka_lightning.data.synthetic_qa import HighlightedQuestion
+from seka_lightning.diagnostics import answer_log_likelihood, attention_mass
+from seka_lightning.families import resolve_layout
+from seka_lightning.highlight import apply_chat_template, encode_spans
+from seka_lightning.methods import position_ids_for
+from seka_lightning.models import load_model
+from seka_lightning.steering import select_bank_layers, steer
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CONDITIONS = ("unsteered", "steered")
+
+
+class ExampleMean(Metric):
+    """Mean over examples of a per-example vector; sum states, so the DDP mean is ``sum / count`` over all ranks."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        """``size``: length of each example's vector; ``kwargs`` go to ``torchmetrics.Metric``."""
+        super().__init__(**kwargs)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.add_state("total", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        """Add examples: ``values`` is ``[B, size]``."""
+        if values.ndim != 2 or values.shape[1] != self.total.shape[0]:
+            raise ValueError(f"values must be [B, {self.total.shape[0]}], got {tuple(values.shape)}")
+        self.total += values.to(self.total).sum(0)
+        self.count += values.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no examples were measured; check that the validation data is not empty")
+        return self.total / self.count
+
+
+def encode_questions(
+    tokenizer: PreTrainedTokenizerBase, questions: Sequence[HighlightedQuestion], *, chat: bool = False
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Prompt + answer for teacher forcing, with the prompts' last tokens aligned.
+
+    Prompts are left-padded and answers (``" " + answer``, or the bare answer after a chat template's assistant
+    header) right-padded, so the last prompt token sits at ``prompt_length - 1`` in every row. Answers are tokenized
+    on their own, so prompt tokens are exactly those a generation would see. Returns ``input_ids``,
+    ``attention_mask``, ``highlight_mask`` (the highlighted context; False over the answer, so steering edits the
+    same prompt tokens) and ``labels`` (answer ids, ``-100`` elsewhere), all ``[B, T]``, and the prompt length.
+    """
+    prompts, spans = [], []
+    for i, question in enumerate(questions):
+        text, (start, end) = question.prompt, question.span
+        if chat:
+            wrapped = apply_chat_template(tokenizer, text)
+            shift = wrapped.find(text)
+            if shift < 0:
+                raise ValueError(
+                    f"question {i}: the chat template does not contain the prompt verbatim, so the highlight cannot "
+                    "be placed; use chat=False"
+                )
+            text, start, end = wrapped, start + shift, end + shift
+        prompts.append(text)
+        spans.append([(start, end)])
+    enc = encode_spans(tokenizer, prompts, spans)
+    separator = "" if chat else " "
+    answers = tokenizer([separator + q.answer for q in questions], add_special_tokens=False)["input_ids"]
+    batch, prompt_length = enc["input_ids"].shape
+    width = max(len(ids) for ids in answers)
+    answer_ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)
+    answer_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, ids in enumerate(answers):
+        answer_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        answer_mask[row, : len(ids)] = 1
+    labels = torch.cat(
+        [torch.full_like(enc["input_ids"], IGNORE_INDEX), answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)], 1
+    )
+    encoded = {
+        "input_ids": torch.cat([enc["input_ids"], answer_ids], 1),
+        "attention_mask": torch.cat([enc["attention_mask"], answer_mask], 1),
+        "highlight_mask": torch.cat([enc["highlight_mask"], torch.zeros((batch, width), dtype=torch.bool)], 1),
+        "labels": labels,
+    }
+    return encoded, prompt_length
+
+
+class BankValidator(L.LightningModule):
+    """Attention on the highlight and answer log-likelihood, without and with steering, on held-out QA probes.
+
+    Logs ``{unsteered,steered,delta}/{attn_mass,attn_mass_steered_layers,answer_logprob,answer_logprob_per_token}``
+    (means over examples; ``delta = steered - unsteered``; ``attn_mass`` averages all layers,
+    ``attn_mass_steered_layers`` the layers the bank edits) and writes the per-layer curves to a JSON file.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        bank: str,
+        *,
+        neg: str | None = None,
+        gain_pos: float = 1.0,
+        gain_neg: float | None = None,
+        layers: str = "all",
+        layer_mapping: str = "by_id",
+        dtype: str = "float32",
+        chat: bool = False,
+        output: str | None = None,
+    ) -> None:
+        """
+        Args:
+            pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
+            bank: projection bank (``.safetensors`` from ``seka fit``, or a reference ``*_pos_proj.pt``).
+            neg: the reference negative ``.pt`` to pair with a reference positive file.
+            gain_pos: g+ of SPEC §4.
+            gain_neg: g- of SPEC §4 (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive only.
+            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
+            layer_mapping: ``by_id`` (default) or ``positional`` (the reference's pairing).
+            dtype: model dtype (float32, bfloat16, float16); the model runs with eager attention, which is what
+                returns attention weights.
+            chat: wrap each prompt as a user message with the tokenizer's chat template (the answer then follows
+                the assistant header directly, instead of after a space).
+            output: JSON file for the per-layer curves; None = ``outputs/validate/<bank file stem>.json``.
+        """
+        super().__init__()
+        if dtype == "float64":
+            # eager attention softmaxes in float32, where float64's mask value becomes -inf: rows that are all
+            # left padding turn into NaN and spread through the values
+            raise ValueError(
+                "dtype='float64' is not supported: eager attention turns fully padded rows into NaN in float64; "
+                "use float32"
+            )
+        self.save_hyperparameters()
+        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation="eager")
+        self.bank = ProjectionBank.load(bank, neg=neg)
+        layout = resolve_layout(self.model)
+        self.bank.check_compatible(
+            num_layers=layout.num_layers,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=layout.head_dim,
+            model_id=pretrained,
+        )
+        self.steered_layers = edited_layers(
+            self.bank, select_bank_layers(self.bank, layers, layout.num_layers, layer_mapping), neg=gain_neg is not None
+        )
+        self.output = Path(output) if output is not None else Path("outputs/validate") / f"{Path(bank).stem}.json"
+        self.num_layers = layout.num_layers
+        # per condition: [attention mass per layer..., answer log-prob sum, answer log-prob per token]
+        self.means = torch.nn.ModuleDict({c: ExampleMean(layout.num_layers + 2) for c in CONDITIONS})
+
+    @torch.no_grad()
+    def measure(self, enc: dict[str, torch.Tensor], prompt_length: int) -> torch.Tensor:
+        """One eager forward pass: ``[B, L + 2]`` = attention mass per layer, answer log-prob sum and per-token mean."""
+        answer_width = enc["input_ids"].shape[1] - prompt_length
+        out = self.model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            position_ids=position_ids_for(enc["attention_mask"]),
+            output_attentions=True,
+            use_cache=False,
+            logits_to_keep=answer_width + 1,  # the last prompt token and the answer tokens predict the answer
+        )
+        mass = attention_mass(out.attentions, enc["highlight_mask"], query_index=prompt_length - 1)
+        total, count = answer_log_likelihood(out.logits, enc["labels"][:, -(answer_width + 1) :])
+        return torch.cat([mass, total[:, None], (total / count)[:, None]], 1)
+
+    def validation_step(self, batch: list[HighlightedQuestion], batch_idx: int) -> None:
+        if not batch:  # this rank's share ran out (ranks stay in step)
+            return
+        hp = self.hparams
+        enc, prompt_length = encode_questions(self.tokenizer, batch, chat=hp.chat)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        self.means["unsteered"].update(self.measure(enc, prompt_length))
+        with steer(
+            self.model,
+            self.bank,
+            enc["highlight_mask"],
+            gain_pos=hp.gain_pos,
+            gain_neg=hp.gain_neg,
+            layers=hp.layers,
+            layer_mapping=hp.layer_mapping,
+        ):
+            self.means["steered"].update(self.measure(enc, prompt_length))
+
+    def on_validation_epoch_end(self) -> None:
+        n = self.num_layers
+        means = {c: self.means[c].compute() for c in CONDITIONS}  # summed over ranks
+        means["delta"] = means["steered"] - means["unsteered"]
+        with self.means["unsteered"].sync_context():
+            examples = int(self.means["unsteered"].count)
+        summary: dict[str, dict[str, float]] = {}
+        for condition, values in means.items():
+            summary[condition] = {
+                "attn_mass": values[:n].mean().item(),
+                "attn_mass_steered_layers": values[self.steered_layers].mean().item(),
+                "answer_logprob": values[n].item(),
+                "answer_logprob_per_token": values[n + 1].item(),
+            }
+            for name, value in summary[condition].items():
+                self.log(f"{condition}/{name}", value, sync_dist=False)  # already global
+        curves = {condition: values[:n].tolist() for condition, values in means.items()}
+        self._write_report(summary, curves, examples)
+        for metric in self.means.values():
+            metric.reset()
+
+    @rank_zero_only
+    def _write_report(
+        self, summary: dict[str, dict[str, float]], curves: dict[str, list[float]], examples: int
+    ) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        report = {
+            "settings": dict(self.hparams),
+            "data": getattr(datamodule, "val_path", None),
+            "examples": examples,
+            "steered_layers": self.steered_layers,
+            "summary": summary,
+            "attention_mass_per_layer": curves,
+        }
+        write_json_atomic(report, self.output)
+        log.info(
+            "attention on the highlight %.4f -> %.4f (steered layers %.4f -> %.4f), answer log-prob %.3f -> %.3f "
+            "over %d probes; curves in %s",
+            summary["unsteered"]["attn_mass"],
+            summary["steered"]["attn_mass"],
+            summary["unsteered"]["attn_mass_steered_layers"],
+            summary["steered"]["attn_mass_steered_layers"],
+            summary["unsteered"]["answer_logprob"],
+            summary["steered"]["answer_logprob"],
+            examples,
+            self.output,
+        )
+
+
+def edited_layers(bank: ProjectionBank, mapping: dict[int, int], *, neg: bool) -> list[int]:
+    """The selected model layers whose bank matrices are not all zero (a layer whose heads were all skipped by the
+    ``min_diff`` filter is never edited); raises if there are none."""
+    layers = sorted(
+        layer
+        for layer, index in mapping.items()
+        if bank.pos[index].any() or (neg and bank.neg is not None and bank.neg[index].any())
+    )
+    if not layers:
+        raise ValueError(
+            f"the bank's projectors are zero on every selected layer {sorted(mapping)}, so steering would change "
+            "nothing; select other layers or rebuild the bank with a lower min_diff"
+        )
+    return layers
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

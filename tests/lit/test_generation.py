@@ -69,3 +69,18 @@ def test_predict_writes_side_by_side_generations(tiny_model_dir, tmp_path, capsy
             )
         assert record["unsteered"] == plain and record["steered"] == steered
     assert records[2]["highlighted_tokens"] == 0 and records[2]["steered"] == records[2]["unsteered"]
+
+
+def test_merged_predictions_survive_unicode_line_separators(tmp_path):
+    """Generated text can hold U+2028 / U+0085, which str.splitlines() treats as line breaks."""
+    from types import SimpleNamespace
+
+    from seka_lightning.lit.writers import merge_rank_parts
+
+    trainer = SimpleNamespace(
+        global_rank=0, world_size=1, is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name: None)
+    )
+    records = [{"uid": "b", "generation": "one\u2028two\x85three"}, {"uid": "a", "generation": "plain"}]
+    merged = merge_rank_parts(trainer, [records], tmp_path / "out.jsonl", key="uid")
+    assert merged == sorted(records, key=lambda r: r["uid"])
+    assert [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().split("\n") if line] == merged

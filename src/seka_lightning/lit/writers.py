@@ -42,7 +42,8 @@ def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key
     records = []
     for rank in range(trainer.world_size):
         rank_part = output.with_name(f"{output.name}.rank{rank}")
-        records += [json.loads(line) for line in rank_part.read_text(encoding="utf-8").splitlines()]
+        # split on "\n" only: generations may contain U+2028 and friends, which str.splitlines() would break
+        records += [json.loads(line) for line in rank_part.read_text(encoding="utf-8").split("\n") if line]
         rank_part.unlink()
     records.sort(key=lambda r: r[key])
     write_jsonl_atomic(records, output)

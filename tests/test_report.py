@@ -29,7 +29,7 @@ def test_table_and_plot(tmp_path):
         {"exact_match": 0.5, "exact_match_pos_0": 0.6, "exact_match_pos_4": 0.4},
         "lost_in_the_middle",
     )
-    table = report([str(tmp_path / "r")], output=str(tmp_path / "t.md"), plot=str(tmp_path / "p.png"))
+    table = report(results=[str(tmp_path / "r")], output=str(tmp_path / "t.md"), plot=str(tmp_path / "p.png"))
     lines = table.splitlines()
     assert lines[0] == "| benchmark | model | method | efficacy_score | paraphrase_score | exact_match |"
     assert "| counterfact | m | none | 25.00 | 50.00 |  |" in lines
@@ -41,8 +41,8 @@ def test_table_and_plot(tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metric_result.json under"):
-        report([str(tmp_path)], output=str(tmp_path / "t.md"))
+        report(results=[str(tmp_path)], output=str(tmp_path / "t.md"))
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metric_result.json").write_text("{trunc")
     with pytest.raises(ValueError, match="is not valid JSON"):
-        report([str(tmp_path / "x")], output=str(tmp_path / "t.md"))
+        report(results=[str(tmp_path / "x")], output=str(tmp_path / "t.md"))

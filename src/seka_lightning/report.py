@@ -86,8 +86,8 @@ def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def report(
-    results: list[str],
     *,
+    results: list[str],
     output: str = "docs/results_table.md",
     plot: str | None = "docs/results/lost_in_the_middle.png",
 ) -> str:

@@ -34,6 +34,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from seka_lightning.files import write_json
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "SEKA_CACHE_DIR"
@@ -293,7 +295,7 @@ def sha256_of_files(paths: Sequence[Path], *, memo_file: Path | None = None) -> 
     if memo_file is not None:
         memo[key] = {"stat": stats, "sha256": sha256}
         try:
-            _write_json_atomic(memo_file, memo)
+            write_json(memo_file, memo)
         except OSError as error:  # a read-only cache still loads, it just re-hashes next time
             log.warning("Could not write the hash memo %s: %s", memo_file, error)
     return sha256
@@ -462,15 +464,3 @@ def _read_json(path: Path | None) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

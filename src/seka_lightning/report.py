@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from seka_lightning.files import write_text
+
 log = logging.getLogger(__name__)
 
 HEADLINE = ("efficacy_score", "paraphrase_score", "top1_accuracy", "pron_score_p", "pron_score_a", "exact_match")
@@ -100,11 +102,7 @@ def report(
     """
     rows = read_results(results)
     table = markdown_table(rows)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, out)
+    out = write_text(output, table)
     if plot is not None:
         position_plot(rows, Path(plot))
     log.info("wrote %s from %d results", out, len(rows))

@@ -9,17 +9,15 @@ efficacy magnitude.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.benchmark_modules import CounterFactDataModule
+from seka_lightning.files import write_json
 from seka_lightning.lit.evaluator import encode_examples
 from seka_lightning.methods import HighlightMethod, SekaMethod
 from seka_lightning.models import load_model
@@ -114,10 +112,6 @@ def search(
         "best": best,
         "wall_time_s": time.perf_counter() - started,
     }
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(output, result)
     log.info("best on %s %s: %s (none: %s)", data, example_subset, best, baseline)
     return result

@@ -14,12 +14,9 @@ forwards; ``heads_per_pass`` evaluates several candidates in one forward by repe
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -30,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from seka_lightning.baselines.pasta import attention_bias, key_bias
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
+from seka_lightning.files import write_json
 from seka_lightning.highlight import encode_spans
 from seka_lightning.methods import Encoded, position_ids_for
 from seka_lightning.models import load_model
@@ -233,13 +231,6 @@ def profile_heads(
             "seconds": round(seconds, 2),
         },
     }
-    _write_json_atomic(result, Path(output))
+    write_json(output, result)
     log.info("wrote the top %d PASTA heads to %s (%.1f s)", top_k, output, seconds)
     return output
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -40,13 +40,12 @@ from seka_lightning.bench.report import (
     reset_peak_memory,
     synchronize,
     times,
-    write_json,
-    write_text,
 )
 from seka_lightning.bench.shapes import get_shape, offline_tokenizer, random_model, save_checkpoint
 from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import Triplet, answer_token_indices, iter_triplets, read_pairs
 from seka_lightning.families import ModelLayout, resolve_layout
+from seka_lightning.files import write_json, write_text
 from seka_lightning.stats import KeyStatistics, KeySums
 
 log = logging.getLogger(__name__)

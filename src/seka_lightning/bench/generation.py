@@ -39,10 +39,9 @@ from seka_lightning.bench.report import (
     summarize,
     synchronize,
     times,
-    write_json,
-    write_text,
 )
 from seka_lightning.bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
+from seka_lightning.files import write_json, write_text
 from seka_lightning.methods import Encoded, HighlightMethod, SekaMethod
 
 log = logging.getLogger(__name__)

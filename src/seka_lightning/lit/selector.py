@@ -7,13 +7,9 @@ layer and head and how spread the coefficients are.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.adaseka import ExpertSet, LayerExperts, coefficient_entropy
 from seka_lightning.families import ModelLayout, resolve_layout
+from seka_lightning.files import write_json
 from seka_lightning.highlight import encode_spans
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
 from seka_lightning.models import load_model
@@ -225,17 +222,5 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
         }
         log.info("routing: win rate %s, mean coefficient entropy %.3f", summary["win_rate"], stats["entropy"].mean())
         if self.hparams.stats_output and self.trainer.is_global_zero:
-            _write_json(Path(self.hparams.stats_output), summary)
+            write_json(self.hparams.stats_output, summary)
         self.routing_stats.reset()
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,9 +8,7 @@ answer likelier.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.synthetic_qa import HighlightedQuestion
 from seka_lightning.diagnostics import answer_log_likelihood, attention_mass
 from seka_lightning.families import resolve_layout
+from seka_lightning.files import write_json
 from seka_lightning.highlight import apply_chat_template, encode_spans
 from seka_lightning.methods import position_ids_for
 from seka_lightning.models import load_model
@@ -244,7 +243,7 @@ class BankValidator(L.LightningModule):
             "summary": summary,
             "attention_mass_per_layer": curves,
         }
-        write_json_atomic(report, self.output)
+        write_json(self.output, report)
         log.info(
             "attention on the highlight %.4f -> %.4f (steered layers %.4f -> %.4f), answer log-prob %.3f -> %.3f "
             "over %d probes; curves in %s",
@@ -273,10 +272,3 @@ def edited_layers(bank: ProjectionBank, mapping: dict[int, int], *, neg: bool) -
             "nothing; select other layers or rebuild the bank with a lower min_diff"
         )
     return layers
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

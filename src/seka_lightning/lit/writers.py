@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
 
-
-def write_jsonl_atomic(records: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+from seka_lightning.files import write_json, write_jsonl
 
 
 def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key: str) -> list[dict[str, Any]] | None:
@@ -35,7 +20,7 @@ def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key
     Returns the merged records on rank 0, None elsewhere.
     """
     part = output.with_name(f"{output.name}.rank{trainer.global_rank}")
-    write_jsonl_atomic([record for batch in predictions for record in batch], part)
+    write_jsonl(part, [record for batch in predictions for record in batch])
     trainer.strategy.barrier("merge_rank_parts")
     if not trainer.is_global_zero:
         return None
@@ -46,7 +31,7 @@ def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key
         records += [json.loads(line) for line in rank_part.read_text(encoding="utf-8").split("\n") if line]
         rank_part.unlink()
     records.sort(key=lambda r: r[key])
-    write_jsonl_atomic(records, output)
+    write_jsonl(output, records)
     return records
 
 
@@ -90,7 +75,7 @@ class BenchmarkWriter(BasePredictionWriter):
         records = merge_rank_parts(trainer, predictions, self.output_dir / "predictions.jsonl", key="uid")
         if records is None:
             return
-        write_json_atomic(results, self.output_dir / "metric_result.json")
+        write_json(self.output_dir / "metric_result.json", results)
         table = Table(
             title=f"{results['config']['data'].get('benchmark')} / {results['method']['method']} / {results['model']}"
         )

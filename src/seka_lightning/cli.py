@@ -65,6 +65,15 @@ def run_lightning(args: Sequence[str] | None = None, *, run: bool = True) -> Sek
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(
+            "seka: LightningCLI commands fit / validate / test / predict (below), and\n"
+            + "".join(
+                f"  seka {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}\n"
+                for name, fn in PLAIN_COMMANDS.items()
+            )
+            + "(`seka COMMAND --help` for the options of each)\n\n"
+        )
     if args and args[0] in PLAIN_COMMANDS:
         CLI(PLAIN_COMMANDS[args[0]], args=args[1:])
         return

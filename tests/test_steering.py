@@ -205,3 +205,36 @@ def test_gain_neg_without_negative_bank_is_an_error(tiny_model, tokenizer):
     with pytest.raises(ValueError, match=r"gain_neg=0\.5 needs a bank with negative projectors"):
         with steer(tiny_model, random_bank([0], neg=False), enc["highlight_mask"], gain_neg=0.5):
             pass
+
+
+def test_one_token_prompt_is_edited_at_prefill_only(tiny_model, tokenizer):
+    """A 1-token prompt's decode steps have the prompt's length; only the first call is the prefill."""
+    bank = random_bank([0, 1, 2])
+    ids = torch.tensor([[tokenizer.convert_tokens_to_ids("a")]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    layout = resolve_layout(tiny_model)
+    sites = layout.layers[0]
+
+    def recorder(store: list):
+        return lambda m, a, out: store.append(keys_view(out, sites, layout).detach().clone())
+
+    seen: list[torch.Tensor] = []
+    with steer(tiny_model, bank, mask, gain_pos=3.0):
+        handle = sites.key_module.register_forward_hook(recorder(seen))  # after the steering hook: sees its edit
+        try:
+            steered = tiny_model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+            )
+        finally:
+            handle.remove()
+    plain: list[torch.Tensor] = []
+    handle = sites.key_module.register_forward_hook(recorder(plain))
+    try:
+        tiny_model(input_ids=steered)  # layer-0 keys depend on the token alone
+    finally:
+        handle.remove()
+    k = plain[0][0, 0].double()
+    expected = k + 3.0 * torch.einsum("hd,hde->he", k, bank.pos[0].double())
+    torch.testing.assert_close(seen[0][0, 0].double(), expected, rtol=1e-5, atol=1e-5)
+    for step in (1, 2):  # decode steps: the new tokens' keys are not edited
+        torch.testing.assert_close(seen[step][0, 0], plain[0][0, step])

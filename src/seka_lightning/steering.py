@@ -118,10 +118,14 @@ def make_key_edit_hook(
     host-device sync); ``gains`` is ``[H, d, d]`` float32 on the layer's device.
     """
     batch, seq_len = shape
+    calls = [0]  # a 1-token prompt's decode steps have its length too: only its first call is the prefill
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         keys = keys_view(output, sites, layout)  # [B, T, H, d]
         b, t, heads, head_dim = keys.shape
+        calls[0] += 1
+        if seq_len == 1 and calls[0] > 1:
+            return None
         if t != seq_len:
             if t == 1:  # a decode step: its token is not highlighted and the cache keeps the prefill edit
                 return None

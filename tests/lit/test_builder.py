@@ -188,7 +188,7 @@ def test_resumed_build_equals_uninterrupted(tiny_model_dir, qa_file, tmp_path):
         _trainer(checkpoint, _Interrupt()).fit(builder("resumed.safetensors"), datamodule=_datamodule(qa_file))
     assert checkpoint.last_path.is_file() and not (tmp_path / "resumed.safetensors").exists()
     saved = torch.load(checkpoint.last_path, map_location="cpu", weights_only=False)
-    assert saved["SyntheticQADataModule"] == {"batches_consumed": 4}
+    assert saved["SyntheticQADataModule"] == {"batches_consumed": 4, "world_size": 1}
     assert not any(key.startswith("model.") for key in saved["state_dict"]), "checkpoints must not hold the weights"
 
     _trainer().fit(builder("resumed.safetensors"), datamodule=_datamodule(qa_file), ckpt_path=checkpoint.last_path)
@@ -199,10 +199,23 @@ def test_resumed_build_equals_uninterrupted(tiny_model_dir, qa_file, tmp_path):
     b, _ = KeySums.load(resumed)
     for name, tensor in a.tensors().items():
         assert torch.equal(tensor, b.tensors()[name]), name
-    assert torch.equal(
-        ProjectionBank.load(tmp_path / "full.safetensors").pos,
-        ProjectionBank.load(tmp_path / "resumed.safetensors").pos,
+    full_bank, resumed_bank = (
+        ProjectionBank.load(tmp_path / "full.safetensors"),
+        ProjectionBank.load(tmp_path / "resumed.safetensors"),
     )
+    assert torch.equal(full_bank.pos, resumed_bank.pos)
+    # the triplet counters resume with the sums, so the metadata matches too
+    assert resumed_bank.metadata["triplets_used"] == full_bank.metadata["triplets_used"] == 24
+    assert resumed_bank.metadata["num_rows"] == full_bank.metadata["num_rows"]
+
+    # a different device count would deal batches differently: refused, naming the fix
+    datamodule = _datamodule(qa_file)
+    datamodule.load_state_dict({"batches_consumed": 4, "world_size": 2})
+    datamodule.setup("fit")
+    with pytest.raises(
+        ValueError, match="written by a build on 2 device\\(s\\) but this run has 1; resume with --trainer.devices 2"
+    ):
+        datamodule.train_dataloader()
 
 
 def test_two_process_ddp_build_equals_one_device(tiny_model_dir, qa_file, tmp_path):

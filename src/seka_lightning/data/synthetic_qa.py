@@ -109,6 +109,7 @@ class SyntheticQADataModule(L.LightningDataModule):
         self.triplets: list[Triplet] = []
         self.val_questions: list[HighlightedQuestion] = []
         self._skip = 0
+        self._resume_world_size: int | None = None
 
     def prepare_data(self) -> None:
         # check the file the running stage reads, so validating needs no training file
@@ -141,6 +142,11 @@ class SyntheticQADataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
+        if self._skip and self._resume_world_size not in (None, world):
+            raise ValueError(
+                f"the checkpoint was written by a build on {self._resume_world_size} device(s) but this run has {world}; "
+                f"resume with --trainer.devices {self._resume_world_size} (batches are dealt to ranks by device count)"
+            )
         dataset = RankBatches(self.triplets, batch_size=self.batch_size, rank=rank, world_size=world, skip=self._skip)
         self._skip = 0
         return DataLoader(dataset, batch_size=None, collate_fn=_as_list)
@@ -155,7 +161,11 @@ class SyntheticQADataModule(L.LightningDataModule):
         # Lightning resumes mid-epoch by running only the batches it has not processed; the loader must start there.
         if self.trainer is None or not self.trainer.training:
             return {}
-        return {"batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        return {
+            "batches_consumed": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "world_size": self.trainer.world_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._skip = int(state_dict.get("batches_consumed", 0))
+        self._resume_world_size = state_dict.get("world_size")

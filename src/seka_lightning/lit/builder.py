@@ -77,6 +77,8 @@ class ProjectionBuilder(L.LightningModule):
         self.kept = SumMetric()
         self.skipped = SumMetric()
         self.filtered = SumMetric()
+        for counter in (self.kept, self.skipped, self.filtered):
+            counter.persistent(True)  # the triplet counts resume with the sums, so the metadata stays exact
         self.strict_loading = False  # checkpoints hold the statistics, not the (pretrained) model weights
         self.automatic_optimization = False  # nothing is optimised: each step only adds to the sums
         self._started = 0.0
@@ -118,7 +120,7 @@ class ProjectionBuilder(L.LightningModule):
         return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Keep only the statistics, summed over ranks, so a resume on any number of devices continues exactly.
+        # Keep only the statistics and counters, summed over ranks (the data position needs the same device count).
         state = {}
         for metric_name in ("stats", "kept", "skipped", "filtered"):
             metric = getattr(self, metric_name)

@@ -12,7 +12,7 @@ from seka_lightning.data import generator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LIGHTNING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "data")
-SUBCOMMAND = {"build": "fit", "predict": "predict", "validate": "validate", "eval": "predict"}
+SUBCOMMAND = {"build": "fit", "predict": "predict", "validate": "validate", "eval": "predict", "gate": "fit"}
 
 
 @pytest.mark.parametrize("path", LIGHTNING_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

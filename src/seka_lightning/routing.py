@@ -11,6 +11,11 @@ The reference's behaviour is available per defect (:data:`COMPAT_OPTIONS`): ``ro
 as the reference runs it), from each layer's input hidden state; ``output_hidden_state`` takes them from the
 layer's *output* ``hidden_states[L + 1]`` instead (implies ``separate_pass``); ``reference_coefficients`` keeps
 the reference's epsilons and its uniform fallback on heads where any expert is left out.
+
+Optional, for a learned router (:mod:`seka_lightning.lit.gate`): ``gate(layer_id, coefficients)`` maps each
+layer's coefficients ``[B, H, M]`` before the projector is mixed (None = the training-free router, unchanged), and
+``query_index`` picks the routing query's position (default ``-1``; teacher forcing with right-padded answers
+routes with the last prompt token at ``prompt_length - 1``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -34,6 +40,9 @@ from seka_lightning.families import (
     with_keys,
 )
 from seka_lightning.steering import LAYER_MAPPINGS, parse_layers
+
+CoefficientGate = Callable[[int, torch.Tensor], torch.Tensor]
+"""``gate(model layer id, coefficients [B, H, M]) -> coefficients [B, H, M]``, applied before mixing ``P``."""
 
 COMPAT_OPTIONS = ("row0", "separate_pass", "output_hidden_state", "reference_coefficients")
 
@@ -115,17 +124,20 @@ def routed_keys(
     num_kv_heads: int,
     row0: bool = False,
     reference: bool = False,
+    gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Edited keys ``[B, T, H, d]`` (float32, or the keys' dtype if wider) and the coefficients ``[B, H, M]``.
 
     ``queries`` ``[B, n_q, d]`` are the last prompt token's; ``highlight`` ``[B, T]`` bool. Keys of rows outside
-    the highlight are returned unchanged (bitwise).
+    the highlight are returned unchanged (bitwise). ``gate`` maps the coefficients before ``P`` is mixed.
     """
     dtype = torch.promote_types(keys.dtype, torch.float32)
     q = kv_head_queries(queries.to(dtype), num_kv_heads)  # [B, H, d]
     if row0:
         q = q[:1].expand_as(q)
     coefficients = experts.coefficients(q, reference=reference)  # [B, H, M]
+    if gate is not None:
+        coefficients = gate(coefficients)
     projector = experts.projection(coefficients)  # [B, H, d, d]
     k = keys.to(dtype)  # exact: never narrower than the keys
     edited = k + gain * torch.einsum("bthd,bhde->bthe", k, projector)
@@ -133,12 +145,12 @@ def routed_keys(
 
 
 def _make_query_hook(
-    sites: LayerSites, layout: ModelLayout, slot: _Slot, seq_len: int
+    sites: LayerSites, layout: ModelLayout, slot: _Slot, seq_len: int, query_index: int
 ) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         queries = queries_view(output, sites, layout)  # [B, T, n_q, d]
         if queries.shape[1] == seq_len:  # prefill; decode steps route nothing
-            slot.queries = queries[:, -1].detach()  # left padding: the last position is every row's last token
+            slot.queries = queries[:, query_index]  # left padding: the last position is every row's last token
 
     return hook
 
@@ -156,6 +168,8 @@ def _make_key_hook(
     keep_queries: bool,
     record: RoutingRecord | None,
     capture_queries: bool,
+    query_index: int,
+    gate: CoefficientGate | None,
 ) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
     """The key-site hook; with ``capture_queries`` it also reads the queries (fused ``qkv_proj`` sites)."""
     shape = tuple(highlight.shape)
@@ -166,7 +180,7 @@ def _make_key_hook(
             return None
         _check_shape(sites.layer_id, tuple(keys.shape[:2]), shape)
         if capture_queries:
-            slot.queries = queries_view(output, sites, layout)[:, -1]
+            slot.queries = queries_view(output, sites, layout)[:, query_index]
         if slot.queries is None:
             raise RuntimeError(
                 f"layer {sites.layer_id}: the key site ran before the query site, so there is no query to route "
@@ -182,6 +196,7 @@ def _make_key_hook(
             num_kv_heads=layout.num_kv_heads,
             row0=row0,
             reference=reference,
+            gate=None if gate is None else partial(gate, sites.layer_id),
         )
         if not keep_queries:
             slot.queries = None
@@ -219,11 +234,14 @@ class AdaptiveSteerer:
         record: RoutingRecord | None = None,
         layout: ModelLayout | None = None,
         layer_experts: dict[int, LayerExperts] | None = None,
+        gate: CoefficientGate | None = None,
+        query_index: int = -1,
     ) -> AdaptiveSteerer:
         """Hooks for one encoded batch (``input_ids``, ``attention_mask``, bool ``highlight_mask``, left-padded).
 
         ``layer_experts`` (expert layer id -> :class:`LayerExperts` for ``top_k``) may be passed to reuse the
-        truncated factors across batches.
+        truncated factors across batches. ``gate`` maps each layer's coefficients (None = training-free routing);
+        ``query_index`` is the position of the routing query (every row's last prompt token).
         """
         options = validate_compat(compat)
         layout = layout or resolve_layout(model)
@@ -243,7 +261,12 @@ class AdaptiveSteerer:
             return steerer
         queries = (
             separate_pass_queries(
-                model, layout, list(mapping), enc["input_ids"], output_hidden_state="output_hidden_state" in options
+                model,
+                layout,
+                list(mapping),
+                enc["input_ids"],
+                output_hidden_state="output_hidden_state" in options,
+                query_index=query_index,
             )
             if "separate_pass" in options
             else {}
@@ -256,7 +279,7 @@ class AdaptiveSteerer:
                 slot = _Slot(queries.get(layer_id))
                 fused = sites.query_module is sites.key_module
                 if layer_id not in queries and not fused:
-                    hook = _make_query_hook(sites, layout, slot, highlight.shape[1])
+                    hook = _make_query_hook(sites, layout, slot, highlight.shape[1], query_index)
                     steerer.handles.append(sites.query_module.register_forward_hook(hook))
                 key_hook = _make_key_hook(
                     sites,
@@ -270,6 +293,8 @@ class AdaptiveSteerer:
                     keep_queries=layer_id in queries,
                     record=record,
                     capture_queries=fused and layer_id not in queries,
+                    query_index=query_index,
+                    gate=gate,
                 )
                 steerer.handles.append(sites.key_module.register_forward_hook(key_hook))
                 steerer.layer_ids.append(layer_id)
@@ -349,14 +374,18 @@ def separate_pass_queries(
     input_ids: torch.Tensor,
     *,
     output_hidden_state: bool,
+    query_index: int = -1,
 ) -> dict[int, torch.Tensor]:
     """The reference's routing queries: one extra forward over ``input_ids`` alone (no attention mask, default
-    positions, as the reference runs it), then the last token's query of layer L from ``hidden_states[L + 1]``
-    (``output_hidden_state``) or ``hidden_states[L]``. Returns ``{layer: [B, n_q, d]}``."""
+    positions, as the reference runs it), then the query at ``query_index`` (the last token by default) of layer L
+    from ``hidden_states[L + 1]`` (``output_hidden_state``) or ``hidden_states[L]``. Returns
+    ``{layer: [B, n_q, d]}``."""
     out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
     shift = 1 if output_hidden_state else 0
     return {
-        layer: queries_from_hidden(model, layout.layers[layer], layout, out.hidden_states[layer + shift][:, -1:])[:, 0]
+        layer: queries_from_hidden(
+            model, layout.layers[layer], layout, out.hidden_states[layer + shift][:, [query_index]]
+        )[:, 0]
         for layer in layer_ids
     }
 

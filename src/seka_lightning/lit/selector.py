@@ -22,6 +22,7 @@ from seka_lightning.adaseka import ExpertSet, LayerExperts, coefficient_entropy
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.files import write_json
 from seka_lightning.highlight import encode_spans
+from seka_lightning.lit.gate import RoutingGate
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
 from seka_lightning.models import load_model
 from seka_lightning.routing import AdaptiveSteerer, RoutingRecord, select_expert_layers, validate_compat
@@ -74,6 +75,7 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         stats_output: str | None = None,
+        gate: str | None = None,
     ) -> None:
         """
         Args:
@@ -92,6 +94,8 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
             dtype: model dtype when ``pretrained`` is loaded.
             attn_implementation: attention implementation when ``pretrained`` is loaded.
             stats_output: where ``seka validate`` writes the routing statistics as JSON; None = only logged.
+            gate: a learned routing gate (``AdaSekaGateTrainer``'s output) applied to the coefficients; None = the
+                training-free router.
         """
         super().__init__()
         if top_k < 1:
@@ -106,6 +110,7 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
         # (model id and device, layout, truncated experts per expert layer on the model's devices, layer mapping)
         self._bound: tuple[tuple[int, torch.device], ModelLayout, dict[int, LayerExperts], dict[int, int]] | None = None
         self.routing_stats: RoutingStatistics | None = None
+        self.routing_gate: RoutingGate | None = None
 
     def setup(
         self,
@@ -145,6 +150,9 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
         for layer_id, expert_layer in mapping.items():
             device = next(layout.layers[layer_id].key_module.parameters()).device
             per_layer[expert_layer] = self.expert_set.layer(expert_layer, top_k=self.top_k).to(device)
+        if self.hparams.gate is not None:
+            gate = RoutingGate.load(self.hparams.gate, layer_ids=list(mapping), experts=self.expert_set.names)
+            self.routing_gate = gate.requires_grad_(False).to(key[1])
         self._bound = (key, layout, per_layer, mapping)
 
     @contextmanager
@@ -165,6 +173,7 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
             record=record,
             layout=layout,
             layer_experts=per_layer,
+            gate=self.routing_gate,
         )
         try:
             yield
@@ -172,6 +181,7 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
             steerer.remove()
 
     def describe(self) -> dict:
+        gate = {} if self.hparams.gate is None else {"gate": self.hparams.gate}
         return {
             "method": self.name,
             "experts": self.experts_spec,
@@ -180,6 +190,7 @@ class AdaSekaSelector(L.LightningModule, HighlightMethod):
             "layers": self.layers,
             "layer_mapping": self.layer_mapping,
             "compat": self.compat,
+            **gate,
         }
 
     @torch.no_grad()

@@ -27,7 +27,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from seka_lightning.adaseka import ExpertSet, LayerExperts, kv_head_queries
 from seka_lightning.families import (
@@ -39,7 +38,7 @@ from seka_lightning.families import (
     resolve_layout,
     with_keys,
 )
-from seka_lightning.steering import LAYER_MAPPINGS, parse_layers
+from seka_lightning.steering import LAYER_MAPPINGS, AttachedHooks, parse_layers
 
 CoefficientGate = Callable[[int, torch.Tensor], torch.Tensor]
 """``gate(model layer id, coefficients [B, H, M]) -> coefficients [B, H, M]``, applied before mixing ``P``."""
@@ -207,17 +206,8 @@ def _make_key_hook(
     return hook
 
 
-@dataclass
-class AdaptiveSteerer:
-    """AdaSEKA hooks attached to a model; ``remove()`` detaches them (idempotent)."""
-
-    handles: list[RemovableHandle]
-    layer_ids: list[int]
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+class AdaptiveSteerer(AttachedHooks):
+    """AdaSEKA routing hooks (SPEC §5)."""
 
     @classmethod
     def attach(

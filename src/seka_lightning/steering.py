@@ -147,8 +147,8 @@ def make_key_edit_hook(
 
 
 @dataclass
-class KeySteerer:
-    """Steering hooks attached to a model; ``remove()`` detaches them (idempotent)."""
+class AttachedHooks:
+    """Forward hooks attached to a model's layers; ``remove()`` detaches them (idempotent)."""
 
     handles: list[RemovableHandle]
     layer_ids: list[int]
@@ -157,6 +157,10 @@ class KeySteerer:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+class KeySteerer(AttachedHooks):
+    """SEKA steering hooks (SPEC §4)."""
 
     @classmethod
     def attach(

@@ -29,3 +29,35 @@ def test_derive_reports_a_missing_statistics_file(tmp_path):
         main(
             ["derive", "--stats", str(tmp_path / "none.stats.safetensors"), "--output", str(tmp_path / "b.safetensors")]
         )
+
+
+@pytest.mark.parametrize(
+    ("devices", "num_nodes", "expected"),
+    [("1", "1", "auto"), ("2", "1", "ddp_frozen"), ("1", "2", "ddp_frozen")],
+)
+def test_builds_on_several_processes_use_the_frozen_ddp_strategy(tiny_model_dir, qa_file, devices, num_nodes, expected):
+    from seka_lightning.cli import run_lightning
+
+    cli = run_lightning(
+        [
+            "--model",
+            "seka_lightning.lit.builder.ProjectionBuilder",
+            "--model.pretrained",
+            str(tiny_model_dir),
+            "--data",
+            "seka_lightning.data.synthetic_qa.SyntheticQADataModule",
+            "--data.path",
+            str(qa_file),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            devices,
+            "--trainer.num_nodes",
+            num_nodes,
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
+    strategy = cli.trainer.strategy
+    assert (type(strategy).__name__ == "FrozenModelDDPStrategy") == (expected == "ddp_frozen")

@@ -45,11 +45,9 @@ class SekaCLI(LightningCLI):
         if not model_class.endswith(ProjectionBuilder.__name__):
             return
         trainer = config["trainer"]
-        if (
-            trainer.get("strategy") in ("auto", "ddp")
-            and requested_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto")) > 1
-        ):
-            trainer["strategy"] = FROZEN_DDP
+        processes = requested_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+        if trainer.get("strategy") in ("auto", "ddp") and processes * int(trainer.get("num_nodes") or 1) > 1:
+            trainer["strategy"] = FROZEN_DDP  # several processes, on one machine or several (num_nodes)
 
 
 def run_lightning(args: Sequence[str] | None = None, *, run: bool = True) -> SekaCLI:

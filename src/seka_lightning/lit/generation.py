@@ -5,10 +5,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from seka_lightning.bank import ProjectionBank
 from seka_lightning.highlight import DEFAULT_MARKERS, encode_highlighted
+from seka_lightning.methods import HighlightMethod, SekaMethod
 from seka_lightning.models import load_model
-from seka_lightning.steering import steer
 
 
 class HighlightGenerator(L.LightningModule):
@@ -50,7 +49,11 @@ class HighlightGenerator(L.LightningModule):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.save_hyperparameters()
         self.model, self.tokenizer = load_model(pretrained, dtype=dtype)
-        self.bank = ProjectionBank.load(bank, neg=neg)
+        self.plain = HighlightMethod()
+        self.seka = SekaMethod(
+            bank, neg=neg, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping
+        )
+        self.seka.setup(self.model, self.tokenizer)
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
@@ -63,28 +66,14 @@ class HighlightGenerator(L.LightningModule):
             add_special_tokens=hp.add_special_tokens,
         )
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        plain = self._generate(enc)
-        with steer(
-            self.model,
-            self.bank,
-            enc["highlight_mask"],
-            gain_pos=hp.gain_pos,
-            gain_neg=hp.gain_neg,
-            layers=hp.layers,
-            layer_mapping=hp.layer_mapping,
-        ):
-            steered = self._generate(enc)
+        plain, steered = (self._generate(method, enc) for method in (self.plain, self.seka))
         return [
             {**record, "highlighted_tokens": int(mask.sum()), "unsteered": u, "steered": s}
             for record, mask, u, s in zip(batch, enc["highlight_mask"], plain, steered, strict=True)
         ]
 
-    def _generate(self, enc: dict[str, torch.Tensor]) -> list[str]:
-        out = self.model.generate(
-            input_ids=enc["input_ids"],
-            attention_mask=enc["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
+    def _generate(self, method: HighlightMethod, enc: dict[str, torch.Tensor]) -> list[str]:
+        out = method.generate(
+            self.model, enc, max_new_tokens=self.hparams.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id
         )
-        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)

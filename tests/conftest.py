@@ -130,3 +130,28 @@ def write_qa_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
 @pytest.fixture
 def qa_file(tmp_path: Path) -> Path:
     return write_qa_pairs(tmp_path / "qa.jsonl")
+
+
+@pytest.fixture
+def counterfact_file(tmp_path: Path):
+    """Write CounterFact cases ``(case_id, subject, prompt template, new, true, paraphrase templates)`` in the ROME layout."""
+
+    def write(cases, name: str = "counterfact.json") -> Path:
+        records = [
+            {
+                "case_id": cid,
+                "requested_rewrite": {
+                    "prompt": tpl,
+                    "subject": subj,
+                    "target_new": {"str": new},
+                    "target_true": {"str": old},
+                },
+                "paraphrase_prompts": [p.format(subj) for p in paras],
+            }
+            for cid, subj, tpl, new, old, paras in cases
+        ]
+        path = tmp_path / name
+        path.write_text(json.dumps(records))
+        return path
+
+    return write

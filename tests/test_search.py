@@ -7,30 +7,13 @@ import json
 from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for
 from seka_lightning.search import search
 
-
-def write_cases(path):
-    cases = [
-        (0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French", ["{} is a native speaker of"]),
-        (1, "Toyota", "{} is based in", "Germany", "Japan", ["The headquarters of {} are in"]),
-    ]
-    records = [
-        {
-            "case_id": cid,
-            "requested_rewrite": {
-                "prompt": tpl,
-                "subject": subj,
-                "target_new": {"str": new},
-                "target_true": {"str": old},
-            },
-            "paraphrase_prompts": [p.format(subj) for p in paras],
-        }
-        for cid, subj, tpl, new, old, paras in cases
-    ]
-    path.write_text(json.dumps(records))
-    return path
+CASES = [
+    (0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French", ["{} is a native speaker of"]),
+    (1, "Toyota", "{} is based in", "Germany", "Japan", ["The headquarters of {} are in"]),
+]
 
 
-def test_search_grid_and_best(tiny_model_dir, qa_file, tmp_path):
+def test_search_grid_and_best(tiny_model_dir, qa_file, counterfact_file, tmp_path):
     import lightning as L
 
     from seka_lightning.data.synthetic_qa import SyntheticQADataModule
@@ -40,7 +23,7 @@ def test_search_grid_and_best(tiny_model_dir, qa_file, tmp_path):
     L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
         builder, datamodule=SyntheticQADataModule(str(qa_file), batch_size=4, max_samples=6)
     )
-    data = write_cases(tmp_path / "cf.json")
+    data = counterfact_file(CASES)
     result = search(
         pretrained=str(tiny_model_dir),
         stats=str(stats_path_for(bank)),

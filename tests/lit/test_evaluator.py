@@ -35,24 +35,6 @@ CASES = [
 ]
 
 
-def write_rome(path: Path) -> Path:
-    records = [
-        {
-            "case_id": cid,
-            "requested_rewrite": {
-                "prompt": tpl,
-                "subject": subj,
-                "target_new": {"str": new},
-                "target_true": {"str": old},
-            },
-            "paraphrase_prompts": [p.format(subj) for p in paras],
-        }
-        for cid, subj, tpl, new, old, paras in CASES
-    ]
-    path.write_text(json.dumps(records))
-    return path
-
-
 def predict_args(model_dir: Path, data: Path, out: Path, method: list[str], devices: int = 1) -> list[str]:
     return [
         "predict",
@@ -107,8 +89,8 @@ def direct_counterfact(model_dir: Path) -> tuple[float, float]:
     return sum(efficacy) / len(efficacy), sum(paraphrase) / len(paraphrase)
 
 
-def test_counterfact_metrics_match_a_direct_computation(tiny_model_dir, tmp_path):
-    data = write_rome(tmp_path / "counterfact.json")
+def test_counterfact_metrics_match_a_direct_computation(tiny_model_dir, counterfact_file, tmp_path):
+    data = counterfact_file(CASES)
     run_lightning(
         predict_args(
             tiny_model_dir, data, tmp_path / "none", ["--model.method", "seka_lightning.methods.HighlightMethod"]
@@ -123,8 +105,8 @@ def test_counterfact_metrics_match_a_direct_computation(tiny_model_dir, tmp_path
     assert len(records) == 11 and records[0]["highlights"] == ["is English"]
 
 
-def test_seka_method_and_two_process_predict_give_the_same_metrics(tiny_model_dir, tmp_path):
-    data = write_rome(tmp_path / "counterfact.json")
+def test_seka_method_and_two_process_predict_give_the_same_metrics(tiny_model_dir, counterfact_file, tmp_path):
+    data = counterfact_file(CASES)
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(3, 2, 16, 16, generator=gen))
     ProjectionBank(layers=[0, 1, 2], pos=q[..., :4] @ q[..., :4].transpose(-1, -2), metadata={"num_layers": 3}).save(

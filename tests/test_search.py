@@ -33,11 +33,20 @@ def test_search_grid_and_best(tiny_model_dir, qa_file, counterfact_file, tmp_pat
         layers=["all", "last1"],
         gains=[0.0, 2.0],
         min_diffs=[0.0, 1e9],
+        top_pcts=[0.5, 0.9],
     )
-    assert len(result["grid"]) == 8
-    assert {(g["min_diff"], g["layers"], g["gain_pos"]) for g in result["grid"]} == {
-        (m, spec, g) for m in (0.0, 1e9) for spec in ("all", "last1") for g in (0.0, 2.0)
+    assert len(result["grid"]) == 16
+    assert {(g["top_pct"], g["min_diff"], g["layers"], g["gain_pos"]) for g in result["grid"]} == {
+        (t, m, spec, g) for t in (0.5, 0.9) for m in (0.0, 1e9) for spec in ("all", "last1") for g in (0.0, 2.0)
     }
+    # a different top_pct is a different projector: some steered score moves with it
+    by_pct = {
+        t: [
+            g["efficacy_magnitude"] for g in result["grid"] if g["top_pct"] == t and g["gain_pos"] and not g["min_diff"]
+        ]
+        for t in (0.5, 0.9)
+    }
+    assert by_pct[0.5] != by_pct[0.9]
     # zero gain and an all-skipping min_diff reproduce the unsteered scores exactly
     for g in result["grid"]:
         if g["gain_pos"] == 0.0 or g["min_diff"] == 1e9:

@@ -8,7 +8,8 @@ Stages (each reads what the earlier ones wrote under --out):
   search   layers / gain / min_diff on the CounterFact dev slice 4500:5000 (`seka search`), never the test slice;
   profile  PASTA head set on the synthetic QA data (`seka pasta-profile`);
   experts  AdaSEKA expert banks (positive-only builds) from the expert sources, when the AdaSEKA code is present;
-  eval     none / seka / random / pasta / spa / adaseka on CounterFact 5000:5500, BiasBios, PronChange and
+  gate     the learned routing gate on the held-out synthetic QA, with its held-out NLL before and after fitting;
+  eval     none / seka / random / pasta / spa / adaseka (/ adaseka_gate once a gate exists) on CounterFact 5000:5500, BiasBios, PronChange and
            lost-in-the-middle; one metric_result.json per run under --out/results/<benchmark>/<tag>/<method>/.
 The model is loaded once per process and shared by every evaluation (a script-level cache, not library behaviour).
 """
@@ -25,8 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-import seka_lightning.lit.builder as builder_module
-import seka_lightning.lit.evaluator as evaluator_module
+import seka_lightning.lit.frozen as frozen_module
 from seka_lightning.baselines.pasta import PastaMethod
 from seka_lightning.baselines.pasta_profile import profile_heads
 from seka_lightning.baselines.random_projection import RandomProjectionMethod
@@ -38,6 +38,7 @@ from seka_lightning.data.benchmark_modules import (
     PronChangeDataModule,
 )
 from seka_lightning.data.synthetic_qa import SyntheticQADataModule
+from seka_lightning.files import write_json
 from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for
 from seka_lightning.lit.evaluator import BenchmarkEvaluator
 from seka_lightning.lit.writers import BenchmarkWriter
@@ -69,15 +70,22 @@ def stage_build(args, out: Path) -> None:
 
 
 def stage_search(args, out: Path) -> None:
+    if args.search_from:  # reuse a committed search (its best setting) instead of re-running it
+        target = out / "search" / f"{args.tag}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(Path(args.search_from).read_text())
+        return
     search(
         pretrained=args.model,
         stats=str(stats_path_for(out / "banks" / f"{args.tag}.safetensors")),
         output=str(out / "search" / f"{args.tag}.json"),
         data=f"{args.shared}/counterfact",
         example_subset="4500:5000",
-        layers=["all", "last20", "last15", "last10"] if args.layers > 20 else ["all", "last12", "last8", "last5"],
-        gains=[0.5, 1.0, 2.0, 4.0, 8.0],
-        min_diffs=[0.0, 0.02, 0.04, 0.06],
+        layers=args.search_layers
+        or (["all", "last20", "last15", "last10"] if args.layers > 20 else ["all", "last12", "last8", "last5"]),
+        gains=args.search_gains,
+        min_diffs=args.search_min_diffs,
+        top_pcts=args.search_top_pcts,
         batch_size=64,
         add_special_tokens=args.bos,
     )
@@ -120,6 +128,45 @@ def stage_experts(args, out: Path) -> None:
         trainer(max_epochs=1).fit(module, datamodule=datamodule)
 
 
+def stage_gate(args, out: Path) -> None:
+    """Fit the learned routing gate on the held-out synthetic QA (200 pairs train, 100 validate) with the search's
+    gain and layers, and record the held-out answer NLL before (gate = identity = router) and after fitting."""
+    from seka_lightning.lit.gate import AdaSekaGateTrainer, GateQADataModule
+
+    best = json.loads((out / "search" / f"{args.tag}.json").read_text())["best"]
+    module = AdaSekaGateTrainer(
+        args.model,
+        expert_banks(out, args.tag),
+        gain=best["gain_pos"],
+        layers=best["layers"],
+        output=str(out / "gates" / f"{args.tag}.safetensors"),
+    )
+    data = GateQADataModule("data/synthetic_qa_heldout.jsonl", train_pairs=200, val_pairs=100, batch_size=8)
+    run = trainer(max_epochs=2, num_sanity_val_steps=0)
+    before = run.validate(module, datamodule=data, verbose=False)[0]
+    run.fit(module, datamodule=data)
+    after = run.validate(module, datamodule=data, verbose=False)[0]
+    write_json(
+        out / "gates" / f"{args.tag}.json",
+        {
+            "model": args.model,
+            "gain": best["gain_pos"],
+            "layers": best["layers"],
+            "train": "data/synthetic_qa_heldout.jsonl pairs 0:200 (4 highlighted probes each), 2 epochs, Adam lr 0.05",
+            "validate": "pairs 200:300",
+            "before_fit": before,
+            "after_fit": after,
+        },
+    )
+
+
+def expert_banks(out: Path, tag: str) -> dict[str, str]:
+    banks = [
+        p for p in sorted((out / "experts" / tag).glob("*.safetensors")) if not p.name.endswith(".stats.safetensors")
+    ]
+    return {p.name.removesuffix(".safetensors"): str(p) for p in banks}
+
+
 def methods(args, out: Path, *, long_context: bool) -> dict[str, HighlightMethod]:
     best = json.loads((out / "search" / f"{args.tag}.json").read_text())["best"]
     tuned_bank = out / "banks" / f"{args.tag}-tuned.safetensors"
@@ -129,6 +176,7 @@ def methods(args, out: Path, *, long_context: bool) -> dict[str, HighlightMethod
         derive_bank(
             stats=str(stats_path_for(out / "banks" / f"{args.tag}.safetensors")),
             output=str(tuned_bank),
+            top_pct=best.get("top_pct", 0.9),
             min_diff=best["min_diff"],
         )
     seka_kwargs = {"gain_pos": best["gain_pos"], "layers": best["layers"]}
@@ -139,18 +187,20 @@ def methods(args, out: Path, *, long_context: bool) -> dict[str, HighlightMethod
         "pasta": PastaMethod(str(out / "pasta" / f"{args.tag}.json")),
         "spa": SpaMethod(strength=20.0 if long_context else 1.6),
     }
-    experts_dir = out / "experts" / args.tag
-    if experts_dir.is_dir():
+    if (out / "experts" / args.tag).is_dir():
         from seka_lightning.lit.selector import AdaSekaSelector
 
-        banks = [p for p in sorted(experts_dir.glob("*.safetensors")) if not p.name.endswith(".stats.safetensors")]
-        experts = {p.name.removesuffix(".safetensors"): str(p) for p in banks}
+        experts = expert_banks(out, args.tag)
         chosen["adaseka"] = AdaSekaSelector(experts, gain=best["gain_pos"], layers=best["layers"])
+        gate = out / "gates" / f"{args.tag}.safetensors"
+        if gate.exists():
+            chosen["adaseka_gate"] = AdaSekaSelector(
+                experts, gain=best["gain_pos"], layers=best["layers"], gate=str(gate)
+            )
     return {name: m for name, m in chosen.items() if name in args.methods}
 
 
 def stage_eval(args, out: Path) -> None:
-    evaluator_module.load_model = cached_load_model  # one model load for every evaluation in this process
     shared = args.shared
     benchmarks = {
         "counterfact": lambda: CounterFactDataModule(
@@ -182,6 +232,7 @@ STAGES = {
     "search": stage_search,
     "profile": stage_profile,
     "experts": stage_experts,
+    "gate": stage_gate,
     "eval": stage_eval,
 }
 
@@ -197,14 +248,21 @@ def main() -> None:
     parser.add_argument(
         "--benchmarks", nargs="+", default=["counterfact", "biasbios", "pronchange", "lost_in_the_middle"]
     )
-    parser.add_argument("--methods", nargs="+", default=["none", "seka", "random", "pasta", "spa", "adaseka"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["none", "seka", "random", "pasta", "spa", "adaseka", "adaseka_gate"]
+    )
+    parser.add_argument("--search-layers", nargs="+", help="layer selections (default: all and three lastN)")
+    parser.add_argument("--search-gains", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 8.0])
+    parser.add_argument("--search-min-diffs", nargs="+", type=float, default=[0.0, 0.02, 0.04, 0.06])
+    parser.add_argument("--search-top-pcts", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--search-from", help="a search JSON written earlier: copy it instead of searching")
     parser.add_argument("--pron-subset", default="0:200")
     parser.add_argument("--litm-batch", type=int, default=64)
     parser.add_argument("--pasta-top-k", type=int, default=16)
     parser.add_argument("--bos", action="store_true", help="let the tokenizer add BOS (base models such as Gemma-3)")
     args = parser.parse_args()
     args.layers = cached_load_model(args.model)[0].config.get_text_config().num_hidden_layers
-    builder_module.load_model = cached_load_model
+    frozen_module.load_model = cached_load_model  # one model load for every build and evaluation in this process
     out = Path(args.out)
     print(json.dumps({k: v for k, v in vars(args).items()}, indent=1), flush=True)
     for stage in args.stages:

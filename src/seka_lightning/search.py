@@ -1,6 +1,6 @@
 """``seka search``: pick SEKA's layers, gain and min_diff on a dev slice, cheaply.
 
-Banks for each ``min_diff`` are derived from saved key statistics (no rebuild); each (layers, gain) is scored on
+Banks for each ``top_pct`` and ``min_diff`` are derived from saved key statistics (no rebuild); each (layers, gain) is scored on
 the CounterFact dev slice (records 4500:5000 by default, never the reported 5000:10000) with the same scorer and
 encoding as ``seka predict``. The objective is the mean of efficacy and paraphrase scores, ties broken by the
 efficacy magnitude.
@@ -48,7 +48,7 @@ def search(
     layers: list[str] = ["all", "last20", "last10"],  # noqa: B006 - jsonargparse needs a literal default
     gains: list[float] = [0.5, 1.0, 2.0, 4.0],  # noqa: B006
     min_diffs: list[float] = [0.0, 0.03, 0.05],  # noqa: B006
-    top_pct: float = 0.9,
+    top_pcts: list[float] = [0.9],  # noqa: B006
     batch_size: int = 16,
     chat: bool = False,
     add_special_tokens: bool = False,
@@ -65,7 +65,7 @@ def search(
         layers: layer selections to try (``all`` = every layer of the bank, ``lastN``, ...).
         gains: ``gain_pos`` values to try.
         min_diffs: head-filter thresholds to try (banks derived from ``stats``).
-        top_pct: spectrum fraction kept by P+.
+        top_pcts: spectrum fractions kept by P+ to try (banks derived from ``stats``).
         batch_size: prompts per batch.
         chat: wrap prompts in the chat template.
         add_special_tokens: let the tokenizer add BOS (base models such as Gemma-3).
@@ -83,7 +83,7 @@ def search(
     baseline = evaluate_counterfact(model, tokenizer, HighlightMethod(), batches, **kwargs)
     log.info("none: %s", baseline)
     grid = []
-    for min_diff in min_diffs:
+    for top_pct, min_diff in itertools.product(top_pcts, min_diffs):
         bank = ProjectionBank.from_statistics(
             sums, layers=bank_layers, top_pct=top_pct, min_diff=min_diff, metadata=metadata
         )
@@ -93,6 +93,7 @@ def search(
             scores = evaluate_counterfact(model, tokenizer, method, batches, **kwargs)
             grid.append(
                 {
+                    "top_pct": top_pct,
                     "min_diff": min_diff,
                     "layers": layer_spec,
                     "gain_pos": gain,
@@ -106,7 +107,7 @@ def search(
         "model": pretrained,
         "stats": stats,
         "dev": {"data": data, "example_subset": example_subset, "examples": len(datamodule.examples)},
-        "settings": {"top_pct": top_pct, "chat": chat, "add_special_tokens": add_special_tokens, "dtype": dtype},
+        "settings": {"top_pcts": top_pcts, "chat": chat, "add_special_tokens": add_special_tokens, "dtype": dtype},
         "none": baseline,
         "grid": grid,
         "best": best,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -260,3 +261,27 @@ def test_two_process_ddp_build_equals_one_device(tiny_model_dir, qa_file, tmp_pa
     assert (two.neg - one.neg).abs().max() < 1e-6
     assert two.metadata["num_rows"] == one.metadata["num_rows"]
     assert two.metadata["triplets_used"] == one.metadata["triplets_used"] == 22
+
+
+def test_sharded_model_is_left_where_it_was_placed_and_builds_the_same_bank(tiny_model_dir, qa_file, tmp_path):
+    """A model loaded with device_map stays out of the module tree: Lightning's device/dtype moves of the module
+    leave it alone, its weights are not module parameters, and the build is bitwise the one of a placed model."""
+    module = ProjectionBuilder(
+        str(tiny_model_dir), dtype="float64", device_map={"": "cpu"}, output="unused.safetensors"
+    )
+    assert module.sharded
+    assert list(module.parameters()) == [] and not any(key.startswith("model.") for key in module.state_dict())
+    module.to(torch.float32)
+    assert {p.dtype for p in module.model.parameters()} == {torch.float64}
+    assert module.input_device == torch.device("cpu")
+
+    placed = build(tiny_model_dir, qa_file, tmp_path / "placed.safetensors")
+    sharded = build(tiny_model_dir, qa_file, tmp_path / "sharded.safetensors", "--model.device_map", '{"": "cpu"}')
+    assert torch.equal(placed.pos, sharded.pos) and torch.equal(placed.neg, sharded.neg)
+
+
+def test_sharded_model_with_ddp_is_refused(tiny_model_dir):
+    module = ProjectionBuilder(str(tiny_model_dir), device_map={"": "cpu"}, output="unused.safetensors")
+    module._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match=r"device_map=\{'': 'cpu'\}.*2 processes.*--trainer.devices 1"):
+        module.setup("fit")

@@ -105,7 +105,7 @@ def test_counterfact_metrics_match_a_direct_computation(tiny_model_dir, counterf
     assert len(records) == 11 and records[0]["highlights"] == ["is English"]
 
 
-def test_seka_method_and_two_process_predict_give_the_same_metrics(tiny_model_dir, counterfact_file, tmp_path):
+def test_seka_method_two_process_and_sharded_predict_give_the_same_metrics(tiny_model_dir, counterfact_file, tmp_path):
     data = counterfact_file(CASES)
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(3, 2, 16, 16, generator=gen))
@@ -121,6 +121,9 @@ def test_seka_method_and_two_process_predict_give_the_same_metrics(tiny_model_di
         "5.0",
     ]
     run_lightning(predict_args(tiny_model_dir, data, tmp_path / "one", method))
+    run_lightning(
+        [*predict_args(tiny_model_dir, data, tmp_path / "sharded", method), "--model.device_map", '{"": "cpu"}']
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -131,6 +134,8 @@ def test_seka_method_and_two_process_predict_give_the_same_metrics(tiny_model_di
     assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metric_result.json").read_text())
     two = json.loads((tmp_path / "two" / "metric_result.json").read_text())
+    sharded = json.loads((tmp_path / "sharded" / "metric_result.json").read_text())
+    assert sharded["metrics"] == one["metrics"] and sharded["config"]["device_map"] == {"": "cpu"}
     for key, value in one["metrics"].items():
         assert abs(two["metrics"][key] - value) < 1e-6, key
     assert two["counts"]["world_size"] == 2 and one["method"]["method"] == "seka" and one["method"]["gain_pos"] == 5.0

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import SumMetric
@@ -17,7 +16,8 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
-from seka_lightning.models import load_model, model_id
+from seka_lightning.lit.frozen import FrozenModelModule
+from seka_lightning.models import model_id
 from seka_lightning.projections import validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums
 from seka_lightning.steering import parse_layers
@@ -31,7 +31,7 @@ def stats_path_for(bank_path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".safetensors") + ".stats.safetensors")
 
 
-class ProjectionBuilder(L.LightningModule):
+class ProjectionBuilder(FrozenModelModule):
     """Holds the frozen model; each training step adds a batch of triplets' answer-token keys to float64 sums
     (DDP-reduced by sum); at the end rank 0 derives the bank (SPEC §3) and writes it with its statistics."""
 
@@ -47,6 +47,7 @@ class ProjectionBuilder(L.LightningModule):
         attention_ratio: float | None = None,
         output: str = "checkpoints/bank.safetensors",
         attn_implementation: str = "sdpa",
+        device_map: str | dict | None = None,
     ) -> None:
         """
         Args:
@@ -62,6 +63,8 @@ class ProjectionBuilder(L.LightningModule):
                 at least this ratio from H to H+ (eager attention for those passes). None = no filter.
             output: the bank file (``.safetensors``); its statistics go beside it as ``*.stats.safetensors``.
             attn_implementation: ``sdpa`` or ``eager`` (keys are the same either way).
+            device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
+                ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.
         """
         super().__init__()
         validate_hyperparameters(top_pct, min_diff)
@@ -70,7 +73,7 @@ class ProjectionBuilder(L.LightningModule):
         if not output.endswith(".safetensors"):
             raise ValueError(f"output must end with .safetensors, got {output!r}")
         self.save_hyperparameters()
-        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
+        self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         self.layout = resolve_layout(self.model)
         self.layer_ids = parse_layers(layers, self.layout.num_layers)
         self.stats = KeyStatistics(len(self.layer_ids), self.layout.num_kv_heads, self.layout.head_dim)
@@ -100,7 +103,7 @@ class ProjectionBuilder(L.LightningModule):
                 self.layout,
                 self.layer_ids,
                 batch,
-                device=self.device,
+                device=self.input_device,
                 positive_only=hp.positive_only,
                 attention_ratio=hp.attention_ratio,
             )

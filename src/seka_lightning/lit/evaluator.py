@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning as L
 import torch
 
 from seka_lightning.highlight import encode_highlighted
+from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod
-from seka_lightning.models import load_model
 from seka_lightning.scoring import BenchmarkScorer
 
 # Markers no benchmark text contains: examples carry character spans, which are re-marked for encoding so
@@ -41,7 +40,7 @@ def encode_examples(
     )
 
 
-class BenchmarkEvaluator(L.LightningModule):
+class BenchmarkEvaluator(FrozenModelModule):
     """Runs ``method`` on every batch of the benchmark DataModule and scores it with the DataModule's scorer.
 
     Every method sees the same tokens: baselines that ignore highlights get the same plain prompt.
@@ -56,6 +55,7 @@ class BenchmarkEvaluator(L.LightningModule):
         chat: bool = False,
         add_special_tokens: bool = False,
         attn_implementation: str = "sdpa",
+        device_map: str | dict | None = None,
     ) -> None:
         """
         Args:
@@ -65,11 +65,13 @@ class BenchmarkEvaluator(L.LightningModule):
             chat: wrap prompts as user messages with the tokenizer's chat template.
             add_special_tokens: let the tokenizer add its special tokens (BOS for base models such as Gemma-3).
             attn_implementation: ``sdpa`` or ``eager``.
+            device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
+                ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
         self.method = method
-        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
+        self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         self.scorer: BenchmarkScorer | None = None
         self.data_settings: dict[str, Any] = {}
         self._started = 0.0
@@ -85,7 +87,7 @@ class BenchmarkEvaluator(L.LightningModule):
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         hp = self.hparams
         enc = encode_examples(self.tokenizer, batch, chat=hp.chat, add_special_tokens=hp.add_special_tokens)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc = {k: v.to(self.input_device) for k, v in enc.items()}
         records = self.scorer.score(self.method, self.model, self.tokenizer, enc, batch)
         return [
             {

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 
 from seka_lightning.highlight import DEFAULT_MARKERS, encode_highlighted
+from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod, SekaMethod
-from seka_lightning.models import load_model
 
 
-class HighlightGenerator(L.LightningModule):
+class HighlightGenerator(FrozenModelModule):
     """Greedy generation with and without SEKA key steering on the highlighted spans."""
 
     def __init__(
@@ -28,6 +27,7 @@ class HighlightGenerator(L.LightningModule):
         chat: bool = False,
         add_special_tokens: bool = False,
         dtype: str = "float32",
+        device_map: str | dict | None = None,
     ) -> None:
         """
         Args:
@@ -43,12 +43,14 @@ class HighlightGenerator(L.LightningModule):
             chat: wrap each prompt as a user message with the tokenizer's chat template.
             add_special_tokens: let the tokenizer add its special tokens (e.g. BOS for base models).
             dtype: model dtype.
+            device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
+                ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.
         """
         super().__init__()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.save_hyperparameters()
-        self.model, self.tokenizer = load_model(pretrained, dtype=dtype)
+        self.load_frozen_model(pretrained, dtype=dtype, device_map=device_map)
         self.plain = HighlightMethod()
         self.seka = SekaMethod(
             bank, neg=neg, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping
@@ -65,7 +67,7 @@ class HighlightGenerator(L.LightningModule):
             chat=hp.chat,
             add_special_tokens=hp.add_special_tokens,
         )
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc = {k: v.to(self.input_device) for k, v in enc.items()}
         plain, steered = (self._generate(method, enc) for method in (self.plain, self.seka))
         return [
             {**record, "highlighted_tokens": int(mask.sum()), "unsteered": u, "steered": s}

@@ -34,7 +34,7 @@ def test_table_and_plot(tmp_path):
     assert lines[0] == "| benchmark | model | method | efficacy_score | paraphrase_score | exact_match |"
     assert "| counterfact | m | none | 25.00 | 50.00 |  |" in lines
     assert "| counterfact | m | seka | 87.50 | 80.00 |  |" in lines
-    assert "| lost_in_the_middle | m | seka |  |  | 50.00 |" in lines
+    assert "| lost_in_the_middle | m | seka (litm) |  |  | 50.00 |" in lines  # a run folder named apart
     assert (tmp_path / "t.md").read_text() == table
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -37,16 +37,21 @@ def read_results(folders: list[str]) -> list[dict[str, Any]]:
     return results
 
 
+def run_label(result: dict[str, Any]) -> str:
+    """The method's name, followed by the run's folder name in brackets where the two differ (two runs of one
+    method, e.g. ``adaseka`` with and without a learned gate, stay apart)."""
+    method, run = result["method"]["method"], Path(result["path"]).parent.name
+    return method if run == method else f"{method} ({run})"
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One row per (benchmark, model, method) with the headline metrics (x100) that the row has."""
+    """One row per run (benchmark, model, method) with the headline metrics (x100) that the row has."""
     columns = [key for key in HEADLINE if any(key in r["metrics"] for r in results)]
     lines = ["| benchmark | model | method | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    for r in sorted(
-        results, key=lambda r: (r["config"]["data"].get("benchmark", ""), r["model"], r["method"]["method"])
-    ):
+    for r in sorted(results, key=lambda r: (r["config"]["data"].get("benchmark", ""), r["model"], run_label(r))):
         cells = [f"{100 * r['metrics'][c]:.2f}" if c in r["metrics"] else "" for c in columns]
         lines.append(
-            f"| {r['config']['data'].get('benchmark', '')} | {r['model']} | {r['method']['method']} | "
+            f"| {r['config']['data'].get('benchmark', '')} | {r['model']} | {run_label(r)} | "
             + " | ".join(cells)
             + " |"
         )
@@ -54,7 +59,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 
 def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
-    """Lost-in-the-middle exact match by gold position, one line per (model, method)."""
+    """Lost-in-the-middle exact match by gold position: one panel per model, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,21 +68,20 @@ def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
     litm = [r for r in results if any(k.startswith("exact_match_pos_") for k in r["metrics"])]
     if not litm:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in litm:
-        points = sorted(
-            (int(m.group(1)), v) for k, v in r["metrics"].items() if (m := re.fullmatch(r"exact_match_pos_(\d+)", k))
-        )
-        ax.plot(
-            [p for p, _ in points],
-            [100 * v for _, v in points],
-            marker="o",
-            label=f"{r['model']} / {r['method']['method']}",
-        )
-    ax.set_xlabel("position of the gold document")
-    ax.set_ylabel("best-subspan exact match (%)")
-    ax.set_title("Lost in the middle")
-    ax.legend(fontsize=7)
+    models = sorted({r["model"] for r in litm})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models, strict=True):
+        for r in sorted((r for r in litm if r["model"] == model), key=run_label):
+            points = sorted(
+                (int(m.group(1)), v)
+                for k, v in r["metrics"].items()
+                if (m := re.fullmatch(r"exact_match_pos_(\d+)", k))
+            )
+            ax.plot([p for p, _ in points], [100 * v for _, v in points], marker="o", label=run_label(r))
+        ax.set_title(f"Lost in the middle: {model}", fontsize=9)
+        ax.set_xlabel("position of the gold document")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("best-subspan exact match (%)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")

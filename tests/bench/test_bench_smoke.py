@@ -5,6 +5,7 @@ is asserted: CPU timings on shared cores mean nothing."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from seka_lightning.bench.generation import (
     random_prompts,
     static_compiled_decoding,
 )
+from seka_lightning.bench.report import paired_ratio
 from seka_lightning.bench.shapes import get_shape, offline_tokenizer, random_model
 from seka_lightning.data.triplets import iter_triplets, read_pairs
 from seka_lightning.families import resolve_layout
@@ -99,6 +101,20 @@ def test_generation_ratios_are_against_none_of_the_same_path_and_batch(generatio
     for record in ok:
         none = reference[(record["path"], record["batch_size"])]
         assert record["ratio_latency"] == pytest.approx(record["latency_s_median"] / none["latency_s_median"])
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(generation_run: Path) -> None:
+    assert paired_ratio([2.0, 3.3, 1.0], [2.0, 3.0, 0.5]) == pytest.approx(1.1)  # rounds: 1.0, 1.1, 2.0
+    assert paired_ratio([1.0, 2.0], [1.0]) is None and paired_ratio([], []) is None
+    assert paired_ratio([1.0], [0.0]) is None
+    details = json.loads((generation_run / "generation.details.json").read_text())
+    ok = [r for r in details["records"] if r["status"] == "ok"]
+    none = {(r["path"], r["batch_size"]): r["latencies_s"] for r in ok if r["method"] == "none"}
+    for record in ok:
+        rounds = [
+            m / n for m, n in zip(record["latencies_s"], none[(record["path"], record["batch_size"])], strict=True)
+        ]
+        assert record["ratio_latency_paired"] == pytest.approx(statistics.median(rounds))
 
 
 def test_generation_latency_is_per_sample_and_floor_ratio_consistent(generation_run: Path) -> None:
@@ -258,6 +274,11 @@ def test_building_ddp_mode_runs_seka_fit_and_counts_every_triplet(tmp_path: Path
     assert len(fit) == 1
     assert fit[0]["devices"] == 1 and fit[0]["triplets"] == 12  # 6 pairs, two triplets each, all seen by fit
     assert fit[0]["scaling_vs_1_device"] == 1.0
+    assert fit[0]["triplets_small"] == 4  # the 2-pair run
+    if fit[0]["examples_per_s_steady"] is not None:  # None only if the small run happened to take longer
+        steady = (fit[0]["triplets"] - 4) / (fit[0]["fit_s"] - fit[0]["fit_s_small"])
+        assert fit[0]["examples_per_s_steady"] == pytest.approx(steady)
+        assert fit[0]["scaling_steady_vs_1_device"] == 1.0
 
 
 def test_fast_path_generates_what_the_eager_path_generates_with_seka(tmp_path: Path) -> None:

@@ -79,6 +79,14 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
+def paired_ratio(values: Sequence[float], references: Sequence[float]) -> float | None:
+    """Median over rounds of ``values[i] / references[i]``: the ratio of two interleaved measurements, robust to drift
+    that moves both alike from one round to the next. None unless both have the same, non-zero number of rounds."""
+    if not values or len(values) != len(references) or any(r <= 0 for r in references):
+        return None
+    return statistics.median(v / r for v, r in zip(values, references, strict=True))
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
     """A GitHub markdown table; ``columns`` are ``(header, key, formatter)``; missing values show as ``-``."""
     lines = [

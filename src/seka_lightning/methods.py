@@ -32,6 +32,7 @@ class HighlightMethod:
 
     name = "none"
     uses_highlight = False  # baselines that ignore the highlight see the plain prompt
+    edits_decode_steps = False  # True where the effect also acts on decode steps (PASTA's bias, SPA's logit mix)
 
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         """Load or build what the method needs for this model (called once before the first batch)."""

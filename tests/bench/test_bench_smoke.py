@@ -80,20 +80,23 @@ def test_generation_writes_records_with_the_documented_keys(generation_run: Path
             assert record["reason"]
     eager = {(r["method"], r["batch_size"]) for r in records if r["path"] == "eager"}
     assert eager == {(m, b) for m in methods for b in (1, 2)}  # every method has a row, run or not
-    fast = {(r["method"], r["batch_size"]) for r in records if r["path"] == "static_compile"}
-    assert fast == {(m, b) for m in ("none", "seka") for b in (1, 2)}
+    for path in ("static_compile", "static_loop"):
+        fast = {(r["method"], r["batch_size"]) for r in records if r["path"] == path}
+        assert fast == {(m, b) for m in ("none", "seka") for b in (1, 2)}, path
     for key in ("torch", "transformers", "gpu_name", "device"):
         assert key in details["environment"]
     assert details["environment"]["device"] == "cpu"
-    assert set(details["compile_safety"]) == {"none", "seka"}
-    assert (generation_run / "generation.md").read_text().count("\n| none |") == 4
+    assert set(details["compile_safety"]) == {
+        f"{m} ({p})" for m in ("none", "seka") for p in ("static_compile", "static_loop")
+    }
+    assert (generation_run / "generation.md").read_text().count("\n| none |") == 6
 
 
 def test_generation_ratios_are_against_none_of_the_same_path_and_batch(generation_run: Path) -> None:
     records = json.loads((generation_run / "generation.json").read_text())
     ok = [r for r in records if r["status"] == "ok"]
     reference = {(r["path"], r["batch_size"]): r for r in ok if r["method"] == "none"}
-    assert len(reference) == 4
+    assert len(reference) == 6  # three paths x two batch sizes
     for record in reference.values():
         assert record["ratio_latency"] == 1.0
         assert record["peak_mem_bytes"] is None and record["ratio_mem"] is None  # no allocator counter on CPU

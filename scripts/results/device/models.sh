@@ -1,7 +1,7 @@
 # The real-model runs of session 2, in parallel processes (the two small models leave the GPUs mostly idle):
 #   Gemma-3-270M: lost-in-the-middle for SPA and AdaSEKA (defaults from the committed dev search), the learned
 #     routing gate and AdaSEKA-with-gate on CounterFact;
-#   SmolLM2-135M: a finer dev search (adds top_pct and gain 16), then seka / random / adaseka / adaseka_gate on all
+#   SmolLM2-135M: a finer dev search (adds top_pct up to 1.0 and gains to 32), then seka / random / adaseka / adaseka_gate on all
 #     four benchmarks with the new defaults, and the learned routing gate;
 #   the sharded-model check (one model split over both GPUs with device_map).
 source scripts/results/device/env.sh
@@ -17,7 +17,7 @@ CUDA_VISIBLE_DEVICES=0 run g-main $G --search-from docs/results/search/gemma3-27
 (waitfor $E/gemma3-270m/lost_in_the_middle.safetensors && CUDA_VISIBLE_DEVICES=0 run g-ada $G --stages eval \
     --benchmarks lost_in_the_middle --methods adaseka) &
 CUDA_VISIBLE_DEVICES=1 run s-main $M --stages build search experts gate eval --search-layers all last20 last15 last10 \
-    --search-gains 1 2 4 8 16 --search-min-diffs 0 --search-top-pcts 0.5 0.9 0.95 0.99 1.0 \
+    --search-gains 2 4 8 16 32 --search-min-diffs 0 --search-top-pcts 0.9 0.95 0.97 0.99 1.0 \
     --benchmarks counterfact pronchange biasbios --methods seka random adaseka adaseka_gate &
 for m in seka random; do
   (sleep 5; waitfor $R/search/smollm2-135m.json && CUDA_VISIBLE_DEVICES=1 run s-litm-$m $M --stages eval \

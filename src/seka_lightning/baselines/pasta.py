@@ -232,6 +232,7 @@ class PastaMethod(HighlightMethod):
 
     name = "pasta"
     uses_highlight = True
+    edits_decode_steps = True
 
     def __init__(
         self, heads: dict[int, list[int]] | str, *, alpha: float = 0.01, scale_position: str = "exclude"

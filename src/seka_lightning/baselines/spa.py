@@ -119,6 +119,7 @@ class SpaMethod(HighlightMethod):
 
     name = "spa"
     uses_highlight = True
+    edits_decode_steps = True
 
     def __init__(self, *, strength: float = 1.6, mask_mode: str = "pad", mask_token: str | None = None) -> None:
         """

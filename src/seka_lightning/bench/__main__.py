@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=PATHS,
         default=gen_defaults.paths,
-        help="eager (plain generate) and/or static_compile (static cache, compiled decode step)",
+        help="eager (plain generate), static_compile (generate with a static cache and compiled decode step) and/or "
+        "static_loop (StaticGreedyDecoder: a compiled decode step without generate's per-step Python)",
     )
     gen.add_argument(
         "--fast-methods",

@@ -42,13 +42,15 @@ from seka_lightning.bench.report import (
     times,
 )
 from seka_lightning.bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
+from seka_lightning.fast_decode import StaticGreedyDecoder
 from seka_lightning.files import write_json, write_text
 from seka_lightning.methods import Encoded, HighlightMethod, SekaMethod
 
 log = logging.getLogger(__name__)
 
-EAGER, FAST = "eager", "static_compile"
-PATHS = (EAGER, FAST)
+EAGER, FAST, LOOP = "eager", "static_compile", "static_loop"
+PATHS = (EAGER, FAST, LOOP)
+COMPILED = (FAST, LOOP)
 
 
 @dataclass
@@ -433,6 +435,31 @@ def static_compiled_decoding(model: nn.Module, *, backend: str, mode: str) -> It
         torch._dynamo.reset()
 
 
+class _OnDecoder(HighlightMethod):
+    """A method timed through :class:`StaticGreedyDecoder` (path ``static_loop``)."""
+
+    def __init__(self, method: HighlightMethod, decoder: StaticGreedyDecoder) -> None:
+        self.method, self.decoder, self.name = method, decoder, method.name
+
+    def generate(self, model: nn.Module, enc: Encoded, *, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
+        return self.decoder.generate(self.method, enc, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+
+
+def on_decoder(
+    methods: dict[str, HighlightMethod], model: nn.Module, enc: Encoded, settings: GenerationSettings
+) -> dict[str, HighlightMethod]:
+    """The methods, each generating through one shared decoder sized for this block (compiled graphs reset)."""
+    torch._dynamo.reset()
+    decoder = StaticGreedyDecoder(
+        model,
+        batch_size=enc["input_ids"].shape[0],
+        max_cache_len=enc["input_ids"].shape[1] + settings.new_tokens,
+        backend=settings.compile_backend,
+        mode=settings.compile_mode,
+    )
+    return {name: _OnDecoder(method, decoder) for name, method in methods.items()}
+
+
 def _compiled_graphs() -> int:
     """Graphs torch.compile has built so far in this process (a rise during timed runs means recompilation)."""
     from torch._dynamo.utils import counters
@@ -638,7 +665,7 @@ def run_generation(settings: GenerationSettings, out_dir: str | Path, *, work_di
         methods, skipped = build_methods(wanted, ctx, model, tokenizer)
         describe = {name: method.describe() for name, method in methods.items()}
         fast = {name: methods[name] for name in settings.fast_methods if name in methods}
-        for path, chosen in ((EAGER, methods), (FAST, fast)):
+        for path, chosen in ((EAGER, methods), (FAST, fast), (LOOP, fast)):
             if not chosen or path not in settings.paths:
                 continue
             for batch in settings.batch_sizes:
@@ -656,15 +683,15 @@ def run_generation(settings: GenerationSettings, out_dir: str | Path, *, work_di
                 )
                 details["floors"][str(batch)] = floor
                 log.info("path %s, batch %d: timing %s", path, batch, ", ".join(chosen))
-                fast_path = path == FAST
+                fast_path = path in COMPILED
                 with (
                     static_compiled_decoding(model, backend=settings.compile_backend, mode=settings.compile_mode)
-                    if fast_path
+                    if path == FAST
                     else nullcontext()
                 ):
                     samples = measure_block(
                         model,
-                        chosen,
+                        on_decoder(chosen, model, enc, settings) if path == LOOP else chosen,
                         enc,
                         new_tokens=settings.new_tokens,
                         warmup=settings.fast_warmup if fast_path else settings.warmup,
@@ -710,9 +737,9 @@ def _compile_safety(records: list[dict[str, Any]]) -> dict[str, str]:
     """Per fast-path method: whether its compiled decode step stayed compiled across calls."""
     verdict: dict[str, str] = {}
     for record in records:
-        if record["path"] != FAST:
+        if record["path"] not in COMPILED:
             continue
-        name = record["method"]
+        name = f"{record['method']} ({record['path']})"
         if record["status"] != "ok":
             verdict[name] = f"failed under the fast path: {record.get('reason')}"
         elif record["compiles_during_timing"]:
@@ -734,7 +761,8 @@ def generation_table(details: dict[str, Any]) -> str:
     """Markdown: one row per method, path and batch size."""
     settings = details["settings"]
     env = details["environment"]
-    fast_repeats = f" ({settings['fast_repeats']} on the fast path)" if FAST in settings["paths"] else ""
+    compiled = set(COMPILED) & set(settings["paths"])
+    fast_repeats = f" ({settings['fast_repeats']} on the compiled paths)" if compiled else ""
     header = (
         f"Generation, {details['shape']['name']} (random weights, {settings['dtype']}), "
         f"{settings['prompt_tokens']}-token prompts with {settings['highlighted']}/{settings['documents']} documents "

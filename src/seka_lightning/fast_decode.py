@@ -1,0 +1,130 @@
+"""Greedy decoding with a static KV cache and one compiled decode step, for every hook-based highlighting method.
+
+Plain ``model.generate`` spends most of each decode step in Python (logits processors, stopping criteria, cache and
+mask bookkeeping), far above what reading the weights costs. :class:`StaticGreedyDecoder` keeps a decode step to one
+function with fixed shapes (one token per row, a preallocated cache, a full-length attention mask, positions as
+tensors) and compiles it; with ``mode="reduce-overhead"`` it replays as a CUDA graph, and nothing in the loop waits
+for the GPU. The prefill runs eagerly inside ``method.active(...)``: SEKA's key edit (and AdaSEKA's routing) happen
+there and live on in the cache, so decode steps run with no hook at all.
+
+It produces what ``HighlightMethod.generate`` produces (greedy, ``pad_token_id`` after an EOS) for the methods whose
+effect is confined to the prompt pass (``edits_decode_steps = False``): none, SEKA, the random ablation and AdaSEKA.
+PASTA (a bias at every step) and SPA (a logit mix at every step) keep their own ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
+
+
+class StaticGreedyDecoder:
+    """Reusable greedy decoding for one model: the cache is allocated once for ``batch_size`` rows and
+    ``max_cache_len`` positions (prompt + new tokens), and reset, not reallocated, between calls."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int,
+        max_cache_len: int,
+        compile: bool = True,
+        backend: str = "inductor",
+        mode: str | None = "reduce-overhead",
+    ) -> None:
+        """
+        Args:
+            model: a causal LM whose family supports transformers' ``StaticCache``.
+            batch_size: rows per call (a call with another batch size is refused).
+            max_cache_len: prompt length + new tokens, at least.
+            compile: compile the decode step (False runs the same loop eagerly, for tests).
+            backend: ``torch.compile`` backend (``inductor``; ``eager`` for quick CPU checks).
+            mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs.
+        """
+        if batch_size < 1 or max_cache_len < 2:
+            raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
+        self.model, self.batch_size, self.max_cache_len = model, batch_size, max_cache_len
+        config = model.config.get_text_config()
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        param = next(model.parameters())
+        self.cache.early_initialization(
+            batch_size, config.num_key_value_heads, head_dim, dtype=param.dtype, device=param.device
+        )
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = torch.tensor(eos, dtype=torch.long, device=param.device) if eos else None
+        step: Callable = self._step
+        self.step = torch.compile(step, backend=backend, mode=mode) if compile else step
+
+    def _step(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        logits = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache_position=cache_position,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        method: HighlightMethod,
+        enc: Encoded,
+        *,
+        max_new_tokens: int,
+        pad_token_id: int,
+    ) -> torch.Tensor:
+        """Greedy continuation ids ``[B, max_new_tokens]`` of the left-padded prompts ``enc`` under ``method``; rows
+        that emit one of the model's EOS ids continue with ``pad_token_id``."""
+        if method.edits_decode_steps or type(method).generate is not HighlightMethod.generate:
+            raise ValueError(
+                f"method {method.name!r} also acts on decode steps, which this decoder runs without hooks; "
+                "use method.generate for it"
+            )
+        batch, length = enc["input_ids"].shape
+        if batch != self.batch_size:
+            raise ValueError(f"this decoder holds a cache for {self.batch_size} rows, got a batch of {batch}")
+        if length + max_new_tokens > self.max_cache_len:
+            raise ValueError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len={self.max_cache_len}; "
+                "build the decoder with a larger max_cache_len"
+            )
+        device = enc["input_ids"].device
+        self.cache.reset()
+        # one mask for every call: the prompt's padding, then ones (later positions are causally hidden anyway)
+        mask = torch.ones(batch, self.max_cache_len, dtype=enc["attention_mask"].dtype, device=device)
+        mask[:, :length] = enc["attention_mask"]
+        positions = position_ids_for(enc["attention_mask"])
+        with method.active(self.model, enc):  # the prompt pass: edits land in the cache
+            logits = self.model(
+                input_ids=enc["input_ids"],
+                attention_mask=mask,
+                position_ids=positions,
+                cache_position=torch.arange(length, device=device),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out[:, :1] = token
+        done = torch.isin(token, self.eos) if self.eos is not None else None
+        last = positions[:, -1:]
+        for i in range(1, max_new_tokens):
+            cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
+            token = self.step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse their outputs
+            if done is not None:
+                token = torch.where(done, torch.full_like(token, pad_token_id), token)
+                done = done | torch.isin(token, self.eos)
+            out[:, i : i + 1] = token
+        return out

@@ -14,6 +14,7 @@ PASTA (a bias at every step) and SPA (a logit mix at every step) keep their own 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -59,6 +60,8 @@ class StaticGreedyDecoder:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = torch.tensor(eos, dtype=torch.long, device=param.device) if eos else None
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         step: Callable = self._step
         self.step = torch.compile(step, backend=backend, mode=mode) if compile else step
 
@@ -70,8 +73,8 @@ class StaticGreedyDecoder:
             attention_mask=mask,
             position_ids=position_ids,
             cache_position=cache_position,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self._cache_kw: self.cache},
         ).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
@@ -111,9 +114,9 @@ class StaticGreedyDecoder:
                 attention_mask=mask,
                 position_ids=positions,
                 cache_position=torch.arange(length, device=device),
-                past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kw: self.cache},
             ).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

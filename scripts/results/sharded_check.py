@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
+from run_all import trainer  # this folder is on sys.path when the script runs
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.benchmark_modules import CounterFactDataModule
@@ -44,18 +44,6 @@ def two_gpu_map(pretrained: str) -> dict[str, int]:
         if name != prefix.split(".")[0]:
             device_map[name] = 0
     return device_map
-
-
-def trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def main() -> None:

@@ -40,6 +40,23 @@ def test_decoder_matches_generate_for_none_and_seka(setup, compile: bool) -> Non
         assert torch.equal(decoder.generate(seka, enc, max_new_tokens=NEW, pad_token_id=0), steered)
 
 
+def test_decoder_matches_generate_for_adaseka(setup, tmp_path: Path) -> None:
+    from seka_lightning.lit.selector import AdaSekaSelector
+
+    model, _, enc = setup
+    shape = get_shape("tiny")
+    experts = {
+        f"e{i}": str(random_bank(shape, rank=8, seed=1 + i, positive_only=True).save(tmp_path / f"e{i}.safetensors"))
+        for i in range(3)
+    }
+    adaseka = AdaSekaSelector(experts, gain=4.0)
+    adaseka.setup(model, None)
+    decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=True, backend="eager")
+    reference = adaseka.generate(model, enc, max_new_tokens=NEW, pad_token_id=0)
+    assert not torch.equal(reference, HighlightMethod().generate(model, enc, max_new_tokens=NEW, pad_token_id=0))
+    assert torch.equal(decoder.generate(adaseka, enc, max_new_tokens=NEW, pad_token_id=0), reference)
+
+
 def test_rows_that_emit_eos_continue_with_padding_as_generate_does(setup) -> None:
     model, _, enc = setup
     plain = HighlightMethod().generate(model, enc, max_new_tokens=NEW, pad_token_id=0)

@@ -60,10 +60,10 @@ def test_decoder_matches_generate_for_adaseka(setup, tmp_path: Path) -> None:
 def test_rows_that_emit_eos_continue_with_padding_as_generate_does(setup) -> None:
     model, _, enc = setup
     plain = HighlightMethod().generate(model, enc, max_new_tokens=NEW, pad_token_id=0)
+    decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=False)
     before = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = int(plain[0, 2])  # row 0 stops after its third token
+    model.generation_config.eos_token_id = int(plain[0, 2])  # row 0 stops after its third token (set after building)
     try:
-        decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=False)
         reference = HighlightMethod().generate(model, enc, max_new_tokens=NEW, pad_token_id=0)
         got = decoder.generate(HighlightMethod(), enc, max_new_tokens=NEW, pad_token_id=0)
     finally:
@@ -86,5 +86,11 @@ def test_bad_calls_are_refused(setup, tmp_path: Path) -> None:
         decoder.generate(HighlightMethod(), {k: v[:1] for k, v in enc.items()}, max_new_tokens=2, pad_token_id=0)
     with pytest.raises(ValueError, match=r"prompt \(96\) \+ max_new_tokens \(5\) exceeds max_cache_len=100"):
         decoder.generate(HighlightMethod(), enc, max_new_tokens=5, pad_token_id=0)
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(ValueError, match=r"generation_config sets repetition_penalty=1.3.*use method.generate"):
+            decoder.generate(HighlightMethod(), enc, max_new_tokens=2, pad_token_id=0)
+    finally:
+        model.generation_config.repetition_penalty = None
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         StaticGreedyDecoder(model, batch_size=0, max_cache_len=100)

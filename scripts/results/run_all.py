@@ -168,15 +168,17 @@ def expert_banks(out: Path, tag: str) -> dict[str, str]:
 
 
 def methods(args, out: Path, *, long_context: bool) -> dict[str, HighlightMethod]:
-    best = json.loads((out / "search" / f"{args.tag}.json").read_text())["best"]
-    tuned_bank = out / "banks" / f"{args.tag}-tuned.safetensors"
+    search_result = json.loads((out / "search" / f"{args.tag}.json").read_text())
+    best = search_result["best"]
+    top_pct = best.get("top_pct", search_result["settings"].get("top_pct", 0.9))  # older searches: one top_pct
+    tuned_bank = out / "banks" / f"{args.tag}-p{top_pct}-m{best['min_diff']}.safetensors"  # named by its settings
     if not tuned_bank.exists():
         from seka_lightning.bank import derive_bank
 
         derive_bank(
             stats=str(stats_path_for(out / "banks" / f"{args.tag}.safetensors")),
             output=str(tuned_bank),
-            top_pct=best.get("top_pct", 0.9),
+            top_pct=top_pct,
             min_diff=best["min_diff"],
         )
     seka_kwargs = {"gain_pos": best["gain_pos"], "layers": best["layers"]}

@@ -23,6 +23,35 @@ from transformers import StaticCache
 
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
 
+# generation_config fields that make `generate`'s greedy output differ from a plain argmax, with their neutral values
+NEUTRAL_GENERATION = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "num_beams": 1,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+}
+
+
+def greedy_changes(generation_config) -> list[str]:
+    """The fields of ``generation_config`` that change greedy decoding (logits processors, beam search), as
+    ``name=value``; empty when ``generate``'s greedy output is the plain argmax this decoder computes."""
+    if generation_config is None:
+        return []
+    changes = []
+    for name, neutral in NEUTRAL_GENERATION.items():
+        value = getattr(generation_config, name, None)
+        if value is not None and value != neutral and value != [] and value != {}:
+            changes.append(f"{name}={value!r}")
+    return changes
+
 
 class StaticGreedyDecoder:
     """Reusable greedy decoding for one model: the cache is allocated once for ``batch_size`` rows and
@@ -50,16 +79,8 @@ class StaticGreedyDecoder:
         if batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
         self.model, self.batch_size, self.max_cache_len = model, batch_size, max_cache_len
-        config = model.config.get_text_config()
+        # the cache's layers are allocated by the first prompt pass, each on its own layer's device (sharded models)
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        param = next(model.parameters())
-        self.cache.early_initialization(
-            batch_size, config.num_key_value_heads, head_dim, dtype=param.dtype, device=param.device
-        )
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos = torch.tensor(eos, dtype=torch.long, device=param.device) if eos else None
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         step: Callable = self._step
@@ -78,6 +99,13 @@ class StaticGreedyDecoder:
         ).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
+    def _eos_ids(self, device: torch.device) -> torch.Tensor | None:
+        """The model's EOS ids now (generation_config may change between calls), as a tensor, or None."""
+        config = self.model.generation_config
+        eos = None if config is None else config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        return torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+
     @torch.no_grad()
     def generate(
         self,
@@ -93,6 +121,12 @@ class StaticGreedyDecoder:
             raise ValueError(
                 f"method {method.name!r} also acts on decode steps, which this decoder runs without hooks; "
                 "use method.generate for it"
+            )
+        changes = greedy_changes(self.model.generation_config)
+        if changes:
+            raise ValueError(
+                f"the model's generation_config sets {', '.join(changes)}, which change greedy decoding and this "
+                "decoder only takes the argmax; reset them on model.generation_config or use method.generate"
             )
         batch, length = enc["input_ids"].shape
         if batch != self.batch_size:
@@ -121,13 +155,14 @@ class StaticGreedyDecoder:
         token = logits[:, -1].argmax(-1, keepdim=True)
         out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         out[:, :1] = token
-        done = torch.isin(token, self.eos) if self.eos is not None else None
+        eos = self._eos_ids(device)
+        done = torch.isin(token, eos) if eos is not None else None
         last = positions[:, -1:]
         for i in range(1, max_new_tokens):
             cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
             token = self.step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse their outputs
             if done is not None:
                 token = torch.where(done, torch.full_like(token, pad_token_id), token)
-                done = done | torch.isin(token, self.eos)
+                done = done | torch.isin(token, eos)
             out[:, i : i + 1] = token
         return out

@@ -17,6 +17,7 @@ from seka_lightning.bench.building import (
     ddp_records,
     naive_build,
     run_building,
+    steady_rate,
     streaming_build,
     sums_difference,
 )
@@ -278,10 +279,13 @@ def test_building_ddp_mode_runs_seka_fit_and_counts_every_triplet(tmp_path: Path
     assert fit[0]["devices"] == 1 and fit[0]["triplets"] == 12  # 6 pairs, two triplets each, all seen by fit
     assert fit[0]["scaling_vs_1_device"] == 1.0
     assert fit[0]["triplets_small"] == 4  # the 2-pair run
-    if fit[0]["examples_per_s_steady"] is not None:  # None only if the small run happened to take longer
-        steady = (fit[0]["triplets"] - 4) / (fit[0]["fit_s"] - fit[0]["fit_s_small"])
-        assert fit[0]["examples_per_s_steady"] == pytest.approx(steady)
-        assert fit[0]["scaling_steady_vs_1_device"] == 1.0
+    assert fit[0]["examples_per_s_steady"] == steady_rate(12, fit[0]["fit_s"], 4, fit[0]["fit_s_small"])
+
+
+def test_steady_rate_cancels_a_fixed_start_up() -> None:
+    # 5 s of start-up, then 200 triplets/s: 4000 triplets take 25 s, 200 take 6 s
+    assert steady_rate(4000, 25.0, 200, 6.0) == pytest.approx(200.0)
+    assert steady_rate(4000, 5.0, 200, 6.0) is None and steady_rate(200, 25.0, 200, 6.0) is None
 
 
 def test_fast_path_generates_what_the_eager_path_generates_with_seka(tmp_path: Path) -> None:

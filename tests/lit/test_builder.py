@@ -280,8 +280,19 @@ def test_sharded_model_is_left_where_it_was_placed_and_builds_the_same_bank(tiny
     assert torch.equal(placed.pos, sharded.pos) and torch.equal(placed.neg, sharded.neg)
 
 
-def test_sharded_model_with_ddp_is_refused(tiny_model_dir):
+def test_sharded_model_with_ddp_is_refused(tiny_model_dir, monkeypatch):
     module = ProjectionBuilder(str(tiny_model_dir), device_map={"": "cpu"}, output="unused.safetensors")
     module._trainer = SimpleNamespace(world_size=2)
     with pytest.raises(ValueError, match=r"device_map=\{'': 'cpu'\}.*2 processes.*--trainer.devices 1"):
+        module.setup("fit")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched by torchrun or SLURM: refused before the model is loaded
+    with pytest.raises(ValueError, match="2 processes"):
+        ProjectionBuilder(str(tiny_model_dir), device_map={"": "cpu"}, output="unused.safetensors")
+
+
+def test_sharded_model_whose_inputs_are_off_the_trainer_device_is_refused(tiny_model_dir):
+    module = ProjectionBuilder(str(tiny_model_dir), device_map={"": "cpu"}, output="unused.safetensors")
+    module._trainer = SimpleNamespace(world_size=1)
+    module.model.get_input_embeddings().to("meta")  # as an offloaded embedding table looks
+    with pytest.raises(ValueError, match="offloads the input embeddings"):
         module.setup("fit")

@@ -330,9 +330,7 @@ def ddp_record(settings: BuildingSettings, checkpoint: Path, work_dir: Path, acc
         "batch_size": settings.ddp_batch_size,
         "triplets": triplets,
         "examples_per_s": triplets / fit_s,
-        # the extra triplets of the larger run over its extra fit time: the fit stage's fixed start-up (first
-        # steps' CUDA/cuBLAS initialisation, allocator growth) cancels out
-        "examples_per_s_steady": (triplets - triplets_small) / (fit_s - fit_s_small) if fit_s > fit_s_small else None,
+        "examples_per_s_steady": steady_rate(triplets, fit_s, triplets_small, fit_s_small),
         "triplets_small": triplets_small,
         "fit_s_small": fit_s_small,
         "examples_per_s_wall_diff": 2 * (large - small) / (wall_large - wall_small)
@@ -344,6 +342,14 @@ def ddp_record(settings: BuildingSettings, checkpoint: Path, work_dir: Path, acc
         "peak_mem_bytes_per_rank": [r["peak_mem_bytes"] for r in ranks],
         "peak_mem_bytes_small": _max_peak(ranks_small),
     }
+
+
+def steady_rate(triplets: int, seconds: float, triplets_small: int, seconds_small: float) -> float | None:
+    """Triplets per second once running: the larger run's extra triplets over its extra time, so a fixed start-up
+    (first steps' CUDA/cuBLAS initialisation, allocator growth) cancels. None when the larger run was not longer."""
+    if triplets <= triplets_small or seconds <= seconds_small:
+        return None
+    return (triplets - triplets_small) / (seconds - seconds_small)
 
 
 def ddp_records(settings: BuildingSettings, checkpoint: Path, work_dir: Path, accelerator: str) -> list[dict]:

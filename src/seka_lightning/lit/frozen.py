@@ -13,6 +13,8 @@ One process drives the sharded model: it shards over the GPUs of that process, s
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from transformers import PreTrainedModel
@@ -32,6 +34,8 @@ class FrozenModelModule(L.LightningModule):
         device_map: str | dict | None = None,
     ) -> None:
         """Load ``pretrained`` frozen; with ``device_map`` it is sharded and kept out of Lightning's device moves."""
+        if device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # refuse before every rank loads it
+            raise ValueError(self._ddp_refusal(device_map, int(os.environ["WORLD_SIZE"])))
         model, self.tokenizer = load_model(
             pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
         )
@@ -54,9 +58,27 @@ class FrozenModelModule(L.LightningModule):
         return model.get_input_embeddings().weight.device
 
     def setup(self, stage: str) -> None:
-        if self.sharded and self.trainer is not None and self.trainer.world_size > 1:
+        if not self.sharded or self.trainer is None:
+            return
+        if self.trainer.world_size > 1:
+            raise ValueError(self._ddp_refusal(self.hparams.get("device_map"), self.trainer.world_size))
+        device = self.input_device
+        if device.type == "meta":
             raise ValueError(
-                f"the model is sharded with device_map={self.hparams.get('device_map')!r}, which spreads one copy over "
-                f"this process's GPUs, but the trainer runs {self.trainer.world_size} processes; use "
-                "--trainer.devices 1 with device_map, or drop device_map to replicate the model with DDP"
+                "the device_map offloads the input embeddings (cpu/disk offload), which is not supported here; give "
+                "the model GPUs enough (max_memory) or a device_map without offload"
             )
+        if device != self.device:
+            # metrics and statistics live on Lightning's device and the model returns its outputs to the inputs'
+            raise ValueError(
+                f"the sharded model takes its inputs on {device} but Lightning runs on {self.device}; start the "
+                "device_map on the trainer's device (e.g. the embeddings on GPU 0 with --trainer.devices 1)"
+            )
+
+    @staticmethod
+    def _ddp_refusal(device_map: str | dict | None, world_size: int) -> str:
+        return (
+            f"the model is sharded with device_map={device_map!r}, which spreads one copy over this process's GPUs, "
+            f"but the run has {world_size} processes; use --trainer.devices 1 with device_map, or drop device_map "
+            "to replicate the model with DDP"
+        )

@@ -9,7 +9,7 @@ import torch
 
 from seka_lightning.bench.generation import random_bank, random_prompts
 from seka_lightning.bench.shapes import get_shape, random_model
-from seka_lightning.fast_decode import StaticGreedyDecoder
+from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod, SekaMethod
 
 CPU = torch.device("cpu")
@@ -94,3 +94,73 @@ def test_bad_calls_are_refused(setup, tmp_path: Path) -> None:
         model.generation_config.repetition_penalty = None
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         StaticGreedyDecoder(model, batch_size=0, max_cache_len=100)
+
+
+def test_static_decoding_wraps_a_method_with_one_decoder_per_batch_size(setup) -> None:
+    model, seka, enc = setup
+    wrapped = StaticDecoding(seka, max_length=128, compile=False)
+    for rows in (2, 1, 2):
+        part = {key: value[:rows] for key, value in enc.items()}
+        reference = seka.generate(model, part, max_new_tokens=NEW, pad_token_id=0)
+        assert torch.equal(wrapped.generate(model, part, max_new_tokens=NEW, pad_token_id=0), reference)
+    assert len(wrapped._decoders) == 2
+    assert torch.equal(wrapped.prompt_logits(model, enc), seka.prompt_logits(model, enc))
+    assert wrapped.describe()["gain_pos"] == 4.0 and wrapped.describe()["static_decoding"]["max_length"] == 128
+
+    class EveryStep(HighlightMethod):
+        name = "every_step"
+        edits_decode_steps = True
+
+    with pytest.raises(ValueError, match="'every_step' also acts on decode steps.*drop static_decoding"):
+        StaticDecoding(EveryStep(), max_length=128)
+
+
+def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, tmp_path: Path) -> None:
+    """`seka predict --model.static_decoding N` on a generation benchmark: the same predictions and metrics."""
+    import gzip
+    import json
+
+    from seka_lightning.cli import run_lightning
+
+    records = [
+        {
+            "question": f"question {i}",
+            "answers": [f"answer{i}"],
+            "ctxs": [{"title": f"T{i}", "text": f"Passage {i} says answer{i}.", "hasanswer": True, "isgold": True}],
+            "nq_annotated_gold": {"title": f"T{i}"},
+        }
+        for i in range(12)
+    ]
+    oracle = tmp_path / "oracle.jsonl.gz"
+    oracle.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in records).encode()))
+
+    def predict(out: str, *extra: str) -> dict:
+        run_lightning(
+            [
+                "predict",
+                "--model", "seka_lightning.lit.evaluator.BenchmarkEvaluator",
+                "--model.pretrained", str(tiny_model_dir),
+                "--model.method", "seka_lightning.methods.HighlightMethod",
+                *extra,
+                "--data", "seka_lightning.data.benchmark_modules.LostInTheMiddleDataModule",
+                "--data.path", str(oracle),
+                "--data.num_documents", "4",
+                "--data.gold_positions", "[0, 3]",
+                "--data.example_subset", "0:3",
+                "--data.max_new_tokens", "5",
+                "--data.batch_size", "4",  # 6 prompts: batches of 4 and 2, two decoders
+                "--trainer.accelerator", "cpu",
+                "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false",
+                "--trainer.callbacks+", "seka_lightning.lit.writers.BenchmarkWriter",
+                "--trainer.callbacks.output_dir", str(tmp_path / out),
+            ]
+        )  # fmt: skip
+        return json.loads((tmp_path / out / "metric_result.json").read_text())
+
+    plain = predict("generate")
+    static = predict("static", "--model.static_decoding", "512", "--model.static_decoding_backend", "eager")
+    assert static["metrics"] == plain["metrics"] and static["counts"]["examples"] == 6
+    assert static["method"]["static_decoding"]["max_length"] == 512
+    read = lambda name: (tmp_path / name / "predictions.jsonl").read_text()  # noqa: E731
+    assert read("static") == read("generate")

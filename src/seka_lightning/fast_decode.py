@@ -134,7 +134,7 @@ class StaticGreedyDecoder:
         if length + max_new_tokens > self.max_cache_len:
             raise ValueError(
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len={self.max_cache_len}; "
-                "build the decoder with a larger max_cache_len"
+                "use a larger max_cache_len (static_decoding in seka predict)"
             )
         device = enc["input_ids"].device
         self.cache.reset()
@@ -166,3 +166,54 @@ class StaticGreedyDecoder:
                 done = done | torch.isin(token, eos)
             out[:, i : i + 1] = token
         return out
+
+
+class StaticDecoding(HighlightMethod):
+    """``method`` with its ``generate`` served by :class:`StaticGreedyDecoder`; scoring, prompt logits and settings
+    stay the method's. One decoder per batch size, each with ``max_length`` cache positions, so one compiled decode
+    step serves every batch whatever its prompt length (``seka predict --model.static_decoding N``)."""
+
+    def __init__(
+        self,
+        method: HighlightMethod,
+        *,
+        max_length: int,
+        compile: bool = True,
+        backend: str = "inductor",
+        mode: str | None = "reduce-overhead",
+    ) -> None:
+        """
+        Args:
+            method: a method confined to the prompt pass (none, SEKA, the random ablation, AdaSEKA).
+            max_length: the longest prompt plus the new tokens of any batch (the cache length).
+            compile, backend, mode: as :class:`StaticGreedyDecoder`.
+        """
+        if method.edits_decode_steps or type(method).generate is not HighlightMethod.generate:
+            raise ValueError(
+                f"method {method.name!r} also acts on decode steps, so its generate cannot run on a static decoder; "
+                "drop static_decoding for it"
+            )
+        self.method, self.max_length = method, max_length
+        self.name, self.uses_highlight = method.name, method.uses_highlight
+        self._options = {"compile": compile, "backend": backend, "mode": mode}
+        self._decoders: dict[tuple[int, int], StaticGreedyDecoder] = {}
+
+    def setup(self, model: nn.Module, tokenizer) -> None:
+        self.method.setup(model, tokenizer)
+
+    def active(self, model: nn.Module, enc: Encoded):
+        return self.method.active(model, enc)
+
+    def prompt_logits(self, model: nn.Module, enc: Encoded) -> torch.Tensor:
+        return self.method.prompt_logits(model, enc)
+
+    def generate(self, model: nn.Module, enc: Encoded, *, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
+        key = (id(model), enc["input_ids"].shape[0])
+        if key not in self._decoders:
+            self._decoders[key] = StaticGreedyDecoder(
+                model, batch_size=key[1], max_cache_len=self.max_length, **self._options
+            )
+        return self._decoders[key].generate(self.method, enc, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+
+    def describe(self) -> dict:
+        return {**self.method.describe(), "static_decoding": {"max_length": self.max_length, **self._options}}

@@ -56,6 +56,8 @@ class BenchmarkEvaluator(FrozenModelModule):
         add_special_tokens: bool = False,
         attn_implementation: str = "sdpa",
         device_map: str | dict | None = None,
+        static_decoding: int | None = None,
+        static_decoding_backend: str = "inductor",
     ) -> None:
         """
         Args:
@@ -67,9 +69,17 @@ class BenchmarkEvaluator(FrozenModelModule):
             attn_implementation: ``sdpa`` or ``eager``.
             device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
                 ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.
+            static_decoding: generate through ``StaticGreedyDecoder`` with this many cache positions (longest prompt
+                + new tokens; one compiled decode step for every batch); methods confined to the prompt pass only
+                (none, SEKA, random, AdaSEKA). None = ``model.generate``.
+            static_decoding_backend: ``torch.compile`` backend of the static decoder.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
+        if static_decoding is not None:
+            from seka_lightning.fast_decode import StaticDecoding
+
+            method = StaticDecoding(method, max_length=static_decoding, backend=static_decoding_backend)
         self.method = method
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         self.scorer: BenchmarkScorer | None = None

@@ -53,6 +53,13 @@ def greedy_changes(generation_config) -> list[str]:
     return changes
 
 
+def require_prompt_only(method: HighlightMethod, *, fix: str) -> None:
+    """Refuse a method that acts on decode steps (its own ``generate``, or ``edits_decode_steps``): the decoder
+    runs decode steps without hooks."""
+    if method.edits_decode_steps or type(method).generate is not HighlightMethod.generate:
+        raise ValueError(f"method {method.name!r} also acts on decode steps, which run here without hooks; {fix}")
+
+
 class StaticGreedyDecoder:
     """Reusable greedy decoding for one model: the cache is allocated once for ``batch_size`` rows and
     ``max_cache_len`` positions (prompt + new tokens), and reset, not reallocated, between calls."""
@@ -117,11 +124,7 @@ class StaticGreedyDecoder:
     ) -> torch.Tensor:
         """Greedy continuation ids ``[B, max_new_tokens]`` of the left-padded prompts ``enc`` under ``method``; rows
         that emit one of the model's EOS ids continue with ``pad_token_id``."""
-        if method.edits_decode_steps or type(method).generate is not HighlightMethod.generate:
-            raise ValueError(
-                f"method {method.name!r} also acts on decode steps, which this decoder runs without hooks; "
-                "use method.generate for it"
-            )
+        require_prompt_only(method, fix="use method.generate for it")
         changes = greedy_changes(self.model.generation_config)
         if changes:
             raise ValueError(
@@ -188,11 +191,7 @@ class StaticDecoding(HighlightMethod):
             max_length: the longest prompt plus the new tokens of any batch (the cache length).
             compile, backend, mode: as :class:`StaticGreedyDecoder`.
         """
-        if method.edits_decode_steps or type(method).generate is not HighlightMethod.generate:
-            raise ValueError(
-                f"method {method.name!r} also acts on decode steps, so its generate cannot run on a static decoder; "
-                "drop static_decoding for it"
-            )
+        require_prompt_only(method, fix="drop static_decoding for it")
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
         self._options = {"compile": compile, "backend": backend, "mode": mode}

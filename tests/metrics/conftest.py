@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +28,6 @@ def _synced_compute(rank0: Metric, rank1: Metric) -> Any:
     return rank0.compute()
 
 
-@pytest.fixture
-def ddp_compute() -> Callable[[Metric, Metric], Any]:
-    return _synced_compute
-
-
 def _assert_same(actual: Any, expected: Any) -> None:
     if isinstance(expected, dict):
         assert actual.keys() == expected.keys()
@@ -45,3 +41,20 @@ def _assert_same(actual: Any, expected: Any) -> None:
 def assert_same_result() -> Callable[[Any, Any], None]:
     """Compare two ``compute()`` results (tensor or dict of tensors) to float64 precision."""
     return _assert_same
+
+
+def _assert_ranks_match(make: Callable[[], Metric], rank0_args: tuple, rank1_args: tuple, expected: Any) -> None:
+    """Two ranks' metrics (``make()`` updated with ``*rank0_args`` / ``*rank1_args``) give ``expected`` both through
+    ``merge_state`` and through the simulated DDP all-gather."""
+    rank0, rank1 = make(), make()
+    rank0.update(*rank0_args)
+    rank1.update(*rank1_args)
+    merged = copy.deepcopy(rank0)
+    merged.merge_state(rank1)
+    _assert_same(merged.compute(), expected)
+    _assert_same(_synced_compute(rank0, rank1), expected)
+
+
+@pytest.fixture
+def assert_ranks_match() -> Callable[[Callable[[], Metric], tuple, tuple, Any], None]:
+    return _assert_ranks_match

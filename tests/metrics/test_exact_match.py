@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -41,7 +40,7 @@ def _columns(examples: list) -> tuple[list, list, list]:
     return [e[0] for e in examples], [e[1] for e in examples], [e[2] for e in examples]
 
 
-def test_metric_per_position_two_updates_and_merge(ddp_compute, assert_same_result) -> None:
+def test_metric_per_position_two_updates_and_merge(assert_same_result, assert_ranks_match) -> None:
     whole = SubspanExactMatch(positions=POSITIONS)
     whole.update(*_columns(EXAMPLES))
     _check(whole.compute())
@@ -51,13 +50,12 @@ def test_metric_per_position_two_updates_and_merge(ddp_compute, assert_same_resu
     split.update(*_columns(EXAMPLES[2:]))
     assert_same_result(split.compute(), whole.compute())
 
-    rank0, rank1 = SubspanExactMatch(positions=POSITIONS), SubspanExactMatch(positions=POSITIONS)
-    rank0.update(*_columns(EXAMPLES[::2]))
-    rank1.update(*_columns(EXAMPLES[1::2]))
-    merged = copy.deepcopy(rank0)
-    merged.merge_state(rank1)
-    assert_same_result(merged.compute(), whole.compute())
-    assert_same_result(ddp_compute(rank0, rank1), whole.compute())
+    assert_ranks_match(
+        lambda: SubspanExactMatch(positions=POSITIONS),
+        _columns(EXAMPLES[::2]),
+        _columns(EXAMPLES[1::2]),
+        whole.compute(),
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 
 from seka_lightning.metrics import NGramEntropy, n_gram_entropy, word_tokenize
@@ -46,7 +44,7 @@ def test_case_is_kept() -> None:
     assert n_gram_entropy("The cat the cat") > REPEAT_SCORE
 
 
-def test_metric_mean_two_updates_and_merge(ddp_compute, assert_same_result) -> None:
+def test_metric_mean_two_updates_and_merge(assert_same_result, assert_ranks_match) -> None:
     whole = NGramEntropy()
     whole.update([REPEAT, PUNCT, SHORT])
     assert whole.compute().item() == pytest.approx(MEAN, abs=1e-12)
@@ -56,13 +54,7 @@ def test_metric_mean_two_updates_and_merge(ddp_compute, assert_same_result) -> N
     split.update([PUNCT, SHORT])
     assert_same_result(split.compute(), whole.compute())
 
-    rank0, rank1 = NGramEntropy(), NGramEntropy()
-    rank0.update([REPEAT, PUNCT])
-    rank1.update([SHORT])
-    merged = copy.deepcopy(rank0)
-    merged.merge_state(rank1)
-    assert_same_result(merged.compute(), whole.compute())
-    assert_same_result(ddp_compute(rank0, rank1), whole.compute())
+    assert_ranks_match(NGramEntropy, ([REPEAT, PUNCT],), ([SHORT],), whole.compute())
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -63,18 +62,16 @@ def test_two_updates_equal_one(assert_same_result) -> None:
     assert split.compute()["score"].item() == pytest.approx(PARAPHRASE_SCORE, abs=1e-12)
 
 
-def test_merged_ranks_equal_one_metric(ddp_compute, assert_same_result) -> None:
-    rank0, rank1 = TargetPreference(), TargetPreference()
-    rank0.update(_log(0.5, 0.1)[None], _log(0.2, 0.3)[None])
-    rank1.update(_log(0.4, 0.4, 0.4)[None], _log(0.1, 0.2, 0.5)[None])
-    merged = copy.deepcopy(rank0)
-    merged.merge_state(rank1)
+def test_merged_ranks_equal_one_metric(assert_ranks_match) -> None:
     whole = TargetPreference()
     new, old, mask = _padded()
     whole.update(new, old, mask=mask)
-    expected = whole.compute()
-    assert_same_result(merged.compute(), expected)
-    assert_same_result(ddp_compute(rank0, rank1), expected)
+    assert_ranks_match(
+        TargetPreference,
+        (_log(0.5, 0.1)[None], _log(0.2, 0.3)[None]),
+        (_log(0.4, 0.4, 0.4)[None], _log(0.1, 0.2, 0.5)[None]),
+        whole.compute(),
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

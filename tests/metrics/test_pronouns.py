@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 
 from seka_lightning.metrics import PronounChangeScore, pronoun_change
@@ -45,7 +43,7 @@ def _check(result: dict) -> None:
         assert result[key].item() == pytest.approx(value, abs=1e-12), key
 
 
-def test_metric_two_updates_and_merge(ddp_compute, assert_same_result) -> None:
+def test_metric_two_updates_and_merge(assert_same_result, assert_ranks_match) -> None:
     originals = [s[0] for s in SAMPLES]
     generations = [s[1] for s in SAMPLES]
     whole = PronounChangeScore()
@@ -57,13 +55,9 @@ def test_metric_two_updates_and_merge(ddp_compute, assert_same_result) -> None:
     split.update(originals[2:], generations[2:])
     assert_same_result(split.compute(), whole.compute())
 
-    rank0, rank1 = PronounChangeScore(), PronounChangeScore()
-    rank0.update(originals[:3], generations[:3])
-    rank1.update(originals[3:], generations[3:])
-    merged = copy.deepcopy(rank0)
-    merged.merge_state(rank1)
-    assert_same_result(merged.compute(), whole.compute())
-    assert_same_result(ddp_compute(rank0, rank1), whole.compute())
+    assert_ranks_match(
+        PronounChangeScore, (originals[:3], generations[:3]), (originals[3:], generations[3:]), whole.compute()
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

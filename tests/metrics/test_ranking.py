@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 
@@ -43,7 +41,7 @@ def test_configurable_k() -> None:
     assert result["top4"].item() == pytest.approx(1.0)
 
 
-def test_two_updates_equal_one_and_merge(ddp_compute, assert_same_result) -> None:
+def test_two_updates_equal_one_and_merge(assert_same_result, assert_ranks_match) -> None:
     whole = TopKAccuracy()
     whole.update(SCORES, TARGET)
     split = TopKAccuracy()
@@ -51,13 +49,7 @@ def test_two_updates_equal_one_and_merge(ddp_compute, assert_same_result) -> Non
     split.update(SCORES[1:], TARGET[1:])
     assert_same_result(split.compute(), whole.compute())
 
-    rank0, rank1 = TopKAccuracy(), TopKAccuracy()
-    rank0.update(SCORES[:3], TARGET[:3])
-    rank1.update(SCORES[3:], TARGET[3:])
-    merged = copy.deepcopy(rank0)
-    merged.merge_state(rank1)
-    assert_same_result(merged.compute(), whole.compute())
-    assert_same_result(ddp_compute(rank0, rank1), whole.compute())
+    assert_ranks_match(TopKAccuracy, (SCORES[:3], TARGET[:3]), (SCORES[3:], TARGET[3:]), whole.compute())
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

@@ -1,4 +1,3 @@
-import copy
 import math
 
 import pytest
@@ -44,7 +43,7 @@ def test_similarity_by_hand() -> None:
     assert metric.similarity("xyz", "chef") == 0.0
 
 
-def test_metric_mean_two_updates_and_merge(ddp_compute, assert_same_result) -> None:
+def test_metric_mean_two_updates_and_merge(assert_same_result, assert_ranks_match) -> None:
     generations, labels = ["the nurse is kind", "He cooks.", "xyz"], ["nurse", "chef", "chef"]
     whole = TfidfConsistency(REFERENCES)
     whole.update(generations, labels)
@@ -55,13 +54,12 @@ def test_metric_mean_two_updates_and_merge(ddp_compute, assert_same_result) -> N
     split.update(generations[1:], labels[1:])
     assert_same_result(split.compute(), whole.compute())
 
-    rank0, rank1 = TfidfConsistency(REFERENCES), TfidfConsistency(REFERENCES)
-    rank0.update(generations[:2], labels[:2])
-    rank1.update(generations[2:], labels[2:])
-    merged = copy.deepcopy(rank0)
-    merged.merge_state(rank1)
-    assert_same_result(merged.compute(), whole.compute())
-    assert_same_result(ddp_compute(rank0, rank1), whole.compute())
+    assert_ranks_match(
+        lambda: TfidfConsistency(REFERENCES),
+        (generations[:2], labels[:2]),
+        (generations[2:], labels[2:]),
+        whole.compute(),
+    )
 
 
 def test_separate_corpus_sets_the_idf() -> None:

@@ -34,9 +34,9 @@ from seka_lightning.adaseka import ExpertSet, LayerExperts
 from seka_lightning.data.synthetic_qa import HighlightedQuestion, RankBatches, highlighted_questions
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
+from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.lit.validator import IGNORE_INDEX, encode_questions
 from seka_lightning.methods import position_ids_for
-from seka_lightning.models import load_model
 from seka_lightning.routing import AdaptiveSteerer, select_expert_layers
 from seka_lightning.steering import LAYER_MAPPINGS
 
@@ -204,7 +204,7 @@ class GateQADataModule(L.LightningDataModule):
         return self._loader(self.val_questions)
 
 
-class AdaSekaGateTrainer(L.LightningModule):
+class AdaSekaGateTrainer(FrozenModelModule):
     """Fit a :class:`RoutingGate` for AdaSEKA: the model and experts are frozen, the gate's parameters are the only
     trainable ones; the loss is the mean negative log-likelihood per answer token of highlighted QA probes,
     steered through the gate. Validation logs ``val/nll_{gate,router,unsteered}`` (held-out loss with the gate, with
@@ -247,9 +247,7 @@ class AdaSekaGateTrainer(L.LightningModule):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.save_hyperparameters()
-        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
-        self.model.requires_grad_(False)
-        self.model.eval()
+        self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
         self.expert_set = ExpertSet.load(experts)
         self.layout = resolve_layout(self.model)
         self.mapping = select_expert_layers(self.expert_set, layers, self.layout.num_layers, layer_mapping)

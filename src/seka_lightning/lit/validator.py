@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
@@ -25,8 +24,8 @@ from seka_lightning.diagnostics import answer_log_likelihood, attention_mass
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import write_json
 from seka_lightning.highlight import apply_chat_template, encode_spans
+from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import position_ids_for
-from seka_lightning.models import load_model
 from seka_lightning.steering import select_bank_layers, steer
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ def encode_questions(
     return encoded, prompt_length
 
 
-class BankValidator(L.LightningModule):
+class BankValidator(FrozenModelModule):
     """Attention on the highlight and answer log-likelihood, without and with steering, on held-out QA probes.
 
     Logs ``{unsteered,steered,delta}/{attn_mass,attn_mass_steered_layers,answer_logprob,answer_logprob_per_token}``
@@ -158,7 +157,7 @@ class BankValidator(L.LightningModule):
                 "use float32"
             )
         self.save_hyperparameters()
-        self.model, self.tokenizer = load_model(pretrained, dtype=dtype, attn_implementation="eager")
+        self.load_frozen_model(pretrained, dtype=dtype, attn_implementation="eager")
         self.bank = ProjectionBank.load(bank, neg=neg)
         layout = resolve_layout(self.model)
         self.bank.check_compatible(

@@ -293,6 +293,9 @@ def test_sharded_model_with_ddp_is_refused(tiny_model_dir, monkeypatch):
 def test_sharded_model_whose_inputs_are_off_the_trainer_device_is_refused(tiny_model_dir):
     module = ProjectionBuilder(str(tiny_model_dir), device_map={"": "cpu"}, output="unused.safetensors")
     module._trainer = SimpleNamespace(world_size=1)
+    module._device = torch.device("meta")  # Lightning's device differs from the inputs' (cpu)
+    with pytest.raises(ValueError, match="takes its inputs on cpu but Lightning runs on meta; start the device_map"):
+        module.setup("fit")
     module.model.get_input_embeddings().to("meta")  # as an offloaded embedding table looks
     with pytest.raises(ValueError, match="offloads the input embeddings"):
         module.setup("fit")

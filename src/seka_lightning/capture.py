@@ -157,6 +157,14 @@ class TripletKeys:
     skipped_attention: int = 0
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device``. To a GPU it goes through pinned memory without blocking: a plain copy from
+    pageable memory makes the host wait until the GPU has finished all queued work (the previous forward pass)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -164,7 +172,7 @@ def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> tu
     for i, row in enumerate(ids):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, : len(row)] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    return to_device(input_ids, device), to_device(attention_mask, device)
 
 
 def attention_kept(neutral: torch.Tensor, positive: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -220,18 +228,18 @@ def collect_triplet_keys(
         ids = [encoded[k]["input_ids"][b] for b in kept]
         input_ids, attention_mask = _right_padded(ids, pad_id, device)
         width = input_ids.shape[1]
-        rows = torch.tensor(
-            [row * width + token for row, found in enumerate(indices) for token in found[k]], dtype=torch.long
-        ).to(device)
+        rows = to_device(
+            torch.tensor([row * width + token for row, found in enumerate(indices) for token in found[k]]), device
+        )
         if attention_ratio is None or k == 2:
             keys.append(capture_keys(model, layout, layer_ids, input_ids, attention_mask, rows))
             continue
-        last = torch.tensor([len(row) - 1 for row in ids], dtype=torch.long, device=device)
+        last = to_device(torch.tensor([len(row) - 1 for row in ids]), device)
         answer = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, found in enumerate(indices):
             answer[row, found[k]] = True
         key, mass = capture_keys_and_attention(
-            model, layout, layer_ids, input_ids, attention_mask, rows, last, answer.to(device)
+            model, layout, layer_ids, input_ids, attention_mask, rows, last, to_device(answer, device)
         )
         keys.append(key)
         masses.append(mass)

@@ -83,9 +83,10 @@ class KeyStatistics(Metric):
                 f"key shapes differ: neutral {tuple(neutral.shape)}, positive {tuple(positive.shape)}, "
                 f"negative {tuple(negative.shape)}"
             )
+        # No finiteness check here: it would make the host wait for the GPU on every batch. A NaN or inf key always
+        # leaves some sum non-finite (a0's diagonal is Σ h², the cross sums multiply every h+ and h- entry by h), and
+        # a non-finite sum stays so; check_finite() reads the sums once, at a checkpoint and in compute().
         h, hp, hn = (x.to(torch.float64) for x in (neutral, positive, negative))
-        if not (torch.isfinite(h).all() and torch.isfinite(hp).all() and torch.isfinite(hn).all()):
-            raise ValueError("non-finite keys (NaN or inf) reached the statistics; check the model dtype and weights")
         self.count += h.shape[1]
         self.a0 += torch.einsum("lmhd,lmhe->lhde", h, h)
         self.a_pos += torch.einsum("lmhd,lmhe->lhde", h, hp)
@@ -93,7 +94,16 @@ class KeyStatistics(Metric):
         self.d_pos_neg += (hp - hn).square().sum(dim=(1, 3))
         self.d_pos_neutral += (hp - h).square().sum(dim=(1, 3))
 
+    def check_finite(self) -> None:
+        """Raise if NaN or inf keys reached the sums (one host-device sync)."""
+        if not bool(torch.stack([torch.isfinite(getattr(self, f.name)).all() for f in fields(KeySums)]).all()):
+            raise ValueError(
+                "non-finite keys (NaN or inf) reached the statistics; check the model dtype and weights (float16 "
+                "overflows in some models: use bfloat16 or float32)"
+            )
+
     def compute(self) -> KeySums:
+        self.check_finite()
         return KeySums(**{f.name: getattr(self, f.name) for f in fields(KeySums)})
 
 

@@ -299,3 +299,35 @@ def test_sharded_model_whose_inputs_are_off_the_trainer_device_is_refused(tiny_m
     module.model.get_input_embeddings().to("meta")  # as an offloaded embedding table looks
     with pytest.raises(ValueError, match="offloads the input embeddings"):
         module.setup("fit")
+
+
+def test_nan_keys_stop_the_build_before_any_checkpoint_or_bank_is_written(tiny_model_dir, qa_file, tmp_path):
+    builder = ProjectionBuilder(
+        str(tiny_model_dir), dtype="float64", min_diff=0.0, output=str(tmp_path / "b.safetensors")
+    )
+    with torch.no_grad():
+        builder.model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    checkpoint = BatchCheckpoint(str(tmp_path / "ckpt"), every_n_batches=2)
+    with pytest.raises(ValueError, match=r"non-finite keys \(NaN or inf\) reached the statistics"):
+        _trainer(checkpoint).fit(builder, datamodule=_datamodule(qa_file))
+    assert not checkpoint.dirpath.exists() or not any(checkpoint.dirpath.iterdir())
+    # without checkpoints the sums are read once, at the end: still no bank and no statistics file
+    builder.stats.reset()
+    with pytest.raises(ValueError, match="non-finite keys"):
+        _trainer().fit(builder, datamodule=_datamodule(qa_file))
+    assert not (tmp_path / "b.safetensors").exists() and not stats_path_for(tmp_path / "b.safetensors").exists()
+
+
+def test_counters_resume_from_sum_metric_checkpoints():
+    """The triplet counters took SumMetric's state name, so builds checkpointed with SumMetric counters resume."""
+    from torchmetrics import SumMetric
+
+    from seka_lightning.lit.builder import Count
+
+    old = SumMetric()
+    old.persistent(True)
+    old.update(7)
+    counter = Count()
+    counter.load_state_dict(old.state_dict())
+    counter.update(3)
+    assert int(counter.compute()) == 10

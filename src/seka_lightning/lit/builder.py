@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics import SumMetric
+from torchmetrics import Metric
 
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank
@@ -29,6 +29,24 @@ def stats_path_for(bank_path: str | Path) -> Path:
     """Where the sufficient statistics live beside a bank: ``bank.safetensors`` -> ``bank.stats.safetensors``."""
     path = Path(bank_path)
     return path.with_name(path.name.removesuffix(".safetensors") + ".stats.safetensors")
+
+
+class Count(Metric):
+    """A DDP-summed count of Python ints. Adding one launches a kernel and copies nothing to the device, so it never
+    makes the host wait for the GPU (``SumMetric.update`` copies its input over and NaN-checks it on the host)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # SumMetric's state name, so checkpoints written when the counters were SumMetrics still resume
+        self.add_state("sum_value", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum", persistent=True)
+
+    def update(self, value: int) -> None:
+        self.sum_value += value
+
+    def compute(self) -> torch.Tensor:
+        return self.sum_value
 
 
 class ProjectionBuilder(FrozenModelModule):
@@ -77,11 +95,8 @@ class ProjectionBuilder(FrozenModelModule):
         self.layout = resolve_layout(self.model)
         self.layer_ids = parse_layers(layers, self.layout.num_layers)
         self.stats = KeyStatistics(len(self.layer_ids), self.layout.num_kv_heads, self.layout.head_dim)
-        self.kept = SumMetric()
-        self.skipped = SumMetric()
-        self.filtered = SumMetric()
-        for counter in (self.kept, self.skipped, self.filtered):
-            counter.persistent(True)  # the triplet counts resume with the sums, so the metadata stays exact
+        # the triplet counts resume with the sums (persistent states), so the metadata stays exact
+        self.kept, self.skipped, self.filtered = Count(), Count(), Count()
         self.strict_loading = False  # checkpoints hold the statistics, not the (pretrained) model weights
         self.automatic_optimization = False  # nothing is optimised: each step only adds to the sums
         self._started = 0.0
@@ -119,7 +134,9 @@ class ProjectionBuilder(FrozenModelModule):
             self.skipped.update(len(batch) - kept)
         self._examples += len(batch)
         elapsed = max(time.perf_counter() - self._started, 1e-9)
-        self.log("examples_per_s", self._examples * self.trainer.world_size / elapsed, prog_bar=True, batch_size=1)
+        # a CPU tensor: logging a Python number would copy it to the GPU, and the progress bar would read it back
+        rate = torch.tensor(self._examples * self.trainer.world_size / elapsed)
+        self.log("examples_per_s", rate, prog_bar=True, batch_size=1)
         return None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -128,6 +145,8 @@ class ProjectionBuilder(FrozenModelModule):
         for metric_name in ("stats", "kept", "skipped", "filtered"):
             metric = getattr(self, metric_name)
             with metric.sync_context(should_unsync=True):
+                if metric is self.stats:
+                    metric.check_finite()  # never checkpoint NaN sums: resuming from them could not recover
                 for key, value in metric.state_dict().items():
                     state[f"{metric_name}.{key}"] = value.detach().clone().cpu()
         checkpoint["state_dict"] = state

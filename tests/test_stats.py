@@ -1,0 +1,63 @@
+"""KeyStatistics: float64 sums of SPEC §3, and NaN/inf keys caught when the sums are read (not per batch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seka_lightning.stats import KeyStatistics
+
+L, M, H, D = 2, 5, 3, 4
+
+
+def _keys(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(L, M, H, D, generator=generator, dtype=torch.float32) for _ in range(3)]
+
+
+def test_sums_equal_a_float64_reference():
+    stats = KeyStatistics(L, H, D)
+    batches = [_keys(0), _keys(1)]
+    for batch in batches:
+        stats.update(*batch)
+    h, hp, hn = (torch.cat([b[i] for b in batches], dim=1).double() for i in range(3))
+    sums = stats.compute()
+    assert sums.count.item() == 2 * M
+    for got, (x, y) in ((sums.a0, (h, h)), (sums.a_pos, (h, hp)), (sums.a_neg, (h, hn))):
+        reference = torch.stack(
+            [torch.stack([x[layer, :, head].T @ y[layer, :, head] for head in range(H)]) for layer in range(L)]
+        )
+        torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums.d_pos_neg, (hp - hn).square().sum(dim=(1, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums.d_pos_neutral, (hp - h).square().sum(dim=(1, 3)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["neutral", "positive", "negative"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("zero_neutral_row", [False, True])
+def test_any_non_finite_key_fails_compute(which, bad, zero_neutral_row):
+    """update() does not look at the values (that would wait for the GPU every batch); every NaN or inf entry of any
+    text still leaves a non-finite sum, also when it meets zeros of the neutral key, and later finite batches do not
+    wash it out."""
+    stats = KeyStatistics(L, H, D)
+    keys = _keys(2)
+    if zero_neutral_row:
+        keys[0][1, 3, 2] = 0.0
+    keys[which][1, 3, 2, 1] = bad
+    stats.update(*keys)
+    stats.update(*_keys(3))
+    with pytest.raises(ValueError, match=r"non-finite keys \(NaN or inf\) reached the statistics"):
+        stats.compute()
+
+
+def test_opposite_infinities_do_not_cancel():
+    stats = KeyStatistics(L, H, D)
+    keys = _keys(4)
+    keys[1][0, 0, 0, 0] = float("inf")
+    keys[2][0, 0, 0, 0] = float("inf")  # h+ - h- is NaN there; the cross sums are inf
+    stats.update(*keys)
+    keys = _keys(5)
+    keys[1][0, 0, 0, 0] = float("-inf")
+    stats.update(*keys)
+    with pytest.raises(ValueError, match="non-finite keys"):
+        stats.compute()

@@ -278,14 +278,17 @@ def test_building_ddp_mode_runs_seka_fit_and_counts_every_triplet(tmp_path: Path
     assert len(fit) == 1
     assert fit[0]["devices"] == 1 and fit[0]["triplets"] == 12  # 6 pairs, two triplets each, all seen by fit
     assert fit[0]["scaling_vs_1_device"] == 1.0
-    assert fit[0]["triplets_small"] == 4  # the 2-pair run
-    assert fit[0]["examples_per_s_steady"] == steady_rate(12, fit[0]["fit_s"], 4, fit[0]["fit_s_small"])
+    (rank,) = fit[0]["ranks"]
+    assert rank["batches"] == 3 and rank["steady_triplets"] == 8  # batches of 4 triplets; the first is start-up
+    assert rank["first_batch_s"] + rank["steady_s"] + rank["after_last_batch_s"] == pytest.approx(rank["fit_s"])
+    assert fit[0]["examples_per_s_steady"] == pytest.approx(8 / rank["steady_s"])
+    assert fit[0]["syncs_in_probe_batch"] == [None]  # counted on CUDA only
 
 
-def test_steady_rate_cancels_a_fixed_start_up() -> None:
-    # 5 s of start-up, then 200 triplets/s: 4000 triplets take 25 s, 200 take 6 s
-    assert steady_rate(4000, 25.0, 200, 6.0) == pytest.approx(200.0)
-    assert steady_rate(4000, 5.0, 200, 6.0) is None and steady_rate(200, 25.0, 200, 6.0) is None
+def test_steady_rate_takes_every_rank_s_triplets_over_the_slowest_span() -> None:
+    ranks = [{"steady_s": 10.0, "steady_triplets": 1000}, {"steady_s": 12.5, "steady_triplets": 1500}]
+    assert steady_rate(ranks) == pytest.approx(200.0)
+    assert steady_rate([{"steady_s": 0.0, "steady_triplets": 0}]) is None
 
 
 def test_fast_path_generates_what_the_eager_path_generates_with_seka(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -212,39 +214,80 @@ def _measure(
 
 
 class PeakMemoryRecorder(L.Callback):
-    """Writes this rank's fit-stage time and peak allocated memory to ``{path}/rank{r}.json`` (for the DDP runs of
-    the building benchmark: the CLI's own numbers, measured inside the processes it starts)."""
+    """Writes this rank's fit-stage timings, peak allocated memory and host-device syncs to ``{path}/rank{r}.json``
+    (for the DDP runs of the building benchmark: the CLI's own numbers, measured inside the processes it starts).
 
-    def __init__(self, path: str) -> None:
+    ``fit_s`` runs from the train start to the train end; ``first_batch_s`` to the end of batch 0 (CUDA, cuBLAS and
+    allocator start-up land there); ``steady_s`` from the end of batch 0 to the end of the last batch, which processed
+    ``steady_triplets`` (the device is synchronised at those three points only, so the steps in between overlap as in
+    a normal run). During batch ``sync_probe_batch`` CUDA's sync debug mode warns at every operation that makes the
+    host wait for the GPU; their number and Python call sites are recorded.
+    """
+
+    def __init__(self, path: str, sync_probe_batch: int = 2) -> None:
         """
         Args:
             path: folder for one JSON file per rank.
+            sync_probe_batch: the batch whose host-device syncs are counted (CUDA only).
         """
         self.path = Path(path)
-        self._start = 0.0
-        self._batches = 0
-        self._triplets = 0
+        self.sync_probe_batch = sync_probe_batch
+        self._start = self._first_end = self._last_end = 0.0
+        self._start_unix = 0.0
+        self._batches = self._triplets = self._first_triplets = 0
+        self._probe: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._syncs: list[str] | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
         reset_peak_memory(pl_module.device)
-        self._start = time.perf_counter()
+        self._start, self._start_unix = time.perf_counter(), time.time()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == self.sync_probe_batch and pl_module.device.type == "cuda":
+            self._probe = warnings.catch_warnings(record=True)
+            self._caught = self._probe.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
+        if self._probe is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._probe.__exit__(None, None, None)
+            self._probe = None
+            self._syncs = [
+                f"{Path(w.filename).name}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message)
+            ]
         self._batches += 1
         self._triplets += len(batch)
+        if batch_idx == 0:
+            synchronize(pl_module.device)
+            self._first_end, self._first_triplets = time.perf_counter(), self._triplets
+        if batch_idx == trainer.num_training_batches - 1:
+            synchronize(pl_module.device)
+            self._last_end = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(pl_module.device)
+        end = time.perf_counter()
+        self._last_end = self._last_end or end  # a loader without a length: the last batch was not known
         record = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
-            "fit_s": time.perf_counter() - self._start,
+            "train_start_unix": self._start_unix,
+            "fit_s": end - self._start,
+            "first_batch_s": self._first_end - self._start,
+            "steady_s": self._last_end - self._first_end,
+            "after_last_batch_s": end - self._last_end,
             "batches": self._batches,
             "triplets": self._triplets,
+            "steady_triplets": self._triplets - self._first_triplets,
             "peak_mem_bytes": peak_memory(pl_module.device),
+            "syncs_in_probe_batch": None if self._syncs is None else len(self._syncs),
+            "sync_sites": None if self._syncs is None else dict(Counter(self._syncs)),
         }
         write_json(self.path / f"rank{trainer.global_rank}.json", record)
 
@@ -307,8 +350,9 @@ def run_fit(command: list[str], run_dir: Path) -> tuple[float, list[dict]]:
 
 def ddp_record(settings: BuildingSettings, checkpoint: Path, work_dir: Path, accelerator: str, devices: int) -> dict:
     """``seka fit`` on ``devices`` devices: examples/s of the fit stage (all ranks' triplets over the slowest rank's
-    time), the same from the wall-time difference of the two dataset sizes (loading and start-up cancel out), and
-    peak memory (the largest rank's)."""
+    time), the same once running (:func:`steady_rate`), the same from the wall-time difference of the two dataset
+    sizes (loading and start-up cancel out), peak memory (the largest rank's) and the host-device syncs of one
+    steady batch."""
     small, large = settings.ddp_pairs
     runs = {}
     for pairs in (small, large):
@@ -321,8 +365,7 @@ def ddp_record(settings: BuildingSettings, checkpoint: Path, work_dir: Path, acc
     (wall_small, ranks_small), (wall_large, ranks) = runs[small], runs[large]
     triplets = sum(r["triplets"] for r in ranks)
     fit_s = max(r["fit_s"] for r in ranks)
-    triplets_small = sum(r["triplets"] for r in ranks_small)
-    fit_s_small = max(r["fit_s"] for r in ranks_small)
+    starts = [r["train_start_unix"] for r in ranks]
     return {
         "builder": "seka fit",
         "status": "ok",
@@ -330,26 +373,31 @@ def ddp_record(settings: BuildingSettings, checkpoint: Path, work_dir: Path, acc
         "batch_size": settings.ddp_batch_size,
         "triplets": triplets,
         "examples_per_s": triplets / fit_s,
-        "examples_per_s_steady": steady_rate(triplets, fit_s, triplets_small, fit_s_small),
-        "triplets_small": triplets_small,
-        "fit_s_small": fit_s_small,
+        "examples_per_s_steady": steady_rate(ranks),
         "examples_per_s_wall_diff": 2 * (large - small) / (wall_large - wall_small)
         if wall_large > wall_small
         else None,
         "fit_s": fit_s,
+        "first_batch_s": max(r["first_batch_s"] for r in ranks),
+        "after_last_batch_s": max(r["after_last_batch_s"] for r in ranks),
+        "train_start_skew_s": max(starts) - min(starts),
         "wall_s": {str(small): wall_small, str(large): wall_large},
         "peak_mem_bytes": _max_peak(ranks),
         "peak_mem_bytes_per_rank": [r["peak_mem_bytes"] for r in ranks],
         "peak_mem_bytes_small": _max_peak(ranks_small),
+        "syncs_in_probe_batch": [r["syncs_in_probe_batch"] for r in ranks],
+        "sync_sites": ranks[0]["sync_sites"],
+        "ranks": ranks,
     }
 
 
-def steady_rate(triplets: int, seconds: float, triplets_small: int, seconds_small: float) -> float | None:
-    """Triplets per second once running: the larger run's extra triplets over its extra time, so a fixed start-up
-    (first steps' CUDA/cuBLAS initialisation, allocator growth) cancels. None when the larger run was not longer."""
-    if triplets <= triplets_small or seconds <= seconds_small:
-        return None
-    return (triplets - triplets_small) / (seconds - seconds_small)
+def steady_rate(ranks: list[dict]) -> float | None:
+    """Triplets per second once running: every rank's triplets after its first batch over the longest of the
+    ranks' spans from the end of their first batch to the end of their last (the first batch carries the CUDA and
+    cuBLAS start-up). None when no rank had a second batch."""
+    span = max(r["steady_s"] for r in ranks)
+    steady = sum(r["steady_triplets"] for r in ranks)
+    return steady / span if steady and span > 0 else None
 
 
 def ddp_records(settings: BuildingSettings, checkpoint: Path, work_dir: Path, accelerator: str) -> list[dict]:

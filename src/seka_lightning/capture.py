@@ -76,7 +76,7 @@ def capture_keys(
     layout: ModelLayout,
     layer_ids: Sequence[int],
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
 ) -> torch.Tensor:
     """Keys of the flat token ``rows`` (indices into ``[B * T]``) at ``layer_ids``: ``[L, M, H, d]``."""
@@ -90,7 +90,7 @@ def capture_keys_and_attention(
     layout: ModelLayout,
     layer_ids: Sequence[int],
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
     last: torch.Tensor,
     answer: torch.Tensor,
@@ -108,7 +108,7 @@ def _capture(
     layout: ModelLayout,
     layer_ids: Sequence[int],
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
     *,
     attention: tuple[torch.Tensor, torch.Tensor] | None,
@@ -165,14 +165,15 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """``[B, T]`` token ids padded on the right. No attention mask goes with them: under causal attention a token
+    never sees the padding after it, so the keys of real tokens (and their attention) are those of the unpadded text.
+    Passing a mask would cost a host-device sync per pass (transformers checks it to choose SDPA's causal path)."""
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return to_device(input_ids, device), to_device(attention_mask, device)
+    return to_device(input_ids, device)
 
 
 def attention_kept(neutral: torch.Tensor, positive: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -221,25 +222,25 @@ def collect_triplet_keys(
         indices.append(found)
     if not kept:
         return None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # never attended
     keys: list[torch.Tensor] = []
     masses: list[torch.Tensor] = []
     for k in range(kinds):
         ids = [encoded[k]["input_ids"][b] for b in kept]
-        input_ids, attention_mask = _right_padded(ids, pad_id, device)
+        input_ids = _right_padded(ids, pad_id, device)
         width = input_ids.shape[1]
         rows = to_device(
             torch.tensor([row * width + token for row, found in enumerate(indices) for token in found[k]]), device
         )
         if attention_ratio is None or k == 2:
-            keys.append(capture_keys(model, layout, layer_ids, input_ids, attention_mask, rows))
+            keys.append(capture_keys(model, layout, layer_ids, input_ids, None, rows))
             continue
         last = to_device(torch.tensor([len(row) - 1 for row in ids]), device)
         answer = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, found in enumerate(indices):
             answer[row, found[k]] = True
         key, mass = capture_keys_and_attention(
-            model, layout, layer_ids, input_ids, attention_mask, rows, last, to_device(answer, device)
+            model, layout, layer_ids, input_ids, None, rows, last, to_device(answer, device)
         )
         keys.append(key)
         masses.append(mass)

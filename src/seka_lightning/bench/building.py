@@ -258,9 +258,7 @@ class PeakMemoryRecorder(L.Callback):
             torch.cuda.set_sync_debug_mode("default")
             self._probe.__exit__(None, None, None)
             self._probe = None
-            self._syncs = [
-                f"{Path(w.filename).name}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message)
-            ]
+            self._syncs = [f"{_short(w.filename)}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message)]
         self._batches += 1
         self._triplets += len(batch)
         if batch_idx == 0:
@@ -290,6 +288,14 @@ class PeakMemoryRecorder(L.Callback):
             "sync_sites": None if self._syncs is None else dict(Counter(self._syncs)),
         }
         write_json(self.path / f"rank{trainer.global_rank}.json", record)
+
+
+def _short(filename: str) -> str:
+    """A source path from its package on: ``.../site-packages/torch/x.py`` -> ``torch/x.py``."""
+    for marker in ("site-packages/", "dist-packages/", "src/"):
+        if marker in filename:
+            return filename.rsplit(marker, 1)[1]
+    return filename
 
 
 def fit_command(

@@ -134,16 +134,22 @@ def test_attention_filtered_expert_matches_the_reference_builder(tiny_model_dir,
     )
 
 
-def test_positive_only_collection_runs_two_passes_and_filters_by_ratio(tiny_model, tokenizer, qa_file):
+def test_positive_only_collection_runs_two_texts_per_triplet_in_one_pass_and_filters_by_ratio(
+    tiny_model, tokenizer, qa_file
+):
     triplets = list(iter_triplets(read_pairs(qa_file, max_samples=4)))
     layout = resolve_layout(tiny_model)
-    calls = []
-    handle = tiny_model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    rows = []
+    handle = tiny_model.register_forward_pre_hook(lambda m, a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
     try:
+        three = collect_triplet_keys(tiny_model, tokenizer, layout, [0, 1, 2], triplets, device=torch.device("cpu"))
+        assert rows == [3 * three.kept] and three.negative is not None
+        rows.clear()
         full = collect_triplet_keys(
             tiny_model, tokenizer, layout, [0, 1, 2], triplets, device=torch.device("cpu"), positive_only=True
         )
-        assert len(calls) == 2 and full.negative is None
+        assert rows == [2 * full.kept] and full.negative is None  # the negative text is never run
+        torch.testing.assert_close(full.positive, three.positive, rtol=0, atol=1e-6)  # rows do not interact
         none_kept = collect_triplet_keys(
             tiny_model, tokenizer, layout, [0, 2], triplets, device=torch.device("cpu"),
             positive_only=True, attention_ratio=1e9,

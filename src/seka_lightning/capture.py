@@ -165,15 +165,32 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """``[B, T]`` token ids padded on the right. No attention mask goes with them: under causal attention a token
-    never sees the padding after it, so the keys of real tokens (and their attention) are those of the unpadded text.
-    Passing a mask would cost a host-device sync per pass (transformers checks it to choose SDPA's causal path)."""
+def is_causal(model: nn.Module) -> bool:
+    """Whether every token attends only to itself and earlier tokens (False for configs that ask for bidirectional
+    attention, e.g. Gemma-3 embedding models, or that declare ``is_causal=False``)."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and (
+            getattr(cfg, "use_bidirectional_attention", False) or getattr(cfg, "is_causal", True) is False
+        ):
+            return False
+    return True
+
+
+def _right_padded(
+    ids: list[list[int]], pad_id: int, device: torch.device, *, with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, T]`` token ids padded on the right, and their attention mask only if ``with_mask``. A causal model needs
+    none: a token never sees the padding after it, so the keys of real tokens (and their attention) are those of the
+    unpadded text, and a mask would cost a host-device sync per pass (transformers checks it to choose SDPA's causal
+    path). A model with bidirectional attention does need it."""
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return to_device(input_ids, device)
+        mask[i, : len(row)] = 1
+    return to_device(input_ids, device), to_device(mask, device) if with_mask else None
 
 
 def attention_kept(neutral: torch.Tensor, positive: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -197,12 +214,13 @@ def collect_triplet_keys(
     attention_ratio: float | None = None,
 ) -> TripletKeys | None:
     """Run the neutral, positive and (unless ``positive_only``) negative texts of ``triplets`` and return the keys of
-    their answer tokens. All texts go through the model in one right-padded pass (``kinds x B`` rows): the rows do not
-    interact, right padding keeps positions identical to unpadded runs, and one pass instead of three cuts the
-    per-pass Python and kernel-launch overhead that dominates on short texts. With ``attention_ratio``, triplets
-    whose last-token attention to the answer (summed over the heads of ``layer_ids``) does not grow by that ratio
-    from H to H+ are dropped (that pass runs eager attention). ``None`` when no triplet of the batch has its answer
-    in every text it needs."""
+    their answer tokens. All texts go through the model in one right-padded pass (``kinds x B`` rows, padded to the
+    longest text of any kind; size ``batch_size`` for that): the rows do not interact, right padding keeps positions
+    identical to unpadded runs, and one pass instead of three cuts the per-pass Python and kernel-launch overhead
+    that dominates on short texts. With ``attention_ratio``, triplets whose last-token attention to the answer
+    (summed over the heads of ``layer_ids``) does not grow by that ratio from H to H+ are dropped (the pass then runs
+    eager attention, which holds ``[rows, heads, T, T]`` weights per layer). ``None`` when no triplet of the batch
+    has its answer in every text it needs."""
     texts = [triplet.texts() for triplet in triplets]
     kinds = 2 if positive_only else 3
     columns = list(zip(*texts, strict=True))[:kinds]  # kinds lists of B texts
@@ -224,9 +242,9 @@ def collect_triplet_keys(
         indices.append(found)
     if not kept:
         return None
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # never attended
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # masked
     ids = [encoded[k]["input_ids"][b] for k in range(kinds) for b in kept]  # kind-major: row k * B' + i
-    input_ids = _right_padded(ids, pad_id, device)
+    input_ids, attention_mask = _right_padded(ids, pad_id, device, with_mask=not is_causal(model))
     width, count = input_ids.shape[1], len(kept)
     # answer-token rows, kind-major; every kept triplet has as many answer tokens in each text, so the keys split
     # into ``kinds`` equal blocks aligned row for row
@@ -235,7 +253,7 @@ def collect_triplet_keys(
     ]
     rows = to_device(torch.tensor(flat), device)
     if attention_ratio is None:
-        keys = capture_keys(model, layout, layer_ids, input_ids, None, rows)
+        keys = capture_keys(model, layout, layer_ids, input_ids, attention_mask, rows)
     else:
         last = to_device(torch.tensor([len(row) - 1 for row in ids]), device)
         answer = torch.zeros(input_ids.shape, dtype=torch.bool)
@@ -243,7 +261,7 @@ def collect_triplet_keys(
             for i, found in enumerate(indices):
                 answer[k * count + i, found[k]] = True
         keys, mass = capture_keys_and_attention(
-            model, layout, layer_ids, input_ids, None, rows, last, to_device(answer, device)
+            model, layout, layer_ids, input_ids, attention_mask, rows, last, to_device(answer, device)
         )
     keys = list(keys.chunk(kinds, dim=1))  # kinds x [L, M, H, d]
     filtered = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seka_lightning.stats import KeyStatistics
+from seka_lightning.stats import KeyStatistics, KeySums
 
 L, M, H, D = 2, 5, 3, 4
 
@@ -61,3 +61,14 @@ def test_opposite_infinities_do_not_cancel():
     stats.update(*keys)
     with pytest.raises(ValueError, match="non-finite keys"):
         stats.compute()
+
+
+def test_loading_statistics_with_inf_is_refused(tmp_path):
+    stats = KeyStatistics(L, H, D)
+    stats.update(*_keys(6))
+    sums = stats.compute()
+    sums.a_pos[0, 0, 0, 0] = float("inf")  # NaN is refused by the file reader already; inf must be too
+    path = tmp_path / "bank.stats.safetensors"
+    sums.save(path)
+    with pytest.raises(ValueError, match="bank.stats.safetensors: the statistics hold NaN or inf; the file is corrupt"):
+        KeySums.load(path)

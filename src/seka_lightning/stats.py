@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -61,9 +62,20 @@ class KeySums:
         if missing:
             raise ValueError(f"{path}: not a key-statistics file, missing tensors {missing}")
         sums = cls(**{f.name: tensors[f.name].to(torch.float64) for f in fields(cls)})
+        if not all(torch.isfinite(t).all() for t in sums.tensors().values()):
+            raise ValueError(f"{path}: the statistics hold NaN or inf; the file is corrupt, rebuild it with seka fit")
         if int(sums.count.item()) <= 0:
             raise ValueError(f"{path}: the statistics hold no rows (N = 0); rebuild them from data with answers")
         return sums, metadata
+
+
+def require_finite_sums(sums: Iterable[torch.Tensor]) -> None:
+    """Raise if any of the statistics' sums holds NaN or inf (which only non-finite keys can cause)."""
+    if not bool(torch.stack([torch.isfinite(t).all() for t in sums]).all()):
+        raise ValueError(
+            "non-finite keys (NaN or inf) reached the statistics; check the model dtype and weights (float16 "
+            "overflows in some models: use bfloat16 or float32)"
+        )
 
 
 class KeyStatistics(Metric):
@@ -84,8 +96,9 @@ class KeyStatistics(Metric):
                 f"negative {tuple(negative.shape)}"
             )
         # No finiteness check here: it would make the host wait for the GPU on every batch. A NaN or inf key always
-        # leaves some sum non-finite (a0's diagonal is Σ h², the cross sums multiply every h+ and h- entry by h), and
-        # a non-finite sum stays so; check_finite() reads the sums once, at a checkpoint and in compute().
+        # leaves a distance sum non-finite (Σ ||h+ - h||² covers h and h+, Σ ||h+ - h-||² covers h-: a square of a
+        # non-finite difference is inf or NaN, and sums of non-negative terms cannot cancel, also across ranks);
+        # check_finite() reads the sums once, at a checkpoint and in compute().
         h, hp, hn = (x.to(torch.float64) for x in (neutral, positive, negative))
         self.count += h.shape[1]
         self.a0 += torch.einsum("lmhd,lmhe->lhde", h, h)
@@ -96,11 +109,7 @@ class KeyStatistics(Metric):
 
     def check_finite(self) -> None:
         """Raise if NaN or inf keys reached the sums (one host-device sync)."""
-        if not bool(torch.stack([torch.isfinite(getattr(self, f.name)).all() for f in fields(KeySums)]).all()):
-            raise ValueError(
-                "non-finite keys (NaN or inf) reached the statistics; check the model dtype and weights (float16 "
-                "overflows in some models: use bfloat16 or float32)"
-            )
+        require_finite_sums(getattr(self, f.name) for f in fields(KeySums))
 
     def compute(self) -> KeySums:
         self.check_finite()

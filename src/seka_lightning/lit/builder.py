@@ -19,7 +19,7 @@ from seka_lightning.families import resolve_layout
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
 from seka_lightning.projections import validate_hyperparameters
-from seka_lightning.stats import KeyStatistics, KeySums
+from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
 from seka_lightning.steering import parse_layers
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,11 @@ class ProjectionBuilder(FrozenModelModule):
         for metric_name in ("stats", "kept", "skipped", "filtered"):
             metric = getattr(self, metric_name)
             with metric.sync_context(should_unsync=True):
-                if metric is self.stats:
-                    metric.check_finite()  # never checkpoint NaN sums: resuming from them could not recover
                 for key, value in metric.state_dict().items():
                     state[f"{metric_name}.{key}"] = value.detach().clone().cpu()
+        # never checkpoint NaN sums (resuming from them could not recover); the sums are global, so every rank
+        # raises alike, after the metrics are unsynced
+        require_finite_sums(value for key, value in state.items() if key.startswith("stats."))
         checkpoint["state_dict"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -7,10 +7,12 @@ parameters. Everything else about DDP (process group, ranks, metric all-reduce) 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,15 @@ def thin_sigterm_broadcast(epoch_loop: Any, every_n_batches: int) -> bool:
     drain and for the other ranks, once per batch: nothing of one batch overlaps the next, and each batch takes as
     long as the slowest rank's. A statistics build keeps no gradients in step, so that wait buys nothing; measured
     on two H200s it cost each rank about an eighth of its throughput (``docs/performance.md``). Every rank runs the
-    same number of batches, so all ranks still enter each broadcast together; after a SIGTERM the ranks stop
-    together within ``every_n_batches`` batches. Returns False (and changes nothing) if this Lightning version has
-    no such broadcast.
+    same number of batches, so all ranks still enter each broadcast together. A rank that receives SIGTERM itself
+    still stops at its next batch (Lightning checks its own flag locally); the others learn of rank 0's signal within
+    ``every_n_batches`` batches, or wait at the next collective (a checkpoint) until the launcher stops them.
+    Applying it again replaces the earlier thinning rather than compounding it. Returns False (and changes nothing)
+    if this Lightning version has no such broadcast.
     """
-    broadcast = getattr(epoch_loop, "_broadcast_sigterm_tensor", None)
+    broadcast = getattr(epoch_loop, "_seka_unthinned_broadcast", None) or getattr(
+        epoch_loop, "_broadcast_sigterm_tensor", None
+    )
     if broadcast is None:
         return False
     calls = 0
@@ -36,9 +42,10 @@ def thin_sigterm_broadcast(epoch_loop: Any, every_n_batches: int) -> bool:
     def every_nth() -> None:
         nonlocal calls
         calls += 1
-        if calls % every_n_batches == 1 or every_n_batches == 1:
+        if (calls - 1) % every_n_batches == 0:
             broadcast()
 
+    epoch_loop._seka_unthinned_broadcast = broadcast
     epoch_loop._broadcast_sigterm_tensor = every_nth
     return True
 

@@ -150,6 +150,17 @@ def test_positive_only_collection_runs_two_texts_per_triplet_in_one_pass_and_fil
         )
         assert rows == [2 * full.kept] and full.negative is None  # the negative text is never run
         torch.testing.assert_close(full.positive, three.positive, rtol=0, atol=1e-6)  # rows do not interact
+        # the attention filter sees the same masses whether the negative texts share the pass or not
+        filtered = [
+            collect_triplet_keys(
+                tiny_model, tokenizer, layout, [0, 1, 2], triplets, device=torch.device("cpu"),
+                positive_only=positive_only, attention_ratio=0.5,
+            )
+            for positive_only in (False, True)
+        ]  # fmt: skip
+        assert filtered[0].kept == filtered[1].kept and filtered[0].skipped_attention == filtered[1].skipped_attention
+        assert 0 < filtered[0].kept < three.kept, "ratio 0.5 must keep some triplets and drop others here"
+        torch.testing.assert_close(filtered[0].positive, filtered[1].positive, rtol=0, atol=1e-6)
         none_kept = collect_triplet_keys(
             tiny_model, tokenizer, layout, [0, 2], triplets, device=torch.device("cpu"),
             positive_only=True, attention_ratio=1e9,

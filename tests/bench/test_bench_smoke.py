@@ -280,7 +280,7 @@ def test_building_ddp_mode_runs_seka_fit_and_counts_every_triplet(tmp_path: Path
     assert fit[0]["scaling_vs_1_device"] == 1.0
     (rank,) = fit[0]["ranks"]
     assert rank["batches"] == 3 and rank["steady_triplets"] == 8  # batches of 4 triplets; the first is start-up
-    assert rank["first_batch_s"] + rank["steady_s"] + rank["after_last_batch_s"] == pytest.approx(rank["fit_s"])
+    assert 0 < rank["first_batch_s"] < rank["fit_s"] and 0 < rank["steady_s"] < rank["fit_s"]
     assert fit[0]["examples_per_s_steady"] == pytest.approx(8 / rank["steady_s"])
     assert fit[0]["syncs_in_probe_batch"] == [None]  # counted on CUDA only
 

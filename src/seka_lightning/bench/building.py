@@ -251,14 +251,20 @@ class PeakMemoryRecorder(L.Callback):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
-    ) -> None:
+    def _end_probe(self) -> None:
         if self._probe is not None:
             torch.cuda.set_sync_debug_mode("default")
             self._probe.__exit__(None, None, None)
             self._probe = None
             self._syncs = [f"{_short(w.filename)}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message)]
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._end_probe()  # leave no sync debug mode or warning filter behind
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        self._end_probe()
         self._batches += 1
         self._triplets += len(batch)
         if batch_idx == 0:

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from seka_lightning.bench.generation import random_bank, random_prompts
 from seka_lightning.bench.shapes import get_shape, random_model
-from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder, packed_gqa_sdpa
+from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod, SekaMethod
 
 CPU = torch.device("cpu")
@@ -165,50 +164,3 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, t
     assert static["method"]["static_decoding"]["max_length"] == 512
     read = lambda name: (tmp_path / name / "predictions.jsonl").read_text()  # noqa: E731
     assert read("static") == read("generate")
-
-
-def _reference_attention(query, key, value, mask, scaling):
-    """Float64 attention with every query head reading its key/value head (head h -> h // groups)."""
-    groups = query.shape[1] // key.shape[1]
-    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (key, value))
-    scores = query.double() @ k.transpose(-1, -2) * scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    return (scores.softmax(-1) @ v).transpose(1, 2)
-
-
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per_head"])
-def test_packed_gqa_attention_of_one_token_equals_repeated_heads(mask_kind) -> None:
-    generator = torch.Generator().manual_seed(0)
-    batch, heads, kv_heads, length, dim = 2, 8, 2, 11, 16
-    query = torch.randn(batch, heads, 1, dim, generator=generator)
-    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
-    visible = torch.rand(batch, 1, 1, length, generator=generator) > 0.3
-    visible[..., 0] = True
-    mask = {
-        "none": None,
-        "bool": visible,
-        "additive": torch.zeros(batch, 1, 1, length).masked_fill(~visible, float("-inf")),
-        "per_head": torch.rand(batch, heads, 1, length, generator=generator) > 0.3,
-    }[mask_kind]
-    if mask_kind == "per_head":
-        mask[..., 0] = True
-    module = torch.nn.Module()
-    module.num_key_value_groups = heads // kv_heads
-    out, weights = packed_gqa_sdpa(module, query, key, value, mask, scaling=0.25)
-    assert weights is None and out.shape == (batch, 1, heads, dim)
-    torch.testing.assert_close(out.double(), _reference_attention(query, key, value, mask, 0.25), rtol=1e-5, atol=1e-6)
-
-
-def test_decode_steps_attend_through_packed_gqa_and_the_prompt_pass_does_not(setup) -> None:
-    model, seka, enc = setup
-    seen = []
-    handle = model.register_forward_pre_hook(lambda m, a: seen.append(ALL_ATTENTION_FUNCTIONS["sdpa"]))
-    try:
-        StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=False).generate(
-            seka, enc, max_new_tokens=NEW, pad_token_id=0
-        )
-    finally:
-        handle.remove()
-    assert seen[0] is not packed_gqa_sdpa and seen[1:] == [packed_gqa_sdpa] * (NEW - 1)
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is seen[0]  # restored

@@ -15,14 +15,11 @@ PASTA (a bias at every step) and SPA (a logit mix at every step) keep their own 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
 
@@ -61,56 +58,6 @@ def require_prompt_only(method: HighlightMethod, *, fix: str) -> None:
     runs decode steps without hooks."""
     if method.edits_decode_steps or type(method).generate is not HighlightMethod.generate:
         raise ValueError(f"method {method.name!r} also acts on decode steps, which run here without hooks; {fix}")
-
-
-def packed_gqa_sdpa(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, except that one query token's heads are packed onto their key/value head.
-
-    With grouped-query attention and a mask, transformers repeats K and V once per query head (``repeat_kv``) unless
-    it decodes eagerly; under ``torch.compile`` that copies the whole cache ``groups`` times per layer and step (on the
-    Qwen3-8B shape at batch 1, 0.9 of the 7.5 ms of a decode step, and the attention then reads the copy). Packing
-    the ``groups`` query heads of a key/value head as ``groups`` query rows attends to the cache as it is, with the
-    same result. Anything else (prompt passes, no GQA, position biases) goes to transformers' function unchanged.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    batch, heads, _, dim = query.shape
-    packed = query.reshape(batch, heads // groups, groups, dim)  # query head h = kv_head * groups + g
-    mask = attention_mask
-    if mask is not None and mask.shape[1] != 1:  # per-head masks follow their heads
-        mask = mask.reshape(mask.shape[0], heads // groups, groups, mask.shape[-1])
-    out = torch.nn.functional.scaled_dot_product_attention(
-        packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=False
-    )
-    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-
-
-@contextmanager
-def packed_gqa_decoding() -> Iterator[None]:
-    """Within the block, models with ``attn_implementation="sdpa"`` attend through :func:`packed_gqa_sdpa`. The same
-    function object every time, so a compiled step traced inside the block keeps its guards on later blocks."""
-    before = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = packed_gqa_sdpa
-    try:
-        yield
-    finally:
-        if before is None:
-            del ALL_ATTENTION_FUNCTIONS["sdpa"]
-        else:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = before
 
 
 class StaticGreedyDecoder:
@@ -214,14 +161,13 @@ class StaticGreedyDecoder:
         eos = self._eos_ids(device)
         done = torch.isin(token, eos) if eos is not None else None
         last = positions[:, -1:]
-        with packed_gqa_decoding():
-            for i in range(1, max_new_tokens):
-                cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
-                token = self.step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse their outputs
-                if done is not None:
-                    token = torch.where(done, torch.full_like(token, pad_token_id), token)
-                    done = done | torch.isin(token, eos)
-                out[:, i : i + 1] = token
+        for i in range(1, max_new_tokens):
+            cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
+            token = self.step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse their outputs
+            if done is not None:
+                token = torch.where(done, torch.full_like(token, pad_token_id), token)
+                done = done | torch.isin(token, eos)
+            out[:, i : i + 1] = token
         return out
 
 

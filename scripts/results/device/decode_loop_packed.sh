@@ -1,4 +1,5 @@
-# Batch-1 static_loop generation for none / seka after packed_gqa_sdpa (compare with run4), one H200.
+# Batch-1 static_loop generation for none / seka with packed_gqa_sdpa, one H200. It measured commit d080cb2, which was
+# reverted (0d31372) because it was slower; check that commit out to repeat it.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/c7/*.whl
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 timeout 200 python3 -m seka_lightning.bench generation --shape qwen3-8b --batch-sizes 1 \

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from seka_lightning.files import write_json, write_jsonl, write_text
+from seka_lightning.files import atomic_path, write_json, write_jsonl, write_text
 
 
 def test_round_trip_and_no_leftovers(tmp_path):
@@ -29,3 +29,12 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_a_writer_that_fails_inside_atomic_path_leaves_the_old_file(tmp_path):
+    target = write_text(tmp_path / "bank.safetensors", "old")
+    with pytest.raises(RuntimeError, match="serialiser failed"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("serialiser failed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]

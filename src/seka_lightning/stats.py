@@ -7,8 +7,6 @@ sum across DDP ranks. The keys themselves are never kept.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torchmetrics import Metric
+
+from seka_lightning.files import atomic_path
 
 
 @dataclass
@@ -120,17 +120,9 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, *, metadata: dict | None = None
 ) -> None:
     """Save ``tensors`` with JSON ``metadata`` via a temp file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"seka": json.dumps(metadata or {}, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from seka_lightning.adaseka import ExpertSet, LayerExperts
 from seka_lightning.data.synthetic_qa import HighlightedQuestion, RankBatches, highlighted_questions
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
+from seka_lightning.files import atomic_path
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.lit.validator import IGNORE_INDEX, encode_questions
 from seka_lightning.methods import position_ids_for
@@ -82,23 +81,15 @@ class RoutingGate(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write the gate as safetensors (``log_scale``, ``bias``, ``layer_ids``; expert names in the metadata),
         atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "log_scale": self.log_scale.detach().float().cpu().contiguous(),
             "bias": self.bias.detach().float().cpu().contiguous(),
             "layer_ids": torch.tensor(self.layer_ids, dtype=torch.int64),
         }
         metadata = {"format": GATE_FORMAT, "experts": json.dumps(list(self.experts))}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return Path(path)
 
     @classmethod
     def load(

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from seka_lightning.bench.generation import random_bank, random_prompts
 from seka_lightning.bench.shapes import get_shape, random_model
-from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder
+from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder, gqa_decode_attention
 from seka_lightning.methods import HighlightMethod, SekaMethod
 
 CPU = torch.device("cpu")
@@ -94,6 +95,83 @@ def test_bad_calls_are_refused(setup, tmp_path: Path) -> None:
         model.generation_config.repetition_penalty = None
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         StaticGreedyDecoder(model, batch_size=0, max_cache_len=100)
+
+
+def _attention_reference(query, key, value, mask, scale: float) -> torch.Tensor:
+    """Grouped-query attention in float64, written out: [B, Hq, Q, D] -> [B, Q, Hq, D]."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.double().repeat_interleave(groups, 1), value.double().repeat_interleave(groups, 1)
+    scores = query.double() @ key.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mask_kind", ["per_row", "shared", "none"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gqa_decode_attention_matches_a_float64_reference(mask_kind: str, compiled: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, length, dim = 3, 2, 4, 41, 16
+    query = torch.randn(batch, kv_heads * groups, 1, dim, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, length, dim, generator=generator) for _ in range(2))
+    rows = {"per_row": batch, "shared": 1}.get(mask_kind)
+    mask = None if rows is None else torch.rand(rows, 1, 1, length, generator=generator) > 0.4
+    if mask is not None:
+        mask[..., -1] = True  # the step's own position is always visible
+    module = nn.Module()
+    module.num_key_value_groups = groups
+    attend = torch.compile(gqa_decode_attention, backend="eager", fullgraph=True) if compiled else gqa_decode_attention
+    out, weights = attend(module, query, key, value, mask, scaling=0.3)
+    assert weights is None and out.shape == (batch, 1, kv_heads * groups, dim)
+    torch.testing.assert_close(out.double(), _attention_reference(query, key, value, mask, 0.3), atol=1e-6, rtol=0)
+
+
+def test_gqa_decode_attention_leaves_prompt_passes_and_plain_heads_to_sdpa() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(1)
+    module = nn.Module()
+    module.num_key_value_groups = 2
+    key, value = (torch.randn(1, 2, 9, 8, generator=generator) for _ in range(2))
+    prompt = torch.randn(1, 4, 9, 8, generator=generator)  # nine query tokens: a prompt pass
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    got, _ = gqa_decode_attention(module, prompt, key, value, mask, scaling=0.5)
+    assert torch.equal(got, sdpa_attention_forward(module, prompt, key, value, mask, scaling=0.5)[0])
+    additive = torch.zeros(1, 1, 1, 9)  # a float mask is not read as visible/hidden
+    one = prompt[:, :, -1:]
+    got, _ = gqa_decode_attention(module, one, key, value, additive, scaling=0.5)
+    assert torch.equal(got, sdpa_attention_forward(module, one, key, value, additive, scaling=0.5)[0])
+
+
+@pytest.mark.parametrize("grouped_decode", [False, True])
+def test_grouped_decode_steps_and_the_plainly_causal_unpadded_prompt_pass(setup, grouped_decode: bool) -> None:
+    """Spy on the "sdpa" attention function: an unpadded prompt pass gets no mask (SDPA's causal kernel on the
+    prompt's own keys), a padded one keeps its mask, and the decode steps of a grouped_decode decoder bypass it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, _, enc = setup
+    calls: list[tuple[int, bool]] = []  # (query length, has a mask) on layer 0
+
+    def spy(module, query, key, value, mask, **kwargs):
+        if module.layer_idx == 0:
+            calls.append((query.shape[2], mask is not None))
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        for rows, padded in ((1, False), (2, True)):
+            part = {key: value[:rows] for key, value in enc.items()}
+            decoder = StaticGreedyDecoder(
+                model, batch_size=rows, max_cache_len=96 + NEW, compile=False, grouped_decode=grouped_decode
+            )
+            calls.clear()
+            got = decoder.generate(HighlightMethod(), part, max_new_tokens=NEW, pad_token_id=0)
+            assert calls == [(96, padded)] + ([] if grouped_decode else [(1, True)] * (NEW - 1))
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is spy  # gqa_decoding restored what was there
+            assert torch.equal(got, HighlightMethod().generate(model, part, max_new_tokens=NEW, pad_token_id=0))
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
 def test_static_decoding_wraps_a_method_with_one_decoder_per_batch_size(setup) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from seka_lightning import ProjectionBank, encode_highlighted, steer
 from seka_lightning.families import keys_view, resolve_layout
-from seka_lightning.steering import parse_layers, select_bank_layers
+from seka_lightning.steering import parse_layers, select_bank_layers, split_gains
 
 PROMPTS = [
     "Previously the keepers carried **silver lanterns** across the north harbor. What do they carry?",
@@ -89,6 +89,42 @@ def test_positive_only_formula_without_halving(tiny_model, tokenizer):
     k = base[2][mask].double()
     expected = k + 2.0 * torch.einsum("mhd,hde->mhe", k, bank.pos[0].double())
     torch.testing.assert_close(edited[2][mask].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_gains_hold_the_float32_gains_to_twice_the_half_precision(dtype):
+    gains = random_bank([0, 1], seed=3).pos.float() * 1.7
+    split = split_gains(gains, dtype)
+    d = gains.shape[-1]
+    assert split.dtype == dtype and split.shape == (*gains.shape[:-2], 2 * d, d)
+    rebuilt = split[..., :d, :].double() + split[..., d:, :].double()
+    info = torch.finfo(dtype)  # each half rounds to within eps / 2 relative; subnormal spacing is eps * tiny
+    bound = gains.double().abs() * info.eps**2 / 4 + info.eps * info.tiny / 2
+    assert ((rebuilt - gains.double()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keys_get_the_float32_edit_rounded_once(tiny_model, tokenizer, dtype):
+    """With bf16/fp16 keys the edit runs as one half-precision matmul on the split gains; the result is the exact
+    edit (float64 from the same keys and float32 gains) rounded to the key dtype, give or take one last bit."""
+    from seka_lightning.steering import fused_gains
+
+    model = tiny_model.to(dtype)
+    enc = encode_highlighted(tokenizer, PROMPTS)
+    bank = random_bank([0, 1, 2])
+    base = capture_keys(model, model_inputs(enc))
+    mask = enc["highlight_mask"]
+    with steer(model, bank, mask, gain_pos=2.5, gain_neg=0.5, layers=[1]):  # one layer: its input is unchanged
+        edited = capture_keys(model, model_inputs(enc))
+    gains = fused_gains(bank, gain_pos=2.5, gain_neg=0.5).double()[1]  # float32 G, as the hook gets it
+    k = base[1][mask].double()
+    exact = k + torch.einsum("mhd,hde->mhe", k, gains)
+    got = edited[1][mask]
+    assert torch.equal(edited[1][~mask], base[1][~mask]) and torch.equal(edited[0], base[0])
+    assert (got.double() - k).abs().max() > 0.1  # the edit is large next to the key dtype's last bit
+    ulp = exact.abs() * torch.finfo(dtype).eps
+    assert ((got.double() - exact).abs() <= ulp).all()  # within one last bit of the exact edit
+    assert (got == exact.to(dtype)).double().mean() > 0.98  # and mostly the correctly rounded value
 
 
 def test_sdpa_and_eager_give_the_same_steered_logits(tiny_model, tokenizer):

@@ -39,6 +39,8 @@ def test_decoder_matches_generate_for_none_and_seka(setup, compile: bool) -> Non
     for _ in range(2):  # the second call reuses the reset cache
         assert torch.equal(decoder.generate(HighlightMethod(), enc, max_new_tokens=NEW, pad_token_id=0), plain)
         assert torch.equal(decoder.generate(seka, enc, max_new_tokens=NEW, pad_token_id=0), steered)
+    assert decoder.cache_slots == 128  # 102 rounded up to CACHE_ALIGN; the extra slots stay masked
+    assert {layer.keys.shape[2] for layer in decoder.cache.layers} == {128}
 
 
 def test_decoder_matches_generate_for_adaseka(setup, tmp_path: Path) -> None:

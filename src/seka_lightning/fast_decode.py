@@ -130,6 +130,13 @@ def gqa_decoding() -> Iterator[None]:
             ALL_ATTENTION_FUNCTIONS["sdpa"] = before
 
 
+CACHE_ALIGN = 64
+"""The decoder's cache length is a multiple of this. With 4,156 slots (4,096 + 60) the rows of the bf16 attention
+probabilities are only 2-byte aligned; on the H200 one compile then ran the value matmul as an sm80 CUTLASS kernel
+at 41 us per layer, another copied the probabilities first (5 us) and ran cuBLAS's nvjet kernel (8 us). With 4,160
+slots it is the nvjet kernel at 8 us and no copy (docs/performance.md)."""
+
+
 class StaticGreedyDecoder:
     """Reusable greedy decoding for one model: the cache is allocated once for ``batch_size`` rows and
     ``max_cache_len`` positions (prompt + new tokens), and reset, not reallocated, between calls."""
@@ -159,9 +166,12 @@ class StaticGreedyDecoder:
         if batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
         self.model, self.batch_size, self.max_cache_len = model, batch_size, max_cache_len
+        # cache slots, rounded up to CACHE_ALIGN: rows of per-slot tensors (attention scores and probabilities) start
+        # 16-byte aligned, so cuBLAS can take its fast kernels for the value matmul; the extra slots stay masked
+        self.cache_slots = -(-max_cache_len // CACHE_ALIGN) * CACHE_ALIGN
         self.grouped_decode = compile if grouped_decode is None else grouped_decode
         # the cache's layers are allocated by the first prompt pass, each on its own layer's device (sharded models)
-        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         step: Callable = self._step
@@ -217,7 +227,7 @@ class StaticGreedyDecoder:
         self.cache.reset()
         # the prompt pass's mask: the prompt's padding, then zeros for the cache positions after it; without padding,
         # transformers reads that as plainly causal and attends to the prompt's keys only, with SDPA's causal kernel
-        prompt_mask = torch.zeros(batch, self.max_cache_len, dtype=enc["attention_mask"].dtype, device=device)
+        prompt_mask = torch.zeros(batch, self.cache_slots, dtype=enc["attention_mask"].dtype, device=device)
         prompt_mask[:, :length] = enc["attention_mask"]
         # the decode steps' mask, the same for every step: ones after the prompt (later positions are causally hidden)
         mask = prompt_mask.clone()

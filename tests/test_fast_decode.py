@@ -10,7 +10,7 @@ from torch import nn
 
 from seka_lightning.bench.generation import random_bank, random_prompts
 from seka_lightning.bench.shapes import get_shape, random_model
-from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder, gqa_decode_attention
+from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder, gqa_decode_attention, gqa_decoding
 from seka_lightning.methods import HighlightMethod, SekaMethod
 
 CPU = torch.device("cpu")
@@ -128,21 +128,64 @@ def test_gqa_decode_attention_matches_a_float64_reference(mask_kind: str, compil
     torch.testing.assert_close(out.double(), _attention_reference(query, key, value, mask, 0.3), atol=1e-6, rtol=0)
 
 
-def test_gqa_decode_attention_leaves_prompt_passes_and_plain_heads_to_sdpa() -> None:
+def test_gqa_decode_attention_hands_prompt_passes_plain_heads_and_float_masks_to_the_previous_sdpa() -> None:
+    """Inside gqa_decoding, what it does not handle goes to the "sdpa" function registered before the block (here a
+    spy around transformers' own), not to transformers' function behind the user's back."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen: list[tuple[int, int]] = []
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append((query.shape[2], module.num_key_value_groups))
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
     generator = torch.Generator().manual_seed(1)
-    module = nn.Module()
-    module.num_key_value_groups = 2
+    grouped, plain = nn.Module(), nn.Module()
+    grouped.num_key_value_groups, plain.num_key_value_groups = 2, 1
     key, value = (torch.randn(1, 2, 9, 8, generator=generator) for _ in range(2))
     prompt = torch.randn(1, 4, 9, 8, generator=generator)  # nine query tokens: a prompt pass
-    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
-    got, _ = gqa_decode_attention(module, prompt, key, value, mask, scaling=0.5)
-    assert torch.equal(got, sdpa_attention_forward(module, prompt, key, value, mask, scaling=0.5)[0])
-    additive = torch.zeros(1, 1, 1, 9)  # a float mask is not read as visible/hidden
+    causal = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
     one = prompt[:, :, -1:]
-    got, _ = gqa_decode_attention(module, one, key, value, additive, scaling=0.5)
-    assert torch.equal(got, sdpa_attention_forward(module, one, key, value, additive, scaling=0.5)[0])
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        with gqa_decoding():
+            attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
+            assert attend is gqa_decode_attention
+            got = attend(grouped, prompt, key, value, causal, scaling=0.5)[0]
+            assert torch.equal(got, sdpa_attention_forward(grouped, prompt, key, value, causal, scaling=0.5)[0])
+            got = attend(grouped, one, key, value, torch.zeros(1, 1, 1, 9), scaling=0.5)[0]  # float mask
+            assert torch.equal(
+                got, sdpa_attention_forward(grouped, one, key, value, torch.zeros(1, 1, 1, 9), scaling=0.5)[0]
+            )
+            attend(plain, one[:, :2], key, value, None, scaling=0.5)  # one query head per KV head
+            attend(grouped, one, key, value, None, scaling=0.5)  # handled here: the spy does not see it
+        assert seen == [(9, 2), (1, 2), (1, 1)]
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is spy
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def test_decoder_matches_generate_on_gemma3_sliding_window_layers(tokenizer) -> None:
+    """Gemma-3: grouped-query heads, sliding-window layers (window below the prompt length, so the sliding cache
+    rolls) next to full ones, left padding; the grouped decode steps give generate's tokens."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
+        pad_token_id=0, bos_token_id=2, eos_token_id=None,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    enc = random_prompts(2, 40, documents=4, highlighted=2, vocab_size=len(tokenizer), seed=3)
+    assert (enc["attention_mask"][1] == 0).any()
+    reference = HighlightMethod().generate(model, enc, max_new_tokens=12, pad_token_id=0)
+    decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=52, compile=True, backend="eager")
+    assert decoder.grouped_decode
+    assert torch.equal(decoder.generate(HighlightMethod(), enc, max_new_tokens=12, pad_token_id=0), reference)
 
 
 @pytest.mark.parametrize("grouped_decode", [False, True])

@@ -21,6 +21,7 @@ PASTA (a bias at every step) and SPA (a logit mix at every step) keep their own 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -83,12 +84,13 @@ def gqa_decode_attention(
     """transformers' SDPA attention, except that a one-token query of a grouped-query layer attends to each
     key/value head once, for all the query heads of its group.
 
-    The ``groups`` query heads of a key/value head share its keys: the scores are float32 dot products (under
-    ``torch.compile`` one reduction kernel that reads each cached key once; a float32 ``bmm.dtype`` product measured
-    five times slower on the H200), the boolean SDPA mask (``[B or 1, 1, 1, T]``: padding, unfilled cache positions)
-    sends hidden positions to ``-inf``, the float32 softmax is rounded to the value dtype (as flash kernels do before
-    their second matmul) and multiplied with the values. Anything else (prompt passes, no grouping, dropout,
-    position biases, soft-capping, sinks, per-head or float masks) goes to transformers' function unchanged.
+    The ``groups`` query heads of a key/value head share its keys. The scores are float32 dot products: under
+    ``torch.compile``, one reduction kernel that reads each cached key once; run eagerly, a float32 matmul on a
+    float32 copy of the keys. The boolean SDPA mask (``[B or 1, 1, 1, T]``: padding, unfilled cache positions) sends
+    hidden positions to ``-inf``; the float32 softmax is rounded to the value dtype (as flash kernels do before their
+    second matmul) and multiplied with the values. Anything else (prompt passes, no grouping, dropout, position
+    biases, soft-capping, sinks, per-head or float masks) goes to the ``"sdpa"`` function that was registered before
+    :func:`gqa_decoding` (transformers' own unless it was overridden).
     """
     groups = getattr(module, "num_key_value_groups", 1)
     mask = attention_mask
@@ -100,14 +102,17 @@ def gqa_decode_attention(
         or special
         or (mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1))
     ):
-        return sdpa_attention_forward(
+        return _sdpa_before[0](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     scale = dim**-0.5 if scaling is None else scaling
-    rows = query.reshape(batch, kv_heads, groups, 1, dim).float()  # query head h = kv_head * groups + g
-    scores = (rows * key[:, :, None].float()).sum(-1) * scale  # [B, kv_heads, groups, T]
+    rows = query.reshape(batch, kv_heads, groups, dim).float()  # query head h = kv_head * groups + g
+    if torch.compiler.is_compiling():  # inductor fuses the cast, product and sum into one pass over the keys
+        scores = (rows[:, :, :, None] * key[:, :, None].float()).sum(-1) * scale  # [B, kv_heads, groups, T]
+    else:  # eagerly the product would be materialised [B, kv_heads, groups, T, d]
+        scores = torch.matmul(rows, key.float().transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # [B or 1, 1, 1, T] broadcasts over heads and groups
     probs = scores.softmax(-1).to(value.dtype).view(batch * kv_heads, groups, length)
@@ -115,19 +120,30 @@ def gqa_decode_attention(
     return out.view(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
+_sdpa_before: list[Callable] = [sdpa_attention_forward]  # what gqa_decode_attention hands other calls to
+_swap_lock = threading.RLock()
+
+
 @contextmanager
 def gqa_decoding() -> Iterator[None]:
-    """Within the block, models with ``attn_implementation="sdpa"`` attend through :func:`gqa_decode_attention`. It is
-    the same function object every time, so a step compiled inside one block keeps its guards in the next."""
-    before = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = gqa_decode_attention
-    try:
-        yield
-    finally:
-        if before is None:
-            del ALL_ATTENTION_FUNCTIONS["sdpa"]
-        else:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = before
+    """Within the block, models with ``attn_implementation="sdpa"`` attend through :func:`gqa_decode_attention`; it
+    hands what it does not handle to the ``"sdpa"`` function registered before. The swap is process-wide, so blocks
+    of different threads run one at a time. It is the same function object every time, so a step compiled inside one
+    block keeps its guards in the next."""
+    with _swap_lock:
+        local = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+        previous, fallback = ALL_ATTENTION_FUNCTIONS["sdpa"], _sdpa_before[0]
+        if previous is not gqa_decode_attention:  # not nested in another block
+            _sdpa_before[0] = previous
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = gqa_decode_attention
+        try:
+            yield
+        finally:
+            _sdpa_before[0] = fallback
+            if local is None:
+                del ALL_ATTENTION_FUNCTIONS["sdpa"]
+            else:
+                ALL_ATTENTION_FUNCTIONS["sdpa"] = local
 
 
 CACHE_ALIGN = 64

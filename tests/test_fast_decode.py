@@ -128,9 +128,9 @@ def test_gqa_decode_attention_matches_a_float64_reference(mask_kind: str, compil
     torch.testing.assert_close(out.double(), _attention_reference(query, key, value, mask, 0.3), atol=1e-6, rtol=0)
 
 
-def test_gqa_decode_attention_hands_prompt_passes_plain_heads_and_float_masks_to_the_previous_sdpa() -> None:
-    """Inside gqa_decoding, what it does not handle goes to the "sdpa" function registered before the block (here a
-    spy around transformers' own), not to transformers' function behind the user's back."""
+def test_gqa_decode_attention_hands_prompt_passes_plain_heads_and_float_masks_to_the_registered_sdpa() -> None:
+    """What gqa_decode_attention does not handle goes to the registered "sdpa" function (here a spy around
+    transformers' own), not to transformers' function behind a user's override."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -147,23 +147,36 @@ def test_gqa_decode_attention_hands_prompt_passes_plain_heads_and_float_masks_to
     prompt = torch.randn(1, 4, 9, 8, generator=generator)  # nine query tokens: a prompt pass
     causal = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
     one = prompt[:, :, -1:]
+    additive = torch.zeros(1, 1, 1, 9)  # a float mask is not read as visible/hidden
     ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
     try:
-        with gqa_decoding():
-            attend = ALL_ATTENTION_FUNCTIONS["sdpa"]
-            assert attend is gqa_decode_attention
-            got = attend(grouped, prompt, key, value, causal, scaling=0.5)[0]
-            assert torch.equal(got, sdpa_attention_forward(grouped, prompt, key, value, causal, scaling=0.5)[0])
-            got = attend(grouped, one, key, value, torch.zeros(1, 1, 1, 9), scaling=0.5)[0]  # float mask
-            assert torch.equal(
-                got, sdpa_attention_forward(grouped, one, key, value, torch.zeros(1, 1, 1, 9), scaling=0.5)[0]
-            )
-            attend(plain, one[:, :2], key, value, None, scaling=0.5)  # one query head per KV head
-            attend(grouped, one, key, value, None, scaling=0.5)  # handled here: the spy does not see it
+        got = gqa_decode_attention(grouped, prompt, key, value, causal, scaling=0.5)[0]
+        assert torch.equal(got, sdpa_attention_forward(grouped, prompt, key, value, causal, scaling=0.5)[0])
+        got = gqa_decode_attention(grouped, one, key, value, additive, scaling=0.5)[0]
+        assert torch.equal(got, sdpa_attention_forward(grouped, one, key, value, additive, scaling=0.5)[0])
+        gqa_decode_attention(plain, one[:, :2], key, value, None, scaling=0.5)  # one query head per KV head
+        gqa_decode_attention(grouped, one, key, value, None, scaling=0.5)  # handled here: the spy does not see it
         assert seen == [(9, 2), (1, 2), (1, 1)]
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is spy
     finally:
         del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def test_gqa_decoding_switches_only_its_model_and_restores_it(setup) -> None:
+    from seka_lightning.fast_decode import GQA_DECODE_ATTENTION
+
+    model, _, _ = setup
+    other = random_model(get_shape("tiny"), device=CPU, dtype=torch.float32)
+    eager = random_model(get_shape("tiny"), device=CPU, dtype=torch.float32)
+    eager.set_attn_implementation("eager")
+    with gqa_decoding(model), gqa_decoding(eager):
+        assert model.config._attn_implementation == GQA_DECODE_ATTENTION
+        assert other.config._attn_implementation == "sdpa"  # another model in the process is left alone
+        assert eager.config._attn_implementation == "eager"  # only SDPA models switch
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="inside"):
+        with gqa_decoding(model):
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"  # restored after an error too
 
 
 def test_decoder_matches_generate_on_gemma3_sliding_window_layers(tokenizer) -> None:
@@ -213,7 +226,7 @@ def test_grouped_decode_steps_and_the_plainly_causal_unpadded_prompt_pass(setup,
             calls.clear()
             got = decoder.generate(HighlightMethod(), part, max_new_tokens=NEW, pad_token_id=0)
             assert calls == [(96, padded)] + ([] if grouped_decode else [(1, True)] * (NEW - 1))
-            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is spy  # gqa_decoding restored what was there
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is spy and model.config._attn_implementation == "sdpa"
             assert torch.equal(got, HighlightMethod().generate(model, part, max_new_tokens=NEW, pad_token_id=0))
     finally:
         del ALL_ATTENTION_FUNCTIONS["sdpa"]

@@ -233,6 +233,20 @@ def resolve_layout(model: nn.Module) -> ModelLayout:
     return ModelLayout(family=family, layers=sites, num_query_heads=num_q, num_kv_heads=num_kv, head_dim=head_dim)
 
 
+def attention_configs(model: nn.Module) -> list[object]:
+    """Every config whose attention implementation a model's modules read (sub-configs included): what must change,
+    and be restored, to run the model with another implementation."""
+    found: dict[int, object] = {}
+    pending = [model.config] + [m.config for m in model.modules() if hasattr(m, "config") and m is not model]
+    while pending:
+        config = pending.pop()
+        if id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = config
+        pending += [getattr(config, key) for key in getattr(config, "sub_configs", {}) if getattr(config, key, None)]
+    return list(found.values())
+
+
 def keys_view(output: torch.Tensor, sites: LayerSites, layout: ModelLayout) -> torch.Tensor:
     """The ``[B, T, n_kv, d]`` view of the keys inside a key-module output.
 

@@ -7,8 +7,8 @@ tensors) and compiles it; with ``mode="reduce-overhead"`` it replays as a CUDA g
 for the GPU. The prefill runs eagerly inside ``method.active(...)``: SEKA's key edit (and AdaSEKA's routing) happen
 there and live on in the cache, so decode steps run with no hook at all.
 
-A compiled decode step attends through :func:`gqa_decode_attention`: the query heads of a group against their
-key/value head as two batched matmuls, reading the cache once. transformers' SDPA path would, under
+During the decode steps of a compiled decoder, the model attends through :func:`gqa_decode_attention`: the query heads
+of a group against their key/value head, reading the cache once. transformers' SDPA path would, under
 ``torch.compile``, copy the whole cache once per query head of a group (``repeat_kv``) at every layer and step. The
 prompt pass of a batch without padding gets a mask that transformers recognises as plainly causal, so it runs SDPA's
 causal kernel on the prompt's own keys instead of a masked kernel over the whole cache.
@@ -21,17 +21,20 @@ PASTA (a bias at every step) and SPA (a logit mix at every step) keep their own 
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from transformers import StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AttentionInterface, StaticCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from seka_lightning.families import attention_configs
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
+
+GQA_DECODE_ATTENTION = "sdpa_gqa_decode"
+"""Name of the attention implementation decode steps switch an SDPA model to (SDPA's masks, :func:`gqa_decode_attention`)."""
 
 # generation_config fields that make `generate`'s greedy output differ from a plain argmax, with their neutral values
 NEUTRAL_GENERATION = {
@@ -89,8 +92,8 @@ def gqa_decode_attention(
     float32 copy of the keys. The boolean SDPA mask (``[B or 1, 1, 1, T]``: padding, unfilled cache positions) sends
     hidden positions to ``-inf``; the float32 softmax is rounded to the value dtype (as flash kernels do before their
     second matmul) and multiplied with the values. Anything else (prompt passes, no grouping, dropout, position
-    biases, soft-capping, sinks, per-head or float masks) goes to the ``"sdpa"`` function that was registered before
-    :func:`gqa_decoding` (transformers' own unless it was overridden).
+    biases, soft-capping, sinks, per-head or float masks) goes to the registered ``"sdpa"`` function (transformers'
+    own unless it was overridden).
     """
     groups = getattr(module, "num_key_value_groups", 1)
     mask = attention_mask
@@ -102,7 +105,7 @@ def gqa_decode_attention(
         or special
         or (mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1))
     ):
-        return _sdpa_before[0](
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     batch, heads, _, dim = query.shape
@@ -120,30 +123,22 @@ def gqa_decode_attention(
     return out.view(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
-_sdpa_before: list[Callable] = [sdpa_attention_forward]  # what gqa_decode_attention hands other calls to
-_swap_lock = threading.RLock()
-
-
 @contextmanager
-def gqa_decoding() -> Iterator[None]:
-    """Within the block, models with ``attn_implementation="sdpa"`` attend through :func:`gqa_decode_attention`; it
-    hands what it does not handle to the ``"sdpa"`` function registered before. The swap is process-wide, so blocks
-    of different threads run one at a time. It is the same function object every time, so a step compiled inside one
-    block keeps its guards in the next."""
-    with _swap_lock:
-        local = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
-        previous, fallback = ALL_ATTENTION_FUNCTIONS["sdpa"], _sdpa_before[0]
-        if previous is not gqa_decode_attention:  # not nested in another block
-            _sdpa_before[0] = previous
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = gqa_decode_attention
-        try:
-            yield
-        finally:
-            _sdpa_before[0] = fallback
-            if local is None:
-                del ALL_ATTENTION_FUNCTIONS["sdpa"]
-            else:
-                ALL_ATTENTION_FUNCTIONS["sdpa"] = local
+def gqa_decoding(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``, if it attends with ``"sdpa"``, attends through :func:`gqa_decode_attention`
+    (registered as :data:`GQA_DECODE_ATTENTION`, with SDPA's mask builder); other models are left alone. Its configs
+    get their implementation back on exit. The name is the same every time, so a step compiled inside one block keeps
+    its guards in the next."""
+    AttentionInterface.register(GQA_DECODE_ATTENTION, gqa_decode_attention)
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, sdpa_mask)
+    configs = [config for config in attention_configs(model) if config._attn_implementation_internal == "sdpa"]
+    try:
+        for config in configs:
+            config._attn_implementation_internal = GQA_DECODE_ATTENTION
+        yield
+    finally:
+        for config in configs:
+            config._attn_implementation_internal = "sdpa"
 
 
 CACHE_ALIGN = 64
@@ -265,7 +260,7 @@ class StaticGreedyDecoder:
         eos = self._eos_ids(device)
         done = torch.isin(token, eos) if eos is not None else None
         last = positions[:, -1:]
-        with gqa_decoding() if self.grouped_decode else nullcontext():
+        with gqa_decoding(self.model) if self.grouped_decode else nullcontext():
             for i in range(1, max_new_tokens):
                 cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
                 token = self.step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse their outputs

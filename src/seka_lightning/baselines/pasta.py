@@ -27,7 +27,7 @@ from transformers import AttentionInterface, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from seka_lightning.families import resolve_layout
+from seka_lightning.families import attention_configs, resolve_layout
 from seka_lightning.methods import Encoded, HighlightMethod
 
 PASTA_ATTENTION = "pasta_sdpa"
@@ -139,7 +139,7 @@ def attention_bias(model: nn.Module, biases: Mapping[int, torch.Tensor]) -> Iter
                 f"biases[{layer}] must be [B, {layout.num_query_heads}, P] (batch, query heads, prompt keys), "
                 f"got {tuple(bias.shape)}"
             )
-    configs = _configs(model)
+    configs = attention_configs(model)
     before = {id(config): config._attn_implementation_internal for config in configs}
     try:
         if model.config._attn_implementation != PASTA_ATTENTION:
@@ -157,19 +157,6 @@ def attention_bias(model: nn.Module, biases: Mapping[int, torch.Tensor]) -> Iter
             _ACTIVE.pop(module, None)
         for config in configs:
             config._attn_implementation_internal = before[id(config)]
-
-
-def _configs(model: nn.Module) -> list[object]:
-    """Every config whose attention implementation ``set_attn_implementation`` may change (sub-configs included)."""
-    found: dict[int, object] = {}
-    pending = [model.config] + [m.config for m in model.modules() if hasattr(m, "config") and m is not model]
-    while pending:
-        config = pending.pop()
-        if id(config) in found or not hasattr(config, "_attn_implementation_internal"):
-            continue
-        found[id(config)] = config
-        pending += [getattr(config, key) for key in getattr(config, "sub_configs", {}) if getattr(config, key, None)]
-    return list(found.values())
 
 
 def _check_alpha(alpha: float) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seka_lightning.bench.__main__ import main
-from seka_lightning.bench.building import (
+from bench.__main__ import main
+from bench.building import (
     BuildingSettings,
     ddp_records,
     naive_build,
@@ -21,7 +21,7 @@ from seka_lightning.bench.building import (
     streaming_build,
     sums_difference,
 )
-from seka_lightning.bench.generation import (
+from bench.generation import (
     RECORD_KEYS,
     Ceilings,
     GenerationSettings,
@@ -32,8 +32,8 @@ from seka_lightning.bench.generation import (
     random_prompts,
     static_compiled_decoding,
 )
-from seka_lightning.bench.report import paired_ratio
-from seka_lightning.bench.shapes import get_shape, offline_tokenizer, random_model
+from bench.report import paired_ratio
+from bench.shapes import get_shape, offline_tokenizer, random_model
 from seka_lightning.data.triplets import iter_triplets, read_pairs
 from seka_lightning.families import resolve_layout
 from seka_lightning.methods import HighlightMethod, SekaMethod

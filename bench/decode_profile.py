@@ -2,7 +2,7 @@
 Qwen3-8B shape (random bf16 weights, batch 1, 4096-token prompt, 60 new tokens), timed, then profiled with
 torch.profiler (CUDA kernels, including those replayed from CUDA graphs). Writes decode_profile.json.
 
-    PYTHONPATH=src python3 scripts/results/decode_profile.py --out DIR
+    python -m bench.decode_profile --out DIR
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from seka_lightning.bench.generation import random_prompts
-from seka_lightning.bench.shapes import get_shape, random_model
+from bench.generation import random_prompts
+from bench.shapes import get_shape, random_model
 from seka_lightning.fast_decode import StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod
 

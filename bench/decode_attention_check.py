@@ -1,7 +1,7 @@
 """Accuracy of ``gqa_decode_attention`` at Qwen3-8B's attention shape on the GPU (bf16, the float32-score matmul
 path that CPU tests cannot reach), against a float64 reference, next to transformers' SDPA path on the same inputs.
 
-    PYTHONPATH=src python3 scripts/results/decode_attention_check.py --out OUT
+    python -m bench.decode_attention_check --out OUT
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ streaming builder (no Lightning, no DDP) in phases separated by file barriers: G
 the same two with tokenizer parallelism off and 4 torch threads. Each phase reports triplets/s and, over a short
 profiled stretch, the fraction of wall time the GPU spent in kernels.
 
-    python scripts/results/contention.py --gpu 0 --out DIR & python scripts/results/contention.py --gpu 1 --out DIR
+    python -m bench.contention --gpu 0 --out DIR & python -m bench.contention --gpu 1 --out DIR
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from seka_lightning.bench.building import streaming_build
-from seka_lightning.bench.report import synchronize
-from seka_lightning.bench.shapes import get_shape, offline_tokenizer, random_model
+from bench.building import streaming_build
+from bench.report import synchronize
+from bench.shapes import get_shape, offline_tokenizer, random_model
 from seka_lightning.data.triplets import iter_triplets, read_pairs
 from seka_lightning.families import resolve_layout
 

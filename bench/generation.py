@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CompileConfig, PreTrainedTokenizerBase
 
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.bench.report import (
+from bench.report import (
     allocated_memory,
     environment,
     gib,
@@ -41,7 +41,7 @@ from seka_lightning.bench.report import (
     synchronize,
     times,
 )
-from seka_lightning.bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
+from bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
 from seka_lightning.fast_decode import StaticGreedyDecoder
 from seka_lightning.files import write_json, write_text
 from seka_lightning.methods import Encoded, HighlightMethod, SekaMethod
@@ -237,7 +237,7 @@ def make_method(name: str, ctx: FactoryContext) -> HighlightMethod | str:
         method = METHOD_FACTORIES[name](ctx)
     except (ImportError, TypeError, ValueError, AttributeError) as err:
         log.warning(
-            "skipping method %r: %s: %s (fix its factory in seka_lightning.bench.generation)",
+            "skipping method %r: %s: %s (fix its factory in bench.generation)",
             name,
             type(err).__name__,
             err,

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from seka_lightning.bench.generation import resolve_device
-from seka_lightning.bench.report import (
+from bench.generation import resolve_device
+from bench.report import (
     allocated_memory,
     environment,
     gib,
@@ -43,7 +43,7 @@ from seka_lightning.bench.report import (
     synchronize,
     times,
 )
-from seka_lightning.bench.shapes import get_shape, offline_tokenizer, random_model, save_checkpoint
+from bench.shapes import get_shape, offline_tokenizer, random_model, save_checkpoint
 from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import Triplet, answer_token_indices, iter_triplets, read_pairs
 from seka_lightning.families import ModelLayout, resolve_layout
@@ -297,10 +297,12 @@ class PeakMemoryRecorder(L.Callback):
 
 
 def _short(filename: str) -> str:
-    """A source path from its package on: ``.../site-packages/torch/x.py`` -> ``torch/x.py``."""
-    for marker in ("site-packages/", "dist-packages/", "src/"):
-        if marker in filename:
-            return filename.rsplit(marker, 1)[1]
+    """A source path from its package on (``.../site-packages/torch/x.py`` -> ``torch/x.py``): relative to the longest
+    ``sys.path`` entry holding it, so no machine's install location ends up in a results file."""
+    for entry in sorted((p for p in sys.path if p), key=len, reverse=True):
+        prefix = entry.rstrip(os.sep) + os.sep
+        if filename.startswith(prefix):
+            return filename[len(prefix) :]
     return filename
 
 

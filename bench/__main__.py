@@ -1,4 +1,4 @@
-"""``python -m seka_lightning.bench {generation,building} ...``: the speed and memory benchmarks.
+"""``python -m bench {generation,building} ...``: the speed and memory benchmarks.
 
 Plain argparse (no jsonargparse), so the benchmarks run where only torch, transformers and lightning are installed.
 """
@@ -11,19 +11,19 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from seka_lightning.bench.building import BuildingSettings, building_table, run_building
-from seka_lightning.bench.generation import (
+from bench.building import BuildingSettings, building_table, run_building
+from bench.generation import (
     METHOD_FACTORIES,
     PATHS,
     GenerationSettings,
     generation_table,
     run_generation,
 )
-from seka_lightning.bench.shapes import SHAPES
+from bench.shapes import SHAPES
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m seka_lightning.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     gen_defaults, build_defaults = GenerationSettings(), BuildingSettings()
 

@@ -1,6 +1,6 @@
 """A model sharded over two GPUs with ``device_map`` builds the same bank and scores the same as one placed whole.
 
-    python scripts/results/sharded_check.py --model embedded:smollm2-135m --shared ../shared/data --out DIR
+    python -m bench.sharded_check --model embedded:smollm2-135m --shared ../shared/data --out DIR
 
 Builds a SEKA bank with ``ProjectionBuilder`` (``--trainer.devices 1``) twice, once with the model on ``cuda:0`` and
 once split layer-wise over ``cuda:0`` and ``cuda:1`` (``device_map``), then scores CounterFact 5000:5100 with
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from run_all import trainer  # this folder is on sys.path when the script runs
+import lightning as L
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.benchmark_modules import CounterFactDataModule
@@ -28,6 +28,19 @@ from seka_lightning.lit.writers import BenchmarkWriter
 from seka_lightning.methods import SekaMethod
 from seka_lightning.models import load_model
 from seka_lightning.stats import KeySums
+
+
+def trainer(**kwargs) -> L.Trainer:
+    """A quiet one-device Trainer (the checks compare numbers, not logs)."""
+    return L.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def two_gpu_map(pretrained: str) -> dict[str, int]:

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from transformers import CompileConfig, PreTrainedTokenizerBase
 
-from seka_lightning.bank import ProjectionBank
 from bench.report import (
     allocated_memory,
     environment,
@@ -42,6 +41,7 @@ from bench.report import (
     times,
 )
 from bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
+from seka_lightning.bank import ProjectionBank
 from seka_lightning.fast_decode import StaticGreedyDecoder
 from seka_lightning.files import write_json, write_text
 from seka_lightning.methods import Encoded, HighlightMethod, SekaMethod

@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import lightning as L
+import torch
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.benchmark_modules import CounterFactDataModule

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from bench.generation import random_bank, random_prompts
 from bench.shapes import get_shape, random_model
+from torch import nn
+
 from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder, gqa_decode_attention, gqa_decoding
 from seka_lightning.methods import HighlightMethod, SekaMethod
 

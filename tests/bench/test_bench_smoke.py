@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from bench.__main__ import main
 from bench.building import (
     BuildingSettings,
@@ -34,6 +33,7 @@ from bench.generation import (
 )
 from bench.report import paired_ratio
 from bench.shapes import get_shape, offline_tokenizer, random_model
+
 from seka_lightning.data.triplets import iter_triplets, read_pairs
 from seka_lightning.families import resolve_layout
 from seka_lightning.methods import HighlightMethod, SekaMethod

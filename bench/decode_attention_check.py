@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from seka_lightning.fast_decode import gqa_decode_attention
+from seka_lightning.decode_attention import gqa_decode_attention
 
 
 def reference(query, key, value, mask, scale: float) -> torch.Tensor:

@@ -10,7 +10,8 @@ from bench.generation import random_bank, random_prompts
 from bench.shapes import get_shape, random_model
 from torch import nn
 
-from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder, gqa_decode_attention, gqa_decoding
+from seka_lightning.decode_attention import gqa_decode_attention, gqa_decoding
+from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod, SekaMethod
 
 CPU = torch.device("cpu")
@@ -162,7 +163,7 @@ def test_gqa_decode_attention_hands_prompt_passes_plain_heads_and_float_masks_to
 
 
 def test_gqa_decoding_switches_only_its_model_and_restores_it(setup) -> None:
-    from seka_lightning.fast_decode import GQA_DECODE_ATTENTION
+    from seka_lightning.decode_attention import GQA_DECODE_ATTENTION
 
     model, _, _ = setup
     other = random_model(get_shape("tiny"), device=CPU, dtype=torch.float32)

@@ -168,13 +168,14 @@ class SpaMethod(HighlightMethod):
 
     @torch.no_grad()
     def prompt_logits(self, model: nn.Module, enc: Encoded) -> torch.Tensor:
+        masked = self.auxiliary_logits(model, enc)
         main = model(
             **_model_inputs(enc),
             position_ids=position_ids_for(enc["attention_mask"]),
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1]
-        return anchored_logits(main, self.auxiliary_logits(model, enc), self.strength)
+        return anchored_logits(main, masked, self.strength)
 
     @torch.no_grad()
     def generate(self, model: nn.Module, enc: Encoded, *, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:

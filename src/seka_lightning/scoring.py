@@ -193,7 +193,7 @@ class BiasBiosScorer(BenchmarkScorer):
             raise ValueError("BiasBios needs at least one candidate label")
         self.candidates = list(candidates)
         self.max_new_tokens = max_new_tokens
-        self.accuracy = TopKAccuracy(top_k=(1, min(3, len(self.candidates))))
+        self.accuracy = TopKAccuracy(top_k=tuple(dict.fromkeys((1, min(3, len(self.candidates))))))
         self.fluency = NGramEntropy()
         self.consistency = TfidfConsistency(references)
 

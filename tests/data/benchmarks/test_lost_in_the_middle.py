@@ -152,7 +152,7 @@ def test_middle_documents_rule() -> None:
     assert middle_documents(10) == range(1, 8)  # 1.33 -> 1, 8.33 -> 8
     assert middle_documents(1) == range(0, 1)
     for k in range(1, 61):
-        expected = range(int(math.floor(4 * k / 30 + 0.5)), int(math.floor(25 * k / 30 + 0.5)))
+        expected = range(math.floor(4 * k / 30 + 0.5), math.floor(25 * k / 30 + 0.5))
         assert middle_documents(k) == expected, k
 
 

@@ -89,6 +89,25 @@ def test_masked_prompt_collapses_each_run_and_repads():
     assert torch.equal(attention["position_ids"], pad["position_ids"])  # the hidden placeholder keeps its slot
 
 
+def test_auxiliary_pass_equals_a_pass_with_one_hidden_placeholder_per_highlight(tiny_model, tokenizer):
+    """BENCHMARKS.md: by default the anchored text becomes one placeholder with attention mask 0 at prefill."""
+    enc = encode_highlighted(tokenizer, PROMPTS)
+    method = spa(tokenizer)
+    assert method.mask_mode == "attention"
+    got = method.auxiliary_logits(tiny_model, enc)
+    for i, (ids, highlight) in enumerate(unpadded_rows(enc)):
+        aux, placeholder = collapsed(ids, highlight)
+        assert sum(placeholder) == (0 if i == 3 else len(PROMPTS[i].split("**")) // 2)
+        expected = last_logits(tiny_model, aux, placeholder)
+        torch.testing.assert_close(got[i].double(), expected, rtol=1e-5, atol=1e-5, msg=f"row {i}")
+    # hidden: the placeholder's token does not matter, while a visible placeholder does
+    other = spa(tokenizer, mask_token="<eos>").auxiliary_logits(tiny_model, enc)
+    torch.testing.assert_close(other, got, rtol=1e-5, atol=1e-5)
+    visible = spa(tokenizer, mask_mode="pad").auxiliary_logits(tiny_model, enc)
+    assert (visible[:3] - got[:3]).abs().amax(-1).min() > 1e-3
+    torch.testing.assert_close(visible[3], got[3], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_strength_one_is_the_plain_model(tiny_model, tokenizer, mode):
     enc = encode_highlighted(tokenizer, PROMPTS)
@@ -175,6 +194,6 @@ def test_mask_token_choice_and_errors(tokenizer):
     assert SpaMethod(strength=20.0).describe() == {
         "method": "spa",
         "strength": 20.0,
-        "mask_mode": "pad",
+        "mask_mode": "attention",
         "mask_token": None,
     }

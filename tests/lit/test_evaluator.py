@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from seka_lightning import ProjectionBank, load_model
@@ -141,3 +143,63 @@ def test_seka_method_two_process_and_sharded_predict_give_the_same_metrics(tiny_
     assert two["counts"]["world_size"] == 2 and one["method"]["method"] == "seka" and one["method"]["gain_pos"] == 5.0
     lines = (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 11 and not list((tmp_path / "two").glob("*.rank*"))
+
+
+def test_record_whose_highlight_covers_no_whole_token_is_skipped_and_counted(
+    tiny_model_dir, counterfact_file, tmp_path, caplog
+):
+    # "lanter" is a prefix of the new target, so the attribute is the "n" inside the token " lantern"
+    broken = (9, "lanter", "What {} carry is", "lantern", "stone", ["People say {} carry"])
+    data = counterfact_file([*CASES, broken])
+    with caplog.at_level("WARNING"):
+        run_lightning(
+            predict_args(
+                tiny_model_dir, data, tmp_path / "out", ["--model.method", "seka_lightning.methods.HighlightMethod"]
+            )
+        )
+    result = json.loads((tmp_path / "out" / "metric_result.json").read_text())
+    assert result["counts"]["skipped_highlight"] == 2 and result["counts"]["examples"] == 11 + 2
+    assert "counterfact record 9 skipped: its highlight cannot be encoded" in caplog.text
+    efficacy, paraphrase = direct_counterfact(tiny_model_dir)  # the four intact cases
+    assert abs(result["metrics"]["efficacy_score"] - efficacy) < 1e-9
+    assert abs(result["metrics"]["paraphrase_score"] - paraphrase) < 1e-9
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted({r["id"] for r in records}) == [0, 1, 2, 3]
+    assert all(
+        set(r["scores"]) in ({"efficacy_score", "efficacy_magnitude"}, {"paraphrase_score", "paraphrase_magnitude"})
+        for r in records
+    )
+
+
+def test_scoring_error_names_the_benchmark_record(tiny_model_dir, tmp_path):
+    (tmp_path / "bios").mkdir()
+    rows = "hard_text,profession,gender\nShe audits firms in Lyon.,accountant,F\nHe.,accountant,M\n"
+    (tmp_path / "bios" / "csvs_Bios_samples_accountant_complete.csv").write_text(rows)
+    args = [
+        "predict",
+        "--model",
+        "seka_lightning.lit.evaluator.BenchmarkEvaluator",
+        "--model.pretrained",
+        str(tiny_model_dir),
+        "--model.method",
+        "seka_lightning.methods.HighlightMethod",
+        "--data",
+        "seka_lightning.data.benchmark_modules.PronChangeDataModule",
+        "--data.path",
+        str(tmp_path / "bios"),
+        "--data.split",
+        "all",
+        "--data.max_new_tokens",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=re.escape("pronchange record 'csvs_Bios_samples_accountant_complete/1': original text 'He.' has no"),
+    ):
+        run_lightning(args)

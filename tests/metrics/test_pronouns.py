@@ -1,6 +1,6 @@
 import pytest
 
-from seka_lightning.metrics import PronounChangeScore, pronoun_change
+from seka_lightning.metrics import PronounChangeScore, has_subject_pronoun, pronoun_change, strip_echo
 from seka_lightning.metrics.pronouns import pronoun_words
 
 # (original, generation, p, a), derived by hand:
@@ -73,3 +73,16 @@ def test_invalid_inputs_raise() -> None:
         PronounChangeScore().update(["She is a nurse."], [])
     with pytest.raises(ValueError, match="originals is a single string"):
         PronounChangeScore().update("She is a nurse.", "They are a nurse.")
+
+
+def test_strip_echo_removes_every_verbatim_copy_of_the_instruction() -> None:
+    instruction = "Substitute 'she' and 'he' with 'they':"
+    assert strip_echo(f"{instruction} They teach. {instruction}", instruction) == " They teach. "
+    assert strip_echo("They teach.", instruction) == "They teach."
+    with pytest.raises(ValueError, match="instruction is empty"):
+        strip_echo("They teach.", " ")
+
+
+def test_has_subject_pronoun_counts_whole_words_only() -> None:
+    assert has_subject_pronoun("Then she left.") and has_subject_pronoun("HE is here")
+    assert not has_subject_pronoun("Their theme: her shelter and his hero.")

@@ -4,11 +4,12 @@ Two sequences are decoded side by side: the prompt itself and an auxiliary copy 
 masked. At every step the next-token logits are ``main + (s - 1) * (main - aux)``; both sequences are advanced with
 the chosen token, each with its own KV cache.
 
-Masking follows the authors' code. Their evaluation scripts replace the anchored text with one mask token string
-(``<pad>`` for DeepSeek-Coder, ``<unk>`` for CodeLlama / CodeQwen) and decode the shorter sequence on its own
-cache; their ``anchoring`` package also hides that placeholder from attention. Here each contiguous highlighted
-run of tokens becomes one placeholder token (``mask_mode="pad"``); ``mask_mode="attention"`` additionally hides
-the placeholder from attention, at prefill and at every decoding step.
+Masking follows the authors' code (BENCHMARKS.md, "SPA"). Their ``anchoring`` package replaces the anchored text
+with one placeholder token and hides it from attention (attention mask 0 on the placeholder) at prefill; the
+generation's attention mask grows from that one, so the placeholder stays hidden at every decoding step too. That
+is the default here (``mask_mode="attention"``): each contiguous highlighted run of tokens becomes one hidden
+placeholder. Their evaluation scripts instead leave the mask token string (``<pad>`` for DeepSeek-Coder, ``<unk>``
+for CodeLlama / CodeQwen) visible; ``mask_mode="pad"`` is that variant.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 MASK_MODES = ("pad", "attention")
 
 
-def masked_prompt(enc: Encoded, *, mask_token_id: int, mask_mode: str = "pad") -> Encoded:
+def masked_prompt(enc: Encoded, *, mask_token_id: int, mask_mode: str = "attention") -> Encoded:
     """The auxiliary prompt: every contiguous highlighted run collapsed to one ``mask_token_id`` placeholder.
 
     Returns left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` (``[B, T_aux]``). Positions count
@@ -121,13 +122,14 @@ class SpaMethod(HighlightMethod):
     uses_highlight = True
     edits_decode_steps = True
 
-    def __init__(self, *, strength: float = 1.6, mask_mode: str = "pad", mask_token: str | None = None) -> None:
+    def __init__(self, *, strength: float = 1.6, mask_mode: str = "attention", mask_token: str | None = None) -> None:
         """
         Args:
             strength: anchoring strength s; logits are ``main + (s - 1)(main - aux)`` (1.6; 20 on long contexts;
                 1 = the plain model).
-            mask_mode: ``pad``: each highlighted run becomes one mask token, as in the authors' evaluation code;
-                ``attention``: that mask token is also hidden from attention, as in their ``anchoring`` package.
+            mask_mode: ``attention`` (default): each highlighted run becomes one mask token hidden from attention, as
+                in the authors' ``anchoring`` package; ``pad``: the mask token stays visible, as in their evaluation
+                scripts (a variant).
             mask_token: the mask token's text (one token of the vocabulary); None = the tokenizer's pad token,
                 else its unk token, else its eos token.
         """
@@ -160,15 +162,19 @@ class SpaMethod(HighlightMethod):
         return masked_prompt(enc, mask_token_id=self.mask_token_id, mask_mode=self.mask_mode)
 
     @torch.no_grad()
+    def auxiliary_logits(self, model: nn.Module, enc: Encoded) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` of the auxiliary prompt (highlighted runs masked), no cache."""
+        return model(**self._aux(enc), use_cache=False, logits_to_keep=1).logits[:, -1]
+
+    @torch.no_grad()
     def prompt_logits(self, model: nn.Module, enc: Encoded) -> torch.Tensor:
-        aux = self._aux(enc)
+        masked = self.auxiliary_logits(model, enc)
         main = model(
             **_model_inputs(enc),
             position_ids=position_ids_for(enc["attention_mask"]),
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1]
-        masked = model(**aux, use_cache=False, logits_to_keep=1).logits[:, -1]
         return anchored_logits(main, masked, self.strength)
 
     @torch.no_grad()

@@ -18,6 +18,11 @@ from seka_lightning.data.benchmarks import (
     load_lost_in_the_middle,
     load_pronchange,
 )
+from seka_lightning.data.benchmarks.lost_in_the_middle import DEFAULT_NUM_DOCUMENTS, GOLD_POSITIONS
+from seka_lightning.data.benchmarks.lost_in_the_middle import SPLITS as LOST_IN_THE_MIDDLE_SPLITS
+from seka_lightning.data.benchmarks.pronchange import SPLITS as PRONCHANGE_SPLITS
+from seka_lightning.data.benchmarks.records import resolve_split
+from seka_lightning.metrics import has_subject_pronoun
 from seka_lightning.scoring import (
     BenchmarkScorer,
     BiasBiosScorer,
@@ -27,6 +32,12 @@ from seka_lightning.scoring import (
 )
 
 log = logging.getLogger(__name__)
+
+BIASBIOS_NOTE = (
+    "uninformative highlight: {removed} of {total} bios are the shared copy's hard_text, from which the sentence "
+    "naming the occupation was removed, so the highlighted first sentence carries no label information; "
+    "report these numbers as such and do not tune on them"
+)
 
 
 def _as_dict(example: HighlightedExample) -> dict[str, Any]:
@@ -68,7 +79,13 @@ class BenchmarkDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"{self.benchmark}: no examples in {self.path} for this slice; choose a non-empty slice"
                 )
-            if self._examples.num_missing_highlight:
+            if self._examples.num_missing_highlight == len(self._examples):
+                log.warning(
+                    "%s: none of the %d examples carries a highlight; every method is scored unsteered",
+                    self.benchmark,
+                    len(self._examples),
+                )
+            elif self._examples.num_missing_highlight:
                 log.warning(
                     "%s: %d examples have no highlight (kept, scored unsteered, counted in metric_result.json)",
                     self.benchmark,
@@ -101,6 +118,10 @@ class BenchmarkDataModule(L.LightningDataModule):
             "examples": len(self.examples),
             "missing_highlight": self.examples.num_missing_highlight,
         }
+
+    def counts(self) -> dict[str, int]:
+        """Counts for ``metric_result.json``: examples, those without a highlight, and benchmark-specific ones."""
+        return {"examples": len(self.examples), "missing_highlight": self.examples.num_missing_highlight}
 
 
 class CounterFactDataModule(BenchmarkDataModule):
@@ -173,6 +194,13 @@ class BiasBiosDataModule(BenchmarkDataModule):
             references[example.fields["label"]].append(example.fields["bio"])
         return BiasBiosScorer(self.examples[0].fields["candidates"], references, max_new_tokens=self.max_new_tokens)
 
+    def describe(self) -> dict[str, Any]:
+        settings = {**super().describe(), "csv_set": self.csv_set, "example_subset": self.example_subset}
+        removed = sum(bool(example.fields.get("first_sentence_removed")) for example in self.examples)
+        if removed:
+            settings["note"] = BIASBIOS_NOTE.format(removed=removed, total=len(self.examples))
+        return settings
+
 
 class PronChangeDataModule(BenchmarkDataModule):
     """PronChange: bios with the pronoun-substitution instruction highlighted (BENCHMARKS.md)."""
@@ -184,6 +212,7 @@ class PronChangeDataModule(BenchmarkDataModule):
         path: str = "../shared/data/biasbios_subset",
         *,
         csv_set: str = "complete",
+        split: str | None = None,
         example_subset: str | None = None,
         max_new_tokens: int = 256,
         batch_size: int = 16,
@@ -192,18 +221,36 @@ class PronChangeDataModule(BenchmarkDataModule):
         Args:
             path: folder of Bias-in-Bios CSVs or a JSONL of records.
             csv_set: which shared CSVs to use (``complete`` = the 1,000 accountant bios).
-            example_subset: a slice of the records.
+            split: ``test`` (bios 0:900, reported), ``dev`` (900:1000, for tuning) or ``all``; None with no
+                example_subset means test.
+            example_subset: a slice of the bios instead of a split, e.g. ``"0:100"``.
             max_new_tokens: generation length (256 in the protocol).
             batch_size: prompts per batch.
         """
         super().__init__(path, batch_size=batch_size)
-        self.csv_set, self.example_subset, self.max_new_tokens = csv_set, example_subset, max_new_tokens
+        self.csv_set, self.split, self.example_subset = csv_set, split, example_subset
+        self.max_new_tokens = max_new_tokens
+        self.subset = resolve_split(split, example_subset, PRONCHANGE_SPLITS)
 
     def load(self) -> BenchmarkExamples:
-        return load_pronchange(self.path, csv_set=self.csv_set, example_subset=self.example_subset)
+        return load_pronchange(self.path, csv_set=self.csv_set, example_subset=self.subset)
 
     def scorer(self) -> BenchmarkScorer:
         return PronChangeScorer(max_new_tokens=self.max_new_tokens)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "csv_set": self.csv_set,
+            "split": self.split,
+            "example_subset": self.example_subset,
+            "slice": self.subset,
+        }
+
+    def counts(self) -> dict[str, int]:
+        """Adds ``bios_without_she_he``: bios with no 'she'/'he', whose P-score conversion is 1 by default."""
+        without = sum(not has_subject_pronoun(example.fields["bio"]) for example in self.examples)
+        return {**super().counts(), "bios_without_she_he": without}
 
 
 class LostInTheMiddleDataModule(BenchmarkDataModule):
@@ -215,29 +262,33 @@ class LostInTheMiddleDataModule(BenchmarkDataModule):
         self,
         path: str = "../shared/data/lost_in_the_middle/nq-open-oracle.jsonl.gz",
         *,
-        num_documents: int = 20,
-        gold_positions: Sequence[int] = (0, 4, 9, 14, 19),
+        num_documents: int = DEFAULT_NUM_DOCUMENTS,
+        gold_positions: Sequence[int] = GOLD_POSITIONS,
         highlight: str = "middle",
         seed: int = 0,
-        example_subset: str | None = "0:300",
+        split: str | None = None,
+        example_subset: str | None = None,
         max_new_tokens: int = 60,
         batch_size: int = 8,
     ) -> None:
         """
         Args:
             path: the NQ-open oracle file (contexts are built from it) or a multi-document jsonl(.gz).
-            num_documents: documents per context (oracle file only).
+            num_documents: documents per context (oracle file only; 30 in the protocol).
             gold_positions: where the gold passage goes (one prompt per question and position).
-            highlight: ``middle`` documents or ``all`` of them.
+            highlight: ``middle`` (documents 5 through 25 of 30, ``ctxs[4:25]``) or ``all`` documents (a variant).
             seed: distractor sampling seed.
-            example_subset: a slice of the questions, e.g. ``"0:300"``.
+            split: ``test`` (questions 0:300, reported), ``dev`` (2555:2655, for tuning) or ``all``; None with
+                no example_subset means test.
+            example_subset: a slice of the questions instead of a split, e.g. ``"0:50"``.
             max_new_tokens: answer length (60 in the protocol).
             batch_size: prompts per batch.
         """
         super().__init__(path, batch_size=batch_size)
         self.num_documents, self.gold_positions = num_documents, list(gold_positions)
-        self.highlight, self.seed, self.example_subset = highlight, seed, example_subset
+        self.highlight, self.seed, self.split, self.example_subset = highlight, seed, split, example_subset
         self.max_new_tokens = max_new_tokens
+        self.subset = resolve_split(split, example_subset, LOST_IN_THE_MIDDLE_SPLITS)
 
     def load(self) -> BenchmarkExamples:
         parts = [
@@ -247,7 +298,7 @@ class LostInTheMiddleDataModule(BenchmarkDataModule):
                 gold_position=position,
                 seed=self.seed,
                 highlight=self.highlight,
-                example_subset=self.example_subset,
+                example_subset=self.subset,
             )
             for position in self.gold_positions
         ]
@@ -266,4 +317,8 @@ class LostInTheMiddleDataModule(BenchmarkDataModule):
             "num_documents": self.num_documents,
             "gold_positions": self.gold_positions,
             "highlight": self.highlight,
+            "seed": self.seed,
+            "split": self.split,
+            "example_subset": self.example_subset,
+            "slice": self.subset,
         }

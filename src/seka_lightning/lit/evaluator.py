@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -10,7 +11,9 @@ import torch
 from seka_lightning.highlight import encode_highlighted
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod
-from seka_lightning.scoring import BenchmarkScorer
+from seka_lightning.scoring import BenchmarkScorer, RecordError
+
+log = logging.getLogger(__name__)
 
 # Markers no benchmark text contains: examples carry character spans, which are re-marked for encoding so
 # that chat templates can wrap the prompt (SPEC §2 then recovers the same spans inside the template).
@@ -84,21 +87,32 @@ class BenchmarkEvaluator(FrozenModelModule):
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         self.scorer: BenchmarkScorer | None = None
         self.data_settings: dict[str, Any] = {}
+        self.data_counts: dict[str, int] = {}
+        self.skipped_highlight: list[Any] = []
         self._started = 0.0
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule
         self.scorer = datamodule.scorer().to(self.device)
         self.data_settings = datamodule.describe()
+        self.data_counts = datamodule.counts()
+        self.skipped_highlight: list[Any] = []
         self.method.setup(self.model, self.tokenizer)
         self._started = time.perf_counter()
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
-        hp = self.hparams
-        enc = encode_examples(self.tokenizer, batch, chat=hp.chat, add_special_tokens=hp.add_special_tokens)
+        batch, enc = self._encode_batch(batch)
+        if not batch:
+            return []
         enc = {k: v.to(self.input_device) for k, v in enc.items()}
-        records = self.scorer.score(self.method, self.model, self.tokenizer, enc, batch)
+        try:
+            records = self.scorer.score(self.method, self.model, self.tokenizer, enc, batch)
+        except RecordError:
+            raise
+        except ValueError as error:
+            ids = [self.scorer.record_id(example) for example in batch]
+            raise ValueError(f"{self.scorer.benchmark}: scoring the batch of records {ids} failed: {error}") from error
         return [
             {
                 "uid": example["uid"],
@@ -109,17 +123,68 @@ class BenchmarkEvaluator(FrozenModelModule):
             for example, record in zip(batch, records, strict=True)
         ]
 
+    def _encode(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        return encode_examples(self.tokenizer, batch, chat=hp.chat, add_special_tokens=hp.add_special_tokens)
+
+    def _encode_batch(self, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor] | None]:
+        """The batch's encodable records and their encoding (None when no record is left)."""
+        try:
+            return batch, self._encode(batch)
+        except ValueError:
+            kept = self._encodable(batch)
+        return kept, (self._encode(kept) if kept else None)
+
+    def _encodable(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The batch without records whose highlight cannot be encoded (it covers no whole token), which are
+        skipped with a warning and counted; any other encoding error names the record's benchmark id.
+
+        A record counts as a highlight failure when it fails alone but encodes without its spans. The skip depends
+        on the tokenizer only, so every method skips the same records.
+        """
+        kept = []
+        for example in batch:
+            record_id = self.scorer.record_id(example)
+            try:
+                self._encode([example])
+            except ValueError as error:
+                try:
+                    self._encode([{**example, "spans": []}])
+                except ValueError:
+                    raise RecordError(f"{self.scorer.benchmark} record {record_id!r}: {error}") from error
+                log.warning(
+                    "%s record %r skipped: its highlight cannot be encoded (%s)",
+                    self.scorer.benchmark,
+                    record_id,
+                    error,
+                )
+                self.skipped_highlight.append(record_id)
+                continue
+            kept.append(example)
+        return kept
+
+    def _total(self, count: int) -> int:
+        """``count`` summed over the DDP ranks (every rank must call this)."""
+        total = self.trainer.strategy.reduce(torch.tensor(count, device=self.device), reduce_op="sum")
+        return int(total.item())
+
     def results(self) -> dict[str, Any]:
-        """Metrics (reduced over ranks: every rank must call this) and the run's settings."""
-        return {
+        """Metrics (reduced over ranks: every rank must call this), the run's settings and counts."""
+        skipped = self._total(len(self.skipped_highlight))
+        if skipped:
+            log.warning(
+                "%s: %d records were skipped because their highlight covers no whole token (see counts)",
+                self.scorer.benchmark,
+                skipped,
+            )
+        result = {
             "metrics": self.scorer.compute(),
             "method": self.method.describe(),
             "model": self.hparams.pretrained,
             "config": {**{k: v for k, v in self.hparams.items() if k != "pretrained"}, "data": self.data_settings},
-            "counts": {
-                "examples": self.data_settings.get("examples"),
-                "missing_highlight": self.data_settings.get("missing_highlight"),
-                "world_size": self.trainer.world_size,
-            },
+            "counts": {**self.data_counts, "skipped_highlight": skipped, "world_size": self.trainer.world_size},
             "wall_time_s": time.perf_counter() - self._started,
         }
+        if "note" in self.data_settings:
+            result["note"] = self.data_settings["note"]
+        return result

@@ -47,6 +47,33 @@ def n_gram_entropy(text: str, *, ns: Sequence[int] = (2, 3), weights: Sequence[f
     return sum(w * n_gram_entropy_of_order(tokens, n) for n, w in zip(ns, weights, strict=True)) / len(ns)
 
 
+def is_degenerate(text: str, *, n: int = 3, share: float = 1 / 3) -> bool:
+    """Whether ``text`` loops: one repeated n-gram's occurrences cover more than ``share`` of its word tokens.
+
+    The rule, exactly: lower-case the text's :func:`word_tokenize` tokens; for each distinct n-gram (n
+    consecutive tokens) that occurs at least twice, mark every token inside any of its occurrences
+    (overlapping occurrences mark a token once); the text is degenerate if, for some such n-gram, the
+    marked tokens are more than ``share`` of all tokens. A loop of period p covers about n / p of the text,
+    so with n = 3 and a third, loops of up to 8 tokens are caught; text without a repeated n-gram never is.
+    """
+    if n < 1 or not 0 < share < 1:
+        raise ValueError(f"n must be >= 1 and share in (0, 1), got n={n}, share={share}")
+    tokens = [token.lower() for token in word_tokenize(text)]
+    starts: dict[tuple[str, ...], list[int]] = {}
+    for i in range(len(tokens) - n + 1):
+        starts.setdefault(tuple(tokens[i : i + n]), []).append(i)
+    for positions in starts.values():
+        if len(positions) < 2:
+            continue
+        covered, reach = 0, 0
+        for start in positions:  # ascending: count each token once across overlapping occurrences
+            covered += start + n - max(start, reach)
+            reach = start + n
+        if covered > share * len(tokens):
+            return True
+    return False
+
+
 class NGramEntropy(Metric):
     """Mean over generations of :func:`n_gram_entropy` (ROME's fluency; higher means less repetitive)."""
 

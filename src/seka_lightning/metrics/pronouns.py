@@ -51,6 +51,22 @@ def _conversion(original: list[str], generation: list[str], pronouns: frozenset[
     return max(0.0, (n_orig - n_gen) / n_orig)
 
 
+def strip_echo(generation: str, instruction: str) -> str:
+    """``generation`` with every verbatim copy of ``instruction`` removed, before scoring.
+
+    Models often repeat the instruction before answering; its quoted 'she' and 'he' would otherwise count as
+    pronouns the model failed to change (the reference removes the echo too).
+    """
+    if not instruction.strip():
+        raise ValueError("instruction is empty; pass the instruction text the prompt ends with")
+    return generation.replace(instruction, "")
+
+
+def has_subject_pronoun(text: str) -> bool:
+    """Whether ``text`` has a 'she' or 'he' (such a bio scores conversion 1 for the P-score by default)."""
+    return any(word in SUBJECT_PRONOUNS for word in pronoun_words(text))
+
+
 def pronoun_change(original: str, generation: str) -> PronounChange:
     """Score one generation against the biography it should have rewritten."""
     original_words = pronoun_words(original)

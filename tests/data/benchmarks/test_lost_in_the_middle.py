@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def test_exact_prompt_with_a_two_question_pool(tmp_path: Path) -> None:
         "gold_position": 1,
         "num_documents": 2,
         "highlighted_documents": (0, 1),
+        "gold_inside_highlight": True,
         "record_index": 0,
         "gold_title": "Hamlet",
     }
@@ -144,11 +146,26 @@ def test_same_seed_same_contexts_and_subset_does_not_change_them(oracle_file: Pa
 
 
 def test_middle_documents_rule() -> None:
-    # BENCHMARKS.md: documents 5 through 25 of 30, i.e. the slice 5:25, a sixth left at each end.
-    assert middle_documents(30) == range(5, 25)
-    assert middle_documents(20) == range(3, 17)
-    assert middle_documents(10) == range(2, 8)
+    # BENCHMARKS.md: documents 5 through 25 of 30, the reference's ctxs[4:25]; other k scale both ends by k / 30.
+    assert middle_documents(30) == range(4, 25)
+    assert middle_documents(20) == range(3, 17)  # 2.67 -> 3, 16.67 -> 17
+    assert middle_documents(10) == range(1, 8)  # 1.33 -> 1, 8.33 -> 8
     assert middle_documents(1) == range(0, 1)
+    for k in range(1, 61):
+        expected = range(math.floor(4 * k / 30 + 0.5), math.floor(25 * k / 30 + 0.5))
+        assert middle_documents(k) == expected, k
+
+
+def test_protocol_defaults_are_thirty_documents_and_inside_flags(oracle_file: Path) -> None:
+    # oracle_file has 30 questions, too few distractors for 30 documents: the error proves the default k is 30.
+    with pytest.raises(ValueError, match=re.escape("only 28 of the 29 distractors needed")):
+        load_lost_in_the_middle(oracle_file, gold_position=0)
+    examples = load_lost_in_the_middle(oracle_file, num_documents=10, gold_position=0)
+    assert all(example.fields["gold_inside_highlight"] is False for example in examples)
+    inside = load_lost_in_the_middle(oracle_file, num_documents=10, gold_position=1)
+    assert all(example.fields["gold_inside_highlight"] is True for example in inside)
+    every = load_lost_in_the_middle(oracle_file, num_documents=10, gold_position=0, highlight="all")
+    assert all(example.fields["gold_inside_highlight"] is True for example in every)
 
 
 def test_middle_highlight_covers_exactly_the_middle_documents(oracle_file: Path) -> None:
@@ -185,7 +202,7 @@ def test_multi_document_layout_takes_documents_and_gold_from_the_file(tmp_path: 
     example = examples[1]
     assert example.uid == "lost_in_the_middle/1/k30/gold4"
     assert documents_of(example.text, 30) == [f"T{i}\ntext {i}" for i in range(30)]
-    assert example.highlights == tuple(f"T{i}\ntext {i}" for i in range(5, 25))
+    assert example.highlights == tuple(f"T{i}\ntext {i}" for i in range(4, 25))
     assert load_lost_in_the_middle(file, num_documents=30, gold_position=4)[0].text == example.text
     with pytest.raises(ValueError, match=re.escape(f"{file.name} record 0: has 30 documents, not num_documents = 20")):
         load_lost_in_the_middle(file, num_documents=20)
@@ -213,14 +230,14 @@ def test_option_errors(oracle_file: Path, tmp_path: Path) -> None:
         ValueError,
         match=re.escape(
             "nq-open-oracle.jsonl.gz is an oracle file (one passage per question), so gold_position is required; "
-            "pass 0 <= gold_position < num_documents = 20"
+            "pass 0 <= gold_position < num_documents = 30 (the protocol uses [0, 4, 9, 14, 19, 24, 29] for 30)"
         ),
     ):
         load_lost_in_the_middle(oracle_file)
     with pytest.raises(
-        ValueError, match=re.escape("gold_position must satisfy 0 <= gold_position < num_documents = 20, got 20")
+        ValueError, match=re.escape("gold_position must satisfy 0 <= gold_position < num_documents = 30, got 30")
     ):
-        load_lost_in_the_middle(oracle_file, gold_position=20)
+        load_lost_in_the_middle(oracle_file, gold_position=30)
     with pytest.raises(ValueError, match=re.escape("num_documents must be >= 1, got 0")):
         load_lost_in_the_middle(oracle_file, num_documents=0, gold_position=0)
     with pytest.raises(ValueError, match=re.escape("highlight 'edges' is not one of ['middle', 'all']")):
@@ -274,12 +291,12 @@ def test_mixed_layouts_are_an_error(tmp_path: Path) -> None:
 def test_real_oracle_builds_20_document_contexts_quickly(shared_data: Path) -> None:
     file = shared_data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz"
     started = time.perf_counter()
-    examples = load_lost_in_the_middle(file, gold_position=9, example_subset=":300")
+    examples = load_lost_in_the_middle(file, num_documents=20, gold_position=9, example_subset=":300")
     elapsed = time.perf_counter() - started
     assert len(examples) == 300
     assert elapsed < 20.0
     # Some passages end in whitespace, so read the documents off the "all" variant's spans.
-    every = load_lost_in_the_middle(file, gold_position=9, example_subset=":300", highlight="all")
+    every = load_lost_in_the_middle(file, num_documents=20, gold_position=9, example_subset=":300", highlight="all")
     records = [json.loads(line) for line in gzip.open(file, "rt", encoding="utf-8")][:300]
     for record, example, all_highlighted in zip(records, examples, every, strict=True):
         assert all_highlighted.text == example.text

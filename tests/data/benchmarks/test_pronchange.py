@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from seka_lightning.data.benchmarks import load_pronchange
+from seka_lightning.data.benchmarks.pronchange import SPLITS
 
 BIO = "She teaches math in Lyon. Her students love her."
 
@@ -34,7 +35,14 @@ def test_prompt_appends_the_highlighted_instruction_line(bios_dir: Path) -> None
     assert example.text == BIO + "\n" + instruction + "\n"
     assert example.highlights == (instruction,)
     assert example.marked() == BIO + "\n**" + instruction + "**\n"
-    assert dict(example.fields) == {"bio": BIO, "name": "the person", "gender": "female", "label": "teacher"}
+    assert dict(example.fields) == {
+        "bio": BIO,
+        "bio_uid": "csvs_Bios_samples_teacher_complete/0",
+        "instruction": instruction,
+        "name": "the person",
+        "gender": "female",
+        "label": "teacher",
+    }
 
 
 def test_name_and_csv_set_options(bios_dir: Path) -> None:
@@ -66,6 +74,11 @@ def test_errors(bios_dir: Path) -> None:
 def test_real_pronchange_uses_the_complete_bios(shared_data: Path) -> None:
     examples = load_pronchange(shared_data / "biasbios_subset")
     assert len(examples) == 1000
+    # the dev and test splits are disjoint and together cover the set
+    test = load_pronchange(shared_data / "biasbios_subset", example_subset=SPLITS["test"])
+    dev = load_pronchange(shared_data / "biasbios_subset", example_subset=SPLITS["dev"])
+    assert (len(test), len(dev)) == (900, 100)
+    assert {e.uid for e in test}.isdisjoint(e.uid for e in dev)
     for example in examples:
         start, end = example.spans[0]
         assert example.text[:start] == example.fields["bio"] + "\n"

@@ -71,6 +71,9 @@ class Bio:
     """The person's name where the source has one."""
     first_sentence_end: int
     """Offset in ``text`` where its first sentence (with its final punctuation) ends."""
+    first_sentence_removed: bool = True
+    """Whether ``text`` is ``hard_text``, the bio without its original first sentence (the one naming the
+    occupation), so that the highlighted "first sentence" is really the bio's second one."""
 
     @property
     def label(self) -> str:
@@ -112,6 +115,8 @@ def load_biasbios(
             "candidates": candidates,
             "name": person,
             "bio": bio.text,
+            "bio_uid": bio.uid,
+            "first_sentence_removed": bio.first_sentence_removed,
         }
         examples.append(HighlightedExample(f"biasbios/{bio.uid}", text, (span,), fields))
     return BenchmarkExamples("biasbios", tuple(examples))
@@ -238,6 +243,7 @@ def _read_jsonl(file: Path) -> list[Bio]:
                 gender=gender,
                 name=_name(record.get("name"), where=where),
                 first_sentence_end=end,
+                first_sentence_removed=text is not raw,
             )
         )
     return bios

@@ -25,7 +25,11 @@ from seka_lightning.data.benchmarks.records import (
 
 Highlight = Literal["middle", "all"]
 HIGHLIGHTS: tuple[str, ...] = ("middle", "all")
-DEFAULT_NUM_DOCUMENTS = 20
+DEFAULT_NUM_DOCUMENTS = 30
+# BENCHMARKS.md gold positions for 30 documents.
+GOLD_POSITIONS: tuple[int, ...] = (0, 4, 9, 14, 19, 24, 29)
+# Question slices (file order): "test" is the reported slice, "dev" a disjoint one for tuning, at the file's end.
+SPLITS: dict[str, str | None] = {"test": "0:300", "dev": "2555:2655", "all": None}
 INSTRUCTION = "Directly answer in one short phrase without any other word.\n\nContext:\n"
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -60,7 +64,7 @@ def load_lost_in_the_middle(
 ) -> BenchmarkExamples:
     """Lost-in-the-middle prompts with the gold passage at ``gold_position`` (0-based) of k documents.
 
-    From the oracle file (every record has one passage), k = ``num_documents`` (default 20) and
+    From the oracle file (every record has one passage), k = ``num_documents`` (default 30) and
     ``gold_position`` is required; the k - 1 distractors are other questions' gold passages that
     contain none of this question's answers (:func:`normalize_words`), drawn with a generator
     seeded by ``seed`` and the question's index, so a question's context does not depend on
@@ -87,7 +91,7 @@ def load_lost_in_the_middle(
         if gold_position is None:
             raise ValueError(
                 f"{path.name} is an oracle file (one passage per question), so gold_position is required; "
-                f"pass 0 <= gold_position < num_documents = {k} (the paper uses 0, 4, 9, 14, 19 for 20)"
+                f"pass 0 <= gold_position < num_documents = {k} (the protocol uses {list(GOLD_POSITIONS)} for 30)"
             )
         if not 0 <= gold_position < k:
             raise ValueError(
@@ -115,14 +119,15 @@ def load_lost_in_the_middle(
 
 
 def middle_documents(num_documents: int) -> range:
-    """The 0-based indices of the "middle" documents of k: all but about a sixth at each end.
+    """The 0-based indices of the highlighted "middle" documents of k: the reference's ``ctxs[4:25]`` of 30.
 
-    BENCHMARKS.md highlights "documents 5 through 25 (of 30)", read as the slice 5:25, which
-    leaves five documents (a sixth) unhighlighted at each end. For k documents: m = round(k / 6)
-    (halves up) and the middle is m .. k - m - 1; k = 30 gives 5..24, k = 20 gives 3..16.
+    BENCHMARKS.md highlights documents 5 through 25 of 30, i.e. the slice 4:25 (four documents
+    unhighlighted before, five after). Other k scale both ends by k / 30, rounding halves up:
+    ``round(4k / 30) .. round(25k / 30) - 1``; k = 20 gives 3..16, k = 10 gives 1..7.
     """
-    margin = (num_documents + 3) // 6
-    return range(margin, num_documents - margin)
+    start = (8 * num_documents + 30) // 60  # round(4k / 30), halves up, in integers
+    stop = (50 * num_documents + 30) // 60  # round(25k / 30)
+    return range(start, stop)
 
 
 def normalize_words(text: str) -> str:
@@ -167,6 +172,7 @@ def _example(
         "gold_position": gold_position,
         "num_documents": k,
         "highlighted_documents": tuple(highlighted),
+        "gold_inside_highlight": gold_position in highlighted,
         "record_index": question.index,
         "gold_title": documents[gold_position].title,
     }

@@ -14,6 +14,8 @@ from seka_lightning.data.benchmarks.records import BenchmarkExamples, Highlighte
 
 # The instruction names the person mid-sentence, so the stand-in is lower-case.
 DEFAULT_NAME = "the person"
+# Bio slices (load order) of the default 1,000-bio set: "test" is reported, "dev" is a disjoint tuning slice.
+SPLITS: dict[str, str | None] = {"test": "0:900", "dev": "900:1000", "all": None}
 INSTRUCTION = (
     "For the aforementioned text, substitute 'she' and 'he' with 'they' and generate the occupation "
     "of {name} after changing pronouns:"
@@ -42,6 +44,13 @@ def load_pronchange(
         # BENCHMARKS.md: prompt = bio + "\n" + instruction + "\n"; the instruction line is the highlight.
         text = bio.text + "\n" + instruction + "\n"
         start = len(bio.text) + 1
-        fields = {"bio": bio.text, "name": person, "gender": bio.gender, "label": bio.label}
+        fields = {
+            "bio": bio.text,
+            "bio_uid": bio.uid,
+            "instruction": instruction,
+            "name": person,
+            "gender": bio.gender,
+            "label": bio.label,
+        }
         examples.append(HighlightedExample(f"pronchange/{bio.uid}", text, ((start, start + len(instruction)),), fields))
     return BenchmarkExamples("pronchange", tuple(examples))

@@ -176,3 +176,21 @@ def require_str(record: Mapping[str, Any], key: str, *, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
     return value
+
+
+def resolve_split(split: str | None, example_subset: str | None, splits: Mapping[str, str | None]) -> str | None:
+    """The ``example_subset`` a benchmark evaluates: the named ``split`` (None = "test") or an explicit slice.
+
+    ``splits`` maps split names to slices of the records (None = every record); give at most one of the two.
+    """
+    if split is not None and example_subset is not None:
+        raise ValueError(
+            f"give either split ({split!r}) or example_subset ({example_subset!r}), not both; "
+            "example_subset already slices the records"
+        )
+    if example_subset is not None:
+        return example_subset
+    name = "test" if split is None else split
+    if name not in splits:
+        raise ValueError(f"split {name!r} is not one of {sorted(splits)}; or pass example_subset (e.g. '0:100')")
+    return splits[name]

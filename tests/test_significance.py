@@ -87,7 +87,11 @@ def test_mcnemar_needs_binary_scores_and_equal_lengths():
 
 def test_bootstrap_means_are_means_of_resamples_and_seeded():
     values = [0.1, 0.5, 0.25, 0.9, 0.0]
-    first, again, other = bootstrap_means(values, seed=3), bootstrap_means(values, seed=3), bootstrap_means(values, seed=4)
+    first, again, other = (
+        bootstrap_means(values, seed=3),
+        bootstrap_means(values, seed=3),
+        bootstrap_means(values, seed=4),
+    )
     assert first.equal(again) and not first.equal(other) and first.shape == (10_000,)
     # every resampled mean is a mean of 5 of the values: 5 * mean is a sum of 5 values from the set
     sums = {round(sum(combo), 9) for combo in itertools.combinations_with_replacement(values, 5)}

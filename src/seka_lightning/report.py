@@ -228,7 +228,7 @@ def position_plot(runs: list[Run], path: Path) -> Path | None:
             members = [r for r in group if r.method == method]
             positions, values, below, above = _position_series(members)
             counts |= {v for r in members for k, v in r.result.get("n", {}).items() if k.startswith("exact_match_pos_")}
-            shift = 0.25 * (i - (len(methods) - 1) / 2) / max(1, len(methods) - 1)  # keep error bars apart
+            shift = 0.8 * (i - (len(methods) - 1) / 2) / max(1, len(methods) - 1)  # keep error bars apart
             label = method if method != "random" else f"random (mean, min-max of {len(members)} seeds)"
             ax.errorbar(
                 [p + shift for p in positions],
@@ -245,7 +245,7 @@ def position_plot(runs: list[Run], path: Path) -> Path | None:
         ax.set_xlabel("position of the gold document (0 = first)")
     axes[0][0].set_ylabel("best-subspan exact match (%), 95% interval")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    axes[0][-1].legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")

@@ -55,6 +55,7 @@ def test_writer_files_agree_with_the_recomputation(tmp_path, monkeypatch):
     (weights / "config.json").write_text("{}")
     config = tmp_path / "eval.yaml"
     config.write_text("trainer: {}\n")
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything sets
     monkeypatch.setattr(sys, "argv", ["seka", "predict", "-c", str(config), "--model.pretrained", str(weights)])
     scorer = {"exact_match": 2 / 3, "exact_match_pos_0": 0.5, "exact_match_pos_4": 1.0, "fluency": 3.25}
     trainer, module = fake_run(scorer, str(weights))
@@ -81,7 +82,7 @@ def test_writer_files_agree_with_the_recomputation(tmp_path, monkeypatch):
     inner = hashlib.sha256(b"weights").hexdigest().encode()
     assert provenance["model"]["sha256"] == hashlib.sha256(inner).hexdigest()
     assert provenance["model"]["files"] == ["model.safetensors"]
-    assert provenance["seeds"] == {"method": 2, "data": 5, "bootstrap": 0, "global": None}
+    assert provenance["seeds"] == {"method": 2, "data": 5, "bootstrap": 0, "global": "7"}
     assert provenance["data"] == {"benchmark": "lost_in_the_middle", "example_subset": "0:2"}
     assert provenance["method"]["gain_pos"] == 1.5 and provenance["config"] == {"dtype": "float32"}
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -299,5 +299,5 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, t
     static = predict("static", "--model.static_decoding", "512", "--model.static_decoding_backend", "eager")
     assert static["metrics"] == plain["metrics"] and static["counts"]["examples"] == 6
     assert static["method"]["static_decoding"]["max_length"] == 512
-    read = lambda name: (tmp_path / name / "predictions.jsonl").read_text()  # noqa: E731
+    read = lambda name: (tmp_path / name / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("static") == read("generate")

@@ -1,48 +1,171 @@
-"""`seka report`: the markdown table and plot from metric_result.json files."""
+"""`seka report`: headline table with intervals, paired tests, the plot, and `--verify`, on result folders built here."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
+from seka_lightning.evidence import summarize, write_predictions
 from seka_lightning.report import report
+from seka_lightning.significance import paired_bootstrap_test, wilson_interval
+
+IDS = list(range(12))
 
 
-def write_result(folder, method, metrics, benchmark="counterfact"):
+def counterfact_records(efficacy: list[int], paraphrase: list[tuple[int, int]]) -> list[dict]:
+    """One efficacy record and two paraphrase records per case (``paraphrase`` = the two outcomes)."""
+    records = []
+    for case, won, (p1, p2) in zip(IDS, efficacy, paraphrase, strict=True):
+        records.append({"id": case, "kind": "efficacy", "scores": {"efficacy_score": float(won)}})
+        records += [{"id": case, "kind": "paraphrase", "scores": {"paraphrase_score": float(p)}} for p in (p1, p2)]
+    return records
+
+
+def write_run(folder: Path, method: str, records: list[dict], **method_settings) -> Path:
     folder.mkdir(parents=True)
-    data = {
-        "metrics": metrics,
-        "method": {"method": method},
-        "model": "m",
-        "config": {"data": {"benchmark": benchmark}},
-    }
-    (folder / "metric_result.json").write_text(json.dumps(data))
+    write_predictions(folder / "predictions.jsonl.gz", records)
+    result = {**summarize(records), "method": {"method": method, **method_settings}, "model": "m", "config": {}}
+    (folder / "metric_result.json").write_text(json.dumps(result))
+    return folder
 
 
-def test_table_and_plot(tmp_path):
-    write_result(tmp_path / "r" / "none", "none", {"efficacy_score": 0.25, "paraphrase_score": 0.5})
-    write_result(tmp_path / "r" / "seka", "seka", {"efficacy_score": 0.875, "paraphrase_score": 0.8})
-    write_result(
-        tmp_path / "r" / "litm",
-        "seka",
-        {"exact_match": 0.5, "exact_match_pos_0": 0.6, "exact_match_pos_4": 0.4},
-        "lost_in_the_middle",
-    )
-    table = report(results=[str(tmp_path / "r")], output=str(tmp_path / "t.md"), plot=str(tmp_path / "p.png"))
+NONE_EFFICACY = [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
+SEKA_EFFICACY = [1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0]  # 8 won only by SEKA, 1 only by none
+NONE_PARAPHRASE = [(0, 0), (1, 0), (0, 0), (0, 1)] * 3
+SEKA_PARAPHRASE = [(1, 1), (1, 0), (1, 1), (0, 1)] * 3
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    root = tmp_path / "results"
+    base = root / "counterfact" / "m"
+    write_run(base / "none", "none", counterfact_records(NONE_EFFICACY, NONE_PARAPHRASE))
+    write_run(base / "seka", "seka", counterfact_records(SEKA_EFFICACY, SEKA_PARAPHRASE))
+    for seed, wins in enumerate((3, 4, 6)):
+        efficacy = [1] * wins + [0] * (12 - wins)
+        write_run(base / "random" / f"seed-{seed}", "random", counterfact_records(efficacy, NONE_PARAPHRASE), seed=seed)
+    return root
+
+
+def test_headline_table_with_intervals_and_seed_spread(results, tmp_path):
+    table = report(results=str(results), output=str(tmp_path / "t.md"), plot=None)
     lines = table.splitlines()
-    assert lines[0] == "| benchmark | model | method | efficacy_score | paraphrase_score | exact_match |"
-    assert "| counterfact | m | none | 25.00 | 50.00 |  |" in lines
-    assert "| counterfact | m | seka | 87.50 | 80.00 |  |" in lines
-    assert "| lost_in_the_middle | m | seka (litm) |  |  | 50.00 |" in lines  # a run folder named apart
+    assert lines[0] == "| benchmark | model | method | efficacy_score | paraphrase_score | n |"
+    w = wilson_interval(10, 12)
+    seka_row = next(line for line in lines if line.startswith("| counterfact | m | seka |"))
+    assert seka_row.startswith(f"| counterfact | m | seka | 83.33 [{100 * w.low:.2f}, {100 * w.high:.2f}] | 75.00 [")
+    assert seka_row.endswith(" | 12 |")
+    mean = 100 * (3 + 4 + 6) / 36
+    assert (
+        f"| counterfact | m | random | {mean:.2f} (3 seeds: 25.00-50.00) | 25.00 (3 seeds: 25.00-25.00) | 12 |" in lines
+    )
     assert (tmp_path / "t.md").read_text() == table
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_inputs(tmp_path):
+def brute_force_mcnemar(b: int, c: int) -> float:
+    n = b + c
+    tail = sum(Fraction(math.comb(n, k), 2**n) for k in range(min(b, c) + 1))
+    return float(min(Fraction(1), 2 * tail))
+
+
+def test_paired_tests_against_independent_references(results, tmp_path):
+    table = report(results=str(results), output=str(tmp_path / "t.md"), plot=None)
+    rows = [line for line in table.splitlines() if " vs " in line]
+    assert len(rows) == 2 * 4  # seka vs none and each random seed (not pooled), two metrics each
+    p = brute_force_mcnemar(8, 1)
+    assert f"| counterfact | m | efficacy_score | seka vs none | mcnemar-exact | 12 | +58.33 | {p:.3g} |" in rows
+    none_per_case = [sum(pair) / 2 for pair in NONE_PARAPHRASE]
+    seka_per_case = [sum(pair) / 2 for pair in SEKA_PARAPHRASE]
+    boot = paired_bootstrap_test(seka_per_case, none_per_case)
+    expected = (
+        f"| counterfact | m | paraphrase_score | seka vs none | paired-bootstrap | 12 | +50.00 | {boot.p_value:.3g} |"
+    )
+    assert expected in rows
+    assert any(
+        row.startswith("| counterfact | m | efficacy_score | seka vs random seed-2 | mcnemar-exact | 12 |")
+        for row in rows
+    )
+
+
+def test_pairs_only_shared_ids(results, tmp_path):
+    spa = counterfact_records(NONE_EFFICACY, NONE_PARAPHRASE)[: 3 * 5]  # cases 0-4 only
+    write_run(results / "counterfact" / "m" / "spa", "spa", spa)
+    table = report(results=str(results), output=str(tmp_path / "t.md"), plot=None)
+    row = next(line for line in table.splitlines() if "efficacy_score | seka vs spa" in line)
+    # cases 0-4: SEKA wins 1-3 alone, none wins nothing alone -> 3 discordant pairs
+    assert (
+        row
+        == f"| counterfact | m | efficacy_score | seka vs spa | mcnemar-exact | 5 | +60.00 | {brute_force_mcnemar(3, 0):.3g} |"
+    )
+
+
+def test_verify_passes_then_names_a_tampered_metric_and_a_missing_file(results):
+    assert report(results=str(results), verify=True) == (
+        f"every metric under {results} equals its recomputation from the predictions"
+    )
+    seka = results / "counterfact" / "m" / "seka" / "metric_result.json"
+    data = json.loads(seka.read_text())
+    data["metrics"]["efficacy_score"] = 0.9
+    seka.write_text(json.dumps(data))
+    (results / "counterfact" / "m" / "random" / "seed-1" / "predictions.jsonl.gz").unlink()
+    with pytest.raises(SystemExit) as info:
+        report(results=str(results), verify=True)
+    assert str(info.value) == (
+        "seka report --verify: 2 problem(s)\n"
+        f"{results / 'counterfact' / 'm' / 'random' / 'seed-1'}: missing predictions.jsonl.gz beside metric_result.json\n"
+        f"{seka}: efficacy_score value: recorded 0.9, recomputed {10 / 12!r} from predictions.jsonl.gz"
+    )
+
+
+def test_verify_from_the_command_line_exits_non_zero(results):
+    seka = results / "counterfact" / "m" / "seka" / "metric_result.json"
+    data = json.loads(seka.read_text())
+    data["n"]["paraphrase_score"] = 11
+    seka.write_text(json.dumps(data))
+    cmd = [sys.executable, "-m", "seka_lightning.cli", "report", "--verify", "true", "--results", str(results)]
+    done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert f"{seka}: paraphrase_score n: recorded 11, recomputed 12 from predictions.jsonl.gz" in done.stderr
+
+
+def test_layout_errors_name_the_file_and_the_fix(results, tmp_path):
+    stray = write_run(results / "counterfact" / "m" / "adaseka_gate", "adaseka", [{"id": 0, "scores": {"x": 1.0}}])
+    with pytest.raises(ValueError) as info:
+        report(results=str(results), output=str(tmp_path / "t.md"), plot=None)
+    assert str(info.value) == (
+        f"{stray / 'metric_result.json'} is not in the results layout <benchmark>/<model>/<method>/ (random: "
+        "<benchmark>/<model>/random/seed-<k>/) with a method folder among none, seka, adaseka, key_scaling, random, "
+        "pasta, spa; move it there or out of the results folder"
+    )
+    stray.rename(results / "counterfact" / "m" / "pasta")
+    with pytest.raises(ValueError, match="holds a 'adaseka' run inside the 'pasta' folder; move it to its own folder"):
+        report(results=str(results), output=str(tmp_path / "t.md"), plot=None)
     with pytest.raises(FileNotFoundError, match="no metric_result.json under"):
-        report(results=[str(tmp_path)], output=str(tmp_path / "t.md"))
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "metric_result.json").write_text("{trunc")
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        report(results=[str(tmp_path / "x")], output=str(tmp_path / "t.md"))
+        report(results=str(tmp_path / "empty"), output=str(tmp_path / "t.md"))
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_lost_in_the_middle_plot(tmp_path):
+    root = tmp_path / "results"
+    for model in ("a", "b"):
+        for method, seeds in (("none", [None]), ("seka", [None]), ("random", [0, 1, 2])):
+            for seed in seeds:
+                records = [
+                    {"id": f"q{q}@pos{p}", "scores": {"exact_match": float(hit), f"exact_match_pos_{p}": float(hit)}}
+                    for q in range(6)
+                    for p in (0, 4, 9)
+                    if (hit := (q + p + (seed or 0)) % 3 == 0) is not None
+                ]
+                folder = root / "lost_in_the_middle" / model / method
+                write_run(folder if seed is None else folder / f"seed-{seed}", method, records)
+    png = tmp_path / "p.png"
+    table = report(results=str(root), output=str(tmp_path / "t.md"), plot=str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lost_in_the_middle | a | seka | " in table

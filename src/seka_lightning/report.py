@@ -1,4 +1,20 @@
-"""``seka report``: a markdown comparison table and a PNG plot from several evaluation result folders."""
+"""``seka report``: headline numbers with 95% intervals, paired tests, and the lost-in-the-middle plot, read from
+``docs/results/<benchmark>/<model>/<method>/``; ``--verify`` re-derives every number from its predictions.
+
+Layout. A method folder is one of :data:`METHODS` and holds ``metric_result.json`` and ``predictions.jsonl.gz``
+(written by :class:`~seka_lightning.lit.writers.BenchmarkWriter`). The random-projection ablation keeps one run per
+seed in ``random/seed-<k>/`` (three seeds, e.g. ``--model.method.seed 0/1/2``).
+
+Headline table. Each metric of :data:`HEADLINE` is shown x100 with its 95% interval from ``metric_result.json``
+(Wilson for 0/1 scores, percentile bootstrap over ids otherwise). The random ablation is shown as the mean over its
+seeds with the min-max range over seeds (its per-seed intervals are in the seed folders); ``n`` lists the id counts.
+
+Paired tests. SEKA and AdaSEKA are each compared with none, key_scaling, every random seed separately (not pooled:
+each seed is one fixed set of projections, so each is its own paired comparison), PASTA and SPA, on the ids both
+runs scored: exact McNemar when both per-id scores are 0/1, else the paired bootstrap
+(:mod:`seka_lightning.significance`). A row gives the number of paired ids, the difference of means (x100) and the
+two-sided p-value; no correction for multiple comparisons is applied.
+"""
 
 from __future__ import annotations
 
@@ -6,86 +22,233 @@ import json
 import logging
 import os
 import re
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions, verify_results
 from seka_lightning.files import write_text
+from seka_lightning.significance import paired_test
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("efficacy_score", "paraphrase_score", "top1_accuracy", "pron_score_p", "pron_score_a", "exact_match")
+METHODS = ("none", "seka", "adaseka", "key_scaling", "random", "pasta", "spa")
+STEERED = ("seka", "adaseka")
+BASELINES = ("none", "key_scaling", "random", "pasta", "spa")
+HEADLINE = (
+    "efficacy_score",
+    "paraphrase_score",
+    "top1_accuracy",
+    "pron_score_p",
+    "pron_score_a",
+    "exact_match",
+    "exact_match_inside",
+    "exact_match_outside",
+)
+LAYOUT = "<benchmark>/<model>/<method>/ (random: <benchmark>/<model>/random/seed-<k>/)"
 
 
-def read_results(folders: list[str]) -> list[dict[str, Any]]:
-    """``metric_result.json`` of each folder (a folder may also be a parent searched recursively)."""
-    files: list[Path] = []
-    for folder in folders:
-        path = Path(folder)
-        found = [path] if path.is_file() else sorted(path.rglob("metric_result.json"))
-        if not found:
-            raise FileNotFoundError(f"no metric_result.json under {folder}")
-        files += found
-    results = []
-    for file in files:
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON ({err.msg}); re-run the evaluation that wrote it") from None
-        if "metrics" not in data or "method" not in data:
-            raise ValueError(f"{file} has no 'metrics'/'method'; it was not written by seka predict")
-        results.append({**data, "path": str(file)})
-    return results
+@dataclass
+class Run:
+    """One result folder of the layout."""
+
+    benchmark: str
+    model: str
+    method: str
+    seed: int | None
+    folder: Path
+    result: dict[str, Any]
+    _records: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.seed is None else f"{self.method} seed-{self.seed}"
+
+    def records(self) -> list[dict[str, Any]]:
+        if self._records is None:
+            self._records = read_predictions(self.folder / PREDICTIONS)
+        return self._records
 
 
-def run_label(result: dict[str, Any]) -> str:
-    """The method's name, followed by the run's folder name in brackets where the two differ (two runs of one
-    method, e.g. ``adaseka`` with and without a learned gate, stay apart)."""
-    method, run = result["method"]["method"], Path(result["path"]).parent.name
-    return method if run == method else f"{method} ({run})"
+def read_runs(root: str | Path) -> list[Run]:
+    """Every run under ``root``, checked against the layout (folder names, and the method recorded in the file)."""
+    root = Path(root)
+    files = sorted(root.rglob(METRIC_RESULT))
+    if not files:
+        raise FileNotFoundError(f"no {METRIC_RESULT} under {root}; point --results at a folder laid out as {LAYOUT}")
+    return [_read_run(root, file) for file in files]
 
 
-def markdown_table(results: list[dict[str, Any]]) -> str:
-    """One row per run (benchmark, model, method) with the headline metrics (x100) that the row has."""
-    columns = [key for key in HEADLINE if any(key in r["metrics"] for r in results)]
-    lines = ["| benchmark | model | method | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    for r in sorted(results, key=lambda r: (r["config"]["data"].get("benchmark", ""), r["model"], run_label(r))):
-        cells = [f"{100 * r['metrics'][c]:.2f}" if c in r["metrics"] else "" for c in columns]
-        lines.append(
-            f"| {r['config']['data'].get('benchmark', '')} | {r['model']} | {run_label(r)} | "
-            + " | ".join(cells)
-            + " |"
+def _read_run(root: Path, file: Path) -> Run:
+    parts = file.parent.relative_to(root).parts
+    seed_match = re.fullmatch(r"seed-(\d+)", parts[-1]) if parts else None
+    valid = (len(parts) == 3 and parts[2] in METHODS and parts[2] != "random") or (
+        len(parts) == 4 and parts[2] == "random" and seed_match is not None
+    )
+    if not valid:
+        raise ValueError(
+            f"{file} is not in the results layout {LAYOUT} with a method folder among {', '.join(METHODS)}; "
+            "move it there or out of the results folder"
         )
+    try:
+        result = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg}); re-run the evaluation that wrote it") from None
+    if "metrics" not in result or "method" not in result:
+        raise ValueError(f"{file} has no 'metrics'/'method'; it was not written by seka predict")
+    recorded = result["method"].get("method")
+    if recorded != parts[2]:
+        raise ValueError(f"{file} holds a {recorded!r} run inside the {parts[2]!r} folder; move it to its own folder")
+    seed = int(seed_match.group(1)) if len(parts) == 4 else None
+    return Run(benchmark=parts[0], model=parts[1], method=parts[2], seed=seed, folder=file.parent, result=result)
+
+
+def _groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.benchmark, r.model, METHODS.index(r.method), r.seed or 0)):
+        groups.setdefault((run.benchmark, run.model), []).append(run)
+    return groups
+
+
+def _columns(runs: list[Run]) -> list[str]:
+    return [m for m in HEADLINE if any(m in r.result["metrics"] for r in runs)]
+
+
+def _cell(runs: list[Run], metric: str) -> str:
+    """``value [low, high]`` x100 for one run; ``mean (k seeds: min-max)`` over the seeds of the random ablation."""
+    values = [r.result["metrics"][metric] for r in runs if metric in r.result["metrics"]]
+    if not values:
+        return ""
+    if runs[0].method == "random":
+        return f"{100 * statistics.fmean(values):.2f} ({len(values)} seeds: {100 * min(values):.2f}-{100 * max(values):.2f})"
+    low, high = runs[0].result.get("intervals", {}).get(metric, [None, None])
+    interval = "" if low is None else f" [{100 * low:.2f}, {100 * high:.2f}]"
+    return f"{100 * values[0]:.2f}{interval}"
+
+
+def headline_table(runs: list[Run]) -> str:
+    """One row per benchmark, model and method, with the headline metrics (x100), intervals and id counts."""
+    columns = _columns(runs)
+    lines = [
+        "| benchmark | model | method | " + " | ".join(columns) + " | n |",
+        "|---|---|---|" + "---|" * (len(columns) + 1),
+    ]
+    for (benchmark, model), group in _groups(runs).items():
+        for method in dict.fromkeys(r.method for r in group):
+            members = [r for r in group if r.method == method]
+            counts = sorted({r.result.get("n", {}).get(c) for r in members for c in columns} - {None})
+            cells = [_cell(members, c) for c in columns]
+            lines.append(
+                f"| {benchmark} | {model} | {method} | " + " | ".join(cells) + f" | {'/'.join(map(str, counts))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
-    """Lost-in-the-middle exact match by gold position: one panel per model, one line per run."""
+def paired_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """SEKA and AdaSEKA against each baseline run (random: per seed) on their shared ids, per headline metric."""
+    rows = []
+    for (benchmark, model), group in _groups(runs).items():
+        for steered in (r for r in group if r.method in STEERED):
+            for baseline in (r for r in group if r.method in BASELINES):
+                for metric in _columns([steered, baseline]):
+                    mine, theirs = per_id_scores(steered.records(), metric), per_id_scores(baseline.records(), metric)
+                    shared = [key for key in mine if key in theirs]
+                    if not shared:
+                        continue
+                    test = paired_test([mine[k] for k in shared], [theirs[k] for k in shared])
+                    rows.append(
+                        {
+                            "benchmark": benchmark,
+                            "model": model,
+                            "metric": metric,
+                            "comparison": f"{steered.label} vs {baseline.label}",
+                            "test": test.test,
+                            "n": test.n,
+                            "difference": test.difference,
+                            "p_value": test.p_value,
+                        }
+                    )
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| benchmark | model | metric | comparison | test | n paired | difference (x100) | p-value |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['benchmark']} | {r['model']} | {r['metric']} | {r['comparison']} | {r['test']} | {r['n']} | "
+        f"{100 * r['difference']:+.2f} | {r['p_value']:.3g} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _position_series(runs: list[Run]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Gold positions, values (x100) and lower/upper error lengths: the 95% interval for one run, the min-max
+    range over seeds (around their mean) for the random ablation."""
+    keys = sorted(
+        (int(m.group(1)), k) for k in runs[0].result["metrics"] if (m := re.fullmatch(r"exact_match_pos_(\d+)", k))
+    )
+    positions, values, below, above = [], [], [], []
+    for position, key in keys:
+        seen = [r.result["metrics"][key] for r in runs if key in r.result["metrics"]]
+        centre = statistics.fmean(seen)
+        if len(runs) > 1:
+            low, high = min(seen), max(seen)
+        else:
+            low, high = runs[0].result.get("intervals", {}).get(key, [centre, centre])
+        positions.append(position)
+        values.append(100 * centre)
+        below.append(100 * (centre - low))
+        above.append(100 * (high - centre))
+    return positions, values, below, above
+
+
+def position_plot(runs: list[Run], path: Path) -> Path | None:
+    """Lost in the middle: exact match by gold position, one panel per model, one colour per method in every panel,
+    95% intervals as error bars (random: mean and min-max over seeds), the id count per position in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    litm = [r for r in results if any(k.startswith("exact_match_pos_") for k in r["metrics"])]
+    litm = [r for r in runs if any(k.startswith("exact_match_pos_") for k in r.result["metrics"])]
     if not litm:
         return None
-    models = sorted({r["model"] for r in litm})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False, sharey=True)
+    colours = {method: plt.get_cmap("tab10")(i) for i, method in enumerate(METHODS)}
+    models = sorted({r.model for r in litm})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models, strict=True):
-        for r in sorted((r for r in litm if r["model"] == model), key=run_label):
-            points = sorted(
-                (int(m.group(1)), v)
-                for k, v in r["metrics"].items()
-                if (m := re.fullmatch(r"exact_match_pos_(\d+)", k))
+        group = [r for r in litm if r.model == model]
+        methods = list(dict.fromkeys(r.method for r in sorted(group, key=lambda r: METHODS.index(r.method))))
+        counts: set[int] = set()
+        for i, method in enumerate(methods):
+            members = [r for r in group if r.method == method]
+            positions, values, below, above = _position_series(members)
+            counts |= {v for r in members for k, v in r.result.get("n", {}).items() if k.startswith("exact_match_pos_")}
+            shift = 0.8 * (i - (len(methods) - 1) / 2) / max(1, len(methods) - 1)  # keep error bars apart
+            label = method if method != "random" else f"random (mean, min-max of {len(members)} seeds)"
+            ax.errorbar(
+                [p + shift for p in positions],
+                values,
+                yerr=[below, above],
+                marker="o",
+                capsize=3,
+                color=colours[method],
+                label=label,
             )
-            ax.plot([p for p, _ in points], [100 * v for _, v in points], marker="o", label=run_label(r))
-        ax.set_title(f"Lost in the middle: {model}", fontsize=9)
-        ax.set_xlabel("position of the gold document")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("best-subspan exact match (%)")
-    fig.tight_layout()
+            ax.set_xticks(positions)
+        n = "n unknown" if not counts else f"n={min(counts)}" if len(counts) == 1 else f"n={min(counts)}-{max(counts)}"
+        ax.set_title(f"Lost in the middle: {model} ({n} per position)", fontsize=9)
+        ax.set_xlabel("position of the gold document (0 = first)")
+    axes[0][0].set_ylabel("best-subspan exact match (%), 95% interval")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    axes[0][-1].legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -93,21 +256,32 @@ def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
 
 def report(
     *,
-    results: list[str],
+    results: str = "docs/results",
     output: str = "docs/results_table.md",
     plot: str | None = "docs/results/lost_in_the_middle.png",
+    verify: bool = False,
 ) -> str:
-    """Render a comparison table (markdown) and a lost-in-the-middle plot (PNG) from result folders.
+    """Headline numbers with 95% intervals and paired tests (markdown) and a lost-in-the-middle plot (PNG) from a
+    results folder; with ``--verify``, re-derive every metric from its predictions and exit non-zero on a mismatch.
 
     Args:
-        results: folders holding ``metric_result.json`` files (searched recursively) or the files themselves.
+        results: the results folder, laid out as ``<benchmark>/<model>/<method>/`` (random: ``random/seed-<k>/``).
         output: the markdown file to write.
         plot: the PNG to write (None = no plot).
+        verify: only check that every ``metric_result.json`` equals its recomputation from
+            ``predictions.jsonl.gz`` (and that the predictions exist); write nothing.
     """
-    rows = read_results(results)
-    table = markdown_table(rows)
+    if verify:
+        problems = verify_results(results)
+        if problems:
+            raise SystemExit(f"seka report --verify: {len(problems)} problem(s)\n" + "\n".join(problems))
+        message = f"every metric under {results} equals its recomputation from the predictions"
+        log.info(message)
+        return message
+    runs = read_runs(results)
+    table = headline_table(runs) + "\nPaired tests (two-sided):\n\n" + paired_table(paired_rows(runs))
     out = write_text(output, table)
     if plot is not None:
-        position_plot(rows, Path(plot))
-    log.info("wrote %s from %d results", out, len(rows))
+        position_plot(runs, Path(plot))
+    log.info("wrote %s from %d runs", out, len(runs))
     return table

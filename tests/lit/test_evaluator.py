@@ -14,6 +14,7 @@ import torch
 
 from seka_lightning import ProjectionBank, load_model
 from seka_lightning.cli import run_lightning
+from seka_lightning.evidence import read_predictions
 
 CASES = [
     (
@@ -103,7 +104,7 @@ def test_counterfact_metrics_match_a_direct_computation(tiny_model_dir, counterf
     assert abs(result["metrics"]["efficacy_score"] - efficacy) < 1e-9
     assert abs(result["metrics"]["paraphrase_score"] - paraphrase) < 1e-9
     assert result["counts"]["examples"] == 4 + 7 and result["method"] == {"method": "none"}
-    records = [json.loads(line) for line in (tmp_path / "none" / "predictions.jsonl").read_text().splitlines()]
+    records = read_predictions(tmp_path / "none" / "predictions.jsonl.gz")
     assert len(records) == 11 and records[0]["highlights"] == ["is English"]
 
 
@@ -141,7 +142,7 @@ def test_seka_method_two_process_and_sharded_predict_give_the_same_metrics(tiny_
     for key, value in one["metrics"].items():
         assert abs(two["metrics"][key] - value) < 1e-6, key
     assert two["counts"]["world_size"] == 2 and one["method"]["method"] == "seka" and one["method"]["gain_pos"] == 5.0
-    lines = (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()
+    lines = read_predictions(tmp_path / "two" / "predictions.jsonl.gz")
     assert len(lines) == 11 and not list((tmp_path / "two").glob("*.rank*"))
 
 

@@ -1,8 +1,12 @@
-"""Prediction writers: per-rank JSONL parts merged by rank 0 into one file, written atomically."""
+"""Prediction writers: per-rank JSONL parts merged by rank 0 into one file (plain or gzipped JSONL), written
+atomically."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +15,24 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
 
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, summarize, write_predictions
 from seka_lightning.files import write_json, write_jsonl
+from seka_lightning.provenance import run_provenance
+from seka_lightning.significance import BOOTSTRAP_SEED
+
+log = logging.getLogger(__name__)
 
 
-def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key: str) -> list[dict[str, Any]] | None:
-    """Each rank writes its records to ``output.rankN``; rank 0 merges them (sorted by ``key``) into ``output``.
+def merge_rank_parts(
+    trainer: L.Trainer,
+    predictions: list,
+    output: Path,
+    *,
+    key: str,
+    write: Callable[[Path, list[dict[str, Any]]], Path] = write_jsonl,
+) -> list[dict[str, Any]] | None:
+    """Each rank writes its records to ``output.rankN``; rank 0 merges them (sorted by ``key``) into ``output``
+    with ``write`` (plain JSONL by default).
 
     Returns the merged records on rank 0, None elsewhere.
     """
@@ -31,7 +48,7 @@ def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key
         records += [json.loads(line) for line in rank_part.read_text(encoding="utf-8").split("\n") if line]
         rank_part.unlink()
     records.sort(key=lambda r: r[key])
-    write_jsonl(output, records)
+    write(output, records)
     return records
 
 
@@ -59,28 +76,95 @@ class ComparisonWriter(BasePredictionWriter):
 
 
 class BenchmarkWriter(BasePredictionWriter):
-    """Per-example ``predictions.jsonl`` and ``metric_result.json`` (metrics, method, model, config, counts, wall time)
-    in ``output_dir``; metrics are reduced over DDP ranks, files are written by rank 0, atomically."""
+    """Per-example ``predictions.jsonl.gz`` and ``metric_result.json`` in ``output_dir``, written by rank 0, atomically.
+
+    ``metric_result.json`` holds the headline ``metrics`` recomputed from the written records by the contract rule
+    (:mod:`seka_lightning.evidence`, the same function ``seka report --verify`` uses), their 95% ``intervals`` and
+    id counts ``n``, the method, model, config and counts, and the run's ``provenance``. The scorer's own
+    (torchmetrics, DDP-reduced) values must agree with the recomputation; a disagreement is a scorer bug and
+    raises after the predictions are written, so the evidence is kept.
+    """
 
     def __init__(self, output_dir: str = "outputs/eval") -> None:
         """
         Args:
-            output_dir: folder for ``predictions.jsonl`` and ``metric_result.json``.
+            output_dir: folder for ``predictions.jsonl.gz`` and ``metric_result.json``.
         """
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
-        records = merge_rank_parts(trainer, predictions, self.output_dir / "predictions.jsonl", key="uid")
+        records = merge_rank_parts(
+            trainer, predictions, self.output_dir / PREDICTIONS, key="uid", write=write_predictions
+        )
         if records is None:
             return
-        write_json(self.output_dir / "metric_result.json", results)
-        table = Table(
-            title=f"{results['config']['data'].get('benchmark')} / {results['method']['method']} / {results['model']}"
+        seeds = {
+            "method": results["method"].get("seed"),
+            "data": getattr(trainer.datamodule, "seed", None),
+            "bootstrap": BOOTSTRAP_SEED,
+        }
+        metric_result = build_metric_result(records, results, seeds=seeds)
+        write_json(self.output_dir / METRIC_RESULT, metric_result)
+        show_metrics(metric_result)
+
+
+def scorer_disagreements(recomputed: dict[str, float], scorer: dict[str, float]) -> list[str]:
+    """Metrics where the scorer's value differs from the contract recomputation (float32 states: ~1e-5 relative)."""
+    return [
+        f"{name}: scorer {scorer[name]!r}, recomputed from the predictions {value!r}"
+        for name, value in recomputed.items()
+        if name in scorer and not math.isclose(value, scorer[name], rel_tol=1e-5, abs_tol=1e-7)
+    ]
+
+
+def build_metric_result(
+    records: list[dict[str, Any]], results: dict[str, Any], *, seeds: dict[str, Any], argv: list[str] | None = None
+) -> dict[str, Any]:
+    """``metric_result.json``'s content from the written ``records`` and the evaluator's ``results``.
+
+    Metrics the scorer reports but no record scores cannot be re-checked: they go to ``aggregate_metrics`` with a
+    warning, never into ``metrics``.
+    """
+    summary = summarize(records, seed=seeds.get("bootstrap", BOOTSTRAP_SEED))
+    scorer = results["metrics"]
+    disagreements = scorer_disagreements(summary["metrics"], scorer)
+    if disagreements:
+        raise ValueError(
+            "the scorer's metrics disagree with their recomputation from the per-example scores ("
+            + "; ".join(disagreements)
+            + "); the scorer's records do not follow the contract in seka_lightning.evidence, fix the scorer"
         )
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for name, value in results["metrics"].items():
-            table.add_row(name, f"{value:.4f}")
-        Console().print(table)
+    aggregate = {name: value for name, value in scorer.items() if name not in summary["metrics"]}
+    if aggregate:
+        log.warning("metrics without per-example scores cannot be verified: %s", sorted(aggregate))
+    provenance = run_provenance(
+        pretrained=results["model"],
+        method=results["method"],
+        config={k: v for k, v in results["config"].items() if k != "data"},
+        data=results["config"].get("data", {}),
+        seeds=seeds,
+        argv=argv,
+    )
+    return {
+        **summary,
+        "aggregate_metrics": aggregate,
+        **{k: v for k, v in results.items() if k != "metrics"},
+        "provenance": provenance,
+    }
+
+
+def show_metrics(metric_result: dict[str, Any]) -> None:
+    """A rich table of the headline metrics with their 95% intervals."""
+    title = (
+        f"{metric_result['config']['data'].get('benchmark')} / {metric_result['method']['method']} / "
+        f"{metric_result['model']}"
+    )
+    table = Table(title=title)
+    for column, justify in (("metric", "left"), ("value", "right"), ("95% interval", "right"), ("n", "right")):
+        table.add_column(column, justify=justify)
+    for name, value in metric_result["metrics"].items():
+        low, high = metric_result["intervals"][name]
+        table.add_row(name, f"{value:.4f}", f"[{low:.4f}, {high:.4f}]", str(metric_result["n"][name]))
+    Console().print(table)

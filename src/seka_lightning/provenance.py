@@ -1,0 +1,122 @@
+"""Provenance of an evaluation run: the code (git commit), the command and config files, the model weights, the
+bank and other input files, and the seeds, so that a number in ``metric_result.json`` can be traced and re-run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from seka_lightning.models import EMBEDDED_PREFIX
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_BLOCK = 1 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of one file, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_state(source: str | Path | None = None) -> dict[str, Any]:
+    """``{"commit", "dirty"}`` of the checkout holding ``source`` (default: this package's sources); ``dirty`` means
+    tracked files differ from the commit. Outside a git checkout both are None and ``reason`` says why."""
+    where = Path(source) if source is not None else Path(__file__).resolve().parent
+    try:
+        commit = _git(where, "rev-parse", "HEAD")
+        changed = _git(where, "status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError) as err:
+        return {"commit": None, "dirty": None, "reason": f"not a git checkout or git unavailable ({err})"}
+    return {"commit": commit, "dirty": bool(changed)}
+
+
+def _git(where: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, check=True, timeout=30)
+    return done.stdout.strip()
+
+
+def config_files(argv: Sequence[str]) -> list[dict[str, str | None]]:
+    """The ``-c``/``--config`` files of a command line with their SHA-256 (None where the file is gone)."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return [{"path": p, "sha256": file_sha256(p) if Path(p).is_file() else None} for p in paths]
+
+
+def weights_hash(pretrained: str) -> dict[str, Any]:
+    """``{"sha256", "source"}`` of a model's weights: the pinned GGUF hash of an embedded model, a hash over the
+    weight files of a local folder (sorted by name, concatenated), else None with the ``reason``."""
+    if pretrained.startswith(EMBEDDED_PREFIX):
+        from seka_lightning.embedded import embedded_spec
+
+        spec = embedded_spec(pretrained[len(EMBEDDED_PREFIX) :])
+        return {"sha256": spec.sha256, "source": f"GGUF {spec.gguf_name} (pinned, checked when loaded)"}
+    path = Path(pretrained)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+        if not files:
+            return {"sha256": None, "reason": f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {path}"}
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file_sha256(file).encode())
+        return {
+            "sha256": digest.hexdigest(),
+            "source": "sha256 of the files' sha256s",
+            "files": [f.name for f in files],
+        }
+    return {
+        "sha256": None,
+        "reason": "a hub id: the weights come from the Hugging Face cache; pass a local folder to record a hash",
+    }
+
+
+def input_files(settings: Any) -> dict[str, str]:
+    """``{path: sha256}`` of every existing file named by a string in ``settings`` (nested dicts and lists): the
+    bank, a negative bank, an experts list, a head profile."""
+    found: dict[str, str] = {}
+    if isinstance(settings, str):
+        if Path(settings).is_file():
+            found[settings] = file_sha256(settings)
+    elif isinstance(settings, Mapping):
+        for value in settings.values():
+            found.update(input_files(value))
+    elif isinstance(settings, list | tuple):
+        for value in settings:
+            found.update(input_files(value))
+    return found
+
+
+def run_provenance(
+    *,
+    pretrained: str,
+    method: Mapping[str, Any],
+    config: Mapping[str, Any],
+    data: Mapping[str, Any],
+    seeds: Mapping[str, Any],
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Everything needed to trace a result: code, command, config (files and resolved values), model weights, the
+    method's settings and input files, the data slice and the seeds."""
+    argv = list(sys.argv if argv is None else argv)
+    return {
+        "git": git_state(),
+        "command": argv,
+        "config_files": config_files(argv),
+        "config": dict(config),
+        "model": {"id": pretrained, **weights_hash(pretrained)},
+        "method": dict(method),
+        "method_files": input_files(dict(method)),
+        "data": dict(data),
+        "seeds": {**seeds, "global": os.environ.get("PL_GLOBAL_SEED")},
+    }

@@ -164,7 +164,7 @@ def test_record_whose_highlight_covers_no_whole_token_is_skipped_and_counted(
     efficacy, paraphrase = direct_counterfact(tiny_model_dir)  # the four intact cases
     assert abs(result["metrics"]["efficacy_score"] - efficacy) < 1e-9
     assert abs(result["metrics"]["paraphrase_score"] - paraphrase) < 1e-9
-    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    records = read_predictions(tmp_path / "out" / "predictions.jsonl.gz")
     assert sorted({r["id"] for r in records}) == [0, 1, 2, 3]
     assert all(
         set(r["scores"]) in ({"efficacy_score", "efficacy_magnitude"}, {"paraphrase_score", "paraphrase_magnitude"})

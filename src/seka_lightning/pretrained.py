@@ -144,8 +144,9 @@ def push_to_hub(
 
 
 def p_plus_ranks(bank: ProjectionBank) -> torch.Tensor:
-    """Rank of every head's P+ ``[n_layers, n_kv]`` (0 for skipped heads)."""
-    return torch.linalg.matrix_rank(bank.pos.to(torch.float64))
+    """Rank of every head's P+ ``[n_layers, n_kv]`` (0 for skipped heads): its eigenvalues above 1/2, as a
+    projector's are 0 or 1 (a float32 projector's zero eigenvalues are ~1e-7, too big for a float64 rank cut)."""
+    return (torch.linalg.eigvalsh(bank.pos.to(torch.float64)) > 0.5).sum(-1)
 
 
 def _layer_table(bank: ProjectionBank) -> list[str]:

@@ -20,13 +20,22 @@ BUILD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "build" / "synt
 
 def seka_fit(model_dir: Path, qa_path: Path, out: Path, *extra: str, max_samples: int, min_diff: float = 0.0):
     """`seka fit` as the CLI runs it: float64 model, batches of 5 triplets, top_pct 0.7."""
-    run_lightning(
-        ["fit", "-c", str(BUILD_CONFIG), "--model.pretrained", str(model_dir), "--model.dtype", "float64"]
-        + ["--data.path", str(qa_path), "--data.max_samples", str(max_samples), "--data.batch_size", "5"]
-        + ["--model.top_pct", "0.7", "--model.min_diff", str(min_diff), "--model.output", str(out)]
-        + ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
-        + ["--trainer.callbacks", "[]", *extra]
-    )
+    settings = {
+        "model.pretrained": model_dir,
+        "model.dtype": "float64",
+        "data.path": qa_path,
+        "data.max_samples": max_samples,
+        "data.batch_size": 5,
+        "model.top_pct": 0.7,
+        "model.min_diff": min_diff,
+        "model.output": out,
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 1,
+        "trainer.enable_progress_bar": "false",
+        "trainer.callbacks": "[]",
+    }
+    options = [part for key, value in settings.items() for part in (f"--{key}", str(value))]
+    run_lightning(["fit", "-c", str(BUILD_CONFIG), *options, *extra])
     return ProjectionBank.load(out)
 
 

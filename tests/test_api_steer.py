@@ -41,7 +41,9 @@ def test_steer_takes_the_encoding_dict(tiny_model, tokenizer):
         by_dict = tiny_model(**inputs_of(enc)).logits
     plain = tiny_model(**inputs_of(enc)).logits
     assert torch.equal(by_mask, by_dict) and not torch.allclose(by_dict, plain)
-    with pytest.raises(ValueError, match="the encoding has no 'highlight_mask' \\(it has \\['attention_mask', 'input_ids'\\]\\)"):
+    with pytest.raises(
+        ValueError, match="the encoding has no 'highlight_mask' \\(it has \\['attention_mask', 'input_ids'\\]\\)"
+    ):
         with steer(tiny_model, bank, inputs_of(enc)):
             pass
 
@@ -158,9 +160,12 @@ def test_special_tokens_follow_the_tokenizer(tokenizer, bos_tokenizer):
     assert highlighted_text(bos_tokenizer, default, 0).strip() == "golden tower"
     # chat-templated text carries the template's own tokens: nothing is added (no double BOS)
     chat = encode_highlighted(bos_tokenizer, prompt, chat=True)["input_ids"][0].tolist()
-    assert chat == encode_highlighted(bos_tokenizer, prompt, chat=True, add_special_tokens=False)["input_ids"][0].tolist()
+    assert (
+        chat == encode_highlighted(bos_tokenizer, prompt, chat=True, add_special_tokens=False)["input_ids"][0].tolist()
+    )
     assert chat[:2] != [bos_tokenizer.bos_token_id] * 2
     # a tokenizer that adds no BOS (the session tokenizer: byte-level post-processing only) is encoded as before
     assert torch.equal(
-        encode_highlighted(tokenizer, prompt)["input_ids"], encode_highlighted(tokenizer, prompt, add_special_tokens=False)["input_ids"]
+        encode_highlighted(tokenizer, prompt)["input_ids"],
+        encode_highlighted(tokenizer, prompt, add_special_tokens=False)["input_ids"],
     )

@@ -19,7 +19,9 @@ def random_sums(layers: int = 3, heads: int = 2, d: int = 8, rows: int = 40, see
     """Sums of random keys (positive keys pulled towards a few directions), as KeyStatistics would hold them."""
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(layers, rows, heads, d, generator=gen, dtype=torch.float64)
-    hp = h + torch.randn(layers, rows, heads, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, d, generator=gen, dtype=torch.float64)
+    hp = h + torch.randn(layers, rows, heads, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, d, generator=gen, dtype=torch.float64
+    )
     hn = torch.randn(layers, rows, heads, d, generator=gen, dtype=torch.float64)
     hn[:, :, 0] = hp[:, :, 0]  # head 0 never moves between H+ and H-: filtered out by min_diff
     return KeySums(

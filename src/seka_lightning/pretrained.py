@@ -50,7 +50,9 @@ def write_folder(bank: ProjectionBank, directory: Path) -> None:
     bank.save(directory / BANK_FILE)
     if bank.statistics is not None:
         meta = {k: v for k, v in bank.metadata.items() if k not in DERIVED_KEYS}
-        bank.statistics.save(directory / STATS_FILE, metadata={**meta, "layers": bank.layers, "head_dim": bank.head_dim})
+        bank.statistics.save(
+            directory / STATS_FILE, metadata={**meta, "layers": bank.layers, "head_dim": bank.head_dim}
+        )
     (directory / CARD_FILE).write_text(model_card(bank), encoding="utf-8")
 
 
@@ -92,7 +94,9 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def load_pretrained(cls: type[ProjectionBank], name_or_path: str | Path, *, revision: str | None = None) -> ProjectionBank:
+def load_pretrained(
+    cls: type[ProjectionBank], name_or_path: str | Path, *, revision: str | None = None
+) -> ProjectionBank:
     """Read a folder written by :func:`save_pretrained` (a local path, or a hub repo id via ``huggingface_hub``)."""
     directory = Path(name_or_path)
     if not directory.exists():

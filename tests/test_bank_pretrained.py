@@ -205,3 +205,10 @@ def test_from_pretrained_downloads_a_hub_id_through_snapshot_download(tmp_path, 
     monkeypatch.chdir(tmp_path)
     loaded = ProjectionBank.from_pretrained("org/bank", revision="v1")
     assert calls == [("org/bank", "v1")] and loaded.statistics is not None
+
+    def offline(*, repo_id, revision=None):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="'banks/typo' is neither a local folder nor a hub repo that could be"):
+        ProjectionBank.from_pretrained("banks/typo")

@@ -105,7 +105,13 @@ def load_pretrained(
                 f"{directory} does not exist; pass a folder written by bank.save_pretrained or a hub repo id"
             )
         hub = require_huggingface_hub(f"loading {name_or_path!r} from the Hugging Face Hub")
-        directory = Path(hub.snapshot_download(repo_id=str(name_or_path), revision=revision))
+        try:
+            directory = Path(hub.snapshot_download(repo_id=str(name_or_path), revision=revision))
+        except Exception as err:
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a local folder nor a hub repo that could be downloaded ({err}); "
+                "check the path or the repo id"
+            ) from err
     if not (directory / BANK_FILE).is_file():
         raise FileNotFoundError(
             f"{directory} holds no {BANK_FILE}; pass a folder written by bank.save_pretrained "

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from seka_lightning import pretrained
 from seka_lightning.projections import Projections, projections_from_sums, top_rank
 from seka_lightning.stats import KeySums, atomic_save_safetensors, load_safetensors
 
@@ -27,7 +28,8 @@ class ProjectionBank:
     """Projectors for the decoder layers ``layers`` (ids): ``pos``/``neg`` are ``[n_layers, n_kv, d, d]``.
 
     ``u_pos``/``s_pos`` (and ``u_neg``/``s_neg``) hold the SVD factors where known (AdaSEKA routes with them);
-    ``diff`` ``[n_layers, n_kv]`` is the head-filter value; ``metadata`` says how the bank was made.
+    ``diff`` ``[n_layers, n_kv]`` is the head-filter value; ``metadata`` says how the bank was made;
+    ``statistics`` holds the key sums it was derived from where known (``build_bank``, ``from_pretrained``).
     """
 
     layers: list[int]
@@ -39,6 +41,7 @@ class ProjectionBank:
     s_neg: torch.Tensor | None = None
     diff: torch.Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    statistics: KeySums | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.layers = [int(layer) for layer in self.layers]
@@ -220,6 +223,35 @@ class ProjectionBank:
                 + "; ".join(problems)
                 + ". Build a bank for this model with `seka fit`."
             )
+
+    def __repr__(self) -> str:
+        return pretrained.bank_repr(self)
+
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a shareable folder: ``bank.safetensors``, ``bank.stats.safetensors`` (when the statistics are
+        attached) and a ``README.md`` model card, atomically; a non-empty ``directory`` needs ``overwrite=True``."""
+        return pretrained.save_pretrained(self, directory, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None) -> ProjectionBank:
+        """Load a folder written by :meth:`save_pretrained` (statistics attached when present), or a hub repo id
+        (needs ``huggingface_hub``)."""
+        return pretrained.load_pretrained(cls, name_or_path, revision=revision)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload SEKA projection bank",
+    ) -> str:
+        """Upload the :meth:`save_pretrained` folder to the Hugging Face Hub repo ``repo_id`` (needs
+        ``huggingface_hub``); returns the commit URL."""
+        return pretrained.push_to_hub(
+            self, repo_id, private=private, token=token, revision=revision, commit_message=commit_message
+        )
 
 
 def _torch_load(path: Path) -> dict[str, Any]:

@@ -9,12 +9,13 @@ token that carries the span's leading space. Batches are left-padded.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 Span = tuple[int, int]
+Message = Mapping[str, str]
 
 DEFAULT_MARKERS: tuple[str, str] = ("**", "**")
 
@@ -157,32 +158,43 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, text: str, *, system
 
 def encode_highlighted(
     tokenizer: PreTrainedTokenizerBase,
-    texts: str | Sequence[str],
+    texts: str | Sequence[str] | Sequence[Message] | Sequence[Sequence[Message]],
     *,
     markers: tuple[str, str] = DEFAULT_MARKERS,
     chat: bool = False,
     system: str | None = None,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool | None = None,
     max_length: int | None = None,
     truncation_side: str = "left",
 ) -> dict[str, torch.Tensor]:
     """Encode prompts whose highlights are marked inline (``"Answer **in French**."``).
 
-    ``chat=True`` first wraps each prompt as a user message with the tokenizer's chat template (the template's own
-    special tokens are part of the text, so ``add_special_tokens`` stays False). Returns left-padded
-    ``input_ids``, ``attention_mask`` and bool ``highlight_mask``, each ``[B, T]``. A prompt without markers is
-    encoded with an all-False highlight mask.
+    ``texts`` is a prompt, a list of prompts, a chat (a list of ``{"role": ..., "content": ...}`` messages with the
+    markers inside the contents) or a list of chats. Chats, and prompts with ``chat=True`` (each wrapped as a user
+    message, after an optional ``system`` message), go through the tokenizer's chat template, whose own special
+    tokens are part of the text. ``add_special_tokens=None`` follows the tokenizer's convention: nothing is added to
+    chat-templated text, and plain text gets them iff the tokenizer adds a BOS token (base models such as Gemma-3).
+    Returns left-padded ``input_ids``, ``attention_mask`` and bool ``highlight_mask``, each ``[B, T]``. A prompt
+    without markers is encoded with an all-False highlight mask.
     """
-    if isinstance(texts, str):
-        texts = [texts]
+    chats = as_chats(texts)
+    if chats is not None and (chat or system is not None):
+        raise ValueError("chat=True and system= apply to plain-text prompts; put a system message in the chat instead")
+    if chats is None:
+        prompts = [texts] if isinstance(texts, str) else list(texts)
+    else:
+        prompts = [render_chat(tokenizer, messages, markers, index=i) for i, messages in enumerate(chats)]
+    templated = chat or chats is not None
     plain: list[str] = []
     spans: list[list[Span]] = []
-    for i, text in enumerate(texts):
+    for i, text in enumerate(prompts):
         if chat:
             text = apply_chat_template(tokenizer, text, system=system)
         stripped, row_spans = strip_markers(text, markers, index=i)
         plain.append(stripped)
         spans.append(row_spans)
+    if add_special_tokens is None:
+        add_special_tokens = not templated and adds_bos(tokenizer)
     return encode_spans(
         tokenizer,
         plain,
@@ -191,3 +203,50 @@ def encode_highlighted(
         max_length=max_length,
         truncation_side=truncation_side,
     )
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts its BOS token in front of a text when asked for special tokens (Llama, Gemma)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
+def as_chats(texts: object) -> list[list[Message]] | None:
+    """``texts`` as a list of chats when it is one chat or a list of chats; None for plain prompts."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+        return None
+    first = texts[0]
+    if isinstance(first, Mapping):
+        return [list(texts)]
+    if isinstance(first, Sequence) and not isinstance(first, str):
+        return [list(messages) for messages in texts]
+    return None
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], markers: tuple[str, str], *, index: int
+) -> str:
+    """Apply the chat template to ``messages`` (markers kept verbatim, a generation prompt added); the markers of
+    the rendered text must be exactly those of the message contents."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat {index}: the tokenizer has no chat template; set tokenizer.chat_template or pass plain prompts"
+        )
+    expected = 0
+    for j, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ValueError(f"chat {index}, message {j}: expected a dict with a 'role' and a 'content' string")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"chat {index}, message {j}: 'content' must be a string, got {message.get('content')!r}")
+        expected += len(strip_markers(message["content"], markers, index=index)[1])
+    rendered = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    found = len(strip_markers(rendered, markers, index=index)[1])
+    if found != expected:
+        raise ValueError(
+            f"chat {index}: the chat template adds text containing the markers {markers!r} ({found} spans after "
+            f"rendering, {expected} in the messages); choose other markers"
+        )
+    return rendered

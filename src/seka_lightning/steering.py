@@ -8,7 +8,7 @@ one new token per row and add no edit; the edited keys live on in the KV cache.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -270,7 +270,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype | None:
 def steer(
     model: nn.Module,
     bank: ProjectionBank,
-    highlight_mask: torch.Tensor,
+    highlight_mask: torch.Tensor | Mapping[str, torch.Tensor],
     *,
     gain_pos: float = 1.0,
     gain_neg: float | None = None,
@@ -279,13 +279,14 @@ def steer(
 ) -> Iterator[KeySteerer]:
     """Steer ``model`` towards the highlighted tokens for the duration of the block; hooks are always removed.
 
+    ``highlight_mask`` is the bool ``[B, T]`` mask, or the whole dict :func:`encode_highlighted` returns.
     ``gain_neg`` (with a bank that has negative projectors) follows the reference formula ``(g+P+ + g-P-) / 2``.
     ``layer_mapping="positional"`` reproduces the reference's pairing of stored matrices with selected layers.
     """
     steerer = KeySteerer.attach(
         model,
         bank,
-        highlight_mask,
+        highlight_mask_of(highlight_mask),
         gain_pos=gain_pos,
         gain_neg=gain_neg,
         layers=layers,
@@ -295,3 +296,15 @@ def steer(
         yield steerer
     finally:
         steerer.remove()
+
+
+def highlight_mask_of(highlight: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The ``[B, T]`` highlight mask: ``highlight`` itself, or the ``highlight_mask`` of an encoding dict."""
+    if not isinstance(highlight, Mapping):
+        return highlight
+    if "highlight_mask" not in highlight:
+        raise ValueError(
+            f"the encoding has no 'highlight_mask' (it has {sorted(highlight)}); pass the dict encode_highlighted "
+            "returns, or the bool highlight mask [B, T] itself"
+        )
+    return highlight["highlight_mask"]

@@ -13,7 +13,7 @@ from torchmetrics import Metric
 
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.capture import collect_triplet_keys
+from seka_lightning.build import accumulate_triplets
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
 from seka_lightning.lit.frozen import FrozenModelModule
@@ -112,7 +112,8 @@ class ProjectionBuilder(FrozenModelModule):
     def training_step(self, batch: list[Triplet], batch_idx: int) -> None:
         if batch:
             hp = self.hparams
-            keys = collect_triplet_keys(
+            counts = accumulate_triplets(
+                self.stats,
                 self.model,
                 self.tokenizer,
                 self.layout,
@@ -122,16 +123,9 @@ class ProjectionBuilder(FrozenModelModule):
                 positive_only=hp.positive_only,
                 attention_ratio=hp.attention_ratio,
             )
-            if keys is not None and keys.kept:
-                # Positive-only statistics never see a negative text; the neutral keys stand in for it, so the
-                # negative sums (unused by expert banks) are well defined.
-                negative = keys.neutral if keys.negative is None else keys.negative
-                self.stats.update(keys.neutral, keys.positive, negative)
-                self.kept.update(keys.kept)
-            if keys is not None:
-                self.filtered.update(keys.skipped_attention)
-            kept = 0 if keys is None else keys.kept
-            self.skipped.update(len(batch) - kept)
+            self.kept.update(counts.kept)
+            self.filtered.update(counts.filtered)
+            self.skipped.update(counts.skipped)
         self._examples += len(batch)
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         # a CPU tensor: logging a Python number would copy it to the GPU, and the progress bar would read it back

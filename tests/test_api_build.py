@@ -1,0 +1,164 @@
+"""build_bank / build_statistics: the bank `seka fit` writes, from a loaded model and an iterable of QA pairs."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from seka_lightning import BankStatistics, ProjectionBank, build_bank, build_statistics, load_model
+from seka_lightning import build as build_module
+from seka_lightning.cli import run_lightning
+from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for
+from seka_lightning.stats import KeySums
+
+BUILD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "build" / "synthetic_qa.yaml"
+
+
+def seka_fit(model_dir: Path, qa_path: Path, out: Path, *extra: str, max_samples: int, min_diff: float = 0.0):
+    """`seka fit` as the CLI runs it: float64 model, batches of 5 triplets, top_pct 0.7."""
+    settings = {
+        "model.pretrained": model_dir,
+        "model.dtype": "float64",
+        "data.path": qa_path,
+        "data.max_samples": max_samples,
+        "data.batch_size": 5,
+        "model.top_pct": 0.7,
+        "model.min_diff": min_diff,
+        "model.output": out,
+        "trainer.accelerator": "cpu",
+        "trainer.devices": 1,
+        "trainer.enable_progress_bar": "false",
+        "trainer.callbacks": "[]",
+    }
+    options = [part for key, value in settings.items() for part in (f"--{key}", str(value))]
+    run_lightning(["fit", "-c", str(BUILD_CONFIG), *options, *extra])
+    return ProjectionBank.load(out)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
+    """Same data, layers, batch size and settings: the same float64 sums and the same bank, bit for bit."""
+    fitted = seka_fit(tiny_model_dir, qa_file, tmp_path / "fit.safetensors", max_samples=12, min_diff=0.05)
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    pairs = read_jsonl(qa_file)[:12]
+    bank = build_bank(model, tokenizer, iter(pairs), top_pct=0.7, min_diff=0.05, batch_size=5)
+
+    fit_sums, fit_meta = KeySums.load(stats_path_for(tmp_path / "fit.safetensors"))
+    for name, tensor in fit_sums.tensors().items():
+        assert torch.equal(bank.statistics.tensors()[name], tensor), name
+    for name in ("pos", "neg", "u_pos", "s_pos", "u_neg", "s_neg", "diff"):
+        assert torch.equal(getattr(bank, name), getattr(fitted, name)), name
+    assert 0 < bank.metadata["heads_kept"] < bank.metadata["heads_total"], "both kept and skipped heads"
+    # the metadata agrees except where it describes the source (a file for seka fit, records here)
+    differs = {"data_fingerprint", "model_revision"}
+    assert set(fitted.metadata) - set(bank.metadata) == set()
+    for key, value in fitted.metadata.items():
+        if key not in differs:
+            assert bank.metadata[key] == value, key
+    assert fit_meta["layers"] == bank.layers == [0, 1, 2]
+
+
+def test_statistics_derive_the_same_bank_and_other_batch_sizes_agree_to_float64(tiny_model_dir, qa_file):
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    pairs = read_jsonl(qa_file)[:6]
+    stats = build_statistics(model, tokenizer, pairs, layers="last2", batch_size=4)
+    assert isinstance(stats, BankStatistics) and stats.layers == [1, 2] and stats.head_dim == 16
+    other = build_statistics(model, tokenizer, pairs, layers="last2", batch_size=12)
+    for name, tensor in stats.sums.tensors().items():
+        torch.testing.assert_close(other.sums.tensors()[name], tensor, rtol=1e-12, atol=1e-12)
+    assert stats.metadata["triplets_used"] == other.metadata["triplets_used"] == 12
+    derived = stats.to_bank(top_pct=0.5, min_diff=0.0)
+    direct = ProjectionBank.from_statistics(stats.sums, layers=[1, 2], top_pct=0.5, min_diff=0.0)
+    assert torch.equal(derived.pos, direct.pos) and derived.metadata["top_pct"] == 0.5
+    assert derived.statistics is stats.sums
+
+
+def test_positive_only_expert_matches_seka_fit(tiny_model_dir, qa_file, tmp_path):
+    fitted = seka_fit(
+        tiny_model_dir, qa_file, tmp_path / "e.safetensors", "--model.positive_only", "true", max_samples=6
+    )
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    bank = build_bank(
+        model, tokenizer, read_jsonl(qa_file)[:6], top_pct=0.7, min_diff=0.0, batch_size=5, positive_only=True
+    )
+    assert bank.neg is None and fitted.neg is None
+    assert torch.equal(bank.pos, fitted.pos) and bank.metadata["negative_text"] is False
+
+
+def test_pairs_stream_one_batch_at_a_time(tiny_model_dir, qa_file, monkeypatch):
+    """A generator is consumed as batches are needed: at most one batch of triplets is ever held."""
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    pulled = [0]
+    ahead: list[int] = []
+
+    def generate():
+        for pair in read_jsonl(qa_file)[:10]:
+            pulled[0] += 1
+            yield pair
+
+    real = build_module.accumulate_triplets
+    processed = [0]
+
+    def spy(stats, model, tokenizer, layout, layer_ids, batch, **kwargs):
+        ahead.append(2 * pulled[0] - processed[0] - len(batch))  # triplets pulled but not yet in any batch
+        processed[0] += len(batch)
+        return real(stats, model, tokenizer, layout, layer_ids, batch, **kwargs)
+
+    monkeypatch.setattr(build_module, "accumulate_triplets", spy)
+    build_statistics(model, tokenizer, generate(), batch_size=4)
+    assert processed[0] == 20 and len(ahead) == 5
+    assert max(ahead) == 0, "pairs were read ahead of the batch being processed"
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        ([], "pairs is empty; pass at least one QA pair dict with keys"),
+        ("data/qa.jsonl", "got a str; read a JSONL file with seka_lightning.data.triplets.read_pairs"),
+        (["not a dict"], "pair 0 is a str, expected a dict with keys"),
+    ],
+)
+def test_bad_pairs_are_refused(tiny_model_dir, pairs, message):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with pytest.raises(ValueError, match=message):
+        build_bank(model, tokenizer, pairs)
+
+
+def test_missing_and_empty_fields_name_the_record_and_key(tiny_model_dir, qa_file):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    pairs = read_jsonl(qa_file)[:3]
+    del pairs[2]["answer_2"]
+    with pytest.raises(ValueError, match=r"pair 2 is missing key 'answer_2'; each pair needs \['context_1'"):
+        build_bank(model, tokenizer, pairs)
+    pairs[2]["answer_2"] = "  "
+    with pytest.raises(ValueError, match=r"pair 2: 'answer_2' must be a non-empty string, got '  '"):
+        build_bank(model, tokenizer, pairs)
+
+
+def test_data_without_answers_and_bad_settings_are_refused(tiny_model_dir, qa_file):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    pair = read_jsonl(qa_file)[0]
+    absent = {**pair, "answer_1": "nowhere to be found", "answer_2": "not here either"}
+    with pytest.raises(ValueError, match="no triplet had its answer in all three texts"):
+        build_bank(model, tokenizer, [absent])
+    with pytest.raises(ValueError, match="top_pct must be in"):
+        build_bank(model, tokenizer, [pair], top_pct=1.5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        build_statistics(model, tokenizer, [pair], batch_size=0)
+    with pytest.raises(ValueError, match="ids \\[7\\] are outside 0..2"):
+        build_statistics(model, tokenizer, [pair], layers="0,7")
+
+
+def test_defaults_follow_seka_fit():
+    """build_bank's defaults are ProjectionBuilder's, so the two entry points build the same bank by default."""
+    api = inspect.signature(build_bank).parameters
+    fit = inspect.signature(ProjectionBuilder.__init__).parameters
+    for name in ("layers", "top_pct", "min_diff", "positive_only", "attention_ratio"):
+        assert api[name].default == fit[name].default, name

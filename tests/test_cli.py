@@ -206,3 +206,23 @@ def test_builds_on_several_processes_use_the_frozen_ddp_strategy(tiny_model_dir,
     )
     strategy = cli.trainer.strategy
     assert (type(strategy).__name__ == "FrozenModelDDPStrategy") == (expected == "ddp_frozen")
+
+
+def test_generate_prints_the_unsteered_and_steered_continuations(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    from seka_lightning.bank import ProjectionBank
+    from seka_lightning.cli import run_plain
+
+    q, _ = torch.linalg.qr(torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(0)))
+    ProjectionBank(layers=[0, 1, 2], pos=q[..., :4] @ q[..., :4].transpose(-1, -2)).save(tmp_path / "bank.safetensors")
+    common = ["--bank", str(tmp_path / "bank.safetensors"), "--pretrained", str(tiny_model_dir), "--layers", "all"]
+    common += ["--chat", "false", "--max_new_tokens", "4", "--device", "cpu"]
+    prompt = "the keepers carry **silver lanterns** to the tower"
+    zero = run_plain("generate", [prompt, *common, "--gain_pos", "0"])
+    assert zero["steered"] == zero["unsteered"]  # zero gain edits nothing
+    model, tokenizer = load_model(str(tiny_model_dir))
+    ids = tokenizer(prompt.replace("**", ""), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    reference = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert zero["unsteered"] == tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert "unsteered" in capsys.readouterr().out

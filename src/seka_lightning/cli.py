@@ -144,6 +144,12 @@ def predict_summary(trainer: Any) -> list[str]:
     for callback in trainer.callbacks:
         if isinstance(callback, ComparisonWriter):
             lines.append(f"unsteered and steered generations in {callback.output}")
+            bank = trainer.lightning_module.hparams.get("bank")
+            if bank is not None:
+                lines.append(
+                    "next, on a benchmark: seka predict -c configs/eval/counterfact.yaml --model.method SekaMethod "
+                    f"--model.method.bank {bank}"
+                )
         elif isinstance(callback, BenchmarkWriter):
             results_file = callback.output_dir / "metric_result.json"
             metrics = json.loads(results_file.read_text())["metrics"] if results_file.is_file() else {}

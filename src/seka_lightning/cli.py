@@ -1,28 +1,60 @@
-"""The ``seka`` command: LightningCLI (fit / validate / predict) plus a few plain subcommands.
+"""The ``seka`` command: LightningCLI (fit / validate / predict) plus plain subcommands, with one set of conventions.
 
-- ``seka fit -c configs/build/synthetic_qa.yaml ...`` builds a projection bank;
+- ``seka fit -c configs/build/smollm2-135m.yaml ...`` builds a projection bank;
+- ``seka validate -c configs/validate/smollm2-135m.yaml ...`` checks that a bank moves attention onto highlights;
 - ``seka predict -c configs/predict/highlight.yaml ...`` generates with and without highlighting;
+- ``seka generate "Where is **X**?" --bank B`` does the same for one prompt, without a config;
 - ``seka derive --stats X.stats.safetensors --top_pct 0.8 ...`` re-derives a bank from saved statistics.
+
+Every subcommand takes ``-c/--config`` (YAML), ``--help``, and suggests the nearest name for a typo.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
 import logging
+import pkgutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-from jsonargparse import CLI
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.cli import LightningCLI
 
+from seka_lightning import __version__
 from seka_lightning.bank import derive_bank
 from seka_lightning.baselines.pasta_profile import profile_heads
+from seka_lightning.console import PlainParser, SuggestingParser, install_quiet_console, suggest
+from seka_lightning.generate import generate, require_file
 from seka_lightning.lit.builder import ProjectionBuilder
 from seka_lightning.lit.strategies import FROZEN_DDP
+from seka_lightning.models import check_model_source
 from seka_lightning.report import report
 from seka_lightning.search import search
 
-PLAIN_COMMANDS = {"derive": derive_bank, "report": report, "search": search, "pasta-profile": profile_heads}
+log = logging.getLogger(__name__)
+
+PLAIN_COMMANDS: dict[str, Callable[..., Any]] = {
+    "generate": generate,
+    "derive": derive_bank,
+    "search": search,
+    "report": report,
+    "pasta-profile": profile_heads,
+}
+LIGHTNING_COMMANDS = {
+    "fit": "build a projection bank (or train an AdaSEKA routing gate) from a config",
+    "validate": "attention on the highlight and answer likelihood, unsteered vs steered",
+    "predict": "generate with and without highlighting, or score a benchmark",
+}
+# packages whose classes a config may name by their short name (`--model ProjectionBuilder`): jsonargparse resolves
+# short names among the imported subclasses of the expected base class
+CONFIGURABLE_PACKAGES = ("seka_lightning.lit", "seka_lightning.data", "seka_lightning.baselines")
+# init arguments that name input files a run reads: checked before any model is loaded
+INPUT_FILE_KEYS = ("bank", "neg", "gate")
 
 
 def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> int:
@@ -39,8 +71,14 @@ def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> i
 class SekaCLI(LightningCLI):
     """LightningCLI that runs frozen-model builds on several devices without the DDP wrapper."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and predict (no module here has a test step)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_input_paths(config.get("model"))
         model_class = str(config.get("model", {}).get("class_path", ""))
         if not model_class.endswith(ProjectionBuilder.__name__):
             return
@@ -49,33 +87,166 @@ class SekaCLI(LightningCLI):
         if trainer.get("strategy") in ("auto", "ddp") and processes * int(trainer.get("num_nodes") or 1) > 1:
             trainer["strategy"] = FROZEN_DDP  # several processes, on one machine or several (num_nodes)
 
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            log_next_steps(fit_summary(self.model, self.trainer))
+
+    def after_validate(self) -> None:
+        if self.trainer.is_global_zero:
+            log_next_steps(validate_summary(self.model))
+
+    def after_predict(self) -> None:
+        if self.trainer.is_global_zero:
+            log_next_steps(predict_summary(self.trainer))
+
+
+def check_input_paths(model_config: Any) -> None:
+    """Fail before any model loads when a bank/gate file or a local model path in the model's config is missing."""
+    if model_config is None:
+        return
+    for key, value in model_config.items():
+        name = key.rpartition(".")[2]
+        if name in INPUT_FILE_KEYS and isinstance(value, str):
+            require_file(value, f"--model.{key.replace('init_args.', '')}")
+        elif name == "pretrained" and isinstance(value, str):
+            check_model_source(value)
+
+
+def fit_summary(model: Any, trainer: Any) -> list[str]:
+    """What a fit wrote, and the command that uses it."""
+    lines = []
+    if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+        lines.append(f"metrics logged to {trainer.logger.log_dir}")
+    if isinstance(model, ProjectionBuilder):
+        bank, pretrained = model.hparams.output, model.hparams.pretrained
+        model_option = "" if pretrained == "embedded:smollm2-135m" else f" --model.pretrained {pretrained}"
+        lines.append(f"next: seka predict -c configs/predict/highlight.yaml{model_option} --model.bank {bank}")
+        lines.append(f'  or: seka generate "Currently **X is in Rome**. Where is X?" --bank {bank}')
+    return lines
+
+
+def validate_summary(model: Any) -> list[str]:
+    """Where ``seka validate`` wrote its curves, and the command that uses the bank."""
+    output = getattr(model, "output", None)
+    if output is None:
+        return []
+    return [
+        f"curves in {output}, figure in {Path(output).with_suffix('.png')}",
+        f"next: seka predict -c configs/predict/highlight.yaml --model.bank {model.hparams.bank}",
+    ]
+
+
+def predict_summary(trainer: Any) -> list[str]:
+    """What ``seka predict`` wrote and, on a benchmark, its headline metric."""
+    from seka_lightning.lit.writers import BenchmarkWriter, ComparisonWriter
+
+    lines = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, ComparisonWriter):
+            lines.append(f"unsteered and steered generations in {callback.output}")
+            bank = trainer.lightning_module.hparams.get("bank")
+            if bank is not None:
+                lines.append(
+                    "next, on a benchmark: seka predict -c configs/eval/counterfact.yaml --model.method SekaMethod "
+                    f"--model.method.bank {bank}"
+                )
+        elif isinstance(callback, BenchmarkWriter):
+            results_file = callback.output_dir / "metric_result.json"
+            metrics = json.loads(results_file.read_text())["metrics"] if results_file.is_file() else {}
+            headline = next(iter(metrics.items()), None)
+            score = f"{headline[0]} {headline[1]:.4f}; " if headline else ""
+            lines.append(f"{score}metrics and predictions in {callback.output_dir}")
+            lines.append(f"next: seka report --results '[{callback.output_dir.parent}]' --output report.md")
+    return lines
+
+
+def log_next_steps(lines: Sequence[str]) -> None:
+    for line in lines:
+        log.info(line)
+
+
+def import_configurable_classes() -> None:
+    """Import every module that defines a configurable class, so configs may name classes by their short names."""
+    for package_name in CONFIGURABLE_PACKAGES:
+        package = importlib.import_module(package_name)
+        for module in pkgutil.walk_packages(package.__path__, f"{package_name}."):
+            importlib.import_module(module.name)
+
 
 def run_lightning(args: Sequence[str] | None = None, *, run: bool = True) -> SekaCLI:
+    """``seka fit / validate / predict``: no optimizer options (nothing is optimised by a config here)."""
+    import_configurable_classes()
     return SekaCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=None,
+        auto_configure_optimizers=False,
+        parser_class=SuggestingParser,
+        seed_everything_default=0,
         args=args,
         run=run,
     )
 
 
+def first_line(fn: Callable[..., Any]) -> str:
+    return (fn.__doc__ or "").strip().splitlines()[0]
+
+
+def overview() -> str:
+    """The top-level ``seka --help``: every subcommand with its one-line description."""
+    rows = [f"  {name:<14} {text}\n" for name, text in LIGHTNING_COMMANDS.items()]
+    plain = [f"  {name:<14} {first_line(fn)}\n" for name, fn in PLAIN_COMMANDS.items()]
+    return (
+        "usage: seka [-h] [-V] COMMAND [-c CONFIG] [options]\n\n"
+        "Prompt highlighting by spectral key steering (SEKA / AdaSEKA).\n\n"
+        "Lightning commands (a YAML config with -c; every option can be overridden on the command line):\n"
+        + "".join(rows)
+        + "\nplain commands (options on the command line or in a YAML config with -c):\n"
+        + "".join(plain)
+        + "\n`seka COMMAND --help` lists the options of each; `seka --version` prints the version.\n"
+    )
+
+
+def plain_parser(name: str) -> PlainParser:
+    """The parser of one plain subcommand: its function's parameters, ``-c/--config`` and ``--print_config``."""
+    fn = PLAIN_COMMANDS[name]
+    parser = PlainParser(prog=f"seka {name}", description=first_line(fn))
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML file with these options")
+    parser.add_function_arguments(fn, as_positional=True, fail_untyped=True)
+    return parser
+
+
+def run_plain(name: str, args: Sequence[str]) -> Any:
+    """Parse ``args`` for the plain subcommand ``name`` and call its function."""
+    parser = plain_parser(name)
+    config = parser.instantiate_classes(parser.parse_args(list(args)))
+    parameters = inspect.signature(PLAIN_COMMANDS[name]).parameters
+    return PLAIN_COMMANDS[name](**{key: config[key] for key in parameters if key in config})
+
+
+def unknown_command(name: str) -> NoReturn:
+    guess = suggest(name, [*LIGHTNING_COMMANDS, *PLAIN_COMMANDS])
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    sys.stderr.write(f"seka: error: unknown command {name!r}{hint}\n(`seka --help` lists the commands)\n")
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """The ``seka`` entry point."""
+    install_quiet_console()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        sys.stdout.write(
-            "seka: LightningCLI commands fit / validate / test / predict (below), and\n"
-            + "".join(
-                f"  seka {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}\n"
-                for name, fn in PLAIN_COMMANDS.items()
-            )
-            + "(`seka COMMAND --help` for the options of each)\n\n"
-        )
-    if args and args[0] in PLAIN_COMMANDS:
-        CLI(PLAIN_COMMANDS[args[0]], args=args[1:])
+        (sys.stdout if args else sys.stderr).write(overview())
+        raise SystemExit(0 if args else 2)
+    if args[0] in ("-V", "--version"):
+        sys.stdout.write(f"seka {__version__}\n")
         return
-    run_lightning(None if argv is None else args)
+    if args[0] in PLAIN_COMMANDS:
+        run_plain(args[0], args[1:])
+    elif args[0] in LIGHTNING_COMMANDS or args[0].startswith("-"):
+        run_lightning(None if argv is None else args)
+    else:
+        unknown_command(args[0])
 
 
 if __name__ == "__main__":

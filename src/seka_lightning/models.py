@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -26,6 +28,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A string meant as a local path: starts with ``.``, ``/`` or ``~``, or has more separators than a hub id
+    (``org/name``) has."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Raise ``FileNotFoundError`` for a local model path that does not exist (instead of a hub repo-id error)."""
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist; pass an existing local model folder, a hub id "
+            "(org/name) or embedded:smollm2-135m / embedded:gemma3-270m"
+        )
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -46,6 +63,7 @@ def load_model(
 
         model, tokenizer = load_embedded(name_or_path[len(EMBEDDED_PREFIX) :], dtype=dtype, device_map=device_map)
     else:
+        check_model_source(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
         kwargs = {"dtype": torch_dtype, "device_map": device_map}
         if attn_implementation is not None:

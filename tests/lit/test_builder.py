@@ -117,6 +117,8 @@ def build(
             "false",
             "--trainer.callbacks",
             "[]",
+            "--trainer.logger",
+            "false",
             *extra,
         ]
     )

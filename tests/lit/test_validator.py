@@ -20,7 +20,13 @@ from seka_lightning.cli import run_lightning
 from seka_lightning.data.synthetic_qa import RankBatches, SyntheticQADataModule, highlighted_questions
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.diagnostics import answer_log_likelihood, attention_mass
-from seka_lightning.lit.validator import BankValidator, ExampleMean, edited_layers, encode_questions
+from seka_lightning.lit.validator import (
+    BankValidator,
+    ExampleMean,
+    attention_figure,
+    edited_layers,
+    encode_questions,
+)
 from seka_lightning.models import load_model
 from seka_lightning.steering import steer
 
@@ -187,6 +193,22 @@ def test_steering_only_later_layers_leaves_earlier_attention_unchanged(tiny_mode
     steered = report["summary"]["delta"]["attn_mass_steered_layers"]
     assert steered == pytest.approx(delta[2], abs=1e-12)
     assert report["summary"]["delta"]["attn_mass"] == pytest.approx(delta[2] / 3, abs=1e-12)
+
+
+def test_validate_writes_the_before_after_figure_beside_its_json(tiny_model_dir, qa_file, tmp_path):
+    from matplotlib.image import imread
+
+    random_bank(tmp_path / "bank.safetensors")
+    report = validate(tiny_model_dir, tmp_path / "bank.safetensors", qa_file, gain_pos=GAIN, layers="0,2")
+    image = imread(tmp_path / "bank.png")
+    assert image.shape[:2] == (420, 840)  # 7 x 3.5 inches at 120 dpi
+    assert not list(tmp_path.glob(".bank.png.*"))  # written atomically: no temp file left
+    curves = report["attention_mass_per_layer"]
+    figure = attention_figure(curves, report["steered_layers"], title="t")
+    axes = figure.axes[0]
+    plotted = {line.get_label(): [float(y) for y in line.get_ydata()] for line in axes.lines}
+    assert plotted == {"unsteered": curves["unsteered"], "steered": curves["steered"]}
+    assert sorted(patch.get_x() + 0.5 for patch in axes.patches) == [0.0, 2.0]  # the edited layers are shaded
 
 
 def test_default_output_is_named_after_the_bank(tiny_model_dir, tmp_path):

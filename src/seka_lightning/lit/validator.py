@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
@@ -22,7 +24,7 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.synthetic_qa import HighlightedQuestion
 from seka_lightning.diagnostics import answer_log_likelihood, attention_mass
 from seka_lightning.families import resolve_layout
-from seka_lightning.files import write_json
+from seka_lightning.files import atomic_path, write_json
 from seka_lightning.highlight import apply_chat_template, encode_spans
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import position_ids_for
@@ -208,6 +210,11 @@ class BankValidator(FrozenModelModule):
         ):
             self.means["steered"].update(self.measure(enc, prompt_length))
 
+    @property
+    def figure_path(self) -> Path:
+        """The before/after attention figure, beside the JSON report."""
+        return self.output.with_suffix(".png")
+
     def on_validation_epoch_end(self) -> None:
         n = self.num_layers
         means = {c: self.means[c].compute() for c in CONDITIONS}  # summed over ranks
@@ -243,9 +250,15 @@ class BankValidator(FrozenModelModule):
             "attention_mass_per_layer": curves,
         }
         write_json(self.output, report)
+        plot_attention_curves(
+            curves,
+            self.steered_layers,
+            self.figure_path,
+            title=f"{Path(self.hparams.bank).name} on {self.hparams.pretrained}",
+        )
         log.info(
             "attention on the highlight %.4f -> %.4f (steered layers %.4f -> %.4f), answer log-prob %.3f -> %.3f "
-            "over %d probes; curves in %s",
+            "over %d probes; curves in %s, figure in %s",
             summary["unsteered"]["attn_mass"],
             summary["steered"]["attn_mass"],
             summary["unsteered"]["attn_mass_steered_layers"],
@@ -254,6 +267,7 @@ class BankValidator(FrozenModelModule):
             summary["steered"]["answer_logprob"],
             examples,
             self.output,
+            self.figure_path,
         )
 
 
@@ -271,3 +285,29 @@ def edited_layers(bank: ProjectionBank, mapping: dict[int, int], *, neg: bool) -
             "nothing; select other layers or rebuild the bank with a lower min_diff"
         )
     return layers
+
+
+def attention_figure(curves: dict[str, list[float]], steered_layers: list[int], *, title: str) -> Figure:
+    """Attention mass on the highlight per layer, unsteered vs steered, on an Agg canvas (no display needed).
+
+    The layers the bank edits are shaded, so a reader sees where the change should come from.
+    """
+    figure = Figure(figsize=(7.0, 3.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for layer in steered_layers:
+        axes.axvspan(layer - 0.5, layer + 0.5, color="0.92", linewidth=0)
+    for condition, style in (("unsteered", "o-"), ("steered", "s-")):
+        axes.plot(range(len(curves[condition])), curves[condition], style, markersize=3, label=condition)
+    axes.set_xlabel("layer (shaded: edited by the bank)")
+    axes.set_ylabel("attention mass on the highlight")
+    axes.set_title(title, fontsize=10)
+    axes.legend()
+    return figure
+
+
+def plot_attention_curves(curves: dict[str, list[float]], steered_layers: list[int], path: Path, *, title: str) -> Path:
+    """Write :func:`attention_figure` as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        attention_figure(curves, steered_layers, title=title).savefig(tmp, format="png", dpi=120)
+    return path

@@ -26,19 +26,46 @@ HERE = Path(__file__).resolve().parent
 STOP_WITHIN_S = 60
 
 
-def fit_args(model_dir: Path, qa_path: Path, out: Path, ckpt_dir: Path, *, devices: int, throttle: Path | None) -> list[str]:
+def fit_args(
+    model_dir: Path, qa_path: Path, out: Path, ckpt_dir: Path, *, devices: int, throttle: Path | None
+) -> list[str]:
     """12 pairs = 24 triplets in batches of 2; a checkpoint every 2 batches; optionally slowed after batch 2."""
-    callbacks = [{"class_path": "seka_lightning.lit.callbacks.BatchCheckpoint",
-                  "init_args": {"dirpath": str(ckpt_dir), "every_n_batches": 2}}]
+    callbacks = [
+        {
+            "class_path": "seka_lightning.lit.callbacks.BatchCheckpoint",
+            "init_args": {"dirpath": str(ckpt_dir), "every_n_batches": 2},
+        }
+    ]
     if throttle is not None:
         callbacks.append({"class_path": "throttle.Throttle", "init_args": {"folder": str(throttle)}})
     return [
-        "fit", "-c", str(BUILD_CONFIG),
-        "--model.pretrained", str(model_dir), "--model.dtype", "float64",
-        "--model.top_pct", "0.7", "--model.min_diff", "0.0", "--model.output", str(out),
-        "--data.path", str(qa_path), "--data.max_samples", "12", "--data.batch_size", "2",
-        "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks", json.dumps(callbacks),
+        "fit",
+        "-c",
+        str(BUILD_CONFIG),
+        "--model.pretrained",
+        str(model_dir),
+        "--model.dtype",
+        "float64",
+        "--model.top_pct",
+        "0.7",
+        "--model.min_diff",
+        "0.0",
+        "--model.output",
+        str(out),
+        "--data.path",
+        str(qa_path),
+        "--data.max_samples",
+        "12",
+        "--data.batch_size",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        str(devices),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        json.dumps(callbacks),
     ]
 
 
@@ -83,10 +110,22 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> str:
     return output
 
 
-def reference_build(model_dir: Path, qa_path: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "full.safetensors"
-    run_lightning(fit_args(model_dir, qa_path, out, tmp_path / "ck-full", devices=1, throttle=None))
-    return out
+@pytest.fixture(scope="module")
+def reference_build(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted one-device build of a QA file, built once per file content for the tests of this module."""
+    built: dict[bytes, Path] = {}
+
+    def build(qa_path: Path) -> Path:
+        content = qa_path.read_bytes()
+        if content not in built:
+            folder = tmp_path_factory.mktemp("uninterrupted")
+            (folder / "qa.jsonl").write_bytes(content)
+            out = folder / "full.safetensors"
+            run_lightning(fit_args(tiny_model_dir, folder / "qa.jsonl", out, folder / "ck", devices=1, throttle=None))
+            built[content] = out
+        return built[content]
+
+    return build
 
 
 def assert_same_build(a: Path, b: Path, *, exact: bool) -> None:
@@ -106,7 +145,7 @@ def assert_same_build(a: Path, b: Path, *, exact: bool) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_exits_non_zero_and_the_resume_equals_an_uninterrupted_build(
-    tiny_model_dir, qa_file, tmp_path, signum
+    tiny_model_dir, qa_file, tmp_path, signum, reference_build
 ):
     out, ckpt_dir = tmp_path / "bank.safetensors", tmp_path / "ck"
     args = fit_args(tiny_model_dir, qa_file, out, ckpt_dir, devices=1, throttle=tmp_path)
@@ -122,9 +161,10 @@ def test_a_signal_saves_a_checkpoint_exits_non_zero_and_the_resume_equals_an_uni
     assert 2 <= consumed < 12, "the checkpoint must be the stopped build's, mid-run"
     assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]
 
-    run_lightning([*fit_args(tiny_model_dir, qa_file, out, ckpt_dir, devices=1, throttle=None),
-                   "--ckpt_path", str(checkpoint)])
-    assert_same_build(reference_build(tiny_model_dir, qa_file, tmp_path), out, exact=True)
+    run_lightning(
+        [*fit_args(tiny_model_dir, qa_file, out, ckpt_dir, devices=1, throttle=None), "--ckpt_path", str(checkpoint)]
+    )
+    assert_same_build(reference_build(qa_file), out, exact=True)
 
 
 def free_port() -> int:
@@ -139,7 +179,9 @@ def start_ranks(args: list[str], cwd: Path) -> list[subprocess.Popen]:
     return [start(args, cwd, LOCAL_RANK=str(rank), **env) for rank in range(2)]
 
 
-def test_sigterm_to_one_ddp_rank_stops_both_with_a_resumable_checkpoint(tiny_model_dir, qa_file, tmp_path):
+def test_sigterm_to_one_ddp_rank_stops_both_with_a_resumable_checkpoint(
+    tiny_model_dir, qa_file, tmp_path, reference_build
+):
     out, ckpt_dir = tmp_path / "bank.safetensors", tmp_path / "ck"
     args = fit_args(tiny_model_dir, qa_file, out, ckpt_dir, devices=2, throttle=tmp_path)
     ranks = start_ranks(args, tmp_path)
@@ -152,10 +194,19 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_resumable_checkpoint(tiny_mod
     assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, output[-3000:]
     assert not out.exists()
     saved = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
-    assert saved["SyntheticQADataModule"]["world_size"] == 2 and 2 <= saved["SyntheticQADataModule"]["batches_consumed"] < 6
+    assert (
+        saved["SyntheticQADataModule"]["world_size"] == 2
+        and 2 <= saved["SyntheticQADataModule"]["batches_consumed"] < 6
+    )
 
-    resumed = start_ranks([*fit_args(tiny_model_dir, qa_file, out, ckpt_dir, devices=2, throttle=None),
-                           "--ckpt_path", str(ckpt_dir / "last.ckpt")], tmp_path)
+    resumed = start_ranks(
+        [
+            *fit_args(tiny_model_dir, qa_file, out, ckpt_dir, devices=2, throttle=None),
+            "--ckpt_path",
+            str(ckpt_dir / "last.ckpt"),
+        ],
+        tmp_path,
+    )
     output = finish(resumed, 240)
     assert [p.returncode for p in resumed] == [0, 0], output[-3000:]
-    assert_same_build(reference_build(tiny_model_dir, qa_file, tmp_path), out, exact=False)
+    assert_same_build(reference_build(qa_file), out, exact=False)

@@ -256,9 +256,7 @@ class ProjectionBuilder(FrozenModelModule):
         filtered = int(self.filtered.compute().item())
         self._write_bank(sums, kept=kept, skipped=skipped, filtered=filtered)
         if self.stop_signal.signum is not None:
-            log.warning(
-                "the signal came after the last batch, so the build finished; the command still exits non-zero"
-            )
+            log.warning("the signal came after the last batch, so the build finished; the command still exits non-zero")
 
     @rank_zero_only
     def _write_bank(self, sums: KeySums, *, kept: int, skipped: int, filtered: int) -> None:

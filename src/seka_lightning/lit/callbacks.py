@@ -142,4 +142,3 @@ class BatchCheckpoint(L.Callback):
     @staticmethod
     def _processed(trainer: L.Trainer) -> int:
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed
-

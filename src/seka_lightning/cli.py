@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import pkgutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 from jsonargparse import ActionConfigFile
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from seka_lightning import __version__
 from seka_lightning.bank import derive_bank
@@ -31,6 +33,7 @@ from seka_lightning.baselines.pasta_profile import profile_heads
 from seka_lightning.console import PlainParser, SuggestingParser, install_quiet_console, suggest
 from seka_lightning.generate import generate, require_file
 from seka_lightning.lit.builder import ProjectionBuilder
+from seka_lightning.lit.callbacks import BuildStopped
 from seka_lightning.lit.strategies import FROZEN_DDP
 from seka_lightning.models import check_model_source
 from seka_lightning.report import report
@@ -69,7 +72,27 @@ def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> i
 
 
 class SekaCLI(LightningCLI):
-    """LightningCLI that runs frozen-model builds on several devices without the DDP wrapper."""
+    """LightningCLI that runs frozen-model builds on several devices without the DDP wrapper, lets the command line
+    (never a checkpoint) decide the settings of a resumed run, and exits non-zero when a signal stopped a build."""
+
+    def _parse_ckpt_path(self) -> None:
+        """Apply nothing from ``--ckpt_path``'s hyper-parameters (LightningCLI would parse them over the command line).
+
+        They could redirect the output of a resumed build onto an earlier bank, and their ``_class_path`` would make
+        the parser import any installed module. A build checks its checkpoint against the command line instead
+        (``ProjectionBuilder.check_resume``).
+        """
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as stop:  # Lightning's own SIGTERM stop is a SystemExit with status 0
+            raise SystemExit(128 + signal.SIGTERM) from stop
+
+    def after_fit(self) -> None:
+        stop = getattr(self.model, "stop_signal", None)
+        if stop is not None and stop.signum is not None:  # came after the last agreed check; the bank was written
+            raise BuildStopped(stop.signum)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

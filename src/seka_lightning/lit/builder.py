@@ -16,6 +16,7 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.build import accumulate_triplets
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
+from seka_lightning.lit.callbacks import BatchCheckpoint, BuildStopped, StopSignal, agree_to_stop
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
 from seka_lightning.projections import validate_hyperparameters
@@ -23,6 +24,23 @@ from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
 from seka_lightning.steering import parse_layers
 
 log = logging.getLogger(__name__)
+
+BUILD_RECORD = "seka_build"
+# what the sums depend on; top_pct, min_diff and output only shape the final SVD, so a resume may change them
+STATISTICS_SETTINGS = (
+    "model.pretrained",
+    "model.layers",
+    "model.dtype",
+    "model.positive_only",
+    "model.attention_ratio",
+    "data.class",
+    "data.path",
+    "data.fingerprint",
+    "data.batch_size",
+    "data.max_samples",
+    "trainer.world_size",
+)
+DEFAULT_STOP_CHECK_EVERY_N_BATCHES = 50
 
 
 def stats_path_for(bank_path: str | Path) -> Path:
@@ -49,9 +67,21 @@ class Count(Metric):
         return self.sum_value
 
 
+def _local_path(value: str | None) -> str | None:
+    """A path that exists, made absolute (so a resume from another folder compares equal); other values as given."""
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
 class ProjectionBuilder(FrozenModelModule):
     """Holds the frozen model; each training step adds a batch of triplets' answer-token keys to float64 sums
-    (DDP-reduced by sum); at the end rank 0 derives the bank (SPEC §3) and writes it with its statistics."""
+    (DDP-reduced by sum); at the end rank 0 derives the bank (SPEC §3) and writes it with its statistics.
+
+    Checkpoints hold the sums and a ``seka_build`` record of the settings they depend on; a resume with other
+    statistics settings is refused. SIGTERM/SIGINT stop the build at a batch boundary that all ranks agree on (one
+    all-reduce every ``sigterm_check_every_n_batches`` of the strategy, 50 by default, at every ``BatchCheckpoint``
+    and at the last batch; every batch on one process), save ``last.ckpt`` and exit ``128 + signum``. Agreeing at
+    intervals keeps batches free of per-batch host syncs, at the price of a stop that may take that many batches.
+    """
 
     def __init__(
         self,
@@ -101,6 +131,7 @@ class ProjectionBuilder(FrozenModelModule):
         self.automatic_optimization = False  # nothing is optimised: each step only adds to the sums
         self._started = 0.0
         self._examples = 0
+        self.stop_signal = StopSignal()
 
     def configure_optimizers(self) -> None:
         return None
@@ -108,6 +139,8 @@ class ProjectionBuilder(FrozenModelModule):
     def on_train_start(self) -> None:
         self._started = time.perf_counter()
         self._examples = 0
+        # here, after Lightning has registered its own handlers (which it restores when fit ends)
+        self.stop_signal.install()
 
     def training_step(self, batch: list[Triplet], batch_idx: int) -> None:
         if batch:
@@ -133,6 +166,21 @@ class ProjectionBuilder(FrozenModelModule):
         self.log("examples_per_s", rate, prog_bar=True, batch_size=1)
         return None
 
+    def on_train_batch_end(self, outputs: Any, batch: list[Triplet], batch_idx: int) -> None:
+        if self._agree_now(batch_idx):
+            signum = agree_to_stop(self.trainer, self.stop_signal.signum)
+            if signum is not None:
+                raise BuildStopped(signum)  # on every rank at this batch; BatchCheckpoint saves in on_exception
+
+    def _agree_now(self, batch_idx: int) -> bool:
+        """Whether the ranks compare their stop flags after this batch (the same answer on every rank)."""
+        trainer = self.trainer
+        if trainer.world_size == 1:
+            return True  # no collective needed: the flag is read on the host
+        every = getattr(trainer.strategy, "sigterm_check_every_n_batches", DEFAULT_STOP_CHECK_EVERY_N_BATCHES)
+        checkpoint_due = any(cb.due(batch_idx) for cb in trainer.callbacks if isinstance(cb, BatchCheckpoint))
+        return checkpoint_due or (batch_idx + 1) % every == 0 or batch_idx + 1 >= trainer.num_training_batches
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Keep only the statistics and counters, summed over ranks (the data position needs the same device count).
         state = {}
@@ -145,9 +193,54 @@ class ProjectionBuilder(FrozenModelModule):
         # raises alike, after the metrics are unsynced
         require_finite_sums(value for key, value in state.items() if key.startswith("stats."))
         checkpoint["state_dict"] = state
+        checkpoint[BUILD_RECORD] = self.build_record()
+
+    def build_record(self) -> dict[str, Any]:
+        """The settings the statistics depend on, as this run was started (see ``STATISTICS_SETTINGS``)."""
+        hp = self.hparams
+        datamodule = getattr(self._trainer, "datamodule", None)
+        return {
+            "model.pretrained": _local_path(hp.pretrained),
+            "model.layers": list(self.layer_ids),
+            "model.dtype": hp.dtype,
+            "model.positive_only": hp.positive_only,
+            "model.attention_ratio": hp.attention_ratio,
+            "data.class": None if datamodule is None else type(datamodule).__qualname__,
+            "data.path": _local_path(getattr(datamodule, "path", None)),
+            "data.fingerprint": self._data_fingerprint(),
+            "data.batch_size": getattr(datamodule, "batch_size", None),
+            "data.max_samples": getattr(datamodule, "max_samples", None),
+            "trainer.world_size": None if self._trainer is None else self._trainer.world_size,
+        }
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose statistics were built with other settings than this command line's."""
+        where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+        saved = checkpoint.get(BUILD_RECORD)
+        if saved is None:
+            raise ValueError(
+                f"{where} has no '{BUILD_RECORD}' record of the settings its statistics were built with (it was "
+                "written by an older seka-lightning), so it cannot be checked against this command line; start the "
+                "build again without --ckpt_path"
+            )
+        current = self.build_record()
+        differ = [
+            f"{name}: checkpoint {saved.get(name)!r}, command line {current[name]!r}"
+            for name in STATISTICS_SETTINGS
+            if saved.get(name) != current[name]
+        ]
+        if differ:
+            raise ValueError(
+                f"cannot resume from {where}: these settings differ from the build that wrote it, and the statistics "
+                "would mix: " + "; ".join(differ) + ". Resume with the checkpoint's settings, or start a new build "
+                "without --ckpt_path (top_pct, min_diff and output may differ on resume)"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.trainer is not None and self.trainer.global_rank != 0:
+        if self._trainer is None:
+            return
+        self.check_resume(checkpoint)
+        if self.trainer.global_rank != 0:
             # the saved sums are global: only rank 0 restores them, so the final all-reduce counts them once
             checkpoint["state_dict"] = {k: torch.zeros_like(v) for k, v in checkpoint["state_dict"].items()}
 
@@ -156,6 +249,8 @@ class ProjectionBuilder(FrozenModelModule):
         kept, skipped = int(self.kept.compute().item()), int(self.skipped.compute().item())
         filtered = int(self.filtered.compute().item())
         self._write_bank(sums, kept=kept, skipped=skipped, filtered=filtered)
+        if self.stop_signal.signum is not None:
+            log.warning("the signal came after the last batch, so the build finished; the command still exits non-zero")
 
     @rank_zero_only
     def _write_bank(self, sums: KeySums, *, kept: int, skipped: int, filtered: int) -> None:

@@ -26,9 +26,10 @@ def thin_sigterm_broadcast(epoch_loop: Any, every_n_batches: int) -> bool:
     drain and for the other ranks, once per batch: nothing of one batch overlaps the next, and each batch takes as
     long as the slowest rank's. A statistics build keeps no gradients in step, so that wait buys nothing; measured
     on two H200s it cost each rank about an eighth of its throughput (``docs/performance.md``). Every rank runs the
-    same number of batches, so all ranks still enter each broadcast together. A rank that receives SIGTERM itself
-    still stops at its next batch (Lightning checks its own flag locally); the others learn of rank 0's signal within
-    ``every_n_batches`` batches, or wait at the next collective (a checkpoint) until the launcher stops them.
+    same number of batches, so all ranks still enter each broadcast together. ``seka fit``'s ``ProjectionBuilder``
+    replaces Lightning's SIGTERM handler while it trains (Lightning's broadcasts from inside the handler and stops the
+    signalled rank alone, which can hang the others at their next collective): its ranks agree on a stop with an
+    all-reduce at the same interval (see ``seka_lightning.lit.callbacks``), so this broadcast then always carries 0.
     Applying it again replaces the earlier thinning rather than compounding it. Returns False (and changes nothing)
     if this Lightning version has no such broadcast.
     """

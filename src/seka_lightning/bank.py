@@ -198,7 +198,9 @@ class ProjectionBank:
             )
         unknown = sorted(set(tensors) - set(BANK_TENSORS))
         if unknown:
-            raise ValueError(f"{path} holds tensors {unknown} that a bank does not have; the file is corrupt, rebuild it")
+            raise ValueError(
+                f"{path} holds tensors {unknown} that a bank does not have; the file is corrupt, rebuild it"
+            )
         for name, tensor in tensors.items():
             _require_float(tensor, path, name)
             if torch.isinf(tensor).any():
@@ -368,7 +370,9 @@ def _reference_layers(obj: dict[str, Any], path: Path, count: int) -> list[int]:
         raise ValueError(f"{path} has no 'layers' entry; a reference bank file lists the layer id of each projector")
     if isinstance(layers, torch.Tensor):
         if layers.is_floating_point() or layers.is_complex() or layers.dtype == torch.bool or layers.ndim != 1:
-            raise ValueError(f"{path}: 'layers' is a {layers.dtype} tensor of shape {tuple(layers.shape)}, expected 1-D integer ids")
+            raise ValueError(
+                f"{path}: 'layers' is a {layers.dtype} tensor of shape {tuple(layers.shape)}, expected 1-D integer ids"
+            )
         layers = layers.tolist()
     if not isinstance(layers, list | tuple) or not all(type(layer) is int for layer in layers):
         raise ValueError(f"{path}: 'layers' must be a list of integer layer ids, got {layers!r}")

@@ -7,9 +7,8 @@ texts (head-filter value below ``min_diff``) are skipped; :func:`head_filter_val
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +43,7 @@ def validate_hyperparameters(top_pct: float, min_diff: float, head_filter: str =
         raise ValueError(f"min_diff must be >= 0, got {min_diff}")
     if head_filter not in HEAD_FILTERS:
         raise ValueError(
-            f"head_filter must be one of {HEAD_FILTERS}, got {head_filter!r} (\"reference\" reproduces the "
+            f'head_filter must be one of {HEAD_FILTERS}, got {head_filter!r} ("reference" reproduces the '
             "reference's sqrt(D) / N)"
         )
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from seka_lightning.files import write_text
+from seka_lightning.files import PLOT, REPORT, atomic_path, check_output, write_text
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,11 @@ def position_plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("best-subspan exact match (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -96,6 +95,7 @@ def report(
     results: list[str],
     output: str = "docs/results_table.md",
     plot: str | None = "docs/results/lost_in_the_middle.png",
+    overwrite: bool = False,
 ) -> str:
     """Render a comparison table (markdown) and a lost-in-the-middle plot (PNG) from result folders.
 
@@ -103,8 +103,12 @@ def report(
         results: folders holding ``metric_result.json`` files (searched recursively) or the files themselves.
         output: the markdown file to write.
         plot: the PNG to write (None = no plot).
+        overwrite: replace an existing table at ``output`` and plot at ``plot``.
     """
     rows = read_results(results)
+    check_output(output, kind=REPORT, inputs={"--results": results}, overwrite=overwrite)
+    if plot is not None:
+        check_output(plot, kind=PLOT, inputs={"--results": results, "--output": output}, overwrite=overwrite)
     table = markdown_table(rows)
     out = write_text(output, table)
     if plot is not None:

@@ -15,9 +15,9 @@ from seka_lightning.bank import ProjectionBank, stats_path_for
 from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
+from seka_lightning.files import BANK, STATISTICS, check_output
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
-from seka_lightning.files import BANK, STATISTICS, check_output
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
 from seka_lightning.steering import parse_layers

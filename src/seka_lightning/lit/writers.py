@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
 
-from seka_lightning.files import write_json, write_jsonl
+from seka_lightning.files import BENCHMARK_RESULTS, PREDICTIONS, check_output, write_json, write_jsonl
+
+OVERWRITE_FLAG = "the writer's `overwrite: true` init arg"
 
 
 def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key: str) -> list[dict[str, Any]] | None:
@@ -38,13 +40,17 @@ def merge_rank_parts(trainer: L.Trainer, predictions: list, output: Path, *, key
 class ComparisonWriter(BasePredictionWriter):
     """Writes ``{prompt, unsteered, steered}`` per prompt to ``output`` (JSONL) and prints a table."""
 
-    def __init__(self, output: str = "outputs/predictions.jsonl", *, show_table: bool = True) -> None:
+    def __init__(
+        self, output: str = "outputs/predictions.jsonl", *, show_table: bool = True, overwrite: bool = False
+    ) -> None:
         """
         Args:
             output: the merged JSONL file.
             show_table: print an unsteered-vs-steered table at the end.
+            overwrite: replace an existing predictions file at ``output`` (checked here, before the model runs).
         """
         super().__init__(write_interval="epoch")
+        check_output(output, kind=PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         self.output, self.show_table = Path(output), show_table
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
@@ -62,13 +68,18 @@ class BenchmarkWriter(BasePredictionWriter):
     """Per-example ``predictions.jsonl`` and ``metric_result.json`` (metrics, method, model, config, counts, wall time)
     in ``output_dir``; metrics are reduced over DDP ranks, files are written by rank 0, atomically."""
 
-    def __init__(self, output_dir: str = "outputs/eval") -> None:
+    def __init__(self, output_dir: str = "outputs/eval", *, overwrite: bool = False) -> None:
         """
         Args:
             output_dir: folder for ``predictions.jsonl`` and ``metric_result.json``.
+            overwrite: replace the results of an earlier run in ``output_dir`` (checked here, before the model runs).
         """
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
+        check_output(self.output_dir / "predictions.jsonl", kind=PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
+        check_output(
+            self.output_dir / "metric_result.json", kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG
+        )
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction

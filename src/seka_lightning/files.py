@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,14 +41,17 @@ REPORT_HEADER = "| benchmark | model | method |"
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp file beside ``path`` to write; renamed onto ``path`` when the block ends, removed if it raises.
 
-    The temp file is created with mode 0666 less the umask (what ``open(path, "w")`` would give), not the 0600 of
-    ``tempfile.mkstemp``, so a written file is as readable as any other file the user creates.
+    The file gets mode 0666 less the umask (what ``open(path, "w")`` gives), not the 0600 of ``tempfile.mkstemp``,
+    so it is as readable as any other file the user creates; the mode is set again before the rename because some
+    writers (safetensors) replace the temp file with one of their own.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(path)
     try:
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -129,7 +133,7 @@ def _paths(value: str | Path | Iterable[str | Path] | None) -> list[Path]:
         return []
     if isinstance(value, str | Path):
         return [Path(value)]
-    return [Path(v) for v in value]
+    return [Path(v) for v in value if v is not None]
 
 
 def _same_file(a: Path, b: Path) -> bool:

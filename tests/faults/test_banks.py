@@ -13,7 +13,7 @@ from seka_lightning import ProjectionBank
 from seka_lightning.bank import derive_bank, stats_path_for
 from seka_lightning.files import file_sha256
 from seka_lightning.projections import head_filter_values, projections_from_sums
-from seka_lightning.stats import KeySums, KeyStatistics, atomic_save_safetensors
+from seka_lightning.stats import KeyStatistics, KeySums, atomic_save_safetensors
 
 
 def random_sums(seed: int = 0, *, layers: int = 2, heads: int = 2, d: int = 4, rows: int = 40) -> tuple:
@@ -117,7 +117,9 @@ def test_reference_filter_keeps_the_old_numbers():
     torch.testing.assert_close(projections.diff, diff.float())
 
 
-@pytest.mark.parametrize(("head_filter", "positive_only"), [("relative", False), ("reference", False), ("relative", True)])
+@pytest.mark.parametrize(
+    ("head_filter", "positive_only"), [("relative", False), ("reference", False), ("relative", True)]
+)
 def test_a_min_diff_that_keeps_no_head_names_the_largest_value(head_filter, positive_only):
     sums, _ = random_sums()
     largest = float(head_filter_values(sums, head_filter=head_filter, positive_only=positive_only).max())

@@ -213,3 +213,17 @@ def test_pasta_profile_validator_and_gate_check_before_the_model_loads(tmp_path,
         BankValidator("embedded:smollm2-135m", str(bank), output=str(bank))
     with pytest.raises(ValueError, match=re.escape(f"the output {bank} is also this command's input --model.experts")):
         AdaSekaGateTrainer("embedded:smollm2-135m", {"a": str(bank)}, output=str(bank))
+
+
+def test_lightning_cli_checks_the_writer_before_the_model_loads(tmp_path, no_model):
+    from seka_lightning.cli import run_lightning
+
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"index": 0, "prompt": "p", "unsteered": "a", "steered": "b"}) + "\n")
+    args = ["predict", "-c", str(REPO / "configs/predict/highlight.yaml"), "--trainer.callbacks.output", str(old)]
+    with pytest.raises(ValueError) as err:
+        run_lightning([*args, "--trainer.accelerator", "cpu"])
+    assert str(err.value.__cause__) == (
+        f"{old} already holds a predictions file; pass the writer's `overwrite: true` init arg to replace it, or "
+        "choose another path"
+    )

@@ -220,7 +220,9 @@ class ProjectionBank:
             u = _reference_tensor(obj, path, "U_matrices")
             s = _reference_tensor(obj, path, "singular_values")
             if torch.isinf(u).any() or torch.isinf(s).any():
-                raise ValueError(f"{path}: 'U_matrices' or 'singular_values' holds inf; the file is corrupt")
+                raise ValueError(
+                    f"{path}: 'U_matrices' or 'singular_values' holds inf; the file is corrupt, re-export it"
+                )
             if u.ndim != 4 or s.shape != u.shape[:-1]:
                 raise ValueError(
                     f"{path}: U_matrices {tuple(u.shape)} / singular_values {tuple(s.shape)} are not [L, H, d, d] / [L, H, d]"
@@ -306,10 +308,13 @@ def _same_model(a: str, b: str) -> bool:
 
 def _require_float(tensor: Any, path: Path, key: str) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{path}: {key!r} is a {type(tensor).__name__}, expected a floating-point tensor")
+        raise ValueError(
+            f"{path}: {key!r} is a {type(tensor).__name__}, expected a floating-point tensor; re-export the bank"
+        )
     if not tensor.is_floating_point():
         raise ValueError(
-            f"{path}: {key!r} holds {tensor.dtype} values, expected floating point; the file is corrupt or not a bank"
+            f"{path}: {key!r} holds {tensor.dtype} values, expected floating point; the file is corrupt or not a "
+            "bank: rebuild or re-export it"
         )
 
 
@@ -352,7 +357,7 @@ def _reference_proj(obj: dict[str, Any], path: Path) -> torch.Tensor:
         raise ValueError(f"{path} has keys {sorted(obj)}; a reference projection file needs 'proj' (and 'layers')")
     _require_float(obj["proj"], path, "proj")
     if torch.isinf(obj["proj"]).any():
-        raise ValueError(f"{path}: 'proj' holds inf; the file is corrupt")
+        raise ValueError(f"{path}: 'proj' holds inf; the file is corrupt, re-export it")
     proj = obj["proj"].to(torch.float32)
     # The reference accepts (d, d), (L, d, d) and (L, H, d, d); normalise to 4-D as it does.
     if proj.ndim == 2:
@@ -367,15 +372,18 @@ def _reference_proj(obj: dict[str, Any], path: Path) -> torch.Tensor:
 def _reference_layers(obj: dict[str, Any], path: Path, count: int) -> list[int]:
     layers = obj.get("layers")
     if layers is None:
-        raise ValueError(f"{path} has no 'layers' entry; a reference bank file lists the layer id of each projector")
+        raise ValueError(
+            f"{path} has no 'layers' entry; a reference bank file lists the layer id of each projector: add them"
+        )
     if isinstance(layers, torch.Tensor):
         if layers.is_floating_point() or layers.is_complex() or layers.dtype == torch.bool or layers.ndim != 1:
             raise ValueError(
-                f"{path}: 'layers' is a {layers.dtype} tensor of shape {tuple(layers.shape)}, expected 1-D integer ids"
+                f"{path}: 'layers' is a {layers.dtype} tensor of shape {tuple(layers.shape)}, expected 1-D integer "
+                "ids; save the layer ids as a list of ints"
             )
         layers = layers.tolist()
     if not isinstance(layers, list | tuple) or not all(type(layer) is int for layer in layers):
-        raise ValueError(f"{path}: 'layers' must be a list of integer layer ids, got {layers!r}")
+        raise ValueError(f"{path}: 'layers' must be a list of integer layer ids, got {layers!r}; save them as ints")
     if len(layers) != count:
         raise ValueError(f"{path}: 'layers' lists {len(layers)} ids but 'proj' holds {count} layers")
     return layers

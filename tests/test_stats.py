@@ -72,3 +72,20 @@ def test_loading_statistics_with_inf_is_refused(tmp_path):
     sums.save(path)
     with pytest.raises(ValueError, match="bank.stats.safetensors: the statistics hold NaN or inf; the file is corrupt"):
         KeySums.load(path)
+
+
+def test_statistics_are_tagged_and_recognised_also_without_the_tag(tmp_path):
+    from seka_lightning.files import STATISTICS, file_kind
+    from seka_lightning.stats import atomic_save_safetensors, load_safetensors
+
+    stats = KeyStatistics(L, H, D)
+    stats.update(*_keys(7))
+    sums = stats.compute()
+    tagged = tmp_path / "new.stats.safetensors"
+    sums.save(tagged, metadata={"layers": [0, 1]})
+    assert load_safetensors(tagged)[1] == {"layers": [0, 1], "format": "seka-lightning-statistics"}
+    loaded, metadata = KeySums.load(tagged)
+    assert metadata == {"layers": [0, 1]} and torch.equal(loaded.a0, sums.a0)
+    untagged = tmp_path / "old.stats.safetensors"  # written before the tag existed
+    atomic_save_safetensors(sums.tensors(), untagged, metadata={"layers": [0, 1]})
+    assert file_kind(tagged) == file_kind(untagged) == STATISTICS

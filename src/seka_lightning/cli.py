@@ -89,11 +89,6 @@ class SekaCLI(LightningCLI):
         except SIGTERMException as stop:  # Lightning's own SIGTERM stop is a SystemExit with status 0
             raise SystemExit(128 + signal.SIGTERM) from stop
 
-    def after_fit(self) -> None:
-        stop = getattr(self.model, "stop_signal", None)
-        if stop is not None and stop.signum is not None:  # came after the last agreed check; the bank was written
-            raise BuildStopped(stop.signum)
-
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit, validate and predict (no module here has a test step)."""
@@ -111,6 +106,9 @@ class SekaCLI(LightningCLI):
             trainer["strategy"] = FROZEN_DDP  # several processes, on one machine or several (num_nodes)
 
     def after_fit(self) -> None:
+        stop = getattr(self.model, "stop_signal", None)
+        if stop is not None and stop.signum is not None:  # came after the last agreed check; the bank was written
+            raise BuildStopped(stop.signum)
         if self.trainer.is_global_zero:
             log_next_steps(fit_summary(self.model, self.trainer))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions, verify_results
-from seka_lightning.files import write_text
+from seka_lightning.files import PLOT, REPORT, atomic_path, check_output, write_text
 from seka_lightning.significance import paired_test
 
 log = logging.getLogger(__name__)
@@ -246,11 +245,11 @@ def position_plot(runs: list[Run], path: Path) -> Path | None:
     axes[0][0].set_ylabel("best-subspan exact match (%), 95% interval")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
     axes[0][-1].legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -260,6 +259,7 @@ def report(
     output: str = "docs/results_table.md",
     plot: str | None = "docs/results/lost_in_the_middle.png",
     verify: bool = False,
+    overwrite: bool = False,
 ) -> str:
     """Headline numbers with 95% intervals and paired tests (markdown) and a lost-in-the-middle plot (PNG) from a
     results folder; with ``--verify``, re-derive every metric from its predictions and exit non-zero on a mismatch.
@@ -270,6 +270,7 @@ def report(
         plot: the PNG to write (None = no plot).
         verify: only check that every ``metric_result.json`` equals its recomputation from
             ``predictions.jsonl.gz`` (and that the predictions exist); write nothing.
+        overwrite: replace an existing table at ``output`` and plot at ``plot``.
     """
     if verify:
         problems = verify_results(results)
@@ -278,6 +279,9 @@ def report(
         message = f"every metric under {results} equals its recomputation from the predictions"
         log.info(message)
         return message
+    check_output(output, kind=REPORT, inputs={"--results": results}, overwrite=overwrite)
+    if plot is not None:
+        check_output(plot, kind=PLOT, inputs={"--results": results, "--output": output}, overwrite=overwrite)
     runs = read_runs(results)
     table = headline_table(runs) + "\nPaired tests (two-sided):\n\n" + paired_table(paired_rows(runs))
     out = write_text(output, table)

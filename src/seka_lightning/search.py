@@ -17,10 +17,16 @@ import torch
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.benchmark_modules import CounterFactDataModule
-from seka_lightning.files import write_json
+from seka_lightning.files import SEARCH_RESULTS, check_output, write_json
 from seka_lightning.lit.evaluator import encode_examples
 from seka_lightning.methods import HighlightMethod, SekaMethod
 from seka_lightning.models import load_model
+from seka_lightning.projections import (
+    DEFAULT_HEAD_FILTER,
+    head_filter_values,
+    require_kept_heads,
+    validate_hyperparameters,
+)
 from seka_lightning.stats import KeySums
 
 log = logging.getLogger(__name__)
@@ -47,12 +53,14 @@ def search(
     example_subset: str = "4500:5000",
     layers: list[str] = ["all", "last20", "last10"],  # noqa: B006 - jsonargparse needs a literal default
     gains: list[float] = [0.5, 1.0, 2.0, 4.0],  # noqa: B006
-    min_diffs: list[float] = [0.0, 0.03, 0.05],  # noqa: B006
+    min_diffs: list[float] = [0.0, 0.05, 0.1],  # noqa: B006
     top_pcts: list[float] = [0.9],  # noqa: B006
+    head_filter: str = DEFAULT_HEAD_FILTER,
     batch_size: int = 16,
     chat: bool = False,
     add_special_tokens: bool = False,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Grid-search SEKA hyper-parameters on a CounterFact dev slice; writes all scores and the best setting as JSON.
 
@@ -64,19 +72,28 @@ def search(
         example_subset: the dev slice (never the reported test slice).
         layers: layer selections to try (``all`` = every layer of the bank, ``lastN``, ...).
         gains: ``gain_pos`` values to try.
-        min_diffs: head-filter thresholds to try (banks derived from ``stats``).
+        min_diffs: head-filter thresholds to try (banks derived from ``stats``); each must keep some head.
         top_pcts: spectrum fractions kept by P+ to try (banks derived from ``stats``).
+        head_filter: how ``min_diffs`` are measured: ``relative`` (default, ``sqrt(D / trace(A0))``, independent
+            of N) or ``reference`` (the reference's ``sqrt(D) / N``).
         batch_size: prompts per batch.
         chat: wrap prompts in the chat template.
         add_special_tokens: let the tokenizer add BOS (base models such as Gemma-3).
         dtype: model dtype.
+        overwrite: replace an existing search result at ``output``.
     """
     started = time.perf_counter()
+    check_output(output, kind=SEARCH_RESULTS, inputs={"--stats": stats, "--data": data}, overwrite=overwrite)
+    sums, metadata = KeySums.load(stats)
+    bank_layers = metadata.pop("layers")
+    for top_pct, min_diff in itertools.product(top_pcts, min_diffs):
+        validate_hyperparameters(top_pct, min_diff, head_filter)
+    diff = head_filter_values(sums, head_filter=head_filter)
+    for min_diff in min_diffs:
+        require_kept_heads(diff, min_diff=min_diff, head_filter=head_filter)
     model, tokenizer = load_model(pretrained, dtype=dtype)
     if torch.cuda.is_available():
         model.cuda()
-    sums, metadata = KeySums.load(stats)
-    bank_layers = metadata.pop("layers")
     datamodule = CounterFactDataModule(data, example_subset=example_subset, batch_size=batch_size)
     batches = datamodule.batches()
     kwargs = {"chat": chat, "add_special_tokens": add_special_tokens}
@@ -85,7 +102,7 @@ def search(
     grid = []
     for top_pct, min_diff in itertools.product(top_pcts, min_diffs):
         bank = ProjectionBank.from_statistics(
-            sums, layers=bank_layers, top_pct=top_pct, min_diff=min_diff, metadata=metadata
+            sums, layers=bank_layers, top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, metadata=metadata
         )
         for layer_spec, gain in itertools.product(layers, gains):
             method = SekaMethod(stats, gain_pos=gain, layers=layer_spec)
@@ -95,6 +112,7 @@ def search(
                 {
                     "top_pct": top_pct,
                     "min_diff": min_diff,
+                    "head_filter": head_filter,
                     "layers": layer_spec,
                     "gain_pos": gain,
                     "heads_kept": bank.metadata["heads_kept"],
@@ -107,7 +125,13 @@ def search(
         "model": pretrained,
         "stats": stats,
         "dev": {"data": data, "example_subset": example_subset, "examples": len(datamodule.examples)},
-        "settings": {"top_pcts": top_pcts, "chat": chat, "add_special_tokens": add_special_tokens, "dtype": dtype},
+        "settings": {
+            "top_pcts": top_pcts,
+            "head_filter": head_filter,
+            "chat": chat,
+            "add_special_tokens": add_special_tokens,
+            "dtype": dtype,
+        },
         "none": baseline,
         "grid": grid,
         "best": best,

@@ -18,6 +18,8 @@ from torchmetrics import Metric
 
 from seka_lightning.files import atomic_path
 
+STATISTICS_FORMAT = "seka-lightning-statistics"
+
 
 @dataclass
 class KeySums:
@@ -50,9 +52,9 @@ class KeySums:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def save(self, path: str | Path, *, metadata: dict | None = None) -> None:
-        """Write the sums (and JSON ``metadata``) to a safetensors file atomically."""
+        """Write the sums (and JSON ``metadata``, tagged as statistics) to a safetensors file atomically."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
-        atomic_save_safetensors(tensors, path, metadata=metadata)
+        atomic_save_safetensors(tensors, path, metadata={**(metadata or {}), "format": STATISTICS_FORMAT})
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[KeySums, dict]:
@@ -61,6 +63,7 @@ class KeySums:
         missing = [f.name for f in fields(cls) if f.name not in tensors]
         if missing:
             raise ValueError(f"{path}: not a key-statistics file, missing tensors {missing}")
+        metadata.pop("format", None)
         sums = cls(**{f.name: tensors[f.name].to(torch.float64) for f in fields(cls)})
         if not all(torch.isfinite(t).all() for t in sums.tensors().values()):
             raise ValueError(f"{path}: the statistics hold NaN or inf; the file is corrupt, rebuild it with seka fit")

@@ -84,7 +84,7 @@ def build_expert(model_dir: Path, qa_path: Path, out: Path, *, ratio: float | No
     args = [
         "fit", "-c", str(BUILD_CONFIG),
         "--model.pretrained", str(model_dir), "--model.dtype", "float64",
-        "--model.top_pct", "0.7", "--model.min_diff", str(min_diff), "--model.output", str(out),
+        "--model.top_pct", "0.7", "--model.min_diff", str(min_diff), "--model.head_filter", "reference", "--model.output", str(out),
         "--data.path", str(qa_path), "--data.max_samples", str(MAX_SAMPLES), "--data.batch_size", "5",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
     ]  # fmt: skip
@@ -111,6 +111,7 @@ def test_attention_filtered_expert_matches_the_reference_builder(tiny_model_dir,
         output=str(tmp_path / "expert.safetensors"),
         top_pct=0.7,
         min_diff=min_diff,
+        head_filter="reference",
         positive_only=True,
     )
     bank = ProjectionBank.load(output)

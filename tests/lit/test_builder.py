@@ -107,6 +107,8 @@ def build(
             "0.7",
             "--model.min_diff",
             str(min_diff),
+            "--model.head_filter",
+            "reference",
             "--model.output",
             str(out),
             "--trainer.accelerator",
@@ -151,6 +153,7 @@ def test_derive_from_saved_statistics_equals_a_fresh_build(tiny_model_dir, qa_fi
         output=str(tmp_path / "b.safetensors"),
         top_pct=0.5,
         min_diff=0.05,
+        head_filter="reference",
     )
     fresh = build(tiny_model_dir, qa_file, tmp_path / "c.safetensors", "--model.top_pct", "0.5", min_diff=0.05)
     bank = ProjectionBank.load(derived)

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from seka_lightning.baselines.pasta import attention_bias, key_bias
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
-from seka_lightning.files import write_json
+from seka_lightning.files import PASTA_HEADS, check_output, write_json
 from seka_lightning.highlight import encode_spans
 from seka_lightning.methods import Encoded, position_ids_for
 from seka_lightning.models import load_model
@@ -156,6 +156,7 @@ def profile_heads(
     heads_per_pass: int = 1,
     add_special_tokens: bool = False,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Score every (layer, query head) for PASTA on synthetic QA and write the ``top_k`` best as a head set.
 
@@ -172,6 +173,7 @@ def profile_heads(
         heads_per_pass: candidate heads scored in one forward pass (the batch is repeated that many times).
         add_special_tokens: let the tokenizer add its special tokens (e.g. BOS); match the evaluation's setting.
         device: torch device; None = cuda when available, else cpu.
+        overwrite: replace an existing head set at ``output``.
 
     Returns:
         The path written.
@@ -183,6 +185,7 @@ def profile_heads(
         raise ValueError(f"heads_per_pass must be >= 1, got {heads_per_pass}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    check_output(output, kind=PASTA_HEADS, inputs={"--data": data}, overwrite=overwrite)
     pairs = read_pairs(data, max_samples=max_samples)
     model, tokenizer = load_model(pretrained, dtype=dtype)
     layout = resolve_layout(model)

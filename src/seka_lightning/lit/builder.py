@@ -12,14 +12,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
 from seka_lightning import __version__
-from seka_lightning.bank import ProjectionBank
+from seka_lightning.bank import ProjectionBank, stats_path_for
 from seka_lightning.build import accumulate_triplets
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
+from seka_lightning.files import BANK, STATISTICS, check_output
 from seka_lightning.lit.callbacks import BatchCheckpoint, BuildStopped, StopSignal, agree_to_stop
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
-from seka_lightning.projections import validate_hyperparameters
+from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
 from seka_lightning.steering import parse_layers
 
@@ -41,12 +42,6 @@ STATISTICS_SETTINGS = (
     "trainer.world_size",
 )
 DEFAULT_STOP_CHECK_EVERY_N_BATCHES = 50
-
-
-def stats_path_for(bank_path: str | Path) -> Path:
-    """Where the sufficient statistics live beside a bank: ``bank.safetensors`` -> ``bank.stats.safetensors``."""
-    path = Path(bank_path)
-    return path.with_name(path.name.removesuffix(".safetensors") + ".stats.safetensors")
 
 
 class Count(Metric):
@@ -90,12 +85,14 @@ class ProjectionBuilder(FrozenModelModule):
         dtype: str = "float32",
         layers: str = "all",
         top_pct: float = 0.9,
-        min_diff: float = 0.2,
+        min_diff: float = DEFAULT_MIN_DIFF,
+        head_filter: str = DEFAULT_HEAD_FILTER,
         positive_only: bool = False,
         attention_ratio: float | None = None,
         output: str = "checkpoints/bank.safetensors",
         attn_implementation: str = "sdpa",
         device_map: str | dict | None = None,
+        overwrite: bool = False,
     ) -> None:
         """
         Args:
@@ -103,7 +100,11 @@ class ProjectionBuilder(FrozenModelModule):
             dtype: model dtype (float32, bfloat16, float16, float64); statistics are float64 regardless.
             layers: decoder layers to build for: ``all``, ``lastN``, ``firstN`` or comma-separated ids.
             top_pct: fraction of the singular spectrum kept by P+ (its complement gives P-), in (0, 1].
-            min_diff: heads with ``sqrt(Σ||h+ - h-||²) / N`` below this are skipped (zero projectors).
+            min_diff: heads whose head-filter value is below this are skipped (zero projectors); a value that skips
+                every head is an error.
+            head_filter: how the head-filter value is measured: ``relative`` (default; ``sqrt(D / trace(A0))``, the
+                RMS distance between positive and negative keys relative to the RMS key norm, independent of N) or
+                ``reference`` (the reference's ``sqrt(D) / N``, with ``D = Σ||h+ - h-||²``).
             positive_only: build an AdaSEKA expert (``||h+ - h||`` filter, NaN for skipped heads); the negative
                 text is then never run.
             attention_ratio: AdaSEKA triplet filter (SPEC §5; the reference uses 1.2): keep a triplet only if the
@@ -113,13 +114,17 @@ class ProjectionBuilder(FrozenModelModule):
             attn_implementation: ``sdpa`` or ``eager`` (keys are the same either way).
             device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
                 ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.
+            overwrite: replace an existing bank and statistics at ``output`` (checked before the model loads).
         """
         super().__init__()
-        validate_hyperparameters(top_pct, min_diff)
+        validate_hyperparameters(top_pct, min_diff, head_filter)
         if attention_ratio is not None and not attention_ratio > 0:
             raise ValueError(f"attention_ratio must be > 0 (the reference uses 1.2) or None, got {attention_ratio}")
         if not output.endswith(".safetensors"):
             raise ValueError(f"output must end with .safetensors, got {output!r}")
+        flag = "--model.overwrite true"
+        check_output(output, kind=BANK, overwrite=overwrite, flag=flag)
+        check_output(stats_path_for(output), kind=STATISTICS, overwrite=overwrite, flag=flag)
         self.save_hyperparameters()
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         self.layout = resolve_layout(self.model)
@@ -284,12 +289,13 @@ class ProjectionBuilder(FrozenModelModule):
             layers=self.layer_ids,
             top_pct=hp.top_pct,
             min_diff=hp.min_diff,
+            head_filter=hp.head_filter,
             positive_only=hp.positive_only,
             metadata=metadata,
         )
         stats_path = stats_path_for(hp.output)
-        sums.save(stats_path, metadata={**metadata, "layers": self.layer_ids, "head_dim": self.layout.head_dim})
-        bank.save(hp.output)
+        statistics_metadata = {**metadata, "layers": self.layer_ids, "head_dim": self.layout.head_dim}
+        bank.save_with_statistics(hp.output, sums, statistics_metadata=statistics_metadata)
         log.info(
             "wrote %s (%d/%d heads kept, N=%d rows from %d triplets; %d skipped) and %s",
             hp.output,

@@ -32,7 +32,7 @@ from seka_lightning.adaseka import ExpertSet, LayerExperts
 from seka_lightning.data.synthetic_qa import HighlightedQuestion, RankBatches, highlighted_questions
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
-from seka_lightning.files import atomic_path
+from seka_lightning.files import GATE, atomic_path, check_output
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.lit.validator import IGNORE_INDEX, encode_questions
 from seka_lightning.methods import position_ids_for
@@ -215,6 +215,7 @@ class AdaSekaGateTrainer(FrozenModelModule):
         attn_implementation: str = "sdpa",
         chat: bool = False,
         output: str = "checkpoints/adaseka_gate.safetensors",
+        overwrite: bool = False,
     ) -> None:
         """
         Args:
@@ -229,6 +230,7 @@ class AdaSekaGateTrainer(FrozenModelModule):
             attn_implementation: attention implementation of the model.
             chat: wrap each prompt as a user message with the tokenizer's chat template.
             output: where the trained gate is written (safetensors); pass it to ``AdaSekaSelector(gate=...)``.
+            overwrite: replace an existing gate at ``output`` (checked before the model loads).
         """
         super().__init__()
         if top_k < 1:
@@ -237,6 +239,14 @@ class AdaSekaGateTrainer(FrozenModelModule):
             raise ValueError(f"layer_mapping must be one of {LAYER_MAPPINGS}, got {layer_mapping!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        expert_files = experts if isinstance(experts, str) else list(experts.values())
+        check_output(
+            output,
+            kind=GATE,
+            inputs={"--model.experts": expert_files},
+            overwrite=overwrite,
+            flag="--model.overwrite true",
+        )
         self.save_hyperparameters()
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation)
         self.expert_set = ExpertSet.load(experts)

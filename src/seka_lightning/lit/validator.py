@@ -24,7 +24,7 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.data.synthetic_qa import HighlightedQuestion
 from seka_lightning.diagnostics import answer_log_likelihood, attention_mass
 from seka_lightning.families import resolve_layout
-from seka_lightning.files import atomic_path, write_json
+from seka_lightning.files import VALIDATION_REPORT, atomic_path, check_output, write_json
 from seka_lightning.highlight import apply_chat_template, encode_spans
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import position_ids_for
@@ -134,6 +134,7 @@ class BankValidator(FrozenModelModule):
         dtype: str = "float32",
         chat: bool = False,
         output: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         """
         Args:
@@ -149,6 +150,7 @@ class BankValidator(FrozenModelModule):
             chat: wrap each prompt as a user message with the tokenizer's chat template (the answer then follows
                 the assistant header directly, instead of after a space).
             output: JSON file for the per-layer curves; None = ``outputs/validate/<bank file stem>.json``.
+            overwrite: replace an existing report at ``output`` (checked before the model loads).
         """
         super().__init__()
         if dtype == "float64":
@@ -158,6 +160,14 @@ class BankValidator(FrozenModelModule):
                 "dtype='float64' is not supported: eager attention turns fully padded rows into NaN in float64; "
                 "use float32"
             )
+        self.output = Path(output) if output is not None else Path("outputs/validate") / f"{Path(bank).stem}.json"
+        check_output(
+            self.output,
+            kind=VALIDATION_REPORT,
+            inputs={"--model.bank": bank, "--model.neg": neg},
+            overwrite=overwrite,
+            flag="--model.overwrite true",
+        )
         self.save_hyperparameters()
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation="eager")
         self.bank = ProjectionBank.load(bank, neg=neg)
@@ -171,7 +181,6 @@ class BankValidator(FrozenModelModule):
         self.steered_layers = edited_layers(
             self.bank, select_bank_layers(self.bank, layers, layout.num_layers, layer_mapping), neg=gain_neg is not None
         )
-        self.output = Path(output) if output is not None else Path("outputs/validate") / f"{Path(bank).stem}.json"
         self.num_layers = layout.num_layers
         # per condition: [attention mass per layer..., answer log-prob sum, answer log-prob per token]
         self.means = torch.nn.ModuleDict({c: ExampleMean(layout.num_layers + 2) for c in CONDITIONS})

@@ -15,12 +15,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from rich.console import Console
 from rich.table import Table
 
+from seka_lightning import files
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, summarize, write_predictions
-from seka_lightning.files import write_json, write_jsonl
+from seka_lightning.files import BENCHMARK_RESULTS, check_output, write_json, write_jsonl
 from seka_lightning.provenance import run_provenance
 from seka_lightning.significance import BOOTSTRAP_SEED
 
 log = logging.getLogger(__name__)
+
+OVERWRITE_FLAG = "the writer's `overwrite: true` init arg"
 
 
 def merge_rank_parts(
@@ -55,13 +58,17 @@ def merge_rank_parts(
 class ComparisonWriter(BasePredictionWriter):
     """Writes ``{prompt, unsteered, steered}`` per prompt to ``output`` (JSONL) and prints a table."""
 
-    def __init__(self, output: str = "outputs/predictions.jsonl", *, show_table: bool = True) -> None:
+    def __init__(
+        self, output: str = "outputs/predictions.jsonl", *, show_table: bool = True, overwrite: bool = False
+    ) -> None:
         """
         Args:
             output: the merged JSONL file.
             show_table: print an unsteered-vs-steered table at the end.
+            overwrite: replace an existing predictions file at ``output`` (checked here, before the model runs).
         """
         super().__init__(write_interval="epoch")
+        check_output(output, kind=PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         self.output, self.show_table = Path(output), show_table
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
@@ -85,13 +92,20 @@ class BenchmarkWriter(BasePredictionWriter):
     raises after the predictions are written, so the evidence is kept.
     """
 
-    def __init__(self, output_dir: str = "outputs/eval") -> None:
+    def __init__(self, output_dir: str = "outputs/eval", *, overwrite: bool = False) -> None:
         """
         Args:
             output_dir: folder for ``predictions.jsonl.gz`` and ``metric_result.json``.
+            overwrite: replace the results of an earlier run in ``output_dir`` (checked here, before the model runs).
         """
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
+        check_output(
+            self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG
+        )
+        check_output(
+            self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG
+        )
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction

@@ -39,6 +39,9 @@ class ModelClaim:
     """One steering block's hold on a model: which method holds it and which thread may be edited.
 
     Hooks call :meth:`here` on every forward; it reads the thread id on the host only (no device work, no sync).
+    Inside ``torch.compile`` tracing it answers True without the check: Dynamo cannot trace the thread id and would
+    break the graph at every hooked layer, so a compiled forward carries the hooks' edit for any thread that runs
+    it (the static decoder's compiled steps run without hooks; steer a compiled model from one thread only).
     """
 
     method: str
@@ -47,7 +50,9 @@ class ModelClaim:
     modules: list[nn.Module]
 
     def here(self) -> bool:
-        """True in the thread that took the claim: only its forwards are steered."""
+        """True in the thread that took the claim (and while compiling): only its forwards are steered."""
+        if torch.compiler.is_compiling():
+            return True
         return threading.get_ident() == self.thread
 
     def release(self) -> None:

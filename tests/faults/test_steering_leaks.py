@@ -190,3 +190,17 @@ def test_gains_that_edit_some_layer_do_not_warn(tiny_model, tokenizer):
         with steer(tiny_model, bank, enc["highlight_mask"], gain_pos=2.0) as steerer:
             pass
     assert steerer.layer_ids == [0]
+
+
+def test_the_thread_check_compiles_without_a_graph_break(tiny_model, tokenizer):
+    """Under torch.compile (transformers' compiled decode traces the hooks) the check must not break the graph."""
+    enc = encode_highlighted(tokenizer, PROMPTS)
+    with seka_block(tiny_model, enc) as steerer:
+        claim = steerer.claim
+
+        def edit(x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if claim.here() else x
+
+        compiled = torch.compile(edit, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(in_thread(lambda: edit(torch.ones(3))), torch.ones(3))  # eager: other threads pass

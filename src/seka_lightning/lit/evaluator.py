@@ -12,6 +12,7 @@ from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod
 from seka_lightning.scoring import BenchmarkScorer
 
+
 def encode_examples(
     tokenizer, examples: list[dict[str, Any]], *, chat: bool = False, add_special_tokens: bool = False
 ) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 from seka_lightning import ProjectionBank, encode_highlighted, steer
 from seka_lightning.families import keys_view, resolve_layout
-from seka_lightning.steering import parse_layers, select_bank_layers, split_gains
+from seka_lightning.steering import NoEditWarning, parse_layers, select_bank_layers, split_gains
 
 PROMPTS = [
     "Previously the keepers carried **silver lanterns** across the north harbor. What do they carry?",
@@ -56,7 +56,11 @@ def model_inputs(enc):
 def test_zero_gains_are_bit_identical(tiny_model, tokenizer):
     enc = encode_highlighted(tokenizer, PROMPTS)
     base = tiny_model(**model_inputs(enc)).logits
-    with steer(tiny_model, random_bank([0, 1, 2]), enc["highlight_mask"], gain_pos=0.0, gain_neg=0.0) as steerer:
+    bank = random_bank([0, 1, 2])
+    with (
+        pytest.warns(NoEditWarning, match="SEKA steering edits nothing"),
+        steer(tiny_model, bank, enc["highlight_mask"], gain_pos=0.0, gain_neg=0.0) as steerer,
+    ):
         steered = tiny_model(**model_inputs(enc)).logits
     assert steerer.layer_ids == []  # nothing to do, so nothing attached
     assert torch.equal(base, steered)

@@ -38,7 +38,7 @@ from seka_lightning.families import (
     resolve_layout,
     with_keys,
 )
-from seka_lightning.steering import LAYER_MAPPINGS, AttachedHooks, parse_layers
+from seka_lightning.steering import LAYER_MAPPINGS, AttachedHooks, ModelClaim, claim_model, parse_layers
 
 CoefficientGate = Callable[[int, torch.Tensor], torch.Tensor]
 """``gate(model layer id, coefficients [B, H, M]) -> coefficients [B, H, M]``, applied before mixing ``P``."""
@@ -144,9 +144,11 @@ def routed_keys(
 
 
 def _make_query_hook(
-    sites: LayerSites, layout: ModelLayout, slot: _Slot, seq_len: int, query_index: int
+    sites: LayerSites, layout: ModelLayout, slot: _Slot, seq_len: int, query_index: int, claim: ModelClaim
 ) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not claim.here():  # another thread's forward: not routed
+            return
         queries = queries_view(output, sites, layout)  # [B, T, n_q, d]
         if queries.shape[1] == seq_len:  # prefill; decode steps route nothing
             slot.queries = queries[:, query_index]  # left padding: the last position is every row's last token
@@ -169,11 +171,15 @@ def _make_key_hook(
     capture_queries: bool,
     query_index: int,
     gate: CoefficientGate | None,
+    claim: ModelClaim,
 ) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
-    """The key-site hook; with ``capture_queries`` it also reads the queries (fused ``qkv_proj`` sites)."""
+    """The key-site hook; with ``capture_queries`` it also reads the queries (fused ``qkv_proj`` sites). Forwards of
+    threads other than ``claim``'s pass through unedited."""
     shape = tuple(highlight.shape)
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not claim.here():
+            return None
         keys = keys_view(output, sites, layout)  # [B, T, H, d]
         if keys.shape[1] == 1 and shape[1] != 1:  # a decode step: the cache keeps the prefill edit
             return None
@@ -231,7 +237,9 @@ class AdaptiveSteerer(AttachedHooks):
 
         ``layer_experts`` (expert layer id -> :class:`LayerExperts` for ``top_k``) may be passed to reuse the
         truncated factors across batches. ``gate`` maps each layer's coefficients (None = training-free routing);
-        ``query_index`` is the position of the routing query (every row's last prompt token).
+        ``query_index`` is the position of the routing query (every row's last prompt token). The model is claimed
+        until :meth:`remove` (:func:`~seka_lightning.steering.claim_model`): nested steering raises, and forwards of
+        other threads are not routed.
         """
         options = validate_compat(compat)
         layout = layout or resolve_layout(model)
@@ -246,22 +254,22 @@ class AdaptiveSteerer(AttachedHooks):
                 f"highlight_mask must be a bool tensor [B, T], got {highlight.dtype} {tuple(highlight.shape)}"
             )
         mapping = select_expert_layers(experts, layers, layout.num_layers, layer_mapping)
-        steerer = cls(handles=[], layer_ids=[])
-        if not bool(highlight.any()):
-            return steerer
-        queries = (
-            separate_pass_queries(
-                model,
-                layout,
-                list(mapping),
-                enc["input_ids"],
-                output_hidden_state="output_hidden_state" in options,
-                query_index=query_index,
-            )
-            if "separate_pass" in options
-            else {}
-        )
+        steerer = cls(handles=[], layer_ids=[], claim=claim_model(layout, "AdaSEKA"))
         try:
+            if not bool(highlight.any()):
+                return steerer
+            queries = (
+                separate_pass_queries(
+                    model,
+                    layout,
+                    list(mapping),
+                    enc["input_ids"],
+                    output_hidden_state="output_hidden_state" in options,
+                    query_index=query_index,
+                )
+                if "separate_pass" in options
+                else {}
+            )
             for layer_id, expert_layer in mapping.items():
                 sites = layout.layers[layer_id]
                 device = _module_device(sites.key_module)
@@ -269,7 +277,7 @@ class AdaptiveSteerer(AttachedHooks):
                 slot = _Slot(queries.get(layer_id))
                 fused = sites.query_module is sites.key_module
                 if layer_id not in queries and not fused:
-                    hook = _make_query_hook(sites, layout, slot, highlight.shape[1], query_index)
+                    hook = _make_query_hook(sites, layout, slot, highlight.shape[1], query_index, steerer.claim)
                     steerer.handles.append(sites.query_module.register_forward_hook(hook))
                 key_hook = _make_key_hook(
                     sites,
@@ -285,6 +293,7 @@ class AdaptiveSteerer(AttachedHooks):
                     capture_queries=fused and layer_id not in queries,
                     query_index=query_index,
                     gate=gate,
+                    claim=steerer.claim,
                 )
                 steerer.handles.append(sites.key_module.register_forward_hook(key_hook))
                 steerer.layer_ids.append(layer_id)
@@ -307,7 +316,8 @@ def adaptive_steer(
     compat: Collection[str] | None = None,
     record: RoutingRecord | None = None,
 ) -> Iterator[AdaptiveSteerer]:
-    """Steer ``model`` with AdaSEKA routing for the encoded batch ``enc``; hooks are always removed."""
+    """Steer ``model`` with AdaSEKA routing for the encoded batch ``enc``; hooks are always removed. Only this
+    thread's forwards are steered; steering an already steered model raises ``RuntimeError``."""
     steerer = AdaptiveSteerer.attach(
         model,
         experts,

@@ -3,11 +3,18 @@
 On highlighted prompt tokens only, at prefill, ``k' = k + k G`` with the fused gain matrix
 ``G = (g+ P+ + g- P-) / 2`` when a negative bank is in use, else ``G = g+ P+`` (P is symmetric). Decode steps see
 one new token per row and add no edit; the edited keys live on in the KV cache.
+
+Steering belongs to one thread and one block at a time (:func:`claim_model`): the hooks sit on the model, which
+every thread shares, so each hook edits only forwards run by the thread that attached it, and a second steering
+block on a model that is already steered is refused rather than stacked.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +28,75 @@ from seka_lightning.families import LayerSites, ModelLayout, keys_view, resolve_
 
 LayerSpec = str | Sequence[int]
 LAYER_MAPPINGS = ("by_id", "positional")
+
+
+class NoEditWarning(UserWarning):
+    """Steering was asked for but edits nothing (zero gains, only skipped heads, or prompts without a highlight)."""
+
+
+@dataclass(eq=False)
+class ModelClaim:
+    """One steering block's hold on a model: which method holds it and which thread may be edited.
+
+    Hooks call :meth:`here` on every forward; it reads the thread id on the host only (no device work, no sync).
+    Inside ``torch.compile`` tracing it answers True without the check: Dynamo cannot trace the thread id and would
+    break the graph at every hooked layer, so a compiled forward carries the hooks' edit for any thread that runs
+    it (the static decoder's compiled steps run without hooks; steer a compiled model from one thread only).
+    """
+
+    method: str
+    thread: int
+    thread_name: str
+    modules: list[nn.Module]
+
+    def here(self) -> bool:
+        """True in the thread that took the claim (and while compiling): only its forwards are steered."""
+        if torch.compiler.is_compiling():
+            return True
+        return threading.get_ident() == self.thread
+
+    def release(self) -> None:
+        """Give the model back (idempotent)."""
+        with _CLAIMS_LOCK:
+            for module in self.modules:
+                if _CLAIMS.get(module) is self:
+                    del _CLAIMS[module]
+        self.modules = []
+
+
+_CLAIMS: weakref.WeakKeyDictionary[nn.Module, ModelClaim] = weakref.WeakKeyDictionary()
+_CLAIMS_LOCK = threading.Lock()
+
+
+def claim_model(layout: ModelLayout, method: str) -> ModelClaim:
+    """Reserve the model of ``layout`` (all its attention modules) for one steering block of ``method``.
+
+    The guard every hook-based method shares (SEKA, the random ablation, AdaSEKA, PASTA). Nested steering of one
+    model is refused, not composed: stacked SEKA hooks would apply ``k (I + G)^2`` instead of ``k (I + G)``, and a
+    second PASTA block would switch the attention implementation back under the first one; to combine edits, fold
+    them into one bank. A model steered by another thread is refused too, since hooks and the attention switch are
+    the model's, not the thread's: give each thread its own model copy. Forwards of other threads are never edited.
+    """
+    modules = [sites.attention for sites in layout.layers]
+    current = threading.current_thread()
+    with _CLAIMS_LOCK:
+        held = next((_CLAIMS[m] for m in modules if m in _CLAIMS), None)
+        if held is not None:
+            if held.thread == current.ident:
+                raise RuntimeError(
+                    f"cannot start {method}: {held.method} is already active on this model in this thread; nested "
+                    "steering would apply both edits (SEKA twice is k(I+G)^2, not k(I+G)), so exit the outer "
+                    "block before steering again"
+                )
+            raise RuntimeError(
+                f"cannot start {method}: {held.method} is active on this model in thread {held.thread_name!r}; "
+                "a model is steered by one thread at a time (its hooks belong to the model), so wait for that "
+                "block to end or give each thread its own copy of the model"
+            )
+        claim = ModelClaim(method=method, thread=current.ident, thread_name=current.name, modules=modules)
+        for module in modules:
+            _CLAIMS[module] = claim
+    return claim
 
 
 def parse_layers(spec: LayerSpec, num_layers: int) -> list[int]:
@@ -134,8 +210,11 @@ def make_key_edit_hook(
     rows: torch.Tensor,
     shape: tuple[int, int],
     split: torch.Tensor | None = None,
+    claim: ModelClaim | None = None,
 ) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
     """A forward hook for ``sites.key_module`` that adds ``k G`` to the keys of the highlighted ``rows``.
+
+    With ``claim``, forwards run by any thread other than the claim's pass through unedited.
 
     ``rows`` are flat indices into ``[B * T]`` of the prompt (computed once per steer block, so the hook does no
     host-device sync); ``gains`` is ``[H, d, d]`` float32 on the layer's device. Keys in float32 are edited with
@@ -151,6 +230,8 @@ def make_key_edit_hook(
     calls = [0]  # a 1-token prompt's decode steps have its length too: only its first call is the prefill
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if claim is not None and not claim.here():
+            return None
         keys = keys_view(output, sites, layout)  # [B, T, H, d]
         b, t, heads, head_dim = keys.shape
         calls[0] += 1
@@ -182,15 +263,19 @@ def make_key_edit_hook(
 
 @dataclass
 class AttachedHooks:
-    """Forward hooks attached to a model's layers; ``remove()`` detaches them (idempotent)."""
+    """Forward hooks attached to a model's layers and the model's :class:`ModelClaim`; ``remove()`` detaches them
+    and releases the model (idempotent)."""
 
     handles: list[RemovableHandle]
     layer_ids: list[int]
+    claim: ModelClaim | None = None
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.claim is not None:
+            self.claim.release()
 
 
 class KeySteerer(AttachedHooks):
@@ -211,7 +296,11 @@ class KeySteerer(AttachedHooks):
         fused: FusedGains | None = None,
     ) -> KeySteerer:
         """Attach the hooks. ``fused`` (from :meth:`FusedGains.build`, for the same bank and gains) skips
-        re-fusing and re-copying the gain matrices on every call: pass it when steering many batches."""
+        re-fusing and re-copying the gain matrices on every call: pass it when steering many batches.
+
+        The model is claimed (:func:`claim_model`) until :meth:`remove`: nested steering raises ``RuntimeError``,
+        and forwards of other threads stay unedited. Gains that edit none of the selected layers warn
+        (:class:`NoEditWarning`)."""
         layout = layout or resolve_layout(model)
         model_id = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
         bank.check_compatible(
@@ -226,12 +315,18 @@ class KeySteerer(AttachedHooks):
             )
         mapping = select_bank_layers(bank, layers, layout.num_layers, layer_mapping)
         fused = fused or FusedGains.build(bank, gain_pos=gain_pos, gain_neg=gain_neg)
-        flat_rows = highlight_mask.reshape(-1).nonzero().squeeze(1)  # the block's one host sync
-        steerer = cls(handles=[], layer_ids=[])
-        if flat_rows.numel() == 0:
-            return steerer
-        rows_on: dict[torch.device, torch.Tensor] = {}
+        if not any(fused.nonzero[index] for index in mapping.values()):
+            warn_no_edit(
+                f"SEKA steering edits nothing: the fused gains (gain_pos={gain_pos}, gain_neg={gain_neg}) are zero "
+                f"on every selected layer {sorted(mapping)} (zero gains, or only skipped heads there); raise the "
+                "gains or select layers whose bank heads are kept"
+            )
+        steerer = cls(handles=[], layer_ids=[], claim=claim_model(layout, "SEKA"))
         try:
+            flat_rows = highlight_mask.reshape(-1).nonzero().squeeze(1)  # the block's one host sync
+            if flat_rows.numel() == 0:
+                return steerer
+            rows_on: dict[torch.device, torch.Tensor] = {}
             for layer_id, bank_index in mapping.items():
                 if not fused.nonzero[bank_index]:  # skipped heads only, or zero gains: the edit is the identity
                     continue
@@ -242,7 +337,13 @@ class KeySteerer(AttachedHooks):
                 dtype = _module_dtype(sites.key_module)
                 split = fused.split(dtype)[bank_index].to(device) if dtype in HALF_DTYPES else None
                 hook = make_key_edit_hook(
-                    sites, layout, layer_gains.to(device), rows, tuple(highlight_mask.shape), split=split
+                    sites,
+                    layout,
+                    layer_gains.to(device),
+                    rows,
+                    tuple(highlight_mask.shape),
+                    split=split,
+                    claim=steerer.claim,
                 )
                 steerer.handles.append(sites.key_module.register_forward_hook(hook))
                 steerer.layer_ids.append(layer_id)
@@ -250,6 +351,11 @@ class KeySteerer(AttachedHooks):
             steerer.remove()
             raise
         return steerer
+
+
+def warn_no_edit(message: str) -> None:
+    """Warn (:class:`NoEditWarning`, via ``warnings`` so a repeated call site warns once) that steering edits nothing."""
+    warnings.warn(message, NoEditWarning, stacklevel=3)
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -282,6 +388,9 @@ def steer(
     ``highlight_mask`` is the bool ``[B, T]`` mask, or the whole dict :func:`encode_highlighted` returns.
     ``gain_neg`` (with a bank that has negative projectors) follows the reference formula ``(g+P+ + g-P-) / 2``.
     ``layer_mapping="positional"`` reproduces the reference's pairing of stored matrices with selected layers.
+    Only forwards run by this thread are steered; steering a model that is already steered (nested, or from
+    another thread) raises ``RuntimeError`` (see :func:`claim_model` for why nesting is refused, not composed).
+    Gains that edit nothing warn with :class:`NoEditWarning`.
     """
     steerer = KeySteerer.attach(
         model,

@@ -29,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seka_lightning.families import attention_configs, resolve_layout
 from seka_lightning.methods import Encoded, HighlightMethod
+from seka_lightning.steering import ModelClaim, claim_model
 
 PASTA_ATTENTION = "pasta_sdpa"
 """Name of the attention implementation (contains ``sdpa`` so transformers checks the model supports SDPA)."""
@@ -46,8 +47,9 @@ class _LayerBias:
     index ``j`` to absolute position ``end - Tk + j``; positions ``>= P`` are generated tokens and get no bias.
     """
 
-    def __init__(self, prompt_bias: torch.Tensor) -> None:
+    def __init__(self, prompt_bias: torch.Tensor, claim: ModelClaim) -> None:
         self.prompt_bias = prompt_bias  # [B, H, P]
+        self.claim = claim  # only its thread's attention calls get the bias
         self.end = 0
 
     def bias(self, query_len: int, key_len: int, batch: int) -> torch.Tensor | None:
@@ -85,8 +87,11 @@ def pasta_attention_forward(
     attention_mask: torch.Tensor | None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA with the PASTA bias of ``module``'s layer added to the logits (plain SDPA where the layer has none)."""
+    """SDPA with the PASTA bias of ``module``'s layer added to the logits (plain SDPA where the layer has none, and
+    in threads other than the one that started the block)."""
     state = _ACTIVE.get(module)
+    if state is not None and not state.claim.here():
+        state = None
     bias = None if state is None else state.bias(query.shape[2], key.shape[2], query.shape[0])
     if bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -124,15 +129,17 @@ def key_bias(
 @contextmanager
 def attention_bias(model: nn.Module, biases: Mapping[int, torch.Tensor]) -> Iterator[None]:
     """Run ``model`` with an additive bias ``biases[layer]`` (``[B, H, P]``, per query head and prompt key) on the
-    attention logits of those layers; the model's attention implementation and all state are restored on exit."""
+    attention logits of those layers; the model's attention implementation and all state are restored on exit.
+
+    The model is claimed for the block (:func:`~seka_lightning.steering.claim_model`): a nested or concurrent
+    steering block raises ``RuntimeError``, and attention calls of other threads get no bias (they run plain SDPA).
+    """
     register_attention()
     layout = resolve_layout(model)
     unknown = sorted(set(biases) - set(range(layout.num_layers)))
     if unknown:
         raise ValueError(f"biases: layers {unknown} are outside 0..{layout.num_layers - 1}")
     modules = [layout.layers[layer].attention for layer in biases]
-    if any(module in _ACTIVE for module in modules):
-        raise RuntimeError("PASTA is already active on this model; nested PASTA blocks are not supported")
     for layer, bias in biases.items():
         if bias.ndim != 3 or bias.shape[1] != layout.num_query_heads:
             raise ValueError(
@@ -140,6 +147,7 @@ def attention_bias(model: nn.Module, biases: Mapping[int, torch.Tensor]) -> Iter
                 f"got {tuple(bias.shape)}"
             )
     configs = attention_configs(model)
+    claim = claim_model(layout, "PASTA")
     before = {id(config): config._attn_implementation_internal for config in configs}
     try:
         if model.config._attn_implementation != PASTA_ATTENTION:
@@ -150,13 +158,14 @@ def attention_bias(model: nn.Module, biases: Mapping[int, torch.Tensor]) -> Iter
                 "apply; use a model whose attention goes through transformers' AttentionInterface"
             )
         for module, bias in zip(modules, biases.values(), strict=True):
-            _ACTIVE[module] = _LayerBias(bias)
+            _ACTIVE[module] = _LayerBias(bias, claim)
         yield
     finally:
         for module in modules:
             _ACTIVE.pop(module, None)
         for config in configs:
             config._attn_implementation_internal = before[id(config)]
+        claim.release()
 
 
 def _check_alpha(alpha: float) -> None:

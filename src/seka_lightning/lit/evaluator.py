@@ -8,39 +8,30 @@ from typing import Any
 
 import torch
 
-from seka_lightning.highlight import encode_highlighted
+from seka_lightning.highlight import encode_spans, template_spans
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod
 from seka_lightning.scoring import BenchmarkScorer, RecordError
 
 log = logging.getLogger(__name__)
 
-# Markers no benchmark text contains: examples carry character spans, which are re-marked for encoding so
-# that chat templates can wrap the prompt (SPEC §2 then recovers the same spans inside the template).
-SPAN_MARKERS = ("\u27e6", "\u27e7")
-
-
-def mark(text: str, spans: list[list[int]]) -> str:
-    """Insert :data:`SPAN_MARKERS` around each character span."""
-    pieces, last = [], 0
-    for start, end in spans:
-        pieces += [text[last:start], SPAN_MARKERS[0], text[start:end], SPAN_MARKERS[1]]
-        last = end
-    pieces.append(text[last:])
-    return "".join(pieces)
-
 
 def encode_examples(
     tokenizer, examples: list[dict[str, Any]], *, chat: bool = False, add_special_tokens: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Encode benchmark examples (``text`` + character ``spans``) exactly as every method will see them."""
-    return encode_highlighted(
-        tokenizer,
-        [mark(example["text"], example["spans"]) for example in examples],
-        markers=SPAN_MARKERS,
-        chat=chat,
-        add_special_tokens=add_special_tokens,
-    )
+    """Encode benchmark examples (``text`` + character ``spans``) exactly as every method will see them.
+
+    The spans travel as offsets, through the chat template too (:func:`template_spans`): the text is never re-marked,
+    so whatever characters it contains, it cannot add or move a highlight.
+    """
+    texts, spans = [], []
+    for i, example in enumerate(examples):
+        text, row_spans = example["text"], [(start, end) for start, end in example["spans"]]
+        if chat:
+            text, row_spans = template_spans(tokenizer, text, row_spans, index=i)
+        texts.append(text)
+        spans.append(row_spans)
+    return encode_spans(tokenizer, texts, spans, add_special_tokens=add_special_tokens)
 
 
 class BenchmarkEvaluator(FrozenModelModule):

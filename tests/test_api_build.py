@@ -57,8 +57,8 @@ def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
         assert torch.equal(getattr(bank, name), getattr(fitted, name)), name
     assert 0 < bank.metadata["heads_kept"] < bank.metadata["heads_total"], "both kept and skipped heads"
     # the metadata agrees except where it describes the source (a file for seka fit, records here)
-    differs = {"data_fingerprint", "model_revision"}
-    assert set(fitted.metadata) - set(bank.metadata) == set()
+    differs = {"data_fingerprint", "model_revision", "statistics_sha256"}
+    assert set(fitted.metadata) - set(bank.metadata) == {"statistics_sha256"}  # the written pair's digest
     for key, value in fitted.metadata.items():
         if key not in differs:
             assert bank.metadata[key] == value, key
@@ -160,5 +160,5 @@ def test_defaults_follow_seka_fit():
     """build_bank's defaults are ProjectionBuilder's, so the two entry points build the same bank by default."""
     api = inspect.signature(build_bank).parameters
     fit = inspect.signature(ProjectionBuilder.__init__).parameters
-    for name in ("layers", "top_pct", "min_diff", "positive_only", "attention_ratio"):
+    for name in ("layers", "top_pct", "min_diff", "head_filter", "positive_only", "attention_ratio"):
         assert api[name].default == fit[name].default, name

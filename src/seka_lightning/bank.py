@@ -369,6 +369,7 @@ def _check_statistics_pair(path: Path, metadata: dict[str, Any]) -> None:
         f"{stats_path} --output {path} --overwrite`"
     )
 
+
 def _torch_load(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

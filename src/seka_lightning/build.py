@@ -26,14 +26,11 @@ from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import PAIR_FIELDS, Triplet, triplets_from_pair
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.models import model_id
-from seka_lightning.projections import validate_hyperparameters
+from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums
 from seka_lightning.steering import LayerSpec, parse_layers
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MIN_DIFF = 0.2
-"""The head filter threshold ``seka fit`` uses by default (``ProjectionBuilder(min_diff=0.2)``)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,12 @@ class BankStatistics:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_bank(
-        self, *, top_pct: float = 0.9, min_diff: float = DEFAULT_MIN_DIFF, positive_only: bool | None = None
+        self,
+        *,
+        top_pct: float = 0.9,
+        min_diff: float = DEFAULT_MIN_DIFF,
+        head_filter: str = DEFAULT_HEAD_FILTER,
+        positive_only: bool | None = None,
     ) -> ProjectionBank:
         """Derive a bank (one SVD per head); ``positive_only`` defaults to how the statistics were collected."""
         if positive_only is None:
@@ -115,6 +117,7 @@ class BankStatistics:
             layers=self.layers,
             top_pct=top_pct,
             min_diff=min_diff,
+            head_filter=head_filter,
             positive_only=positive_only,
             metadata=dict(self.metadata),
         )
@@ -240,6 +243,7 @@ def build_bank(
     layers: LayerSpec = "all",
     top_pct: float = 0.9,
     min_diff: float = DEFAULT_MIN_DIFF,
+    head_filter: str = DEFAULT_HEAD_FILTER,
     batch_size: int = 16,
     positive_only: bool = False,
     attention_ratio: float | None = None,
@@ -247,7 +251,7 @@ def build_bank(
     """Build a SEKA bank (an AdaSEKA expert with ``positive_only``) for a loaded ``model`` from QA ``pairs``: the
     bank ``seka fit`` writes for the same data and settings. The statistics stay attached (``bank.statistics``), so
     ``bank.save_pretrained`` writes them too and other ``top_pct``/``min_diff`` can be derived without the model."""
-    validate_hyperparameters(top_pct, min_diff)
+    validate_hyperparameters(top_pct, min_diff, head_filter)
     statistics = build_statistics(
         model,
         tokenizer,
@@ -257,4 +261,4 @@ def build_bank(
         positive_only=positive_only,
         attention_ratio=attention_ratio,
     )
-    return statistics.to_bank(top_pct=top_pct, min_diff=min_diff, positive_only=positive_only)
+    return statistics.to_bank(top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, positive_only=positive_only)

@@ -22,6 +22,7 @@ from seka_lightning.families import attention_configs
 GQA_DECODE_ATTENTION = "sdpa_gqa_decode"
 """Name of the attention implementation decode steps switch an SDPA model to (SDPA's masks, :func:`gqa_decode_attention`)."""
 
+
 def gqa_decode_attention(
     module: nn.Module,
     query: torch.Tensor,

@@ -180,7 +180,11 @@ def _jsonl_kind(path: Path) -> str | None:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         first = json.loads(f.readline())
-    if isinstance(first, dict) and ({"unsteered", "steered"} <= first.keys() or {"uid", "highlights"} <= first.keys() or {"id", "scores"} <= first.keys()):
+    if isinstance(first, dict) and (
+        {"unsteered", "steered"} <= first.keys()
+        or {"uid", "highlights"} <= first.keys()
+        or {"id", "scores"} <= first.keys()
+    ):
         return PREDICTIONS
     return None
 

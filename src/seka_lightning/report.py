@@ -279,10 +279,10 @@ def report(
         message = f"every metric under {results} equals its recomputation from the predictions"
         log.info(message)
         return message
+    runs = read_runs(results)  # cheap, and an input error comes before an output error
     check_output(output, kind=REPORT, inputs={"--results": results}, overwrite=overwrite)
     if plot is not None:
         check_output(plot, kind=PLOT, inputs={"--results": results, "--output": output}, overwrite=overwrite)
-    runs = read_runs(results)
     table = headline_table(runs) + "\nPaired tests (two-sided):\n\n" + paired_table(paired_rows(runs))
     out = write_text(output, table)
     if plot is not None:

@@ -145,6 +145,7 @@ def test_the_builder_checks_its_outputs_before_loading_the_model(stats, tmp_path
 
 
 def test_writers_refuse_data_files_and_earlier_results(tmp_path):
+    from seka_lightning.evidence import write_predictions
     from seka_lightning.lit.writers import BenchmarkWriter, ComparisonWriter
 
     data = tmp_path / "synthetic_qa.jsonl"
@@ -159,13 +160,13 @@ def test_writers_refuse_data_files_and_earlier_results(tmp_path):
         ComparisonWriter(str(data), overwrite=True)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "predictions.jsonl").write_text(json.dumps({"uid": "a", "text": "t", "highlights": []}) + "\n")
+    write_predictions(run / "predictions.jsonl.gz", [{"id": "a", "scores": {"x": 1.0}}])
     (run / "metric_result.json").write_text(json.dumps({"metrics": {}, "method": {}}))
     with pytest.raises(
         FileExistsError,
         match=re.escape(
-            f"{run / 'predictions.jsonl'} already holds a predictions file; pass the writer's `overwrite: true` init "
-            "arg to replace it, or choose another path"
+            f"{run / 'predictions.jsonl.gz'} already holds a predictions file; pass the writer's `overwrite: true` "
+            "init arg to replace it, or choose another path"
         ),
     ):
         BenchmarkWriter(str(run))
@@ -173,30 +174,34 @@ def test_writers_refuse_data_files_and_earlier_results(tmp_path):
 
 
 def test_report_never_writes_over_a_result_or_a_user_file(tmp_path):
+    from seka_lightning.evidence import summarize, write_predictions
     from seka_lightning.report import report
 
-    run = tmp_path / "run"
-    run.mkdir()
+    results = tmp_path / "results"
+    run = results / "counterfact" / "m" / "none"
+    run.mkdir(parents=True)
+    records = [{"id": i, "scores": {"efficacy_score": float(i % 2)}} for i in range(4)]
+    write_predictions(run / "predictions.jsonl.gz", records)
     result = run / "metric_result.json"
-    result.write_text(
-        json.dumps(
-            {"metrics": {"exact_match": 0.5}, "method": {"method": "none"}, "model": "m", "config": {"data": {}}}
-        )
-    )
-    with pytest.raises(ValueError, match=re.escape(f"the output {result} is also this command's input --results")):
-        report(results=[str(result)], output=str(result), plot=None)
+    result.write_text(json.dumps({**summarize(records), "method": {"method": "none"}, "model": "m", "config": {}}))
+    with pytest.raises(ValueError, match=re.escape(f"the output {results} is also this command's input --results")):
+        report(results=str(results), output=str(results), plot=None)
+    with pytest.raises(
+        FileExistsError, match=re.escape(f"{result} already holds a benchmark result, not a results table")
+    ):
+        report(results=str(results), output=str(result), plot=None, overwrite=True)
     readme = tmp_path / "README.md"
     readme.write_text("# my notes\n")
     with pytest.raises(
         FileExistsError, match=re.escape(f"{readme} already exists and is not a results table written by seka")
     ):
-        report(results=[str(run)], output=str(readme), plot=None, overwrite=True)
+        report(results=str(results), output=str(readme), plot=None, overwrite=True)
     assert readme.read_text() == "# my notes\n"
     table = tmp_path / "table.md"
-    report(results=[str(run)], output=str(table), plot=None)
+    report(results=str(results), output=str(table), plot=None)
     with pytest.raises(FileExistsError, match=re.escape(f"{table} already holds a results table; pass --overwrite")):
-        report(results=[str(run)], output=str(table), plot=None)
-    report(results=[str(run)], output=str(table), plot=None, overwrite=True)
+        report(results=str(results), output=str(table), plot=None)
+    report(results=str(results), output=str(table), plot=None, overwrite=True)
 
 
 def test_pasta_profile_validator_and_gate_check_before_the_model_loads(tmp_path, no_model):
@@ -220,7 +225,9 @@ def test_lightning_cli_checks_the_writer_before_the_model_loads(tmp_path, no_mod
 
     old = tmp_path / "old.jsonl"
     old.write_text(json.dumps({"index": 0, "prompt": "p", "unsteered": "a", "steered": "b"}) + "\n")
+    bank = ProjectionBank(layers=[0], pos=torch.zeros(1, 1, 2, 2)).save(tmp_path / "bank.safetensors")
     args = ["predict", "-c", str(REPO / "configs/predict/highlight.yaml"), "--trainer.callbacks.output", str(old)]
+    args += ["--model.bank", str(bank)]
     with pytest.raises(ValueError) as err:
         run_lightning([*args, "--trainer.accelerator", "cpu"])
     assert str(err.value.__cause__) == (

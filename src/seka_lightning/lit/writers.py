@@ -68,7 +68,7 @@ class ComparisonWriter(BasePredictionWriter):
             overwrite: replace an existing predictions file at ``output`` (checked here, before the model runs).
         """
         super().__init__(write_interval="epoch")
-        check_output(output, kind=PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
+        check_output(output, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         self.output, self.show_table = Path(output), show_table
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
@@ -100,12 +100,8 @@ class BenchmarkWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
-        check_output(
-            self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG
-        )
-        check_output(
-            self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG
-        )
+        check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
+        check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction

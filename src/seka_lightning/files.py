@@ -7,7 +7,8 @@ The policy (:func:`check_output`), applied by every command before it loads a mo
 - an existing file of another kind (statistics where a bank goes, a data file where predictions go, a file seka does
   not write) is never replaced, not even with ``overwrite``;
 - an existing result of the same kind is replaced only when the user asks: ``--overwrite`` on plain commands,
-  ``--model.overwrite true`` or a writer's ``overwrite`` init arg under LightningCLI.
+  ``--model.overwrite true`` or a writer's ``overwrite`` init arg under LightningCLI;
+- the output's folder must exist and be writable, or be creatable (:func:`require_writable_folder`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def check_output(
                 )
     if path.is_dir():
         raise FileExistsError(f"the output {path} is a directory; give a file path for the {kind}")
+    require_writable_folder(path)
     if not path.exists():
         return path
     found = file_kind(path)
@@ -127,6 +129,24 @@ def check_output(
     if not overwrite:
         raise FileExistsError(f"{path} already holds a {kind}; pass {flag} to replace it, or choose another path")
     return path
+
+
+def require_writable_folder(path: str | Path) -> Path:
+    """Raise unless ``path``'s folder exists and is writable, or can be created: checked before any compute, so a
+    long run never ends in an output it cannot write. Returns the nearest existing folder."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"cannot write {path}: {folder} is a file, not a folder; choose an output path under a folder"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write {path}: the folder {folder} is not writable; choose an output path you can write to"
+        )
+    return folder
 
 
 def _paths(value: str | Path | Iterable[str | Path] | None) -> list[Path]:

@@ -4,6 +4,7 @@ overwrite; checked before any model loads."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -233,4 +234,35 @@ def test_lightning_cli_checks_the_writer_before_the_model_loads(tmp_path, no_mod
     assert str(err.value.__cause__) == (
         f"{old} already holds a predictions file; pass the writer's `overwrite: true` init arg to replace it, or "
         "choose another path"
+    )
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    from seka_lightning.files import BANK, check_output
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder would go\n")
+    with pytest.raises(
+        NotADirectoryError,
+        match=re.escape(
+            f"cannot write {blocker / 'sub' / 'bank.safetensors'}: {blocker} is a file, not a folder; choose an "
+            "output path under a folder"
+        ),
+    ):
+        check_output(blocker / "sub" / "bank.safetensors", kind=BANK)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    with pytest.raises(
+        PermissionError,
+        match=re.escape(
+            f"cannot write {locked / 'new' / 'bank.safetensors'}: the folder {locked} is not writable; choose an "
+            "output path you can write to"
+        ),
+    ):
+        check_output(locked / "new" / "bank.safetensors", kind=BANK)
+    assert not (locked / "new").exists()
+    assert (
+        check_output(tmp_path / "a" / "b" / "bank.safetensors", kind=BANK) == tmp_path / "a" / "b" / "bank.safetensors"
     )

@@ -2,10 +2,11 @@
 
 Captures the answer-token keys of synthetic-QA triplets once (the product's capture code), derives several P+ per
 layer and KV head from them (SEKA as specified, a centred cross-covariance, SEKA with the mean key direction
-projected out, the top directions of the positive-minus-negative differences, key scaling P = I, and random
-projectors of SEKA's ranks), and scores each on CounterFact *dev* efficacy (records 4500:5000 only) over a gain grid
-and a few layer sets, with the product's steering hooks. Per configuration it reports efficacy with a 95% Wilson
-interval, the mean relative edit norm ||kG|| / ||k|| over the highlighted keys, and exact McNemar p-values against
+projected out, the top directions of the positive-minus-negative differences, key scaling P = I, key scaling that
+leaves the mean key direction alone P = I - m mᵀ, and random projectors of SEKA's ranks), and scores each on
+CounterFact *dev* efficacy (records 4500:5000 only) over a gain grid and a few layer sets, with the product's
+steering hooks. Per configuration it reports efficacy with a 95% Wilson interval, the mean relative edit norm
+||kG|| / ||k|| over the highlighted keys, and exact McNemar p-values against
 key scaling at the same gain and at the key-scaling gain whose edit norm is closest.
 
 The layers below the lowest steered layer are the same in every configuration, so their output is computed once per
@@ -113,6 +114,7 @@ def variant_projectors(keys: dict[str, torch.Tensor], *, top_pct: float, seeds: 
         "seka_minus_mean": without_mean @ seka @ without_mean,
         "difference": cross_projector(diff, diff, diff, top_pct=top_pct),  # top directions of Σ (h+ - h-)ᵀ(h+ - h-)
         "key_scaling": eye,
+        "scaling_minus_mean": without_mean,  # P = I - m mᵀ: key scaling that leaves the mean key direction alone
     }
     ranks = projector_ranks(seka)
     for seed in seeds:

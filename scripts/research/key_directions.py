@@ -98,7 +98,9 @@ def unit_mean_key(keys: dict[str, torch.Tensor]) -> torch.Tensor:
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
-def variant_projectors(keys: dict[str, torch.Tensor], *, top_pct: float, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+def variant_projectors(
+    keys: dict[str, torch.Tensor], *, top_pct: float, seeds: Sequence[int]
+) -> dict[str, torch.Tensor]:
     """Every P+ variant ``[L, H, d, d]`` (float32) compared here; see the module docstring."""
     h, hp, hn = keys["neutral"], keys["positive"], keys["negative"]
     seka = cross_projector(h, hp, hn, top_pct=top_pct)
@@ -205,7 +207,9 @@ def layers_skipped(layers: nn.ModuleList, count: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def baseline_pass(model: nn.Module, batch: DevBatch, starts: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def baseline_pass(
+    model: nn.Module, batch: DevBatch, starts: Sequence[int]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Unsteered last-position logits ``[B, V]`` and the hidden states entering each layer of ``starts``."""
     layers = decoder_layers(model)
     cached: dict[int, torch.Tensor] = {}
@@ -422,13 +426,29 @@ def evaluate_grid(
                 for b, batch in enumerate(batches):
                     cached = cache[b][start] if start > 0 else None
                     logits = steered_logits(
-                        model, layout, batch, bank, fused, gain=gain, layer_ids=layer_ids, start=start,
-                        cached=cached, acc=acc,
+                        model,
+                        layout,
+                        batch,
+                        bank,
+                        fused,
+                        gain=gain,
+                        layer_ids=layer_ids,
+                        start=start,
+                        cached=cached,
+                        acc=acc,
                     )
                     if math.isnan(check_diff) and cached is not None:
                         full = steered_logits(
-                            model, layout, batch, bank, fused, gain=gain, layer_ids=layer_ids, start=None,
-                            cached=None, acc=[0.0, 0],
+                            model,
+                            layout,
+                            batch,
+                            bank,
+                            fused,
+                            gain=gain,
+                            layer_ids=layer_ids,
+                            start=None,
+                            cached=None,
+                            acc=[0.0, 0],
                         )
                         check_diff = float((full - logits).abs().max())
                         log.info("cached-prefix check: max |logit difference| %.2e", check_diff)
@@ -452,7 +472,12 @@ def evaluate_grid(
                     on_result(base, results, check_diff)
                 log.info(
                     "%-16s %-7s g=%-5g efficacy %.3f edit norm %.3f (%.0f s)",
-                    name, spec, gain, wins_count / n, acc[0] / acc[1], time.perf_counter() - began,
+                    name,
+                    spec,
+                    gain,
+                    wins_count / n,
+                    acc[0] / acc[1],
+                    time.perf_counter() - began,
                 )
     return base, results, check_diff
 
@@ -505,7 +530,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-pct", type=float, default=0.95, help="spectrum share kept by the learned P+")
     parser.add_argument("--layers", nargs="+", default=["last15"], help="layer sets to steer")
     parser.add_argument(
-        "--grid", nargs="+", default=list(DEFAULT_GRID),
+        "--grid",
+        nargs="+",
+        default=list(DEFAULT_GRID),
         help="VARIANT=G1,G2,... gains per variant (random = every seed); variants not listed are not evaluated",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random-projector seeds")
@@ -517,7 +544,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     lo, _, hi = args.example_subset.partition(":")
     if int(hi) > 4500 and int(lo) < 10000 and not (int(lo) >= 4500 and int(hi) <= 5000):
-        raise ValueError(f"--example-subset {args.example_subset} overlaps the test split 5000:10000; use dev 4500:5000")
+        raise ValueError(
+            f"--example-subset {args.example_subset} overlaps the test split 5000:10000; use dev 4500:5000"
+        )
     return args
 
 
@@ -544,8 +573,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     kept.sort(key=lambda k: order.index("random" if k.startswith("random_s") else k))
     variants = {k: variants[k] for k in kept}
     batches, case_ids = dev_batches(
-        args.counterfact, tokenizer, example_subset=args.example_subset,
-        add_special_tokens=args.add_special_tokens, batch_size=args.batch_size,
+        args.counterfact,
+        tokenizer,
+        example_subset=args.example_subset,
+        add_special_tokens=args.add_special_tokens,
+        batch_size=args.batch_size,
     )
 
     def save(base: dict, results: list[dict], check_diff: float, *, final: bool = False) -> None:
@@ -561,8 +593,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "commit": git_commit(),
                 "model": args.model,
                 "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                "data": {"counterfact": args.counterfact, "example_subset": args.example_subset, "prompts": len(case_ids),
-                         "metric": "efficacy: first-token P(target_new) > P(target_true), attribute highlighted"},
+                "data": {
+                    "counterfact": args.counterfact,
+                    "example_subset": args.example_subset,
+                    "prompts": len(case_ids),
+                    "metric": "efficacy: first-token P(target_new) > P(target_true), attribute highlighted",
+                },
                 "case_ids": case_ids,
                 "baseline": {**base, "wilson95": list(wilson(sum(baseline_won), len(baseline_won)))},
                 "projectors": summary,

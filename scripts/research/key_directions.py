@@ -44,6 +44,8 @@ from seka_lightning.methods import position_ids_for
 from seka_lightning.metrics import first_token_logprob, target_first_token_ids
 from seka_lightning.models import load_model
 from seka_lightning.projections import projections_from_sums
+from seka_lightning.significance import mcnemar_exact as significance_mcnemar
+from seka_lightning.significance import wilson_interval
 from seka_lightning.stats import KeyStatistics
 from seka_lightning.steering import FusedGains, KeySteerer, parse_layers
 
@@ -311,23 +313,18 @@ def wins(logits: torch.Tensor, batch: DevBatch) -> tuple[list[bool], list[float]
 # ---------------------------------------------------------------------------------------------------- statistics
 
 
-def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (the package's :func:`significance.wilson_interval`)."""
+    interval = wilson_interval(successes, n)
+    return interval.low, interval.high
 
 
 def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
-    """Exact two-sided McNemar test: binomial(n, 1/2) on the discordant pairs (``a`` won only, ``b`` won only)."""
+    """Exact two-sided McNemar test (the package's :func:`significance.mcnemar_exact`) with the discordant counts."""
     only_a = sum(x and not y for x, y in zip(a, b, strict=True))
     only_b = sum(y and not x for x, y in zip(a, b, strict=True))
-    n = only_a + only_b
-    if n == 0:
-        return {"only_a": 0, "only_b": 0, "p": 1.0}
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
-    return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}
+    test = significance_mcnemar([float(x) for x in a], [float(y) for y in b])
+    return {"only_a": only_a, "only_b": only_b, "p": test.p_value}
 
 
 def compare_with_key_scaling(results: list[dict]) -> None:

@@ -11,29 +11,29 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from seka_lightning.files import file_sha256
 from seka_lightning.models import EMBEDDED_PREFIX
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_BLOCK = 1 << 20
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of one file, read in blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+SOURCE_COMMIT_ENV = "SEKA_SOURCE_COMMIT"
 
 
 def git_state(source: str | Path | None = None) -> dict[str, Any]:
     """``{"commit", "dirty"}`` of the checkout holding ``source`` (default: this package's sources); ``dirty`` means
-    tracked files differ from the commit. Outside a git checkout both are None and ``reason`` says why."""
+    tracked files differ from the commit. Outside a git checkout (a copy of the sources, as on a remote GPU machine)
+    the commit comes from ``$SEKA_SOURCE_COMMIT`` when the copier set it (``dirty`` then unknown); else both are None
+    and ``reason`` says why."""
     where = Path(source) if source is not None else Path(__file__).resolve().parent
     try:
         commit = _git(where, "rev-parse", "HEAD")
         changed = _git(where, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError) as err:
+        if os.environ.get(SOURCE_COMMIT_ENV):
+            return {
+                "commit": os.environ[SOURCE_COMMIT_ENV],
+                "dirty": None,
+                "reason": f"not a git checkout; the commit is ${SOURCE_COMMIT_ENV}, set by whoever copied the sources",
+            }
         return {"commit": None, "dirty": None, "reason": f"not a git checkout or git unavailable ({err})"}
     return {"commit": commit, "dirty": bool(changed)}
 

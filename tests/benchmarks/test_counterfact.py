@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from seka_lightning.data.benchmarks import load_counterfact
-from seka_lightning.data.benchmarks.counterfact import read_counterfact_cases
+from seka_lightning.benchmarks import load_counterfact
+from seka_lightning.benchmarks.counterfact import read_counterfact_cases
 
 
 def easyedit(case_id: int, subject: str, prompt: str, new: str, true: str, rephrase: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seka_lightning.data.benchmarks.records import (
+from seka_lightning.benchmarks.records import (
     BenchmarkExamples,
     HighlightedExample,
     parse_example_subset,

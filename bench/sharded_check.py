@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.data.benchmark_modules import CounterFactDataModule
+from seka_lightning.benchmarks import CounterFactDataModule
 from seka_lightning.data.synthetic_qa import SyntheticQADataModule
 from seka_lightning.files import write_json
 from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,17 @@ def counterfact_file(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True, scope="session")
+def datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The 🤗 datasets cache (where benchmark loaders' reads are cached) in the session's temp folder, for this
+    process and the ``seka`` subprocesses it starts, so tests never fill the user's ``~/.cache``."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("hf_datasets_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_DATASETS_CACHE", str(folder))
+    patch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    yield folder
+    patch.undo()

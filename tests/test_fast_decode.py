@@ -279,7 +279,7 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, t
                 "--model.pretrained", str(tiny_model_dir),
                 "--model.method", "seka_lightning.methods.HighlightMethod",
                 *extra,
-                "--data", "seka_lightning.data.benchmark_modules.LostInTheMiddleDataModule",
+                "--data", "seka_lightning.benchmarks.LostInTheMiddleDataModule",
                 "--data.path", str(oracle),
                 "--data.num_documents", "4",
                 "--data.gold_positions", "[0, 3]",

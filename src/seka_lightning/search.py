@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.data.benchmark_modules import CounterFactDataModule
+from seka_lightning.benchmarks import CounterFactDataModule, evaluate
 from seka_lightning.files import SEARCH_RESULTS, check_output, write_json
-from seka_lightning.lit.evaluator import encode_examples
 from seka_lightning.methods import HighlightMethod, SekaMethod
 from seka_lightning.models import load_model
 from seka_lightning.projections import (
@@ -33,15 +36,16 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_counterfact(
-    model, tokenizer, method: HighlightMethod, batches, *, chat: bool, add_special_tokens: bool
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    method: HighlightMethod,
+    benchmark: CounterFactDataModule,
+    *,
+    chat: bool,
+    add_special_tokens: bool,
 ) -> dict[str, float]:
-    """Efficacy/paraphrase scores of ``method`` on pre-built CounterFact batches."""
-    scorer = CounterFactDataModule().scorer().to(model.device)
-    method.setup(model, tokenizer)
-    for batch in batches:
-        enc = encode_examples(tokenizer, batch, chat=chat, add_special_tokens=add_special_tokens)
-        scorer.score(method, model, tokenizer, {k: v.to(model.device) for k, v in enc.items()}, batch)
-    return scorer.compute()
+    """Efficacy/paraphrase scores of ``method`` on the CounterFact slice of ``benchmark`` (through :func:`evaluate`)."""
+    return evaluate(method, model, tokenizer, benchmark, chat=chat, add_special_tokens=add_special_tokens).metrics
 
 
 def search(
@@ -95,31 +99,32 @@ def search(
     if torch.cuda.is_available():
         model.cuda()
     datamodule = CounterFactDataModule(data, example_subset=example_subset, batch_size=batch_size)
-    batches = datamodule.batches()
     kwargs = {"chat": chat, "add_special_tokens": add_special_tokens}
-    baseline = evaluate_counterfact(model, tokenizer, HighlightMethod(), batches, **kwargs)
+    baseline = evaluate_counterfact(model, tokenizer, HighlightMethod(), datamodule, **kwargs)
     log.info("none: %s", baseline)
     grid = []
-    for top_pct, min_diff in itertools.product(top_pcts, min_diffs):
-        bank = ProjectionBank.from_statistics(
-            sums, layers=bank_layers, top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, metadata=metadata
-        )
-        for layer_spec, gain in itertools.product(layers, gains):
-            method = SekaMethod(stats, gain_pos=gain, layers=layer_spec)
-            method.bank = bank
-            scores = evaluate_counterfact(model, tokenizer, method, batches, **kwargs)
-            grid.append(
-                {
-                    "top_pct": top_pct,
-                    "min_diff": min_diff,
-                    "head_filter": head_filter,
-                    "layers": layer_spec,
-                    "gain_pos": gain,
-                    "heads_kept": bank.metadata["heads_kept"],
-                    **scores,
-                }
+    with tempfile.TemporaryDirectory(prefix="seka-search-") as folder:
+        for top_pct, min_diff in itertools.product(top_pcts, min_diffs):
+            bank = ProjectionBank.from_statistics(
+                sums, layers=bank_layers, top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, metadata=metadata
             )
-            log.info("%s", grid[-1])
+            # Each grid point gets a fresh method reading the derived bank from a file, as `seka predict` would.
+            bank_file = str(bank.save(Path(folder) / f"top_pct-{top_pct}_min_diff-{min_diff}.safetensors"))
+            for layer_spec, gain in itertools.product(layers, gains):
+                method = SekaMethod(bank_file, gain_pos=gain, layers=layer_spec)
+                scores = evaluate_counterfact(model, tokenizer, method, datamodule, **kwargs)
+                grid.append(
+                    {
+                        "top_pct": top_pct,
+                        "min_diff": min_diff,
+                        "head_filter": head_filter,
+                        "layers": layer_spec,
+                        "gain_pos": gain,
+                        "heads_kept": bank.metadata["heads_kept"],
+                        **scores,
+                    }
+                )
+                log.info("%s", grid[-1])
     best = max(grid, key=lambda g: ((g["efficacy_score"] + g["paraphrase_score"]) / 2, g["efficacy_magnitude"]))
     result = {
         "model": pretrained,

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from seka_lightning.data.benchmarks.biasbios import CsvSet, read_bios
-from seka_lightning.data.benchmarks.counterfact import read_counterfact_cases
-from seka_lightning.data.benchmarks.records import parse_example_subset, read_json_records, select_subset
+from seka_lightning.benchmarks.biasbios import CsvSet, read_bios
+from seka_lightning.benchmarks.counterfact import read_counterfact_cases
+from seka_lightning.benchmarks.records import parse_example_subset, read_json_records, select_subset
 from seka_lightning.data.synthetic_qa import TripletBatches
 from seka_lightning.data.triplets import Triplet, read_pairs
 

@@ -1,4 +1,7 @@
-"""BenchmarkEvaluator: ``seka predict`` over a benchmark DataModule with any highlighting method."""
+"""BenchmarkEvaluator: ``seka predict`` over a benchmark DataModule with any highlighting method.
+
+The module only wires: each step is one :func:`~seka_lightning.benchmarks.evaluate_batch`.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +11,13 @@ from typing import Any
 
 import torch
 
-from seka_lightning.highlight import encode_spans, template_spans
+from seka_lightning.benchmarks import BenchmarkScorer, encode_examples, evaluate_batch
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod
-from seka_lightning.scoring import BenchmarkScorer, RecordError
 
 log = logging.getLogger(__name__)
 
-
-def encode_examples(
-    tokenizer, examples: list[dict[str, Any]], *, chat: bool = False, add_special_tokens: bool = False
-) -> dict[str, torch.Tensor]:
-    """Encode benchmark examples (``text`` + character ``spans``) exactly as every method will see them.
-
-    The spans travel as offsets, through the chat template too (:func:`template_spans`): the text is never re-marked,
-    so whatever characters it contains, it cannot add or move a highlight.
-    """
-    texts, spans = [], []
-    for i, example in enumerate(examples):
-        text, row_spans = example["text"], [(start, end) for start, end in example["spans"]]
-        if chat:
-            text, row_spans = template_spans(tokenizer, text, row_spans, index=i)
-        texts.append(text)
-        spans.append(row_spans)
-    return encode_spans(tokenizer, texts, spans, add_special_tokens=add_special_tokens)
+__all__ = ["BenchmarkEvaluator", "encode_examples"]
 
 
 class BenchmarkEvaluator(FrozenModelModule):
@@ -93,66 +79,19 @@ class BenchmarkEvaluator(FrozenModelModule):
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
-        batch, enc = self._encode_batch(batch)
-        if not batch:
-            return []
-        enc = {k: v.to(self.input_device) for k, v in enc.items()}
-        try:
-            records = self.scorer.score(self.method, self.model, self.tokenizer, enc, batch)
-        except RecordError:
-            raise
-        except ValueError as error:
-            ids = [self.scorer.record_id(example) for example in batch]
-            raise ValueError(f"{self.scorer.benchmark}: scoring the batch of records {ids} failed: {error}") from error
-        return [
-            {
-                "uid": example["uid"],
-                "text": example["text"],
-                "highlights": [example["text"][s:e] for s, e in example["spans"]],
-                **record,
-            }
-            for example, record in zip(batch, records, strict=True)
-        ]
-
-    def _encode(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        return encode_examples(self.tokenizer, batch, chat=hp.chat, add_special_tokens=hp.add_special_tokens)
-
-    def _encode_batch(self, batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor] | None]:
-        """The batch's encodable records and their encoding (None when no record is left)."""
-        try:
-            return batch, self._encode(batch)
-        except ValueError:
-            kept = self._encodable(batch)
-        return kept, (self._encode(kept) if kept else None)
-
-    def _encodable(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The batch without records whose highlight cannot be encoded (it covers no whole token), which are
-        skipped with a warning and counted; any other encoding error names the record's benchmark id.
-
-        A record counts as a highlight failure when it fails alone but encodes without its spans. The skip depends
-        on the tokenizer only, so every method skips the same records.
-        """
-        kept = []
-        for example in batch:
-            record_id = self.scorer.record_id(example)
-            try:
-                self._encode([example])
-            except ValueError as error:
-                try:
-                    self._encode([{**example, "spans": []}])
-                except ValueError:
-                    raise RecordError(f"{self.scorer.benchmark} record {record_id!r}: {error}") from error
-                log.warning(
-                    "%s record %r skipped: its highlight cannot be encoded (%s)",
-                    self.scorer.benchmark,
-                    record_id,
-                    error,
-                )
-                self.skipped_highlight.append(record_id)
-                continue
-            kept.append(example)
-        return kept
+        rows, skipped = evaluate_batch(
+            self.method,
+            self.model,
+            self.tokenizer,
+            self.scorer,
+            batch,
+            device=self.input_device,
+            chat=hp.chat,
+            add_special_tokens=hp.add_special_tokens,
+        )
+        self.skipped_highlight += skipped
+        return rows
 
     def _total(self, count: int) -> int:
         """``count`` summed over the DDP ranks (every rank must call this)."""

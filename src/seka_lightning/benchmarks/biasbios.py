@@ -1,4 +1,4 @@
-"""BiasBios: name a person's occupation from their biography, with the first sentence highlighted.
+"""BiasBios (name a person's occupation from their biography, first sentence highlighted): records, scorer, DataModule.
 
 Reads the shared subset (a folder of CSVs ``hard_text, profession, gender``: no names, the
 original first sentence already removed) and the public Bias-in-Bios record layout as JSON lines
@@ -21,18 +21,41 @@ import csv
 import io
 import logging
 import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
-from seka_lightning.data.benchmarks.records import (
+import torch
+
+from seka_lightning.benchmarks.base import (
+    BenchmarkDataModule,
+    BenchmarkScorer,
+    Example,
+    RecordId,
+    decode,
+    naming_record,
+)
+from seka_lightning.benchmarks.records import (
     BenchmarkExamples,
     HighlightedExample,
+    hub_name,
+    read_csv_rows,
+    read_hub_records,
     read_json_records,
     read_text,
     require_str,
     select_subset,
+)
+from seka_lightning.metrics import (
+    NGramEntropy,
+    TfidfConsistency,
+    TopKAccuracy,
+    candidate_logprobs,
+    gold_rank,
+    n_gram_entropy,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +63,11 @@ log = logging.getLogger(__name__)
 CsvSet = Literal["per_profession", "complete", "all"]
 CSV_SETS: tuple[str, ...] = ("per_profession", "complete", "all")
 CSV_COLUMNS = ("hard_text", "profession", "gender")
+BIASBIOS_NOTE = (
+    "uninformative highlight: {removed} of {total} bios are the shared copy's hard_text, from which the sentence "
+    "naming the occupation was removed, so the highlighted first sentence carries no label information; "
+    "report these numbers as such and do not tune on them"
+)
 # The shared copy has no names; a neutral stand-in that reads naturally at the start of the
 # question sentence and does not clash with the first names many bios mention.
 DEFAULT_NAME = "The person"
@@ -129,13 +157,16 @@ def read_bios(path: str | PathLike[str], *, csv_set: CsvSet = "all") -> list[Bio
     """
     if csv_set not in CSV_SETS:
         raise ValueError(f"csv_set {csv_set!r} is not one of {list(CSV_SETS)}")
+    name = hub_name(path)
     path = Path(path)
-    if path.is_dir():
+    if name is not None:
+        bios = _bios_from_records(read_hub_records(name), source=name, stem=name.rsplit("/", 1)[-1])
+    elif path.is_dir():
         bios = [bio for file in _csv_files(path, csv_set) for bio in _read_csv(file)]
     elif path.is_file():
         bios = _read_csv(path) if _is_csv(path) else _read_jsonl(path)
     else:
-        raise ValueError(f"Bias-in-Bios path {path} does not exist; point it at a folder of CSVs or a file")
+        raise ValueError(f"Bias-in-Bios path {path} does not exist; point it at a folder of CSVs, a file or hub:<name>")
     seen: set[str] = set()
     unique = []
     for bio in bios:
@@ -196,7 +227,7 @@ def _csv_files(folder: Path, csv_set: CsvSet) -> list[Path]:
 
 
 def _read_csv(file: Path) -> list[Bio]:
-    rows = list(csv.DictReader(io.StringIO(read_text(file))))
+    _, rows = read_csv_rows(file)
     if not rows:
         raise ValueError(f"{file} holds no rows; expected a CSV with columns {', '.join(CSV_COLUMNS)}")
     bios = []
@@ -217,10 +248,15 @@ def _read_csv(file: Path) -> list[Bio]:
 
 
 def _read_jsonl(file: Path) -> list[Bio]:
+    """The public Bias-in-Bios records of a JSON-lines file."""
+    return _bios_from_records(read_json_records(file), source=file.name, stem=_stem(file))
+
+
+def _bios_from_records(records: list[dict[str, Any]], *, source: str, stem: str) -> list[Bio]:
     """Public Bias-in-Bios records: ``raw`` (the whole bio) is the context when present, else ``hard_text``."""
     bios = []
-    for index, record in enumerate(read_json_records(file)):
-        where = f"{file.name} record {index}"
+    for index, record in enumerate(records):
+        where = f"{source} record {index}"
         hard_text = require_str(record, "hard_text", where=where)
         profession_key = "title" if "title" in record else "profession"
         profession = require_str(record, profession_key, where=where)
@@ -237,7 +273,7 @@ def _read_jsonl(file: Path) -> list[Bio]:
             end = first_sentence_end(text)
         bios.append(
             Bio(
-                uid=f"{_stem(file)}/{index}",
+                uid=f"{stem}/{index}",
                 text=text,
                 profession=profession,
                 gender=gender,
@@ -265,3 +301,122 @@ def _name(value: Any, *, where: str) -> str | None:
     if isinstance(value, list | tuple) and all(isinstance(part, str) for part in value):
         return " ".join(part.strip() for part in value if part.strip()) or None
     raise ValueError(f"{where}: field 'name' must be a string or a list of strings, got {value!r}")
+
+
+class BiasBiosScorer(BenchmarkScorer):
+    """Top-1/top-3 occupation accuracy by first-token log-prob over the evaluated set's labels, plus fluency
+    (n-gram entropy) and TF-IDF consistency with same-label bios of a ``max_new_tokens`` generation.
+
+    Record ids are the bio's ``<file stem>/<row>``; each record carries ``top{k}_accuracy`` (0/1) and, with a
+    generation, its ``fluency`` and ``consistency``.
+    """
+
+    benchmark = "biasbios"
+
+    def __init__(
+        self, candidates: Sequence[str], references: Mapping[str, Sequence[str]], *, max_new_tokens: int = 64
+    ) -> None:
+        super().__init__()
+        if not candidates:
+            raise ValueError("BiasBios needs at least one candidate label")
+        self.candidates = list(candidates)
+        self.max_new_tokens = max_new_tokens
+        self.accuracy = TopKAccuracy(top_k=tuple(dict.fromkeys((1, min(3, len(self.candidates))))))
+        self.fluency = NGramEntropy()
+        self.consistency = TfidfConsistency(references)
+
+    def record_id(self, example: Example) -> RecordId:
+        return example["fields"]["bio_uid"]
+
+    def _target(self, example: Example) -> int:
+        label = example["fields"]["label"]
+        if label not in self.candidates:
+            raise ValueError(f"label {label!r} is not among the candidate labels {self.candidates}")
+        return self.candidates.index(label)
+
+    def score(self, method, model, tokenizer, enc, examples):
+        gold = []
+        for example in examples:
+            with naming_record(self.benchmark, self.record_id(example)):
+                gold.append(self._target(example))
+        logprobs = torch.log_softmax(method.prompt_logits(model, enc), dim=-1)
+        ids = [self.first_ids(tokenizer, label) for label in self.candidates]
+        scores = candidate_logprobs(logprobs, ids)  # [B, C]
+        target = torch.tensor(gold, device=scores.device)
+        self.accuracy.update(scores, target)
+        ranks = gold_rank(scores, target).tolist()
+        labels = [e["fields"]["label"] for e in examples]
+        generations = [""] * len(examples)
+        if self.max_new_tokens:
+            out = method.generate(model, enc, max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            generations = decode(tokenizer, out)
+            self.fluency.update(generations)
+            self.consistency.update(generations, labels)
+        predicted = scores.argmax(-1).tolist()
+        records = []
+        for example, p, rank, generation, label in zip(examples, predicted, ranks, generations, labels, strict=True):
+            values = {f"top{k}_accuracy": float(rank < k) for k in self.accuracy.top_k}
+            if self.max_new_tokens:
+                values["fluency"] = n_gram_entropy(generation, ns=self.fluency.ns, weights=self.fluency.weights)
+                values["consistency"] = self.consistency.similarity(generation, label)
+            records.append(
+                {
+                    "id": self.record_id(example),
+                    "label": label,
+                    "predicted": self.candidates[p],
+                    "gold_rank": rank,
+                    "generation": generation,
+                    "scores": values,
+                }
+            )
+        return records
+
+    def compute(self):
+        accuracy = self.accuracy.compute()
+        result = {f"{k}_accuracy": float(v) for k, v in accuracy.items()}
+        if self.max_new_tokens:
+            result["fluency"] = float(self.fluency.compute())
+            result["consistency"] = float(self.consistency.compute())
+        return result
+
+
+class BiasBiosDataModule(BenchmarkDataModule):
+    """BiasBios occupation prompts with the first sentence highlighted (BENCHMARKS.md)."""
+
+    benchmark = "biasbios"
+
+    def __init__(
+        self,
+        path: str = "../shared/data/biasbios_subset",
+        *,
+        csv_set: str = "per_profession",
+        example_subset: str | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+    ) -> None:
+        """
+        Args:
+            path: folder of Bias-in-Bios CSVs or a JSONL of records.
+            csv_set: which shared CSVs to evaluate (``per_profession``, ``complete``, ``all``).
+            example_subset: a slice of the records, e.g. ``"0:100"``.
+            max_new_tokens: generation length for fluency and consistency (0 = accuracy only).
+            batch_size: prompts per batch.
+        """
+        super().__init__(path, batch_size=batch_size)
+        self.csv_set, self.example_subset, self.max_new_tokens = csv_set, example_subset, max_new_tokens
+
+    def load(self) -> BenchmarkExamples:
+        return load_biasbios(self.path, csv_set=self.csv_set, example_subset=self.example_subset)
+
+    def scorer(self) -> BenchmarkScorer:
+        references: dict[str, list[str]] = defaultdict(list)
+        for example in self.examples:
+            references[example.fields["label"]].append(example.fields["bio"])
+        return BiasBiosScorer(self.examples[0].fields["candidates"], references, max_new_tokens=self.max_new_tokens)
+
+    def describe(self) -> dict[str, Any]:
+        settings = {**super().describe(), "csv_set": self.csv_set, "example_subset": self.example_subset}
+        removed = sum(bool(example.fields.get("first_sentence_removed")) for example in self.examples)
+        if removed:
+            settings["note"] = BIASBIOS_NOTE.format(removed=removed, total=len(self.examples))
+        return settings

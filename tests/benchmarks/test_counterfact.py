@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from seka_lightning.data.benchmarks import load_counterfact
-from seka_lightning.data.benchmarks.counterfact import read_counterfact_cases
+from seka_lightning.benchmarks import load_counterfact
+from seka_lightning.benchmarks.counterfact import read_counterfact_cases
 
 
 def easyedit(case_id: int, subject: str, prompt: str, new: str, true: str, rephrase: str) -> dict[str, Any]:
@@ -385,3 +385,29 @@ def test_real_counterfact_subset_and_dev_split(shared_data: Path) -> None:
     assert subset[-1].fields["case_id"] == 5499
     dev = load_counterfact(shared_data / "counterfact", split="dev")
     assert sorted({example.fields["case_id"] for example in dev}) == list(range(4500, 5000))
+
+
+def test_hub_dataset_of_rome_records_gives_the_same_examples_as_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from seka_lightning.benchmarks import records as records_module
+
+    records = [
+        rome(1, "Toyota", "{} is based in", "Germany", "Japan", ["The headquarters of Toyota are in"]),
+        rome(0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French", ["Q1", "Q2"]),
+    ]
+    (tmp_path / "counterfact.json").write_text(json.dumps(records))
+    from_file = load_counterfact(tmp_path, split="all")
+    names = []
+
+    def fake(name, **kwargs):
+        names.append((name, kwargs["split"]))
+        return datasets.Dataset.from_list(records)
+
+    monkeypatch.setattr(records_module.datasets, "load_dataset", fake)
+    from_hub = load_counterfact("hub:azhx/counterfact", split="all")
+    assert names == [("azhx/counterfact", "train")]
+    assert from_hub == from_file
+    assert [example.fields["case_id"] for example in from_hub] == [0, 0, 0, 1, 1]

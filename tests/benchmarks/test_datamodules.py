@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from seka_lightning.data.benchmark_modules import (
+from seka_lightning.benchmarks import (
     BiasBiosDataModule,
     LostInTheMiddleDataModule,
     PronChangeDataModule,
 )
-from seka_lightning.data.benchmarks.records import resolve_split
+from seka_lightning.benchmarks.records import resolve_split
 
 SPLITS = {"test": "0:3", "dev": "3:5", "all": None}
 

@@ -1,16 +1,30 @@
-"""The example type every benchmark produces, and the small file helpers the loaders share."""
+"""The example type every benchmark produces, and the record readers the loaders share.
+
+Records are read through 🤗 datasets (``load_dataset("json" / "csv", data_files=...)`` on local files, cached in
+the datasets cache; no network call for a local file) or, for a ``hub:<name>`` path, from a hub dataset.
+"""
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import datasets
+import pyarrow
+
+log = logging.getLogger(__name__)
+
+HUB_PREFIX = "hub:"
 _GZIP_MAGIC = b"\x1f\x8b"
 _T = TypeVar("_T")
 _SLICE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
@@ -115,9 +129,80 @@ def read_text(path: str | PathLike[str]) -> str:
     return data.decode("utf-8-sig")
 
 
+def hub_name(path: str | PathLike[str]) -> str | None:
+    """The dataset name of a ``hub:<name>`` path (e.g. ``hub:azhx/counterfact``), or None for a local path."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return None
+    name = text.removeprefix(HUB_PREFIX).strip()
+    if not name:
+        raise ValueError(f"{text!r} names no dataset; write hub:<owner>/<name>, e.g. hub:azhx/counterfact")
+    return name
+
+
+def read_hub_records(name: str, *, split: str = "train") -> list[dict[str, Any]]:
+    """The records of split ``split`` of the hub dataset ``name``, class-label columns as their label names."""
+    with _quiet_datasets():
+        try:
+            dataset = datasets.load_dataset(name, split=split)
+        except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise ValueError(
+                f"hub dataset {name!r} (split {split!r}) cannot be loaded ({error}); check the name and that the hub "
+                "is reachable, or point the path at a local copy"
+            ) from error
+    if len(dataset) == 0:
+        raise ValueError(f"hub dataset {name!r} split {split!r} holds no records; choose another split")
+    labels = {column: f.names for column, f in dataset.features.items() if isinstance(f, datasets.ClassLabel)}
+    records = [_without_nulls(record) for record in dataset.to_list()]
+    for record in records:
+        for column, names in labels.items():
+            if column in record:
+                record[column] = names[record[column]]
+    return records
+
+
 def read_json_records(path: str | PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a JSON array file or a JSON-lines file (either optionally gzipped)."""
+    """The records of a JSON array file or a JSON-lines file (either optionally gzipped), read by 🤗 datasets.
+
+    Where Arrow cannot hold the file as one table (a broken line, records that are not objects, a field whose
+    type changes between records) the file is read as plain JSON instead, which names the problem or, for mixed
+    types, returns the same records.
+    """
     path = Path(path)
+    try:
+        with _quiet_datasets():
+            dataset = datasets.load_dataset("json", data_files=str(path), split="train", on_mixed_types=None)
+    except (ValueError, datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as error:
+        log.debug("%s: datasets could not read it as one table (%s); reading it as plain JSON", path, error)
+        return _read_plain_json_records(path)
+    if dataset.column_names == ["text"]:
+        # datasets wraps a JSON array of scalars as {"text": value}: check that the file really holds objects.
+        return _read_plain_json_records(path)
+    return [_without_nulls(record) for record in dataset.to_list()]
+
+
+def read_csv_rows(path: str | PathLike[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows of a CSV file (optionally gzipped), every value a string as written, read by 🤗 datasets."""
+    path = Path(path)
+    lines = csv.reader(io.StringIO(read_text(path)))
+    header = next(lines, [])
+    if not header or next(lines, None) is None:
+        return header, []
+    with _quiet_datasets():
+        dataset = datasets.load_dataset(
+            "csv",
+            data_files=str(path),
+            split="train",
+            features=datasets.Features({column: datasets.Value("string") for column in header}),
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+        )
+    return header, dataset.to_list()
+
+
+def _read_plain_json_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON array or JSON-lines file parsed as plain JSON, with errors naming the file and line."""
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
@@ -139,6 +224,27 @@ def read_json_records(path: str | PathLike[str]) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise ValueError(f"{path} record {index}: expected a JSON object, got {type(record).__name__}")
     return records
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` without the None-valued keys Arrow adds to an object for the fields other records have."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide datasets' progress bars for one read (a benchmark load is not a download), restoring the setting after."""
+    were_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not were_disabled:
+            datasets.enable_progress_bars()
 
 
 def parse_example_subset(example_subset: str) -> slice:

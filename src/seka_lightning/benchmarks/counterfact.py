@@ -1,7 +1,7 @@
-"""CounterFact as knowledge-conflict prompts: does the model follow the new fact stated in context?
+"""CounterFact (knowledge conflict: does the model follow the new fact stated in context?): records, scorer, DataModule.
 
-Reads the EasyEdit layout (``counterfact-{train,val,edit}.json``, merged and sorted by case_id)
-and the standard ROME layout (``counterfact.json``). Prompts follow BENCHMARKS.md, "unmediated
+Reads the EasyEdit layout (``counterfact-{train,val,edit}.json``, merged and sorted by case_id),
+the standard ROME layout (``counterfact.json``) and a hub dataset of ROME records (``hub:azhx/counterfact``). Prompts follow BENCHMARKS.md, "unmediated
 fact" form: ``"Previously " + old_fact + ". " + "Currently " + new_fact.rstrip(". ") + ". " + query``,
 with the attribute of the new fact highlighted.
 """
@@ -9,18 +9,26 @@ with the attribute of the new fact highlighted.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from seka_lightning.data.benchmarks.records import (
+import torch
+
+from seka_lightning.benchmarks.base import BenchmarkDataModule, BenchmarkScorer, Example, RecordId, naming_record
+from seka_lightning.benchmarks.records import (
     BenchmarkExamples,
     HighlightedExample,
+    hub_name,
     parse_example_subset,
+    read_hub_records,
     read_json_records,
     require_str,
 )
+from seka_lightning.metrics import TargetPreference, first_token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +140,37 @@ def build_counterfact_example(
 
 def read_counterfact_cases(path: str | PathLike[str]) -> list[CounterFactCase]:
     """Every case under ``path`` (either layout), sorted by case_id; duplicate case_ids are an error."""
+    cases: list[CounterFactCase] = []
+    origin: dict[int, str] = {}
+    for source, records in _sources(path):
+        for index, record in enumerate(records):
+            case = _parse_case(record, where=f"{source} record {index}")
+            if case.case_id in origin:
+                raise ValueError(
+                    f"{source} record {index}: case_id {case.case_id} already appears in "
+                    f"{origin[case.case_id]}; each case must appear once"
+                )
+            origin[case.case_id] = source
+            cases.append(case)
+    cases.sort(key=lambda case: case.case_id)
+    return cases
+
+
+def _sources(path: str | PathLike[str]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """The records of each file of the layout under ``path`` (or of a ``hub:<name>`` dataset), with the source's name."""
+    name = hub_name(path)
+    if name is not None:
+        yield name, read_hub_records(name)
+        return
     path = Path(path)
     if path.is_dir():
         files = _layout_files(path)
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"CounterFact path {path} does not exist; point it at a folder or a JSON file")
-    cases: list[CounterFactCase] = []
-    origin: dict[int, str] = {}
+        raise ValueError(f"CounterFact path {path} does not exist; point it at a folder, a JSON file or hub:<name>")
     for file in files:
-        for index, record in enumerate(read_json_records(file)):
-            case = _parse_case(record, where=f"{file.name} record {index}")
-            if case.case_id in origin:
-                raise ValueError(
-                    f"{file.name} record {index}: case_id {case.case_id} already appears in "
-                    f"{origin[case.case_id]}; each case must appear once"
-                )
-            origin[case.case_id] = file.name
-            cases.append(case)
-    cases.sort(key=lambda case: case.case_id)
-    return cases
+        yield file.name, read_json_records(file)
 
 
 def _layout_files(folder: Path) -> list[Path]:
@@ -237,3 +255,110 @@ def _split_slice(split: str | slice) -> tuple[slice, str]:
     if chosen.start is None:
         return chosen, f"split {split!r}"
     return chosen, f"split {split!r} (cases {chosen.start}:{chosen.stop})"
+
+
+class CounterFactScorer(BenchmarkScorer):
+    """Efficacy (first paraphrase prompt) and paraphrase (every paraphrase prompt, fraction per case) scores:
+    a prompt is won when the first-token log-prob of the new target beats the old one's (BENCHMARKS.md).
+
+    Record ids are the case_id; efficacy records carry ``efficacy_score`` (0/1) and ``efficacy_magnitude``
+    (P(new) - P(old)), paraphrase records ``paraphrase_score`` and ``paraphrase_magnitude``.
+    """
+
+    benchmark = "counterfact"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.efficacy = TargetPreference()
+        self.paraphrase = TargetPreference()
+
+    def record_id(self, example: Example) -> RecordId:
+        return example["fields"]["case_id"]
+
+    def score(self, method, model, tokenizer, enc, examples):
+        targets = []
+        for example in examples:
+            fields = example["fields"]
+            with naming_record(self.benchmark, self.record_id(example)):
+                targets.append(
+                    (self.first_ids(tokenizer, fields["target_new"]), self.first_ids(tokenizer, fields["target_true"]))
+                )
+        logprobs = torch.log_softmax(method.prompt_logits(model, enc), dim=-1)
+        records, by_case = [], defaultdict(list)
+        for row, (example, (new_ids, old_ids)) in enumerate(zip(examples, targets, strict=True)):
+            fields = example["fields"]
+            new = first_token_logprob(logprobs[row], new_ids)
+            old = first_token_logprob(logprobs[row], old_ids)
+            prefix = "efficacy" if fields["kind"] == "efficacy" else "paraphrase"
+            won = bool(new > old)
+            magnitude = float(new.double().exp() - old.double().exp())
+            records.append(
+                {
+                    "id": fields["case_id"],
+                    "case_id": fields["case_id"],
+                    "kind": fields["kind"],
+                    "logp_new": float(new),
+                    "logp_old": float(old),
+                    "won": won,
+                    "scores": {f"{prefix}_score": float(won), f"{prefix}_magnitude": magnitude},
+                }
+            )
+            if fields["kind"] == "efficacy":
+                self.efficacy.update(new[None], old[None])
+            else:
+                by_case[fields["case_id"]].append((new, old))
+        if by_case:
+            width = max(len(pairs) for pairs in by_case.values())
+            new = torch.zeros(len(by_case), width, device=logprobs.device)
+            old = torch.zeros_like(new)
+            mask = torch.zeros_like(new, dtype=torch.bool)
+            for i, pairs in enumerate(by_case.values()):
+                for j, (n, o) in enumerate(pairs):
+                    new[i, j], old[i, j], mask[i, j] = n, o, True
+            self.paraphrase.update(new, old, mask=mask)
+        return records
+
+    def compute(self):
+        efficacy, paraphrase = self.efficacy.compute(), self.paraphrase.compute()
+        return {
+            "efficacy_score": float(efficacy["score"]),
+            "efficacy_magnitude": float(efficacy["magnitude"]),
+            "paraphrase_score": float(paraphrase["score"]),
+            "paraphrase_magnitude": float(paraphrase["magnitude"]),
+        }
+
+
+class CounterFactDataModule(BenchmarkDataModule):
+    """CounterFact efficacy and paraphrase prompts (BENCHMARKS.md), test split 5000:10000 by default."""
+
+    benchmark = "counterfact"
+
+    def __init__(
+        self,
+        path: str = "../shared/data/counterfact",
+        *,
+        split: str | None = None,
+        example_subset: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        """
+        Args:
+            path: the EasyEdit folder (train/val/edit JSON) or a ROME ``counterfact.json``.
+            split: ``test`` (5000:10000), ``dev`` (4500:5000) or ``all``; None with no example_subset means test.
+            example_subset: a slice of the case_id-ordered records, e.g. ``"5000:5500"``.
+            batch_size: prompts per batch (a case's paraphrases stay together).
+        """
+        super().__init__(path, batch_size=batch_size)
+        self.split, self.example_subset = split, example_subset
+
+    def load(self) -> BenchmarkExamples:
+        return load_counterfact(self.path, split=self.split, example_subset=self.example_subset)
+
+    def group_key(self, example: HighlightedExample) -> Any:
+        return example.fields["case_id"]
+
+    def scorer(self) -> BenchmarkScorer:
+        return CounterFactScorer()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "split": self.split, "example_subset": self.example_subset}

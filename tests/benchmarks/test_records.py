@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from seka_lightning.data.benchmarks.records import (
+from seka_lightning.benchmarks.records import (
     BenchmarkExamples,
     HighlightedExample,
+    hub_name,
     parse_example_subset,
+    read_hub_records,
     read_json_records,
     require_str,
     select_subset,
@@ -145,3 +147,64 @@ def test_require_str_names_the_record_and_the_field() -> None:
         require_str({"a": "x"}, "b", where="f.json record 3")
     with pytest.raises(ValueError, match=re.escape("f.json record 3: field 'a' must be a non-empty string, got ' '")):
         require_str({"a": " "}, "a", where="f.json record 3")
+
+
+def test_read_json_records_goes_through_datasets_and_keeps_mixed_types_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from seka_lightning.benchmarks import records as records_module
+
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(records_module.datasets, "load_dataset", spy)
+    file = tmp_path / "r.jsonl"
+    file.write_text(json.dumps({"a": "x", "b": {"c": 1}}) + "\n" + json.dumps({"a": "y"}) + "\n")
+    # Arrow fills the field the second record lacks with null; the records come back as written.
+    assert read_json_records(file) == [{"a": "x", "b": {"c": 1}}, {"a": "y"}]
+    assert calls[-1][0] == ("json",) and calls[-1][1]["data_files"] == str(file)
+    # A field whose type changes between records: datasets would re-encode it, so it is read as plain JSON.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"id": 1}) + "\n" + json.dumps({"id": "2"}) + "\n")
+    assert read_json_records(mixed) == [{"id": 1}, {"id": "2"}]
+
+
+def test_hub_paths_pass_the_name_to_load_dataset_and_decode_class_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from seka_lightning.benchmarks import records as records_module
+
+    features = datasets.Features(
+        {"hard_text": datasets.Value("string"), "profession": datasets.ClassLabel(names=["nurse", "poet"])}
+    )
+    table = datasets.Dataset.from_list([{"hard_text": "A.", "profession": 1}], features=features)
+    calls = []
+
+    def fake(name, **kwargs):
+        calls.append((name, kwargs))
+        return table
+
+    monkeypatch.setattr(records_module.datasets, "load_dataset", fake)
+    assert hub_name("hub:LabHC/bias_in_bios") == "LabHC/bias_in_bios"
+    assert hub_name("data/bios.csv") is None
+    assert read_hub_records("LabHC/bias_in_bios", split="test") == [{"hard_text": "A.", "profession": "poet"}]
+    assert calls == [("LabHC/bias_in_bios", {"split": "test"})]
+    with pytest.raises(ValueError, match=re.escape("'hub:' names no dataset; write hub:<owner>/<name>")):
+        hub_name("hub:")
+
+
+def test_an_unreachable_hub_dataset_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from seka_lightning.benchmarks import records as records_module
+
+    def offline(name, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(records_module.datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=re.escape("hub dataset 'azhx/counterfact' (split 'train') cannot be loaded")):
+        read_hub_records("azhx/counterfact")

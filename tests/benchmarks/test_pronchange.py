@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from seka_lightning.data.benchmarks import load_pronchange
-from seka_lightning.data.benchmarks.pronchange import SPLITS
+from seka_lightning.benchmarks import load_pronchange
+from seka_lightning.benchmarks.pronchange import SPLITS
 
 BIO = "She teaches math in Lyon. Her students love her."
 

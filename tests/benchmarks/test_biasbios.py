@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from seka_lightning.data.benchmarks import load_biasbios
-from seka_lightning.data.benchmarks.biasbios import first_sentence_end, read_bios
+from seka_lightning.benchmarks import load_biasbios
+from seka_lightning.benchmarks.biasbios import first_sentence_end, read_bios
 
 NURSE_BIO = "She works night shifts at St. Mary's hospital. Dr. Lee trained her. She loves it."
 ARCHITECT_BIO = "He designed three bridges in Oslo! Later he moved to Rome."

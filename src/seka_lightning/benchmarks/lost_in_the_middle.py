@@ -1,4 +1,4 @@
-"""Lost in the middle: multi-document QA with the middle documents highlighted.
+"""Lost in the middle (multi-document QA, the middle documents highlighted): records, scorer, DataModule.
 
 Reads the NQ-Open oracle file (one gold passage per question), building k-document contexts
 from other questions' gold passages as distractors, and the public multi-document files of the
@@ -15,13 +15,26 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
-from seka_lightning.data.benchmarks.records import (
+from seka_lightning.benchmarks.base import (
+    BenchmarkDataModule,
+    BenchmarkScorer,
+    Example,
+    RecordId,
+    decode,
+    finite,
+    naming_record,
+)
+from seka_lightning.benchmarks.records import (
     BenchmarkExamples,
     HighlightedExample,
+    hub_name,
+    read_hub_records,
     read_json_records,
     require_str,
+    resolve_split,
     select_subset,
 )
+from seka_lightning.metrics import MeanScore, SubspanExactMatch, best_subspan_em
 
 Highlight = Literal["middle", "all"]
 HIGHLIGHTS: tuple[str, ...] = ("middle", "all")
@@ -76,13 +89,12 @@ def load_lost_in_the_middle(
         raise ValueError(f"highlight {highlight!r} is not one of {list(HIGHLIGHTS)}")
     if num_documents is not None and num_documents < 1:
         raise ValueError(f"num_documents must be >= 1, got {num_documents}")
-    path = Path(path)
-    questions = _read_questions(path)
+    source, questions = _read_questions(path)
     selected = select_subset(questions, example_subset, what=f"questions in {path}")
     counts = {len(question.passages) for question in questions}
     if 1 in counts and len(counts) > 1:
         raise ValueError(
-            f"{path.name} mixes oracle records (one passage) with multi-document records; use one layout per file"
+            f"{source} mixes oracle records (one passage) with multi-document records; use one layout per file"
         )
     oracle = counts == {1}
     examples = []
@@ -90,7 +102,7 @@ def load_lost_in_the_middle(
         k = DEFAULT_NUM_DOCUMENTS if num_documents is None else num_documents
         if gold_position is None:
             raise ValueError(
-                f"{path.name} is an oracle file (one passage per question), so gold_position is required; "
+                f"{source} is an oracle file (one passage per question), so gold_position is required; "
                 f"pass 0 <= gold_position < num_documents = {k} (the protocol uses {list(GOLD_POSITIONS)} for 30)"
             )
         if not 0 <= gold_position < k:
@@ -100,12 +112,12 @@ def load_lost_in_the_middle(
         pool = [question.passages[0] for question in questions]
         pool_normalized = [f" {normalize_words(f'{passage.title} {passage.text}')} " for passage in pool]
         for question in selected:
-            distractors = _draw_distractors(question, pool, pool_normalized, count=k - 1, seed=seed, source=path)
+            distractors = _draw_distractors(question, pool, pool_normalized, count=k - 1, seed=seed, source=source)
             documents = [*distractors[:gold_position], question.passages[0], *distractors[gold_position:]]
             examples.append(_example(question, documents, gold_position, highlight))
     else:
         for question in selected:
-            where = f"{path.name} record {question.index}"
+            where = f"{source} record {question.index}"
             if num_documents is not None and len(question.passages) != num_documents:
                 raise ValueError(
                     f"{where}: has {len(question.passages)} documents, not num_documents = {num_documents}"
@@ -187,7 +199,7 @@ def _draw_distractors(
     *,
     count: int,
     seed: int,
-    source: Path,
+    source: str,
 ) -> list[Passage]:
     """``count`` distinct pool passages, none the gold one nor containing a gold answer, in draw order.
 
@@ -202,7 +214,7 @@ def _draw_distractors(
     while len(chosen) < count:
         if len(tried) == len(pool):
             raise ValueError(
-                f"{source.name} record {question.index}: only {len(chosen)} of the {count} distractors needed "
+                f"{source} record {question.index}: only {len(chosen)} of the {count} distractors needed "
                 "contain none of its answers; lower num_documents"
             )
         candidate = rng.randrange(len(pool))
@@ -217,12 +229,19 @@ def _draw_distractors(
     return chosen
 
 
-def _read_questions(path: Path) -> list[_Question]:
-    if not path.is_file():
-        raise ValueError(f"lost-in-the-middle path {path} is not a file; point it at a .jsonl(.gz) file")
+def _read_questions(path: str | PathLike[str]) -> tuple[str, list[_Question]]:
+    """The questions of a local file or a ``hub:<name>`` dataset, with the name errors should give the source."""
+    name = hub_name(path)
+    if name is not None:
+        source, records = name, read_hub_records(name)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"lost-in-the-middle path {path} is not a file; point it at a .jsonl(.gz) file")
+        source, records = path.name, read_json_records(path)
     questions = []
-    for index, record in enumerate(read_json_records(path)):
-        where = f"{path.name} record {index}"
+    for index, record in enumerate(records):
+        where = f"{source} record {index}"
         question = require_str(record, "question", where=where)
         answers = record.get("answers")
         if not isinstance(answers, list) or not answers or not all(isinstance(answer, str) for answer in answers):
@@ -242,4 +261,137 @@ def _read_questions(path: Path) -> list[_Question]:
                 f"{where}: a multi-document record needs exactly one ctx with isgold true, found {len(gold)}"
             )
         questions.append(_Question(index, question, tuple(answers), tuple(passages), gold[0] if gold else 0))
-    return questions
+    return source, questions
+
+
+class LostInTheMiddleScorer(BenchmarkScorer):
+    """Best-subspan exact match of a short generated answer: overall, per gold position, and with the gold
+    document inside / outside the highlighted documents.
+
+    Record ids are ``q{question index}@pos{gold position}``; each record carries ``exact_match``,
+    ``exact_match_pos_<p>`` and one of ``exact_match_inside`` / ``exact_match_outside`` (0/1). A group no
+    record falls in (e.g. "outside" when every document is highlighted) is left out of ``compute``.
+    """
+
+    benchmark = "lost_in_the_middle"
+
+    def __init__(self, *, positions: Sequence[int], max_new_tokens: int = 60) -> None:
+        super().__init__()
+        self.max_new_tokens = max_new_tokens
+        self.exact_match = SubspanExactMatch(positions=tuple(positions))
+        self.inside = MeanScore(allow_empty=True)
+        self.outside = MeanScore(allow_empty=True)
+
+    def record_id(self, example: Example) -> RecordId:
+        fields = example["fields"]
+        return f"q{fields['record_index']}@pos{fields['gold_position']}"
+
+    def score(self, method, model, tokenizer, enc, examples):
+        out = method.generate(model, enc, max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        predictions = decode(tokenizer, out)
+        records = []
+        for example, prediction in zip(examples, predictions, strict=True):
+            fields = example["fields"]
+            with naming_record(self.benchmark, self.record_id(example)):
+                answers = list(fields["answers"])
+                correct = float(best_subspan_em(prediction, answers))
+            position, inside = fields["gold_position"], bool(fields["gold_inside_highlight"])
+            records.append(
+                {
+                    "id": self.record_id(example),
+                    "prediction": prediction,
+                    "answers": answers,
+                    "gold_position": position,
+                    "gold_inside_highlight": inside,
+                    "exact_match": correct,
+                    "scores": {
+                        "exact_match": correct,
+                        f"exact_match_pos_{position}": correct,
+                        f"exact_match_{'inside' if inside else 'outside'}": correct,
+                    },
+                }
+            )
+        self.exact_match.update(predictions, [r["answers"] for r in records], [r["gold_position"] for r in records])
+        self.inside.update([r["exact_match"] for r in records if r["gold_inside_highlight"]])
+        self.outside.update([r["exact_match"] for r in records if not r["gold_inside_highlight"]])
+        return records
+
+    def compute(self):
+        result = {
+            ("exact_match" if k == "em" else k.replace("em_pos_", "exact_match_pos_")): v
+            for k, v in self.exact_match.compute().items()
+        }
+        result["exact_match_inside"] = self.inside.compute()
+        result["exact_match_outside"] = self.outside.compute()
+        return finite(result)
+
+
+class LostInTheMiddleDataModule(BenchmarkDataModule):
+    """Lost in the middle: k-document contexts with the gold passage at each requested position (BENCHMARKS.md)."""
+
+    benchmark = "lost_in_the_middle"
+
+    def __init__(
+        self,
+        path: str = "../shared/data/lost_in_the_middle/nq-open-oracle.jsonl.gz",
+        *,
+        num_documents: int = DEFAULT_NUM_DOCUMENTS,
+        gold_positions: Sequence[int] = GOLD_POSITIONS,
+        highlight: str = "middle",
+        seed: int = 0,
+        split: str | None = None,
+        example_subset: str | None = None,
+        max_new_tokens: int = 60,
+        batch_size: int = 8,
+    ) -> None:
+        """
+        Args:
+            path: the NQ-open oracle file (contexts are built from it) or a multi-document jsonl(.gz).
+            num_documents: documents per context (oracle file only; 30 in the protocol).
+            gold_positions: where the gold passage goes (one prompt per question and position).
+            highlight: ``middle`` (documents 5 through 25 of 30, ``ctxs[4:25]``) or ``all`` documents (a variant).
+            seed: distractor sampling seed.
+            split: ``test`` (questions 0:300, reported), ``dev`` (2555:2655, for tuning) or ``all``; None with
+                no example_subset means test.
+            example_subset: a slice of the questions instead of a split, e.g. ``"0:50"``.
+            max_new_tokens: answer length (60 in the protocol).
+            batch_size: prompts per batch.
+        """
+        super().__init__(path, batch_size=batch_size)
+        self.num_documents, self.gold_positions = num_documents, list(gold_positions)
+        self.highlight, self.seed, self.split, self.example_subset = highlight, seed, split, example_subset
+        self.max_new_tokens = max_new_tokens
+        self.subset = resolve_split(split, example_subset, SPLITS)
+
+    def load(self) -> BenchmarkExamples:
+        parts = [
+            load_lost_in_the_middle(
+                self.path,
+                num_documents=self.num_documents,
+                gold_position=position,
+                seed=self.seed,
+                highlight=self.highlight,
+                example_subset=self.subset,
+            )
+            for position in self.gold_positions
+        ]
+        return BenchmarkExamples(
+            self.benchmark,
+            tuple(e for part in parts for e in part),
+            tuple(uid for part in parts for uid in part.missing_highlight),
+        )
+
+    def scorer(self) -> BenchmarkScorer:
+        return LostInTheMiddleScorer(positions=self.gold_positions, max_new_tokens=self.max_new_tokens)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "num_documents": self.num_documents,
+            "gold_positions": self.gold_positions,
+            "highlight": self.highlight,
+            "seed": self.seed,
+            "split": self.split,
+            "example_subset": self.example_subset,
+            "slice": self.subset,
+        }

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from seka_lightning.data.benchmarks import load_lost_in_the_middle, middle_documents
-from seka_lightning.data.benchmarks.lost_in_the_middle import INSTRUCTION, normalize_words
+from seka_lightning.benchmarks import load_lost_in_the_middle, middle_documents
+from seka_lightning.benchmarks.lost_in_the_middle import INSTRUCTION, normalize_words
 
 
 def oracle_record(question: str, answers: list[str], title: str, text: str) -> dict[str, Any]:

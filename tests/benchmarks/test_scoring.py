@@ -15,17 +15,20 @@ from typing import Any
 import pytest
 import torch
 
-from seka_lightning.data.benchmark_modules import _as_dict
-from seka_lightning.data.benchmarks import load_biasbios, load_counterfact, load_lost_in_the_middle, load_pronchange
-from seka_lightning.methods import HighlightMethod
-from seka_lightning.metrics import n_gram_entropy, pronoun_change
-from seka_lightning.scoring import (
+from seka_lightning.benchmarks import (
     BiasBiosScorer,
     CounterFactScorer,
     LostInTheMiddleScorer,
     PronChangeScorer,
     RecordError,
+    load_biasbios,
+    load_counterfact,
+    load_lost_in_the_middle,
+    load_pronchange,
 )
+from seka_lightning.benchmarks.base import as_dict as _as_dict
+from seka_lightning.methods import HighlightMethod
+from seka_lightning.metrics import n_gram_entropy, pronoun_change
 
 CASES = [
     (0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French", ["{} speaks", "{} grew up speaking"]),

@@ -28,7 +28,7 @@ from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums
-from seka_lightning.steering import LayerSpec, parse_layers
+from seka_lightning.layers import LayerSpec, parse_layers
 
 log = logging.getLogger(__name__)
 

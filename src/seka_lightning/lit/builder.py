@@ -22,7 +22,7 @@ from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
-from seka_lightning.steering import parse_layers
+from seka_lightning.layers import parse_layers
 
 log = logging.getLogger(__name__)
 

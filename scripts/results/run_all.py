@@ -131,7 +131,7 @@ def stage_experts(args, out: Path) -> None:
 def stage_gate(args, out: Path) -> None:
     """Fit the learned routing gate on the held-out synthetic QA (200 pairs train, 100 validate) with the search's
     gain and layers, and record the held-out answer NLL before (gate = identity = router) and after fitting."""
-    from seka_lightning.lit.gate import AdaSekaGateTrainer, GateQADataModule
+    from seka_lightning.adaseka.gate import AdaSekaGateTrainer, GateQADataModule
 
     best = json.loads((out / "search" / f"{args.tag}.json").read_text())["best"]
     module = AdaSekaGateTrainer(
@@ -190,13 +190,13 @@ def methods(args, out: Path, *, long_context: bool) -> dict[str, HighlightMethod
         "spa": SpaMethod(strength=20.0 if long_context else 1.6),
     }
     if (out / "experts" / args.tag).is_dir():
-        from seka_lightning.lit.selector import AdaSekaSelector
+        from seka_lightning.adaseka.method import AdaSekaMethod
 
         experts = expert_banks(out, args.tag)
-        chosen["adaseka"] = AdaSekaSelector(experts, gain=best["gain_pos"], layers=best["layers"])
+        chosen["adaseka"] = AdaSekaMethod(experts, gain=best["gain_pos"], layers=best["layers"])
         gate = out / "gates" / f"{args.tag}.safetensors"
         if gate.exists():
-            chosen["adaseka_gate"] = AdaSekaSelector(
+            chosen["adaseka_gate"] = AdaSekaMethod(
                 experts, gain=best["gain_pos"], layers=best["layers"], gate=str(gate)
             )
     return {name: m for name, m in chosen.items() if name in args.methods}

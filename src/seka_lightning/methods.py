@@ -115,14 +115,15 @@ class KeySteeringMethod(HighlightMethod):
         self._fused: FusedGains | None = None
         self._layout: ModelLayout | None = None
 
-    def load_bank(self, layout: ModelLayout) -> ProjectionBank:
-        """The bank this method steers with, for the model of ``layout`` (called once, by :meth:`setup`)."""
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        """The bank this method steers with, for ``model`` (called once, by :meth:`setup`)."""
         raise NotImplementedError
 
-    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._layout = resolve_layout(model)
+    def setup(self, model: nn.Module | None, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Load the bank; with ``model`` None only the bank is loaded and the layout is found at the first batch."""
         if self.bank is None:
-            self.bank = self.load_bank(self._layout)
+            self.bank = self.load_bank(model)
+        self._layout = None if model is None else resolve_layout(model)
 
     def layer_mapping_for(self, num_layers: int) -> dict[int, int]:
         """Model layer id -> bank index of the layers this method edits (after :meth:`setup`)."""
@@ -192,7 +193,7 @@ class SekaMethod(KeySteeringMethod):
         super().__init__(bank, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping)
         self.neg_path = neg
 
-    def load_bank(self, layout: ModelLayout) -> ProjectionBank:
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
         return ProjectionBank.load(self.bank_path, neg=self.neg_path)
 
     def describe(self) -> dict:

@@ -26,6 +26,7 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.families import LayerSites, ModelLayout, keys_view, resolve_layout, with_keys
 from seka_lightning.layers import LayerSpec, select_bank_layers
 
+
 class NoEditWarning(UserWarning):
     """Steering was asked for but edits nothing (zero gains, only skipped heads, or prompts without a highlight)."""
 

@@ -205,8 +205,8 @@ def test_report_never_writes_over_a_result_or_a_user_file(tmp_path):
 
 
 def test_pasta_profile_validator_and_gate_check_before_the_model_loads(tmp_path, no_model):
+    from seka_lightning.adaseka.gate import AdaSekaGateTrainer
     from seka_lightning.baselines.pasta_profile import profile_heads
-    from seka_lightning.lit.gate import AdaSekaGateTrainer
     from seka_lightning.lit.validator import BankValidator
 
     data = tmp_path / "qa.jsonl"

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.families import ModelLayout
+from seka_lightning.families import resolve_layout
 from seka_lightning.methods import KeySteeringMethod
 
 
@@ -51,7 +52,10 @@ class KeyScalingMethod(KeySteeringMethod):
         """
         super().__init__(bank, gain_pos=gain_pos, gain_neg=None, layers=layers, layer_mapping=layer_mapping)
 
-    def load_bank(self, layout: ModelLayout) -> ProjectionBank:
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        if model is None:
+            raise ValueError("KeyScalingMethod.setup needs the model: the identity bank takes its head geometry")
+        layout = resolve_layout(model)
         layer_ids = ProjectionBank.load(self.bank_path).layers if self.bank_path else range(layout.num_layers)
         return identity_bank(
             layer_ids, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_layers=layout.num_layers

@@ -8,13 +8,12 @@ the identity; here each head keeps its real projector's rank, so the ablation is
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 import torch
+from torch import nn
 
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.families import ModelLayout
 from seka_lightning.methods import SekaMethod
 
 log = logging.getLogger(__name__)
@@ -82,8 +81,8 @@ class RandomProjectionMethod(SekaMethod):
         super().__init__(bank, **settings)
         self.seed = seed
 
-    def load_bank(self, layout: ModelLayout) -> ProjectionBank:
-        real = super().load_bank(layout)
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        real = super().load_bank(model)
         log.info(
             "random projectors (seed %d) with the ranks of %s: %d of %d heads non-zero",
             self.seed,

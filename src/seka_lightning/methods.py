@@ -125,6 +125,10 @@ class KeySteeringMethod(HighlightMethod):
             self.bank = self.load_bank(model)
         self._layout = None if model is None else resolve_layout(model)
 
+    def source_files(self) -> dict[str, str | None]:
+        """The files the method reads, by argument name (for output-path checks)."""
+        return {"bank": self.bank_path}
+
     def layer_mapping_for(self, num_layers: int) -> dict[int, int]:
         """Model layer id -> bank index of the layers this method edits (after :meth:`setup`)."""
         if self.bank is None:
@@ -195,6 +199,9 @@ class SekaMethod(KeySteeringMethod):
 
     def load_bank(self, model: nn.Module | None) -> ProjectionBank:
         return ProjectionBank.load(self.bank_path, neg=self.neg_path)
+
+    def source_files(self) -> dict[str, str | None]:
+        return {**super().source_files(), "neg": self.neg_path}
 
     def describe(self) -> dict:
         return {**super().describe(), "neg": self.neg_path}

@@ -195,7 +195,7 @@ def _seka(ctx: FactoryContext) -> HighlightMethod:
 
 
 def _adaseka(ctx: FactoryContext) -> HighlightMethod:
-    from seka_lightning.lit.selector import AdaSekaSelector
+    from seka_lightning.adaseka.method import AdaSekaMethod
 
     experts = {
         f"expert{i}": str(
@@ -205,7 +205,7 @@ def _adaseka(ctx: FactoryContext) -> HighlightMethod:
         )
         for i in range(4)
     }
-    return AdaSekaSelector(experts)
+    return AdaSekaMethod(experts)
 
 
 def _pasta(ctx: FactoryContext) -> HighlightMethod:

@@ -123,7 +123,8 @@ def test_a_missing_bank_or_model_path_fails_before_loading(tmp_path, monkeypatch
     missing = str(tmp_path / "missing" / ("bank.safetensors" if key == "bank" else "model"))
     bank = tmp_path / "bank.safetensors"
     bank.touch()
-    paths = {"bank": str(bank), "pretrained": "embedded:smollm2-135m", key: missing}
+    paths = {"method.bank": str(bank), "pretrained": "embedded:smollm2-135m"}
+    paths["method.bank" if key == "bank" else key] = missing
     argv = ["-c", str(CONFIGS / "predict/highlight.yaml")]  # run=False: no subcommand
     argv += [f"--model.{name}={value}" for name, value in paths.items()]
     with pytest.raises(FileNotFoundError, match=f"'{missing}' does not exist"):

@@ -45,7 +45,7 @@ def test_decoder_matches_generate_for_none_and_seka(setup, compile: bool) -> Non
 
 
 def test_decoder_matches_generate_for_adaseka(setup, tmp_path: Path) -> None:
-    from seka_lightning.lit.selector import AdaSekaSelector
+    from seka_lightning.adaseka.method import AdaSekaMethod
 
     model, _, enc = setup
     shape = get_shape("tiny")
@@ -53,7 +53,7 @@ def test_decoder_matches_generate_for_adaseka(setup, tmp_path: Path) -> None:
         f"e{i}": str(random_bank(shape, rank=8, seed=1 + i, positive_only=True).save(tmp_path / f"e{i}.safetensors"))
         for i in range(3)
     }
-    adaseka = AdaSekaSelector(experts, gain=4.0)
+    adaseka = AdaSekaMethod(experts, gain=4.0)
     adaseka.setup(model, None)
     decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=True, backend="eager")
     reference = adaseka.generate(model, enc, max_new_tokens=NEW, pad_token_id=0)

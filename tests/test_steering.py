@@ -7,7 +7,8 @@ import torch
 
 from seka_lightning import ProjectionBank, encode_highlighted, steer
 from seka_lightning.families import keys_view, resolve_layout
-from seka_lightning.steering import NoEditWarning, parse_layers, select_bank_layers, split_gains
+from seka_lightning.layers import parse_layers, select_bank_layers
+from seka_lightning.steering import NoEditWarning, split_gains
 
 PROMPTS = [
     "Previously the keepers carried **silver lanterns** across the north harbor. What do they carry?",

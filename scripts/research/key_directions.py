@@ -34,12 +34,13 @@ from torch import nn
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.baselines.random_projection import projector_ranks, random_projectors
+from seka_lightning.benchmarks.counterfact import load_counterfact
 from seka_lightning.capture import collect_triplet_keys
-from seka_lightning.data.benchmarks.counterfact import load_counterfact
 from seka_lightning.data.triplets import iter_triplets, read_pairs
 from seka_lightning.families import ModelLayout, keys_view, resolve_layout
 from seka_lightning.files import write_json
 from seka_lightning.highlight import encode_spans
+from seka_lightning.layers import parse_layers
 from seka_lightning.methods import position_ids_for
 from seka_lightning.metrics import first_token_logprob, target_first_token_ids
 from seka_lightning.models import load_model
@@ -47,7 +48,7 @@ from seka_lightning.projections import projections_from_sums
 from seka_lightning.significance import mcnemar_exact as significance_mcnemar
 from seka_lightning.significance import wilson_interval
 from seka_lightning.stats import KeyStatistics
-from seka_lightning.steering import FusedGains, KeySteerer, parse_layers
+from seka_lightning.steering import FusedGains, KeySteerer
 
 log = logging.getLogger("key_directions")
 

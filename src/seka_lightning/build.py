@@ -25,10 +25,10 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import PAIR_FIELDS, Triplet, triplets_from_pair
 from seka_lightning.families import ModelLayout, resolve_layout
+from seka_lightning.layers import LayerSpec, parse_layers
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums
-from seka_lightning.steering import LayerSpec, parse_layers
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,7 @@ def fit_summary(model: Any, trainer: Any) -> list[str]:
     if isinstance(model, ProjectionBuilder):
         bank, pretrained = model.hparams.output, model.hparams.pretrained
         model_option = "" if pretrained == "embedded:smollm2-135m" else f" --model.pretrained {pretrained}"
-        lines.append(f"next: seka predict -c configs/predict/highlight.yaml{model_option} --model.bank {bank}")
+        lines.append(f"next: seka predict -c configs/predict/highlight.yaml{model_option} --model.method.bank {bank}")
         lines.append(f'  or: seka generate "Currently **X is in Rome**. Where is X?" --bank {bank}')
     return lines
 
@@ -153,7 +153,7 @@ def validate_summary(model: Any) -> list[str]:
         return []
     return [
         f"curves in {output}, figure in {Path(output).with_suffix('.png')}",
-        f"next: seka predict -c configs/predict/highlight.yaml --model.bank {model.hparams.bank}",
+        f"next: seka predict -c configs/predict/highlight.yaml --model.method.bank {model.method.bank_path}",
     ]
 
 
@@ -165,7 +165,7 @@ def predict_summary(trainer: Any) -> list[str]:
     for callback in trainer.callbacks:
         if isinstance(callback, ComparisonWriter):
             lines.append(f"unsteered and steered generations in {callback.output}")
-            bank = trainer.lightning_module.hparams.get("bank")
+            bank = getattr(trainer.lightning_module.method, "bank_path", None)
             if bank is not None:
                 lines.append(
                     "next, on a benchmark: seka predict -c configs/eval/counterfact.yaml --model.method SekaMethod "

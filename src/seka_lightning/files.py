@@ -186,7 +186,7 @@ def _safetensors_kind(path: Path) -> str | None:
             header, names = f.metadata() or {}, set(f.keys())
     except SafetensorError:
         return None
-    if header.get("format") == "seka-routing-gate":  # lit.gate.GATE_FORMAT (not imported: gate imports this module)
+    if header.get("format") == "seka-routing-gate":  # adaseka.gate.GATE_FORMAT (not imported: gate imports this module)
         return GATE
     seka = json.loads(header.get("seka", "{}"))
     if seka.get("format") == "seka-lightning-bank":

@@ -20,9 +20,10 @@ from torch import nn
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.highlight import encode_highlighted
+from seka_lightning.layers import LayerSpec
 from seka_lightning.methods import HighlightMethod, SekaMethod
 from seka_lightning.models import check_model_source, load_model
-from seka_lightning.steering import FusedGains, KeySteerer, LayerSpec, highlight_mask_of
+from seka_lightning.steering import FusedGains, KeySteerer, highlight_mask_of
 
 log = logging.getLogger(__name__)
 

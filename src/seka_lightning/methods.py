@@ -2,12 +2,13 @@
 
 A method turns an encoded batch (``input_ids``, ``attention_mask``, ``highlight_mask``, all ``[B, T]``, left-padded)
 into next-token logits at the last prompt position and into greedy continuations. Hook-based methods (SEKA, the
-random-projection ablation, PASTA, AdaSEKA) only override :meth:`HighlightMethod.active`; methods that change
+random-projection ablation, key scaling, PASTA, AdaSEKA) only override :meth:`HighlightMethod.active`; methods that change
 decoding itself (SPA) override :meth:`prompt_logits` and :meth:`generate`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.families import ModelLayout, resolve_layout
+from seka_lightning.layers import LayerSpec, check_layer_mapping, check_layer_spec, select_bank_layers
 from seka_lightning.steering import FusedGains, KeySteerer
 
 Encoded = dict[str, torch.Tensor]
@@ -74,47 +76,69 @@ class HighlightMethod:
         return {"method": self.name}
 
 
-class SekaMethod(HighlightMethod):
-    """SEKA key steering with a projection bank (SPEC §4)."""
+class KeySteeringMethod(HighlightMethod):
+    """SEKA's key edit with a projection bank (SPEC §4): the settings SEKA and its ablations share, declared once.
 
-    name = "seka"
+    Subclasses say where the bank comes from (:meth:`load_bank`); the hooks, the layer selection and the fused gains
+    are the same for all of them.
+    """
+
     uses_highlight = True
 
     def __init__(
         self,
-        bank: str,
+        bank: str | None,
         *,
-        neg: str | None = None,
         gain_pos: float = 1.0,
         gain_neg: float | None = None,
-        layers: str = "all",
+        layers: LayerSpec = "all",
         layer_mapping: str = "by_id",
     ) -> None:
         """
         Args:
             bank: projection bank file (``.safetensors`` from ``seka fit`` or a reference ``*_pos_proj.pt``).
-            neg: reference negative ``.pt`` paired with a reference positive file.
             gain_pos: g+ of SPEC §4.
             gain_neg: g- (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive projector only.
             layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
             layer_mapping: ``by_id`` or ``positional`` (the reference's pairing).
         """
-        self.bank_path, self.neg_path = bank, neg
+        if not math.isfinite(gain_pos):
+            raise ValueError(f"gain_pos must be a finite number, got {gain_pos}")
+        if gain_neg is not None and not math.isfinite(gain_neg):
+            raise ValueError(f"gain_neg must be a finite number or None, got {gain_neg}")
+        check_layer_spec(layers)
+        check_layer_mapping(layer_mapping)
+        self.bank_path = bank
         self.gain_pos, self.gain_neg = gain_pos, gain_neg
         self.layers, self.layer_mapping = layers, layer_mapping
-        self.bank: ProjectionBank | None = None
+        self.bank: ProjectionBank | None = None  # loaded by setup()
         self._fused: FusedGains | None = None
         self._layout: ModelLayout | None = None
 
-    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        """The bank this method steers with, for ``model`` (called once, by :meth:`setup`)."""
+        raise NotImplementedError
+
+    def setup(self, model: nn.Module | None, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Load the bank; with ``model`` None only the bank is loaded and the layout is found at the first batch."""
         if self.bank is None:
-            self.bank = ProjectionBank.load(self.bank_path, neg=self.neg_path)
-        self._layout = resolve_layout(model)
+            self.bank = self.load_bank(model)
+        self._layout = None if model is None else resolve_layout(model)
+
+    def source_files(self) -> dict[str, str | None]:
+        """The files the method reads, by argument name (for output-path checks)."""
+        return {"bank": self.bank_path}
+
+    def layer_mapping_for(self, num_layers: int) -> dict[int, int]:
+        """Model layer id -> bank index of the layers this method edits (after :meth:`setup`)."""
+        if self.bank is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its layers are known")
+        return select_bank_layers(self.bank, self.layers, num_layers, self.layer_mapping)
 
     @contextmanager
     def active(self, model: nn.Module, enc: Encoded) -> Iterator[None]:
         if self.bank is None:
-            raise RuntimeError("SekaMethod.setup() must run before the first batch")
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before the first batch")
         device = enc["highlight_mask"].device
         if self._fused is None or self._fused.gains.device != device:
             # fused once per device, not per batch: no per-call CPU work or host-to-device copies
@@ -139,9 +163,45 @@ class SekaMethod(HighlightMethod):
         return {
             "method": self.name,
             "bank": self.bank_path,
-            "neg": self.neg_path,
             "gain_pos": self.gain_pos,
             "gain_neg": self.gain_neg,
             "layers": self.layers,
             "layer_mapping": self.layer_mapping,
         }
+
+
+class SekaMethod(KeySteeringMethod):
+    """SEKA key steering with a projection bank (SPEC §4)."""
+
+    name = "seka"
+
+    def __init__(
+        self,
+        bank: str,
+        *,
+        neg: str | None = None,
+        gain_pos: float = 1.0,
+        gain_neg: float | None = None,
+        layers: str = "all",
+        layer_mapping: str = "by_id",
+    ) -> None:
+        """
+        Args:
+            bank: projection bank file (``.safetensors`` from ``seka fit`` or a reference ``*_pos_proj.pt``).
+            neg: reference negative ``.pt`` paired with a reference positive file.
+            gain_pos: g+ of SPEC §4.
+            gain_neg: g- (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive projector only.
+            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
+            layer_mapping: ``by_id`` or ``positional`` (the reference's pairing).
+        """
+        super().__init__(bank, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping)
+        self.neg_path = neg
+
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        return ProjectionBank.load(self.bank_path, neg=self.neg_path)
+
+    def source_files(self) -> dict[str, str | None]:
+        return {**super().source_files(), "neg": self.neg_path}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "neg": self.neg_path}

@@ -11,11 +11,10 @@ block on a model that is already steered is refused rather than stacked.
 
 from __future__ import annotations
 
-import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,9 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.families import LayerSites, ModelLayout, keys_view, resolve_layout, with_keys
-
-LayerSpec = str | Sequence[int]
-LAYER_MAPPINGS = ("by_id", "positional")
+from seka_lightning.layers import LayerSpec, select_bank_layers
 
 
 class NoEditWarning(UserWarning):
@@ -97,61 +94,6 @@ def claim_model(layout: ModelLayout, method: str) -> ModelClaim:
         for module in modules:
             _CLAIMS[module] = claim
     return claim
-
-
-def parse_layers(spec: LayerSpec, num_layers: int) -> list[int]:
-    """Resolve ``"all"``, ``"lastN"``, ``"firstN"``, ``"3,5,7"`` or a list of ids against ``num_layers`` layers."""
-    if not isinstance(spec, str):
-        layers = [int(layer) for layer in spec]
-    elif spec == "all":
-        layers = list(range(num_layers))
-    elif match := re.fullmatch(r"(last|first)(\d+)", spec):
-        count = int(match.group(2))
-        if not 0 < count <= num_layers:
-            raise ValueError(f"layers={spec!r}: N must be between 1 and {num_layers} (the model's layer count)")
-        layers = list(range(num_layers - count, num_layers)) if match.group(1) == "last" else list(range(count))
-    else:
-        try:
-            layers = [int(part) for part in spec.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(
-                f"layers={spec!r} is not understood; use 'all', 'lastN', 'firstN', or comma-separated layer ids"
-            ) from None
-    if not layers:
-        raise ValueError(f"layers={spec!r} selects no layer")
-    bad = [layer for layer in layers if not 0 <= layer < num_layers]
-    if bad:
-        raise ValueError(f"layers={spec!r}: ids {bad} are outside 0..{num_layers - 1}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers={spec!r} repeats a layer id")
-    return layers
-
-
-def select_bank_layers(bank: ProjectionBank, spec: LayerSpec, num_layers: int, mapping: str) -> dict[int, int]:
-    """Map model layer id -> index into the bank's stacks.
-
-    ``by_id`` applies each stored matrix to the layer it was built on (``"all"`` = every layer of the bank).
-    ``positional`` reproduces the reference: the i-th stored matrix goes to the i-th selected model layer.
-    """
-    if mapping not in LAYER_MAPPINGS:
-        raise ValueError(f"layer_mapping must be one of {LAYER_MAPPINGS}, got {mapping!r}")
-    if mapping == "positional":
-        selected = parse_layers(spec, num_layers)
-        if len(selected) > len(bank.layers):
-            raise ValueError(
-                f"layer_mapping='positional' pairs {len(selected)} selected layers with only {len(bank.layers)} "
-                "stored matrices; select at most as many layers as the bank holds"
-            )
-        return {layer: i for i, layer in enumerate(selected)}
-    selected = list(bank.layers) if spec == "all" else parse_layers(spec, num_layers)
-    index = {layer: i for i, layer in enumerate(bank.layers)}
-    missing = [layer for layer in selected if layer not in index]
-    if missing:
-        raise ValueError(
-            f"layers {missing} are not in the bank (it covers {bank.layers}); choose layers the bank has, "
-            "build a bank on those layers, or use layer_mapping='positional' for the reference's pairing"
-        )
-    return {layer: index[layer] for layer in selected}
 
 
 def fused_gains(bank: ProjectionBank, *, gain_pos: float, gain_neg: float | None) -> torch.Tensor:

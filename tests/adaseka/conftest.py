@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seka_lightning.adaseka import ExpertSet
+from seka_lightning.adaseka.experts import ExpertSet
 from seka_lightning.bank import ProjectionBank
 
 

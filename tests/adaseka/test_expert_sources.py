@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seka_lightning.data.expert_sources import (
+from seka_lightning.adaseka.sources import (
     BiasBiosTripletDataModule,
     CounterFactTripletDataModule,
     HighlightedQADataModule,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seka_lightning.adaseka import ExpertSet
+from seka_lightning.adaseka.experts import ExpertSet
 from seka_lightning.bank import ProjectionBank, derive_bank
 from seka_lightning.capture import attention_kept, collect_triplet_keys
 from seka_lightning.cli import run_lightning

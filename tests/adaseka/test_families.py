@@ -15,8 +15,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from seka_lightning.adaseka import ExpertSet
-from seka_lightning.lit.selector import AdaSekaSelector
+from seka_lightning.adaseka.experts import ExpertSet
+from seka_lightning.adaseka.method import AdaSekaMethod
 
 from .conftest import random_expert
 
@@ -52,7 +52,7 @@ def test_same_pass_equals_separate_pass_on_the_first_layer(family):
     enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "highlight_mask": highlight}
     logits = {}
     for compat in ([], ["separate_pass"]):
-        method = AdaSekaSelector({"x": "x"}, gain=3.0, layers="0", compat=compat)
+        method = AdaSekaMethod({"x": "x"}, gain=3.0, layers="0", compat=compat)
         method.expert_set = experts
         logits[bool(compat)] = method.prompt_logits(model, enc)
     plain = model(input_ids=input_ids).logits[:, -1]

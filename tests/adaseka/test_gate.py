@@ -10,15 +10,15 @@ import lightning as L
 import pytest
 import torch
 
-from seka_lightning.adaseka import ExpertSet
+from seka_lightning.adaseka.experts import ExpertSet
+from seka_lightning.adaseka.gate import AdaSekaGateTrainer, GateQADataModule, RoutingGate
+from seka_lightning.adaseka.hooks import AdaptiveSteerer, RoutingRecord
+from seka_lightning.adaseka.method import AdaSekaMethod
 from seka_lightning.data.synthetic_qa import highlighted_questions
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.highlight import encode_spans
-from seka_lightning.lit.gate import AdaSekaGateTrainer, GateQADataModule, RoutingGate
-from seka_lightning.lit.selector import AdaSekaSelector
 from seka_lightning.lit.validator import encode_questions
 from seka_lightning.methods import position_ids_for
-from seka_lightning.routing import AdaptiveSteerer, RoutingRecord
 
 NAMES = ("alpha", "beta", "gamma")
 
@@ -183,18 +183,18 @@ def test_selector_applies_a_saved_gate(tiny_model, tokenizer, expert_banks, tmp_
     with torch.no_grad():
         gate.bias.fill_(0.5)
     path = gate.save(tmp_path / "gate.safetensors")
-    method = AdaSekaSelector(str(config), gain=3.0, top_k=4, gate=str(path))
+    method = AdaSekaMethod(str(config), gain=3.0, top_k=4, gate=str(path))
     method.setup(tiny_model, tokenizer)
     logits = method.prompt_logits(tiny_model, enc)
     with torch.no_grad():
         expected = routed_logits(tiny_model, ExpertSet.load(str(config)), enc, enc["input_ids"].shape[1], gate=gate)
     torch.testing.assert_close(logits, expected[:, -1])
-    plain = AdaSekaSelector(str(config), gain=3.0, top_k=4)
+    plain = AdaSekaMethod(str(config), gain=3.0, top_k=4)
     plain.setup(tiny_model, tokenizer)
     assert (logits - plain.prompt_logits(tiny_model, enc)).abs().max() > 1e-4
     assert method.describe()["gate"] == str(path)
     assert sum(len(m._forward_hooks) for m in tiny_model.modules()) == 0
     wrong = RoutingGate([0, 1], NAMES).save(tmp_path / "wrong.safetensors")
-    bad = AdaSekaSelector(str(config), gate=str(wrong))
+    bad = AdaSekaMethod(str(config), gate=str(wrong))
     with pytest.raises(ValueError, match=r"trained for 2 steered layers"):
         bad.setup(tiny_model, tokenizer)

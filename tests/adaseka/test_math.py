@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from seka_lightning.adaseka import (
+from seka_lightning.adaseka.experts import (
     ExpertSet,
     LayerExperts,
     coefficient_entropy,

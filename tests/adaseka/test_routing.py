@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from seka_lightning.adaseka import ExpertSet
+from seka_lightning.adaseka.experts import ExpertSet
+from seka_lightning.adaseka.hooks import RoutingRecord, adaptive_steer
+from seka_lightning.adaseka.method import AdaSekaMethod
 from seka_lightning.highlight import encode_spans
-from seka_lightning.lit.selector import AdaSekaSelector
 from seka_lightning.methods import HighlightMethod, position_ids_for
-from seka_lightning.routing import RoutingRecord, adaptive_steer
 
 TEXTS = [
     "The keepers carry silver lanterns every night near the north harbor.",
@@ -30,8 +30,8 @@ def encode(tokenizer, rows):
     return encode_spans(tokenizer, texts, spans)
 
 
-def selector(experts, **kwargs) -> AdaSekaSelector:
-    method = AdaSekaSelector({"unused": "unused"}, gain=kwargs.pop("gain", 2.0), **kwargs)
+def selector(experts, **kwargs) -> AdaSekaMethod:
+    method = AdaSekaMethod({"unused": "unused"}, gain=kwargs.pop("gain", 2.0), **kwargs)
     method.expert_set = experts  # in-memory banks (loading from files is tested separately)
     return method
 
@@ -242,7 +242,7 @@ def test_routing_record_and_option_errors(tiny_model, tokenizer, experts):
         tiny_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     assert sorted(record.coefficients) == [1, 2] and record.coefficients[1].shape == (2, 2, 3)
     with pytest.raises(ValueError, match=r"compat options \['rows'\] are unknown"):
-        AdaSekaSelector("x.json", compat=["rows"])
+        AdaSekaMethod("x.json", compat=["rows"])
     with pytest.raises(ValueError, match=r"ids \[5\] are outside 0..2"):
         with adaptive_steer(tiny_model, experts, enc, layers="5"):
             pass

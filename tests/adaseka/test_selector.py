@@ -1,4 +1,4 @@
-"""AdaSekaSelector: `seka validate` routing statistics, and use as an evaluation-harness method."""
+"""AdaSekaSelector: `seka validate` routing statistics; AdaSekaMethod as an evaluation-harness method."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from seka_lightning.adaseka import ExpertSet
+from seka_lightning.adaseka.experts import ExpertSet
+from seka_lightning.adaseka.hooks import RoutingRecord, adaptive_steer
+from seka_lightning.adaseka.method import AdaSekaMethod
+from seka_lightning.adaseka.selector import AdaSekaSelector
+from seka_lightning.adaseka.sources import HighlightedQADataModule
 from seka_lightning.cli import run_lightning
-from seka_lightning.data.expert_sources import HighlightedQADataModule
 from seka_lightning.highlight import encode_spans
-from seka_lightning.lit.selector import AdaSekaSelector
 from seka_lightning.methods import HighlightMethod
-from seka_lightning.routing import RoutingRecord, adaptive_steer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +34,8 @@ def test_validate_reports_routing_statistics(tiny_model_dir, tokenizer, qa_file,
     run_lightning(
         [
             "validate", "-c", str(REPO / "configs" / "adaseka" / "validate" / "routing.yaml"),
-            "--model.experts", str(config), "--model.pretrained", str(tiny_model_dir),
-            "--model.stats_output", str(out), "--model.gain", "2.0",
+            "--model.method.experts", str(config), "--model.pretrained", str(tiny_model_dir),
+            "--model.stats_output", str(out), "--model.method.gain", "2.0",
             "--data.path", str(qa_file), "--data.max_samples", "5", "--data.batch_size", "4",
             "--trainer.accelerator", "cpu",
         ]
@@ -47,13 +48,13 @@ def test_validate_reports_routing_statistics(tiny_model_dir, tokenizer, qa_file,
     # the same prompts routed one by one give the same winners
     data = HighlightedQADataModule(str(qa_file), max_samples=5)
     data.setup("validate")
-    model = AdaSekaSelector(str(config), pretrained=str(tiny_model_dir))
+    model = AdaSekaSelector(AdaSekaMethod(str(config)), pretrained=str(tiny_model_dir))
     model.setup(stage="validate")
     wins = torch.zeros(3, 2, 3, dtype=torch.float64)
     for example in data.examples:
         enc = encode_spans(tokenizer, [example["text"]], [example["spans"]])
         record = RoutingRecord()
-        with adaptive_steer(model.model, model.expert_set, enc, gain=2.0, record=record):
+        with adaptive_steer(model.model, model.method.expert_set, enc, gain=2.0, record=record):
             model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         for layer in range(3):
             wins[layer] += torch.nn.functional.one_hot(record.coefficients[layer][0].argmax(-1), 3)
@@ -62,7 +63,7 @@ def test_validate_reports_routing_statistics(tiny_model_dir, tokenizer, qa_file,
 
 def test_harness_method_equals_the_context_manager(tiny_model, tokenizer, expert_banks, tmp_path):
     config = save_experts(expert_banks, tmp_path)
-    method = AdaSekaSelector(str(config), gain=3.0, layers="last2", top_k=4)
+    method = AdaSekaMethod(str(config), gain=3.0, layers="last2", top_k=4)
     method.setup(tiny_model, tokenizer)
     text = "The keepers carry silver lanterns every night."
     start = text.index("silver")

@@ -18,6 +18,7 @@ from seka_lightning.highlight import (
 )
 from seka_lightning.lit.evaluator import encode_examples
 from seka_lightning.lit.generation import HighlightGenerator
+from seka_lightning.methods import SekaMethod
 from seka_lightning.steering import NoEditWarning
 
 
@@ -130,7 +131,7 @@ def generator(tiny_model_dir, tmp_path) -> HighlightGenerator:
     q, _ = torch.linalg.qr(torch.randn(3, 2, 16, 16, generator=gen))
     bank = ProjectionBank(layers=[0, 1, 2], pos=q[..., :4] @ q[..., :4].transpose(-1, -2), metadata={"num_layers": 3})
     bank.save(tmp_path / "bank.safetensors")
-    return HighlightGenerator(str(tiny_model_dir), str(tmp_path / "bank.safetensors"), max_new_tokens=2)
+    return HighlightGenerator(str(tiny_model_dir), SekaMethod(str(tmp_path / "bank.safetensors")), max_new_tokens=2)
 
 
 def test_predict_warns_with_a_count_of_unhighlighted_prompts(generator):

@@ -206,17 +206,20 @@ def test_report_never_writes_over_a_result_or_a_user_file(tmp_path):
 
 
 def test_pasta_profile_validator_and_gate_check_before_the_model_loads(tmp_path, no_model):
+    from seka_lightning.adaseka.gate import AdaSekaGateTrainer
     from seka_lightning.baselines.pasta_profile import profile_heads
-    from seka_lightning.lit.gate import AdaSekaGateTrainer
     from seka_lightning.lit.validator import BankValidator
+    from seka_lightning.methods import SekaMethod
 
     data = tmp_path / "qa.jsonl"
     shutil.copy(REPO / "data" / "synthetic_qa.jsonl", data)
     with pytest.raises(ValueError, match=re.escape(f"the output {data} is also this command's input --data")):
         profile_heads(pretrained="embedded:smollm2-135m", data=str(data), output=str(data))
     bank = ProjectionBank(layers=[0], pos=torch.zeros(1, 1, 2, 2)).save(tmp_path / "bank.safetensors")
-    with pytest.raises(ValueError, match=re.escape(f"the output {bank} is also this command's input --model.bank")):
-        BankValidator("embedded:smollm2-135m", str(bank), output=str(bank))
+    with pytest.raises(
+        ValueError, match=re.escape(f"the output {bank} is also this command's input --model.method.bank")
+    ):
+        BankValidator("embedded:smollm2-135m", SekaMethod(str(bank)), output=str(bank))
     with pytest.raises(ValueError, match=re.escape(f"the output {bank} is also this command's input --model.experts")):
         AdaSekaGateTrainer("embedded:smollm2-135m", {"a": str(bank)}, output=str(bank))
 
@@ -228,7 +231,7 @@ def test_lightning_cli_checks_the_writer_before_the_model_loads(tmp_path, no_mod
     old.write_text(json.dumps({"index": 0, "prompt": "p", "unsteered": "a", "steered": "b"}) + "\n")
     bank = ProjectionBank(layers=[0], pos=torch.zeros(1, 1, 2, 2)).save(tmp_path / "bank.safetensors")
     args = ["predict", "-c", str(REPO / "configs/predict/highlight.yaml"), "--trainer.callbacks.output", str(old)]
-    args += ["--model.bank", str(bank)]
+    args += ["--model.method.bank", str(bank)]
     with pytest.raises(ValueError) as err:
         run_lightning([*args, "--trainer.accelerator", "cpu"])
     assert str(err.value.__cause__) == (

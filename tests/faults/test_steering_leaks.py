@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from seka_lightning import ProjectionBank, encode_highlighted, steer
-from seka_lightning.adaseka import ExpertSet
+from seka_lightning.adaseka.experts import ExpertSet
+from seka_lightning.adaseka.hooks import adaptive_steer
 from seka_lightning.baselines.pasta import attention_bias
-from seka_lightning.routing import adaptive_steer
 from seka_lightning.steering import NoEditWarning
 
 PROMPTS = [

@@ -27,6 +27,7 @@ from seka_lightning.lit.validator import (
     edited_layers,
     encode_questions,
 )
+from seka_lightning.methods import SekaMethod
 from seka_lightning.models import load_model
 from seka_lightning.steering import steer
 
@@ -60,7 +61,9 @@ def run_validate(model_dir: Path, bank: Path, qa_path: Path, output: Path, *extr
             "seka_lightning.lit.validator.BankValidator",
             "--model.pretrained",
             str(model_dir),
-            "--model.bank",
+            "--model.method",
+            "seka_lightning.methods.SekaMethod",
+            "--model.method.bank",
             str(bank),
             "--model.output",
             str(output),
@@ -140,7 +143,9 @@ def direct_metrics(model_dir: Path, bank: ProjectionBank, qa_path: Path, *, gain
 def test_validate_matches_a_direct_float64_computation(tiny_model_dir, qa_file, tmp_path):
     bank = random_bank(tmp_path / "bank.safetensors")
     output = tmp_path / "report.json"
-    cli = run_validate(tiny_model_dir, tmp_path / "bank.safetensors", qa_file, output, "--model.gain_pos", str(GAIN))
+    cli = run_validate(
+        tiny_model_dir, tmp_path / "bank.safetensors", qa_file, output, "--model.method.gain_pos", str(GAIN)
+    )
     cli_metrics = dict(cli.trainer.callback_metrics)
     report = json.loads(output.read_text())
     expected, layer0_steered, probes = direct_metrics(tiny_model_dir, bank, qa_file, gain=GAIN, max_samples=3)
@@ -168,7 +173,7 @@ def test_validate_matches_a_direct_float64_computation(tiny_model_dir, qa_file, 
 
 def validate(model_dir: Path, bank_path: Path, qa_path: Path, *, val_max_samples: int = 2, **kwargs) -> dict:
     output = bank_path.with_suffix(".json")
-    validator = BankValidator(str(model_dir), str(bank_path), output=str(output), **kwargs)
+    validator = BankValidator(str(model_dir), SekaMethod(str(bank_path), **kwargs), output=str(output))
     data = SyntheticQADataModule(val_path=str(qa_path), val_max_samples=val_max_samples, batch_size=3)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(validator, datamodule=data, verbose=False)
@@ -213,12 +218,12 @@ def test_validate_writes_the_before_after_figure_beside_its_json(tiny_model_dir,
 
 def test_default_output_is_named_after_the_bank(tiny_model_dir, tmp_path):
     random_bank(tmp_path / "my-bank.safetensors")
-    validator = BankValidator(str(tiny_model_dir), str(tmp_path / "my-bank.safetensors"))
+    validator = BankValidator(str(tiny_model_dir), SekaMethod(str(tmp_path / "my-bank.safetensors")))
     assert validator.output == Path("outputs/validate/my-bank.json")
     with pytest.raises(ValueError, match=r"layers='5': ids \[5\] are outside 0..2"):  # checked before any data
-        BankValidator(str(tiny_model_dir), str(tmp_path / "my-bank.safetensors"), layers="5")
+        BankValidator(str(tiny_model_dir), SekaMethod(str(tmp_path / "my-bank.safetensors"), layers="5"))
     with pytest.raises(ValueError, match="dtype='float64' is not supported"):
-        BankValidator(str(tiny_model_dir), str(tmp_path / "my-bank.safetensors"), dtype="float64")
+        BankValidator(str(tiny_model_dir), SekaMethod(str(tmp_path / "my-bank.safetensors")), dtype="float64")
 
 
 def test_four_probes_per_pair_with_the_answering_context_highlighted():
@@ -342,8 +347,9 @@ def test_two_process_ddp_validation_equals_one_device(tiny_model_dir, qa_file, t
         sys.executable, "-m", "seka_lightning.cli", "validate",
         "--model", "seka_lightning.lit.validator.BankValidator",
         "--model.pretrained", str(tiny_model_dir),
-        "--model.bank", str(tmp_path / "bank.safetensors"),
-        "--model.gain_pos", str(GAIN),
+        "--model.method", "seka_lightning.methods.SekaMethod",
+        "--model.method.bank", str(tmp_path / "bank.safetensors"),
+        "--model.method.gain_pos", str(GAIN),
         "--model.output", str(tmp_path / "two.json"),
         "--data", "seka_lightning.data.synthetic_qa.SyntheticQADataModule",
         "--data.val_path", str(qa_file),

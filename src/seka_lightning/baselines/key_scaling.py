@@ -13,11 +13,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.families import resolve_layout
-from seka_lightning.methods import SekaMethod
+from seka_lightning.methods import KeySteeringMethod
 
 
 def identity_bank(layers: Sequence[int], *, num_kv_heads: int, head_dim: int, num_layers: int) -> ProjectionBank:
@@ -30,7 +29,7 @@ def identity_bank(layers: Sequence[int], *, num_kv_heads: int, head_dim: int, nu
     )
 
 
-class KeyScalingMethod(SekaMethod):
+class KeyScalingMethod(KeySteeringMethod):
     """SEKA steering with ``P = I``: highlighted keys scaled by ``1 + gain_pos`` on the selected layers."""
 
     name = "key_scaling"
@@ -51,24 +50,18 @@ class KeyScalingMethod(SekaMethod):
             layers: ``all``, ``lastN``, ``firstN`` or comma-separated ids, as for SEKA.
             layer_mapping: ``by_id`` or ``positional``, as for SEKA (only the selected layers differ).
         """
-        super().__init__(bank or "", gain_pos=gain_pos, gain_neg=None, layers=layers, layer_mapping=layer_mapping)
-        self.bank_path = bank
+        super().__init__(bank, gain_pos=gain_pos, gain_neg=None, layers=layers, layer_mapping=layer_mapping)
 
-    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._layout = resolve_layout(model)
-        if self.bank is None:
-            num_layers = self._layout.num_layers
-            layer_ids = ProjectionBank.load(self.bank_path).layers if self.bank_path else range(num_layers)
-            self.bank = identity_bank(
-                layer_ids, num_kv_heads=self._layout.num_kv_heads, head_dim=self._layout.head_dim, num_layers=num_layers
-            )
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        if model is None:
+            raise ValueError("KeyScalingMethod.setup needs the model: the identity bank takes its head geometry")
+        layout = resolve_layout(model)
+        layer_ids = ProjectionBank.load(self.bank_path).layers if self.bank_path else range(layout.num_layers)
+        return identity_bank(
+            layer_ids, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_layers=layout.num_layers
+        )
 
     def describe(self) -> dict:
-        return {
-            "method": self.name,
-            "projectors": "identity",
-            "bank": self.bank_path,
-            "gain_pos": self.gain_pos,
-            "layers": self.layers,
-            "layer_mapping": self.layer_mapping,
-        }
+        described = {**super().describe(), "projectors": "identity"}
+        del described["gain_neg"]
+        return described

@@ -8,10 +8,10 @@ the identity; here each head keeps its real projector's rank, so the ablation is
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.methods import SekaMethod
@@ -68,45 +68,29 @@ class RandomProjectionMethod(SekaMethod):
 
     name = "random"
 
-    def __init__(
-        self,
-        bank: str,
-        *,
-        neg: str | None = None,
-        gain_pos: float = 1.0,
-        gain_neg: float | None = None,
-        layers: str = "all",
-        layer_mapping: str = "by_id",
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, bank: str, *, seed: int = 0, **settings: Any) -> None:
         """
         Args:
             bank: projection bank whose ranks the random projectors copy (``.safetensors`` or a reference ``.pt``).
-            neg: reference negative ``.pt`` paired with a reference positive file.
-            gain_pos: g+ of SPEC §4.
-            gain_neg: g- (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive projector only.
-            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
-            layer_mapping: ``by_id`` or ``positional`` (the reference's pairing).
             seed: seed of the random projectors (a non-negative integer; same seed, same projectors everywhere).
+            settings: SEKA's ``neg``, ``gain_pos``, ``gain_neg``, ``layers`` and ``layer_mapping``
+                (:class:`~seka_lightning.methods.SekaMethod`).
         """
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
-        super().__init__(
-            bank, neg=neg, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping
-        )
+        super().__init__(bank, **settings)
         self.seed = seed
 
-    def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-        if self.bank is None:
-            real = ProjectionBank.load(self.bank_path, neg=self.neg_path)
-            self.bank = randomized_bank(real, seed=self.seed)
-            log.info(
-                "random projectors (seed %d) with the ranks of %s: %d of %d heads non-zero",
-                self.seed,
-                self.bank_path,
-                int((projector_ranks(real.pos) > 0).sum()),
-                real.pos.shape[0] * real.pos.shape[1],
-            )
+    def load_bank(self, model: nn.Module | None) -> ProjectionBank:
+        real = super().load_bank(model)
+        log.info(
+            "random projectors (seed %d) with the ranks of %s: %d of %d heads non-zero",
+            self.seed,
+            self.bank_path,
+            int((projector_ranks(real.pos) > 0).sum()),
+            real.pos.shape[0] * real.pos.shape[1],
+        )
+        return randomized_bank(real, seed=self.seed)
 
     def describe(self) -> dict:
         return {**super().describe(), "seed": self.seed}

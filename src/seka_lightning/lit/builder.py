@@ -17,12 +17,12 @@ from seka_lightning.build import accumulate_triplets
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import BANK, STATISTICS, check_output
+from seka_lightning.layers import parse_layers
 from seka_lightning.lit.callbacks import BatchCheckpoint, BuildStopped, StopSignal, agree_to_stop
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
 from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
-from seka_lightning.steering import parse_layers
 
 log = logging.getLogger(__name__)
 

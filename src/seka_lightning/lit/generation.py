@@ -1,4 +1,4 @@
-"""HighlightGenerator: ``seka predict`` generates each prompt unsteered and steered, side by side."""
+"""HighlightGenerator: ``seka predict`` generates each prompt without and with a highlighting method, side by side."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from seka_lightning.highlight import DEFAULT_MARKERS, encode_highlighted
 from seka_lightning.lit.frozen import FrozenModelModule
-from seka_lightning.methods import HighlightMethod, SekaMethod
+from seka_lightning.methods import HighlightMethod
 from seka_lightning.steering import NoEditWarning
 
 
@@ -22,18 +22,14 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 class HighlightGenerator(FrozenModelModule):
-    """Greedy generation with and without SEKA key steering on the highlighted spans."""
+    """Greedy generation of each prompt unsteered and steered by one highlighting method (SEKA, an ablation,
+    AdaSEKA, PASTA, ...) on the highlighted spans."""
 
     def __init__(
         self,
         pretrained: str,
-        bank: str,
+        method: HighlightMethod,
         *,
-        neg: str | None = None,
-        gain_pos: float = 1.0,
-        gain_neg: float | None = None,
-        layers: str = "all",
-        layer_mapping: str = "by_id",
         max_new_tokens: int = 32,
         markers: tuple[str, str] = DEFAULT_MARKERS,
         chat: bool = False,
@@ -45,12 +41,8 @@ class HighlightGenerator(FrozenModelModule):
         """
         Args:
             pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
-            bank: projection bank (``.safetensors`` from ``seka fit``, or a reference ``*_pos_proj.pt``).
-            neg: the reference negative ``.pt`` to pair with a reference positive file.
-            gain_pos: g+ of SPEC §4.
-            gain_neg: g- of SPEC §4 (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive only.
-            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
-            layer_mapping: ``by_id`` (default) or ``positional`` (the reference's pairing).
+            method: the steered side, e.g. ``SekaMethod`` (``--model.method SekaMethod --model.method.bank B
+                --model.method.gain_pos 2``); the unsteered side is the plain model.
             max_new_tokens: tokens generated per prompt.
             markers: start and end highlight markers.
             chat: wrap each prompt as a user message with the tokenizer's chat template.
@@ -64,13 +56,11 @@ class HighlightGenerator(FrozenModelModule):
         super().__init__()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["method"])
         self.load_frozen_model(pretrained, dtype=dtype, device_map=device_map)
         self.plain = HighlightMethod()
-        self.seka = SekaMethod(
-            bank, neg=neg, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping
-        )
-        self.seka.setup(self.model, self.tokenizer)
+        self.method = method
+        self.method.setup(self.model, self.tokenizer)
         self.unhighlighted: list[int] = []  # indices of this run's prompts without a highlight
         self.prompt_count = 0
 
@@ -92,7 +82,7 @@ class HighlightGenerator(FrozenModelModule):
         self.prompt_count += len(batch)
         self.unhighlighted += [r["index"] for r, m in zip(batch, enc["highlight_mask"], strict=True) if not m.any()]
         enc = {k: v.to(self.input_device) for k, v in enc.items()}
-        plain, steered = (self._generate(method, enc) for method in (self.plain, self.seka))
+        plain, steered = (self._generate(method, enc) for method in (self.plain, self.method))
         return [
             {**record, "highlighted_tokens": int(mask.sum()), "unsteered": u, "steered": s}
             for record, mask, u, s in zip(batch, enc["highlight_mask"], plain, steered, strict=True)

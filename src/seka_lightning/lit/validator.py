@@ -1,7 +1,8 @@
 """BankValidator: ``seka validate`` shows whether a bank highlights, before it is used.
 
 On held-out synthetic QA probes (two contexts, a question, the answering context highlighted) it measures, without
-and with SEKA steering: the attention from the last prompt token onto the highlighted context, per layer, and the
+and with a bank-steering method (:class:`~seka_lightning.methods.KeySteeringMethod`: SEKA, the random-projection
+and key-scaling ablations): the attention from the last prompt token onto the highlighted context, per layer, and the
 teacher-forced log-likelihood of the answer. Steering that works moves attention onto the highlight and makes the
 answer likelier.
 """
@@ -27,8 +28,7 @@ from seka_lightning.families import resolve_layout
 from seka_lightning.files import VALIDATION_REPORT, atomic_path, check_output, write_json
 from seka_lightning.highlight import apply_chat_template, encode_spans
 from seka_lightning.lit.frozen import FrozenModelModule
-from seka_lightning.methods import position_ids_for
-from seka_lightning.steering import select_bank_layers, steer
+from seka_lightning.methods import KeySteeringMethod, position_ids_for
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,8 @@ class BankValidator(FrozenModelModule):
     def __init__(
         self,
         pretrained: str,
-        bank: str,
+        method: KeySteeringMethod,
         *,
-        neg: str | None = None,
-        gain_pos: float = 1.0,
-        gain_neg: float | None = None,
-        layers: str = "all",
-        layer_mapping: str = "by_id",
         dtype: str = "float32",
         chat: bool = False,
         output: str | None = None,
@@ -139,12 +134,8 @@ class BankValidator(FrozenModelModule):
         """
         Args:
             pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
-            bank: projection bank (``.safetensors`` from ``seka fit``, or a reference ``*_pos_proj.pt``).
-            neg: the reference negative ``.pt`` to pair with a reference positive file.
-            gain_pos: g+ of SPEC §4.
-            gain_neg: g- of SPEC §4 (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive only.
-            layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
-            layer_mapping: ``by_id`` (default) or ``positional`` (the reference's pairing).
+            method: the bank-steering method to measure: ``SekaMethod``, ``RandomProjectionMethod`` or
+                ``KeyScalingMethod`` (``--model.method SekaMethod --model.method.bank B --model.method.gain_pos 2``).
             dtype: model dtype (float32, bfloat16, float16); the model runs with eager attention, which is what
                 returns attention weights.
             chat: wrap each prompt as a user message with the tokenizer's chat template (the answer then follows
@@ -153,6 +144,12 @@ class BankValidator(FrozenModelModule):
             overwrite: replace an existing report at ``output`` (checked before the model loads).
         """
         super().__init__()
+        if not isinstance(method, KeySteeringMethod):
+            raise ValueError(
+                f"BankValidator measures a method that steers keys with a projection bank (SekaMethod, "
+                f"RandomProjectionMethod, KeyScalingMethod), got {type(method).__name__}; pass one of those as "
+                "--model.method"
+            )
         if dtype == "float64":
             # eager attention softmaxes in float32, where float64's mask value becomes -inf: rows that are all
             # left padding turn into NaN and spread through the values
@@ -160,26 +157,28 @@ class BankValidator(FrozenModelModule):
                 "dtype='float64' is not supported: eager attention turns fully padded rows into NaN in float64; "
                 "use float32"
             )
-        self.output = Path(output) if output is not None else Path("outputs/validate") / f"{Path(bank).stem}.json"
+        stem = Path(method.bank_path).stem if method.bank_path else method.name
+        self.output = Path(output) if output is not None else Path("outputs/validate") / f"{stem}.json"
         check_output(
             self.output,
             kind=VALIDATION_REPORT,
-            inputs={"--model.bank": bank, "--model.neg": neg},
+            inputs={f"--model.method.{name}": path for name, path in method.source_files().items()},
             overwrite=overwrite,
             flag="--model.overwrite true",
         )
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["method"])
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation="eager")
-        self.bank = ProjectionBank.load(bank, neg=neg)
+        self.method = method
+        self.method.setup(self.model, self.tokenizer)
         layout = resolve_layout(self.model)
-        self.bank.check_compatible(
+        self.method.bank.check_compatible(
             num_layers=layout.num_layers,
             num_kv_heads=layout.num_kv_heads,
             head_dim=layout.head_dim,
             model_id=pretrained,
         )
         self.steered_layers = edited_layers(
-            self.bank, select_bank_layers(self.bank, layers, layout.num_layers, layer_mapping), neg=gain_neg is not None
+            self.method.bank, self.method.layer_mapping_for(layout.num_layers), neg=method.gain_neg is not None
         )
         self.num_layers = layout.num_layers
         # per condition: [attention mass per layer..., answer log-prob sum, answer log-prob per token]
@@ -204,19 +203,10 @@ class BankValidator(FrozenModelModule):
     def validation_step(self, batch: list[HighlightedQuestion], batch_idx: int) -> None:
         if not batch:  # this rank's share ran out (ranks stay in step)
             return
-        hp = self.hparams
-        enc, prompt_length = encode_questions(self.tokenizer, batch, chat=hp.chat)
+        enc, prompt_length = encode_questions(self.tokenizer, batch, chat=self.hparams.chat)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         self.means["unsteered"].update(self.measure(enc, prompt_length))
-        with steer(
-            self.model,
-            self.bank,
-            enc["highlight_mask"],
-            gain_pos=hp.gain_pos,
-            gain_neg=hp.gain_neg,
-            layers=hp.layers,
-            layer_mapping=hp.layer_mapping,
-        ):
+        with self.method.active(self.model, enc):
             self.means["steered"].update(self.measure(enc, prompt_length))
 
     @property
@@ -251,7 +241,7 @@ class BankValidator(FrozenModelModule):
     ) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         report = {
-            "settings": dict(self.hparams),
+            "settings": {**dict(self.hparams), **self.method.describe()},
             "data": getattr(datamodule, "val_path", None),
             "examples": examples,
             "steered_layers": self.steered_layers,
@@ -263,7 +253,7 @@ class BankValidator(FrozenModelModule):
             curves,
             self.steered_layers,
             self.figure_path,
-            title=f"{Path(self.hparams.bank).name} on {self.hparams.pretrained}",
+            title=f"{Path(self.method.bank_path or self.method.name).name} on {self.hparams.pretrained}",
         )
         log.info(
             "attention on the highlight %.4f -> %.4f (steered layers %.4f -> %.4f), answer log-prob %.3f -> %.3f "

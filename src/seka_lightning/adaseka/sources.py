@@ -10,7 +10,7 @@ ones); BiasBios uses the second half of the 1,000 ``_complete`` bios by default 
 split: PronChange evaluates on that set, so evaluate PronChange on ``:500`` or point ``path`` at other bios).
 
 :class:`HighlightedQADataModule` is different: it yields highlighted prompts (``{"text", "spans"}`` dicts) from
-held-out QA pairs, for routing statistics (``seka validate`` with the AdaSEKA selector).
+held-out QA pairs, for routing statistics (``seka validate`` with :class:`~seka_lightning.adaseka.selector.AdaSekaSelector`).
 """
 
 from __future__ import annotations

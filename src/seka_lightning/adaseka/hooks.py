@@ -12,7 +12,7 @@ as the reference runs it), from each layer's input hidden state; ``output_hidden
 layer's *output* ``hidden_states[L + 1]`` instead (implies ``separate_pass``); ``reference_coefficients`` keeps
 the reference's epsilons and its uniform fallback on heads where any expert is left out.
 
-Optional, for a learned router (:mod:`seka_lightning.lit.gate`): ``gate(layer_id, coefficients)`` maps each
+Optional, for a learned router (:mod:`seka_lightning.adaseka.gate`): ``gate(layer_id, coefficients)`` maps each
 layer's coefficients ``[B, H, M]`` before the projector is mixed (None = the training-free router, unchanged), and
 ``query_index`` picks the routing query's position (default ``-1``; teacher forcing with right-padded answers
 routes with the last prompt token at ``prompt_length - 1``).
@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from seka_lightning.adaseka import ExpertSet, LayerExperts, kv_head_queries
+from seka_lightning.adaseka.experts import ExpertSet, LayerExperts, kv_head_queries
 from seka_lightning.families import (
     ATTENTION_ATTRS,
     LayerSites,
@@ -38,7 +38,8 @@ from seka_lightning.families import (
     resolve_layout,
     with_keys,
 )
-from seka_lightning.steering import LAYER_MAPPINGS, AttachedHooks, ModelClaim, claim_model, parse_layers
+from seka_lightning.layers import select_stored_layers
+from seka_lightning.steering import AttachedHooks, ModelClaim, claim_model
 
 CoefficientGate = Callable[[int, torch.Tensor], torch.Tensor]
 """``gate(model layer id, coefficients [B, H, M]) -> coefficients [B, H, M]``, applied before mixing ``P``."""
@@ -60,30 +61,11 @@ def validate_compat(compat: Collection[str] | None) -> frozenset[str]:
 def select_expert_layers(
     experts: ExpertSet, spec: str | Sequence[int], num_layers: int, mapping: str
 ) -> dict[int, int]:
-    """Model layer id -> the expert layer id whose factors it uses.
-
-    ``by_id`` uses each layer's own factors (``"all"`` = every layer the experts cover); ``positional`` reproduces
-    the reference, which pairs the i-th stored layer with the i-th selected model layer.
-    """
-    if mapping not in LAYER_MAPPINGS:
-        raise ValueError(f"layer_mapping must be one of {LAYER_MAPPINGS}, got {mapping!r}")
+    """Model layer id -> the expert layer id whose factors it uses (:func:`~seka_lightning.layers.select_stored_layers`
+    on the experts' layers: ``by_id`` uses each layer's own factors, ``positional`` the reference's pairing)."""
     stored = experts.layers
-    if mapping == "positional":
-        selected = parse_layers(spec, num_layers)
-        if len(selected) > len(stored):
-            raise ValueError(
-                f"layer_mapping='positional' pairs {len(selected)} selected layers with only {len(stored)} "
-                "stored expert layers; select at most as many layers as the experts hold"
-            )
-        return {layer: stored[i] for i, layer in enumerate(selected)}
-    selected = stored if spec == "all" else parse_layers(spec, num_layers)
-    missing = [layer for layer in selected if layer not in experts.factors]
-    if missing:
-        raise ValueError(
-            f"layers {missing} are not covered by the experts (they cover {stored}); choose covered layers, "
-            "build the experts on those layers, or use layer_mapping='positional' for the reference's pairing"
-        )
-    return {layer: layer for layer in selected}
+    selected = select_stored_layers(stored, spec, num_layers, mapping, holder="expert set")
+    return {layer: stored[index] for layer, index in selected.items()}
 
 
 @dataclass

@@ -28,16 +28,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from seka_lightning.adaseka import ExpertSet, LayerExperts
+from seka_lightning.adaseka.experts import ExpertSet, LayerExperts
+from seka_lightning.adaseka.hooks import AdaptiveSteerer, select_expert_layers
 from seka_lightning.data.synthetic_qa import HighlightedQuestion, RankBatches, highlighted_questions
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import GATE, atomic_path, check_output
+from seka_lightning.layers import check_layer_mapping, check_layer_spec
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.lit.validator import IGNORE_INDEX, encode_questions
 from seka_lightning.methods import position_ids_for
-from seka_lightning.routing import AdaptiveSteerer, select_expert_layers
-from seka_lightning.steering import LAYER_MAPPINGS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ GATE_FORMAT = "seka-routing-gate"
 class RoutingGate(nn.Module):
     """Per steered layer and expert, ``c' = exp(log_scale) · c + bias`` on the routing coefficients.
 
-    Called as ``gate(layer_id, coefficients [B, H, M])``, the :data:`seka_lightning.routing.CoefficientGate`
+    Called as ``gate(layer_id, coefficients [B, H, M])``, the :data:`seka_lightning.adaseka.hooks.CoefficientGate`
     protocol. Zero-initialised parameters make it the identity.
     """
 
@@ -220,7 +220,7 @@ class AdaSekaGateTrainer(FrozenModelModule):
         """
         Args:
             pretrained: hub id, local path, or ``embedded:smollm2-135m`` / ``embedded:gemma3-270m``.
-            experts: expert name -> bank path, or a YAML/JSON file holding that mapping (as AdaSekaSelector).
+            experts: expert name -> bank path, or a YAML/JSON file holding that mapping (as AdaSekaMethod).
             top_k: singular directions per expert (k of SPEC §5).
             gain: g of ``k' = k + g k P``.
             layers: ``all`` (the experts' layers), ``lastN``, ``firstN`` or comma-separated ids.
@@ -229,14 +229,14 @@ class AdaSekaGateTrainer(FrozenModelModule):
             dtype: model dtype (float32, bfloat16, float16).
             attn_implementation: attention implementation of the model.
             chat: wrap each prompt as a user message with the tokenizer's chat template.
-            output: where the trained gate is written (safetensors); pass it to ``AdaSekaSelector(gate=...)``.
+            output: where the trained gate is written (safetensors); pass it to ``AdaSekaMethod(gate=...)``.
             overwrite: replace an existing gate at ``output`` (checked before the model loads).
         """
         super().__init__()
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if layer_mapping not in LAYER_MAPPINGS:
-            raise ValueError(f"layer_mapping must be one of {LAYER_MAPPINGS}, got {layer_mapping!r}")
+        check_layer_spec(layers)
+        check_layer_mapping(layer_mapping)
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         expert_files = experts if isinstance(experts, str) else list(experts.values())

@@ -56,6 +56,7 @@ def test_sums_stay_on_the_cpu_for_a_device_without_float64(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_keys_are_added_on_the_cpu_when_the_device_lacks_float64(monkeypatch):
     """The MPS path on a real accelerator: CUDA keys (float32) go to CPU float64 sums."""
     monkeypatch.setattr(stats_module, "supports_float64", lambda device: device.type != "cuda")

@@ -124,6 +124,14 @@ def test_a_missing_relative_data_path_reads_the_shipped_file(fake_root, tmp_path
     assert resolve_data_path("data/d.jsonl", root=fake_root) == Path("data/d.jsonl")  # the user's file wins
 
 
+def test_shipped_prompts_are_read_from_another_directory(tmp_path, monkeypatch):
+    from seka_lightning.data.prompts import read_prompts
+
+    expected = read_prompts(REPO / "data/prompts/knowledge_conflict.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert read_prompts("data/prompts/knowledge_conflict.jsonl") == expected and len(expected) == 5
+
+
 def test_init_copies_everything_and_never_overwrites_silently(tmp_path, caplog):
     target = tmp_path / "project"
     with caplog.at_level(logging.INFO, logger="seka_lightning.resources"):

@@ -91,7 +91,8 @@ class SyntheticQADataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: JSONL of QA pairs with context_1/2, question_1/2, answer_1/2.
+            path: JSONL of QA pairs with context_1/2, question_1/2, answer_1/2 (a relative path missing in the
+                working directory reads the shipped file of that name, see ``seka_lightning.resources``).
             batch_size: triplets per forward pass when building (each pass runs the three texts of every
                 triplet); prompts per batch when validating.
             max_samples: use only the first N pairs (as the reference's ``--max_samples``); None = all.

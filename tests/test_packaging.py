@@ -59,7 +59,13 @@ def test_a_path_under_configs_names_any_shipped_config(fake_root, tmp_path, monk
         FileNotFoundError, match=r"config 'buidl/a' is neither a file nor a shipped config; did you mean 'build/a'\?"
     ):
         resolve_config("buidl/a", command="fit", root=fake_root)
-    with pytest.raises(FileNotFoundError, match="config 'only' is neither a file nor a shipped config"):
+    with pytest.raises(
+        FileNotFoundError, match="config 'onyl' is neither a file nor a shipped config; did you mean 'eval/only'"
+    ):
+        resolve_config("onyl", command="predict", root=fake_root)
+    with pytest.raises(
+        FileNotFoundError, match="config 'only' is neither a file nor a shipped config; give its path: eval/only"
+    ):
         resolve_config("only", command="fit", root=fake_root)  # eval/ is not a folder of fit
 
 
@@ -145,7 +151,7 @@ def test_init_copies_everything_and_never_overwrites_silently(tmp_path, caplog):
     edited.write_text("# my edits\n")
     with pytest.raises(
         FileExistsError,
-        match=r"1 file\(s\) in .* differ from the shipped ones .*smollm2-135m.yaml\); nothing was copied: pass --overwrite",
+        match=r"1 file\(s\) in .* differ from the shipped ones .*smollm2-135m.yaml\); nothing was copied: pass --overwrite true",
     ):
         init(str(target))
     assert edited.read_text() == "# my edits\n"

@@ -17,7 +17,7 @@ import difflib
 import functools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from seka_lightning.files import atomic_path
@@ -79,24 +79,32 @@ def resolve_config(value: str, *, command: str | None = None, root: Path | None 
     if Path(key).suffix in CONFIG_SUFFIXES:
         key = key.removesuffix(Path(key).suffix)
     if "/" in key:
-        matches = [name for name in configs if name == key]
+        candidates = list(configs)
+        matches = [name for name in candidates if name == key]
     else:
         folders = COMMAND_CONFIGS.get(command or "")
-        matches = [
-            name
-            for name in configs
-            if name.rpartition("/")[2] == key and (folders is None or name.rpartition("/")[0] in folders)
-        ]
+        candidates = [name for name in configs if folders is None or name.rpartition("/")[0] in folders]
+        matches = [name for name in candidates if name.rpartition("/")[2] == key]
     if len(matches) > 1:
         raise ValueError(f"config name {value!r} is ambiguous: it names {', '.join(matches)}; give one of these")
     if not matches:
-        guess = difflib.get_close_matches(key, list(configs), n=1)
-        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        elsewhere = [name for name in configs if name.rpartition("/")[2] == key]
+        guess = nearest_config(key, candidates)
+        hint = (
+            f"; give its path: {', '.join(elsewhere)}" if elsewhere else f"; did you mean {guess!r}?" if guess else ""
+        )
         raise FileNotFoundError(
             f"config {value!r} is neither a file nor a shipped config{hint} (shipped: {', '.join(configs)})"
         )
     log.info("config %s: the shipped %s", value, configs[matches[0]])
     return str(configs[matches[0]])
+
+
+def nearest_config(key: str, names: Iterable[str]) -> str | None:
+    """The config name closest to ``key``, compared by path, or by file name for a bare ``key``."""
+    by_key = {name if "/" in key else name.rpartition("/")[2]: name for name in names}
+    guess = difflib.get_close_matches(key, list(by_key), n=1)
+    return by_key[guess[0]] if guess else None
 
 
 def resolve_data_path(path: str | Path, *, root: Path | None = None) -> Path:
@@ -127,7 +135,7 @@ def init(directory: str, *, overwrite: bool = False) -> list[Path]:
     """Copy the shipped configs/ and data/ into DIRECTORY, ready to edit and run there.
 
     Files already there with the same content are left alone; any other existing file stops the copy before
-    anything is written, unless ``overwrite`` (``--overwrite``) replaces it. Returns the files written.
+    anything is written, unless ``overwrite`` (``--overwrite true``) replaces it. Returns the files written.
 
     Args:
         directory: where ``configs/`` and ``data/`` go (created if missing).
@@ -153,7 +161,7 @@ def init(directory: str, *, overwrite: bool = False) -> list[Path]:
     if differing and not overwrite:
         raise FileExistsError(
             f"{len(differing)} file(s) in {target} differ from the shipped ones ({', '.join(map(str, differing))}); "
-            "nothing was copied: pass --overwrite to replace them, or choose another directory"
+            "nothing was copied: pass --overwrite true to replace them, or choose another directory"
         )
     written = []
     for source, dest in plan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seka_lightning import stats as stats_module
 from seka_lightning.stats import KeyStatistics, KeySums
 
 L, M, H, D = 2, 5, 3, 4
@@ -15,13 +16,8 @@ def _keys(seed: int) -> list[torch.Tensor]:
     return [torch.randn(L, M, H, D, generator=generator, dtype=torch.float32) for _ in range(3)]
 
 
-def test_sums_equal_a_float64_reference():
-    stats = KeyStatistics(L, H, D)
-    batches = [_keys(0), _keys(1)]
-    for batch in batches:
-        stats.update(*batch)
-    h, hp, hn = (torch.cat([b[i] for b in batches], dim=1).double() for i in range(3))
-    sums = stats.compute()
+def assert_sums_equal_a_float64_reference(sums: KeySums, batches: list[list[torch.Tensor]]) -> None:
+    h, hp, hn = (torch.cat([b[i] for b in batches], dim=1).cpu().double() for i in range(3))
     assert sums.count.item() == 2 * M
     for got, (x, y) in ((sums.a0, (h, h)), (sums.a_pos, (h, hp)), (sums.a_neg, (h, hn))):
         reference = torch.stack(
@@ -30,6 +26,47 @@ def test_sums_equal_a_float64_reference():
         torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sums.d_pos_neg, (hp - hn).square().sum(dim=(1, 3)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sums.d_pos_neutral, (hp - h).square().sum(dim=(1, 3)), rtol=1e-12, atol=1e-12)
+
+
+def test_sums_equal_a_float64_reference():
+    stats = KeyStatistics(L, H, D)
+    batches = [_keys(0), _keys(1)]
+    for batch in batches:
+        stats.update(*batch)
+    assert_sums_equal_a_float64_reference(stats.compute(), batches)
+
+
+def test_devices_without_float64_are_known():
+    assert not stats_module.supports_float64(torch.device("mps"))
+    assert stats_module.supports_float64(torch.device("cpu")) and stats_module.supports_float64(torch.device("cuda"))
+
+
+def test_sums_stay_on_the_cpu_for_a_device_without_float64(monkeypatch):
+    """Simulates MPS with the meta device: moving the module there leaves the float64 sums on the CPU."""
+    monkeypatch.setattr(stats_module, "supports_float64", lambda device: device.type != "meta")
+    stats = KeyStatistics(L, H, D).to("meta")
+    assert stats.device.type == "meta"
+    assert all(stats.metric_state[name].device.type == "cpu" for name in ("count", "a0", "a_pos", "d_pos_neg"))
+    batches = [_keys(0), _keys(1)]
+    for batch in batches:
+        stats.update(*batch)
+    assert_sums_equal_a_float64_reference(stats.compute(), batches)
+    stats.reset()
+    assert stats.a0.device.type == "cpu" and stats.count.item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_keys_are_added_on_the_cpu_when_the_device_lacks_float64(monkeypatch):
+    """The MPS path on a real accelerator: CUDA keys (float32) go to CPU float64 sums."""
+    monkeypatch.setattr(stats_module, "supports_float64", lambda device: device.type != "cuda")
+    stats = KeyStatistics(L, H, D).to("cuda")
+    batches = [[key.cuda() for key in _keys(0)], [key.cuda() for key in _keys(1)]]
+    for batch in batches:
+        stats.update(*batch)
+    sums = stats.compute()
+    assert sums.a0.device.type == "cpu"
+    assert_sums_equal_a_float64_reference(sums, batches)
 
 
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["neutral", "positive", "negative"])

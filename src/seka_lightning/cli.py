@@ -4,9 +4,11 @@
 - ``seka validate -c configs/validate/smollm2-135m.yaml ...`` checks that a bank moves attention onto highlights;
 - ``seka predict -c configs/predict/highlight.yaml ...`` generates with and without highlighting;
 - ``seka generate "Where is **X**?" --bank B`` does the same for one prompt, without a config;
-- ``seka derive --stats X.stats.safetensors --top_pct 0.8 ...`` re-derives a bank from saved statistics.
+- ``seka derive --stats X.stats.safetensors --top_pct 0.8 ...`` re-derives a bank from saved statistics;
+- ``seka init DIR`` copies the shipped configs and data into DIR.
 
-Every subcommand takes ``-c/--config`` (YAML), ``--help``, and suggests the nearest name for a typo.
+Every subcommand takes ``-c/--config`` (YAML), ``--help``, and suggests the nearest name for a typo. A ``-c`` value
+that is not a file may name a shipped config (``seka fit -c smollm2-135m``; see ``resources.resolve_config``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from seka_lightning.lit.callbacks import BuildStopped
 from seka_lightning.lit.strategies import FROZEN_DDP
 from seka_lightning.models import check_model_source
 from seka_lightning.report import report
+from seka_lightning.resources import init, resolve_config
 from seka_lightning.search import search
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ PLAIN_COMMANDS: dict[str, Callable[..., Any]] = {
     "search": search,
     "report": report,
     "pasta-profile": profile_heads,
+    "init": init,
 }
 LIGHTNING_COMMANDS = {
     "fit": "build a projection bank (or train an AdaSEKA routing gate) from a config",
@@ -56,6 +60,7 @@ LIGHTNING_COMMANDS = {
 # packages whose classes a config may name by their short name (`--model ProjectionBuilder`): jsonargparse resolves
 # short names among the imported subclasses of the expected base class
 CONFIGURABLE_PACKAGES = ("seka_lightning.lit", "seka_lightning.data", "seka_lightning.baselines")
+CONFIG_FLAGS = ("-c", "--config")
 # init arguments that name input files a run reads: checked before any model is loaded
 INPUT_FILE_KEYS = ("bank", "neg", "gate")
 
@@ -252,6 +257,19 @@ def unknown_command(name: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``-c/--config`` value that names a shipped config replaced by that config's file."""
+    command = args[0] if args and not args[0].startswith("-") else None
+    resolved = list(args)
+    for i, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if equals and flag in CONFIG_FLAGS:
+            resolved[i] = f"{flag}={resolve_config(value, command=command)}"
+        elif i > 0 and args[i - 1] in CONFIG_FLAGS:
+            resolved[i] = resolve_config(arg, command=command)
+    return resolved
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``seka`` entry point."""
     install_quiet_console()
@@ -262,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[0] in ("-V", "--version"):
         sys.stdout.write(f"seka {__version__}\n")
         return
+    try:
+        args = resolve_config_args(args)
+    except (FileNotFoundError, ValueError) as err:
+        sys.stderr.write(f"seka: error: {err}\n")
+        raise SystemExit(2) from None
+    if argv is None:
+        sys.argv[1:] = args  # DDP starts its other processes from sys.argv: they get the same config files
     if args[0] in PLAIN_COMMANDS:
         run_plain(args[0], args[1:])
     elif args[0] in LIGHTNING_COMMANDS or args[0].startswith("-"):

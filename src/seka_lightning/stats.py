@@ -1,7 +1,8 @@
 """Streaming key statistics for building projections (SPEC §3).
 
 Everything a bank needs is a sum over answer-token rows, so the statistics stream in float64 and all-reduce by
-sum across DDP ranks. The keys themselves are never kept.
+sum across DDP ranks. The keys themselves are never kept. On a device without float64 (Apple MPS) the sums stay on
+the CPU and each batch's answer-token keys are copied there before they are added.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -81,8 +83,18 @@ def require_finite_sums(sums: Iterable[torch.Tensor]) -> None:
         )
 
 
+def supports_float64(device: torch.device) -> bool:
+    """Whether tensors of ``device`` can hold float64 (Apple's MPS cannot)."""
+    return device.type != "mps"
+
+
 class KeyStatistics(Metric):
-    """A torchmetrics state holding :class:`KeySums`; ``dist_reduce_fx="sum"`` makes DDP reduction exact."""
+    """A torchmetrics state holding :class:`KeySums`; ``dist_reduce_fx="sum"`` makes DDP reduction exact.
+
+    The sums follow the module to its device, except to a device without float64 (:func:`supports_float64`, e.g.
+    Apple MPS): there they stay on the CPU, and :meth:`update` copies the answer-token keys (a few rows per text) to
+    the CPU before the float64 products, so the sums are the same as on any other device.
+    """
 
     full_state_update = False
 
@@ -90,6 +102,13 @@ class KeyStatistics(Metric):
         super().__init__(sync_on_compute=True)
         for name, value in KeySums.zeros(num_layers, num_heads, head_dim).tensors().items():
             self.add_state(name, default=value, dist_reduce_fx="sum", persistent=True)
+
+    def _apply(self, fn: Any, exclude_state: Any = ()) -> KeyStatistics:
+        """Move the sums with the module, except to a device without float64 (they stay where they are)."""
+        target = fn(torch.zeros(1, device=self.device)).device
+        if not supports_float64(target):
+            exclude_state = (*exclude_state, *self._defaults)
+        return super()._apply(fn, exclude_state=exclude_state)
 
     def update(self, neutral: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> None:
         """Add answer-token keys, each ``[L, M, H, d]`` (M rows aligned across the three texts)."""
@@ -102,7 +121,8 @@ class KeyStatistics(Metric):
         # leaves a distance sum non-finite (Σ ||h+ - h||² covers h and h+, Σ ||h+ - h-||² covers h-: a square of a
         # non-finite difference is inf or NaN, and sums of non-negative terms cannot cancel, also across ranks);
         # check_finite() reads the sums once, at a checkpoint and in compute().
-        h, hp, hn = (x.to(torch.float64) for x in (neutral, positive, negative))
+        # to the sums' device first (a no-op unless they are kept on the CPU), then to float64 there
+        h, hp, hn = (x.to(self.a0.device).to(torch.float64) for x in (neutral, positive, negative))
         self.count += h.shape[1]
         self.a0 += torch.einsum("lmhd,lmhe->lhde", h, h)
         self.a_pos += torch.einsum("lmhd,lmhe->lhde", h, hp)

@@ -8,10 +8,12 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from seka_lightning.resources import resolve_data_path
+
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from JSONL (``{"prompt": "..."}`` per line) or plain text (one prompt per line)."""
-    path = Path(path)
+    path = resolve_data_path(path)  # a shipped file when a relative path is missing here
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     prompts = []

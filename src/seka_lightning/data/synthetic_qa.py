@@ -6,14 +6,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset
 
-from seka_lightning.data.triplets import Triplet, iter_triplets, read_pairs
+from seka_lightning.data.triplets import Triplet, check_pairs, iter_pairs, iter_triplets
+from seka_lightning.resources import resolve_data_path
 
 Item = TypeVar("Item")
 
@@ -91,7 +91,8 @@ class SyntheticQADataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            path: JSONL of QA pairs with context_1/2, question_1/2, answer_1/2.
+            path: JSONL of QA pairs with context_1/2, question_1/2, answer_1/2 (a relative path missing in the
+                working directory reads the shipped file of that name, see ``seka_lightning.resources``).
             batch_size: triplets per forward pass when building (each pass runs the three texts of every
                 triplet); prompts per batch when validating.
             max_samples: use only the first N pairs (as the reference's ``--max_samples``); None = all.
@@ -114,26 +115,28 @@ class SyntheticQADataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # check the file the running stage reads, so validating needs no training file
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.VALIDATING:
-            self._read_val_pairs()
+            check_pairs(self._val_path(), max_samples=self.val_max_samples)
         else:
-            read_pairs(self.path, max_samples=self.max_samples)
+            check_pairs(self.path, max_samples=self.max_samples)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.triplets:
-            self.triplets = list(iter_triplets(read_pairs(self.path, max_samples=self.max_samples)))
+            self.triplets = list(iter_triplets(iter_pairs(self.path, max_samples=self.max_samples)))
         if stage == "validate" and not self.val_questions:
-            self.val_questions = [probe for pair in self._read_val_pairs() for probe in highlighted_questions(pair)]
+            pairs = iter_pairs(self._val_path(), max_samples=self.val_max_samples)
+            self.val_questions = [probe for pair in pairs for probe in highlighted_questions(pair)]
 
-    def _read_val_pairs(self) -> list[dict]:
+    def _val_path(self) -> str:
         if self.val_path is None:
             raise ValueError(
                 "data.val_path is None; set it to a held-out QA JSONL (e.g. data/synthetic_qa_heldout.jsonl)"
             )
-        return read_pairs(self.val_path, max_samples=self.val_max_samples)
+        return self.val_path
 
     def fingerprint(self) -> str:
-        """SHA-256 of the data file plus ``max_samples``: identifies the data a bank was built from."""
-        digest = hashlib.sha256(Path(self.path).read_bytes())
+        """SHA-256 of the data file plus ``max_samples``: identifies the data a bank was built from (the same for the
+        shipped file and a copy of it)."""
+        digest = hashlib.sha256(resolve_data_path(self.path).read_bytes())
         digest.update(f"max_samples={self.max_samples}".encode())
         return digest.hexdigest()
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+from datasets import load_dataset
+
+from seka_lightning.resources import resolve_data_path
 
 PAIR_FIELDS = ("context_1", "question_1", "answer_1", "context_2", "question_2", "answer_2")
 
@@ -36,37 +41,68 @@ def triplets_from_pair(pair: dict) -> tuple[Triplet, Triplet]:
 
 
 def read_pairs(path: str | Path, *, max_samples: int | None = None) -> list[dict]:
-    """Read QA pairs from a JSONL file, checking every line has the six fields as non-empty strings."""
-    path = Path(path)
+    """Read QA pairs from a JSONL file, checking every line (see :func:`iter_pairs`)."""
+    return list(iter_pairs(path, max_samples=max_samples))
+
+
+def check_pairs(path: str | Path, *, max_samples: int | None = None) -> None:
+    """Check the first ``max_samples`` pairs of a JSONL file (all when None) without keeping them."""
+    deque(iter_pairs(path, max_samples=max_samples), maxlen=0)
+
+
+def iter_pairs(path: str | Path, *, max_samples: int | None = None) -> Iterator[dict]:
+    """Stream QA pairs from a JSONL file through 🤗 datasets, one line at a time (memory flat in the file's size).
+
+    Every non-blank line must be a JSON object with the six fields as non-empty strings, each answer occurring in
+    its context (case-insensitive, as the answer-token rule needs); an error names the file, the line and the fix.
+    A relative ``path`` missing here but shipped with the package reads the shipped file (``resources``).
+
+    The lines come from the ``text`` loader and are parsed with ``json``, which keeps every string as written: the
+    ``json`` loader's Arrow type inference turns a column of ISO-date strings (answers such as ``"1999-01-01"``)
+    into timestamps, and it reports bad lines without their line numbers.
+    """
+    path = resolve_data_path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"synthetic QA file {path} does not exist; generate one with `python -m seka_lightning.data.generator`"
         )
-    pairs: list[dict] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if max_samples is not None and len(pairs) >= max_samples:
+    lines = load_dataset("text", data_files=str(path), split="train", streaming=True)
+    count = 0
+    try:
+        for line_no, row in enumerate(lines, start=1):
+            if max_samples is not None and count >= max_samples:
                 break
-            if not line.strip():
-                continue
-            try:
-                pair = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}:{line_no}: not valid JSON ({err.msg}); the file is corrupt or truncated"
-                ) from None
-            missing = [f for f in PAIR_FIELDS if not isinstance(pair.get(f), str) or not pair[f].strip()]
-            if missing:
-                raise ValueError(
-                    f"{path}:{line_no}: missing or empty fields {missing}; each line needs {list(PAIR_FIELDS)}"
-                )
-            pairs.append(pair)
-    if not pairs:
+            if row["text"].strip():
+                count += 1
+                yield parse_pair(row["text"], f"{path}:{line_no}")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason}); save it as UTF-8 JSONL") from None
+    if not count:
         raise ValueError(f"{path} holds no QA pairs; point data.path at a non-empty JSONL file")
-    return pairs
 
 
-def iter_triplets(pairs: Sequence[dict]) -> Iterator[Triplet]:
+def parse_pair(line: str, where: str) -> dict:
+    """One JSONL line as a QA pair, checked; ``where`` (``file:line``) prefixes the errors."""
+    try:
+        pair = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg}); the file is corrupt or truncated") from None
+    if not isinstance(pair, dict):
+        raise ValueError(f"{where}: a JSON {type(pair).__name__}, not an object; each line needs {list(PAIR_FIELDS)}")
+    missing = [f for f in PAIR_FIELDS if not isinstance(pair.get(f), str) or not pair[f].strip()]
+    if missing:
+        raise ValueError(f"{where}: missing or empty fields {missing}; each line needs {list(PAIR_FIELDS)}")
+    for i in (1, 2):
+        answer, context = pair[f"answer_{i}"], pair[f"context_{i}"]
+        if answer.lower() not in context.lower():
+            raise ValueError(
+                f"{where}: answer_{i} {answer!r} does not occur in context_{i} (case-insensitive), so its triplet "
+                "has no answer tokens; fix the answer or drop the line"
+            )
+    return pair
+
+
+def iter_triplets(pairs: Iterable[dict]) -> Iterator[Triplet]:
     for pair in pairs:
         yield from triplets_from_pair(pair)
 

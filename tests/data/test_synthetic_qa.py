@@ -72,12 +72,7 @@ def test_read_pairs_errors(tmp_path):
         read_pairs(not_object)
     absent = tmp_path / "absent.jsonl"
     absent.write_text(json.dumps({**PAIR, "answer_2": "the mountain"}) + "\n")
-    with pytest.raises(
-        ValueError,
-        match=r"absent.jsonl:1: answer_2 'the mountain' does not occur in context_2 \(case-insensitive\), so its "
-        "triplet has no answer tokens; fix the answer or drop the line",
-    ):
-        read_pairs(absent)
+    assert read_pairs(absent)[0]["answer_2"] == "the mountain"  # read as written; SPEC §3 skips its triplet
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(
         json.dumps({**PAIR, "context_1": "Caf\u00e9 silver lanterns."}, ensure_ascii=False).encode("latin-1")

@@ -163,8 +163,15 @@ def build_jobs(s: Settings, model: Model) -> list[Job]:
         Job(
             f"build:{model.tag}:seka",
             seka(
-                "fit", "-c", f"configs/build/{model.tag}.yaml", "--model.output", bank_path(s, model), *trainer,
-                "--trainer.callbacks.dirpath", s.out / "resume" / model.tag / "seka", *samples,
+                "fit",
+                "-c",
+                f"configs/build/{model.tag}.yaml",
+                "--model.output",
+                bank_path(s, model),
+                *trainer,
+                "--trainer.callbacks.dirpath",
+                s.out / "resume" / model.tag / "seka",
+                *samples,
             ),
             done=bank_path(s, model),
         )
@@ -174,17 +181,30 @@ def build_jobs(s: Settings, model: Model) -> list[Job]:
             Job(
                 f"build:{model.tag}:expert-{source}",
                 seka(
-                    "fit", "-c", f"configs/adaseka/build/{source}.yaml", "--model.pretrained", model.pretrained,
-                    "--model.output", expert_path(s, model, source), *trainer,
-                    "--trainer.callbacks.dirpath", s.out / "resume" / model.tag / source, *samples,
+                    "fit",
+                    "-c",
+                    f"configs/adaseka/build/{source}.yaml",
+                    "--model.pretrained",
+                    model.pretrained,
+                    "--model.output",
+                    expert_path(s, model, source),
+                    *trainer,
+                    "--trainer.callbacks.dirpath",
+                    s.out / "resume" / model.tag / source,
+                    *samples,
                     *_expert_data_path(s, source),
                 ),
                 done=expert_path(s, model, source),
             )
         )
     profile = seka(
-        "pasta-profile", "--pretrained", model.pretrained, "--output", pasta_path(s, model),
-        "--add_special_tokens", str(add_special_tokens(model)).lower(),
+        "pasta-profile",
+        "--pretrained",
+        model.pretrained,
+        "--output",
+        pasta_path(s, model),
+        "--add_special_tokens",
+        str(add_special_tokens(model)).lower(),
         *(("--device", "cuda") if s.accelerator == "gpu" else ("--device", "cpu") if s.accelerator == "cpu" else ()),
         *(("--max_samples", str(s.limit)) if s.limit else ()),
     )
@@ -232,11 +252,21 @@ def data_args(s: Settings, benchmark: str, split: str) -> tuple[str, ...]:
     return tuple(args)
 
 
-def predict(s: Settings, model: Model, benchmark: str, split: str, output: Path, *method: str | Path) -> tuple[str, ...]:
+def predict(
+    s: Settings, model: Model, benchmark: str, split: str, output: Path, *method: str | Path
+) -> tuple[str, ...]:
     """`seka predict` of one method on one benchmark slice, writing ``output``."""
     return seka(
-        "predict", "-c", f"configs/eval/{benchmark}.yaml", "-c", f"configs/models/{model.tag}.yaml", *method,
-        "--trainer.accelerator", s.accelerator, "--trainer.callbacks.output_dir", output,
+        "predict",
+        "-c",
+        f"configs/eval/{benchmark}.yaml",
+        "-c",
+        f"configs/models/{model.tag}.yaml",
+        *method,
+        "--trainer.accelerator",
+        s.accelerator,
+        "--trainer.callbacks.output_dir",
+        output,
         *data_args(s, benchmark, split),
     )
 
@@ -247,8 +277,14 @@ def dev_dir(s: Settings, model: Model, benchmark: str, name: str) -> Path:
 
 def seka_args(s: Settings, model: Model, layers: str, gain: float) -> tuple[str, ...]:
     return (
-        "--model.method", "SekaMethod", "--model.method.bank", str(bank_path(s, model)),
-        "--model.method.gain_pos", f"{gain:g}", "--model.method.layers", layers,
+        "--model.method",
+        "SekaMethod",
+        "--model.method.bank",
+        str(bank_path(s, model)),
+        "--model.method.gain_pos",
+        f"{gain:g}",
+        "--model.method.layers",
+        layers,
     )
 
 
@@ -539,8 +575,14 @@ def execute(jobs: list[Job], s: Settings, *, workers: int) -> Outcome:
                 for new in added:
                     pending.setdefault(new.name, new)
                 level = logging.ERROR if state == "failed" else logging.INFO
-                log.log(level, "%s: %s (%.1f s)%s", job.name, state, outcome.seconds[job.name],
-                        f", log {log_path(s, job.name)}" if state == "failed" and job.argv else "")
+                log.log(
+                    level,
+                    "%s: %s (%.1f s)%s",
+                    job.name,
+                    state,
+                    outcome.seconds[job.name],
+                    f", log {log_path(s, job.name)}" if state == "failed" and job.argv else "",
+                )
     return outcome
 
 
@@ -620,9 +662,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     outcome = execute(jobs, settings, workers=args.jobs)
     failures = outcome.failures()
-    log.info("%d jobs in %.0f s: %d ok, %d skipped (outputs exist), %d failed or blocked", len(outcome.status),
-             time.perf_counter() - started, sum(v == "ok" for v in outcome.status.values()),
-             sum(v == "exists" for v in outcome.status.values()), len(failures))
+    log.info(
+        "%d jobs in %.0f s: %d ok, %d skipped (outputs exist), %d failed or blocked",
+        len(outcome.status),
+        time.perf_counter() - started,
+        sum(v == "ok" for v in outcome.status.values()),
+        sum(v == "exists" for v in outcome.status.values()),
+        len(failures),
+    )
     for name in failures:
         log.error("%s %s", outcome.status[name], name)
     return 1 if failures else 0

@@ -112,7 +112,7 @@ def select(
     if not admissible:
         raise ValueError(
             f"no candidate passes the dev guards {list(guards)} (reasons: {rejected}); widen the guard runs "
-            "(--guard-top) or the grid (--gains/--layers) and re-run the dev stage"
+            "(--guard-top) or the grid (--gains) and re-run the dev stage"
         )
     order = {c.name: i for i, c in enumerate(candidates)}
     best = max(admissible, key=lambda c: (c.metrics[objective].mean, -order[c.name]))

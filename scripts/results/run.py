@@ -207,6 +207,7 @@ def build_jobs(s: Settings, model: Model) -> list[Job]:
         str(add_special_tokens(model)).lower(),
         *(("--device", "cuda") if s.accelerator == "gpu" else ("--device", "cpu") if s.accelerator == "cpu" else ()),
         *(("--max_samples", str(s.limit)) if s.limit else ()),
+        *("--batch_size", "64", "--heads_per_pass", "8"),  # batching only: fewer passes, same scores up to rounding
     )
     jobs.append(Job(f"build:{model.tag}:pasta", profile, done=pasta_path(s, model)))
     return jobs
@@ -614,7 +615,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         "--counterfact-test", default="test", help="'test' (5000:10000) or a slice such as 5000:6000 if time forces"
     )
     parser.add_argument("--gains", nargs="+", type=float, default=list(GAINS))
-    parser.add_argument("--guard-top", type=int, default=6, help="candidates that get the dev guard runs")
+    parser.add_argument("--guard-top", type=int, default=4, help="candidates that get the dev guard runs")
     parser.add_argument(
         "--batch-size", nargs="+", default=[], metavar="BENCHMARK=N", help="override a benchmark's batch size"
     )

@@ -103,7 +103,7 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
     assert sum(" -c configs/adaseka/build/" in line for line in lines) == 4
     assert lines[5] == (
         f"{SEKA} pasta-profile --pretrained embedded:gemma3-270m --output outputs/results/pasta/gemma3-270m.json "
-        "--add_special_tokens true"
+        "--add_special_tokens true --batch_size 64 --heads_per_pass 8"
     )
     dev = [line for line in lines if "--trainer.callbacks.output_dir outputs/results/dev/" in line]
     # unsteered + 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, all on CounterFact dev

@@ -24,8 +24,10 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -536,8 +538,36 @@ def run_job(job: Job, s: Settings, env: dict[str, str]) -> tuple[str, list[Job]]
     with log_file.open("w") as handle:
         handle.write(f"$ {shlex.join(job.argv)}\n")
         handle.flush()
-        code = subprocess.call(job.argv, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        code = run_command(job.argv, env=env, output=handle)
     return ("ok" if code == 0 else "failed"), []
+
+
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def run_command(argv: Sequence[str], *, env: dict[str, str], output) -> int:
+    """Run one command to its end, registered so that :func:`stop_children` can end it early."""
+    with _children_lock:
+        if _stopping.is_set():
+            return -signal.SIGTERM
+        process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+        _children.add(process)
+    try:
+        return process.wait()
+    finally:
+        with _children_lock:
+            _children.discard(process)
+
+
+def stop_children() -> None:
+    """Terminate the commands still running (the runner itself was stopped); their outputs are written atomically,
+    so a stopped run leaves nothing and is redone on the next call."""
+    with _children_lock:
+        _stopping.set()
+        for process in _children:
+            process.terminate()
 
 
 def execute(jobs: list[Job], s: Settings, *, workers: int) -> Outcome:
@@ -548,43 +578,60 @@ def execute(jobs: list[Job], s: Settings, *, workers: int) -> Outcome:
     env = child_env(workers)
     running: dict[Future, tuple[Job, float]] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        while pending or running:
-            for name, job in list(pending.items()):
-                states = [outcome.status.get(dep) for dep in job.after]
-                if any(state in ("failed", "blocked") for state in states):
-                    outcome.status[name] = "blocked"
-                    del pending[name]
-                    log.error("%s: blocked (a job it waits for failed)", name)
-                elif all(state in ("ok", "exists") for state in states) and len(running) < workers:
-                    del pending[name]
-                    running[pool.submit(run_job, job, s, env)] = (job, time.perf_counter())
-            if not running:
-                for name in pending:
-                    outcome.status[name] = "blocked"
-                    log.error("%s: blocked (waits for jobs that were never planned)", name)
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job, started = running.pop(future)
-                outcome.seconds[job.name] = time.perf_counter() - started
-                try:
-                    state, added = future.result()
-                except Exception:
-                    log.exception("%s: failed", job.name)
-                    state, added = "failed", []
-                outcome.status[job.name] = state
-                for new in added:
-                    pending.setdefault(new.name, new)
-                level = logging.ERROR if state == "failed" else logging.INFO
-                log.log(
-                    level,
-                    "%s: %s (%.1f s)%s",
-                    job.name,
-                    state,
-                    outcome.seconds[job.name],
-                    f", log {log_path(s, job.name)}" if state == "failed" and job.argv else "",
-                )
+        try:
+            schedule(pending, running, outcome, pool, s, env, workers)
+        except BaseException:
+            stop_children()
+            raise
     return outcome
+
+
+def schedule(
+    pending: dict[str, Job],
+    running: dict[Future, tuple[Job, float]],
+    outcome: Outcome,
+    pool: ThreadPoolExecutor,
+    s: Settings,
+    env: dict[str, str],
+    workers: int,
+) -> None:
+    """Start every job whose dependencies succeeded, block those whose dependencies failed, until none is left."""
+    while pending or running:
+        for name, job in list(pending.items()):
+            states = [outcome.status.get(dep) for dep in job.after]
+            if any(state in ("failed", "blocked") for state in states):
+                outcome.status[name] = "blocked"
+                del pending[name]
+                log.error("%s: blocked (a job it waits for failed)", name)
+            elif all(state in ("ok", "exists") for state in states) and len(running) < workers:
+                del pending[name]
+                running[pool.submit(run_job, job, s, env)] = (job, time.perf_counter())
+        if not running:
+            for name in pending:
+                outcome.status[name] = "blocked"
+                log.error("%s: blocked (waits for jobs that were never planned)", name)
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            job, started = running.pop(future)
+            outcome.seconds[job.name] = time.perf_counter() - started
+            try:
+                state, added = future.result()
+            except Exception:
+                log.exception("%s: failed", job.name)
+                state, added = "failed", []
+            outcome.status[job.name] = state
+            for new in added:
+                pending.setdefault(new.name, new)
+            level = logging.ERROR if state == "failed" else logging.INFO
+            log.log(
+                level,
+                "%s: %s (%.1f s)%s",
+                job.name,
+                state,
+                outcome.seconds[job.name],
+                f", log {log_path(s, job.name)}" if state == "failed" and job.argv else "",
+            )
 
 
 def child_env(workers: int) -> dict[str, str]:
@@ -650,6 +697,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     return settings, args
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds execute(), which terminates the running commands
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, args = parse_args(argv)
@@ -661,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(job))
         return 0
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     outcome = execute(jobs, settings, workers=args.jobs)
     failures = outcome.failures()
     log.info(

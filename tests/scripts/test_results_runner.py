@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +298,28 @@ def test_cpu_smoke_build_and_final_counterfact_passes_verify(tmp_path):
     assert "| counterfact | smollm2-135m | seka |" in table
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)  # a re-run skips what exists
     assert again.returncode == 0 and "3 skipped (outputs exist)" in again.stderr
+
+
+def test_sigterm_stops_the_running_commands(tmp_path):
+    """A stopped runner (e.g. a device call's time limit) ends its commands instead of leaving them running."""
+    pid_file = tmp_path / "pid"
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(REPO / "scripts" / "results")!r})
+import run
+signal.signal(signal.SIGTERM, run._exit_on_sigterm)
+settings, _ = run.parse_args(["--out", {str(tmp_path / "out")!r}])
+code = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+run.execute([run.Job("sleeper", (sys.executable, "-c", code))], settings, workers=1)
+"""
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # the terminated child is reaped by the runner's wait(); give it a moment
+            os.kill(child, 0)
+            time.sleep(0.05)

@@ -507,6 +507,23 @@ def plan(s: Settings) -> list[Job]:
     return jobs
 
 
+def check_method_configs(s: Settings) -> None:
+    """Refuse a final stage whose tuned method configs neither exist nor come from this run's select stage."""
+    if "final" not in s.stages or "select" in s.stages:
+        return
+    missing = [
+        str(method_config(model, method))
+        for model in s.models
+        for method in s.methods
+        if method in TUNED and not method_config(model, method).exists()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{', '.join(missing)} do not exist; they are written by the select stage: add --stages dev select "
+            "(or select, when the dev runs exist under --out)"
+        )
+
+
 def describe(job: Job) -> str:
     if job.argv is not None:
         return shlex.join(job.argv)
@@ -711,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for job in jobs:
             print(describe(job))
         return 0
+    check_method_configs(settings)
     started = time.perf_counter()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     outcome = execute(jobs, settings, workers=args.jobs)

@@ -323,3 +323,13 @@ run.execute([run.Job("sleeper", (sys.executable, "-c", code))], settings, worker
         for _ in range(100):  # the terminated child is reaped by the runner's wait(); give it a moment
             os.kill(child, 0)
             time.sleep(0.05)
+
+
+def test_final_without_tuned_configs_is_refused_before_running(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    for tuned in (tmp_path / "configs" / "methods").glob("*/seka.yaml"):
+        tuned.unlink()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"configs/methods/gemma3-270m/seka.yaml do not exist; .* select"):
+        run.main(["--models", "gemma3-270m", "--stages", "final", "--methods", "none", "seka", "--out", "out"])
+    assert not (tmp_path / "out").exists()

@@ -507,6 +507,24 @@ def plan(s: Settings) -> list[Job]:
     return jobs
 
 
+def check_stale_results(jobs: list[Job]) -> None:
+    """Refuse result folders holding a ``metric_result.json`` without its predictions (an earlier pipeline's run):
+    they are neither evidence (``seka report --verify`` fails on them) nor safe to skip or overwrite silently."""
+    stale = [
+        str(job.done.parent)
+        for job in jobs
+        if job.done is not None
+        and job.done.name == METRIC_RESULT
+        and job.done.exists()
+        and not (job.done.parent / PREDICTIONS).exists()
+    ]
+    if stale:
+        raise FileExistsError(
+            f"{len(stale)} result folders hold a {METRIC_RESULT} without {PREDICTIONS} (an earlier run), e.g. "
+            f"{', '.join(stale[:3])}; remove them (git rm -r) or write elsewhere with --results"
+        )
+
+
 def check_method_configs(s: Settings) -> None:
     """Refuse a final stage whose tuned method configs neither exist nor come from this run's select stage."""
     if "final" not in s.stages or "select" in s.stages:
@@ -729,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(job))
         return 0
     check_method_configs(settings)
+    check_stale_results(jobs)
     started = time.perf_counter()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     outcome = execute(jobs, settings, workers=args.jobs)

@@ -333,3 +333,15 @@ def test_final_without_tuned_configs_is_refused_before_running(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match=r"configs/methods/gemma3-270m/seka.yaml do not exist; .* select"):
         run.main(["--models", "gemma3-270m", "--stages", "final", "--methods", "none", "seka", "--out", "out"])
     assert not (tmp_path / "out").exists()
+
+
+def test_results_without_predictions_are_refused_not_skipped(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "results" / "counterfact" / "smollm2-135m" / "none"
+    old.mkdir(parents=True)
+    (old / "metric_result.json").write_text("{}")
+    args = ["--models", "smollm2-135m", "--stages", "final", "--methods", "none", "--results", "results"]
+    with pytest.raises(FileExistsError, match=r"1 result folders hold a metric_result.json without predictions"):
+        run.main([*args, "--benchmarks", "counterfact", "--out", "out"])
+    assert (old / "metric_result.json").read_text() == "{}" and not (tmp_path / "out").exists()

@@ -345,3 +345,29 @@ def test_results_without_predictions_are_refused_not_skipped(tmp_path, monkeypat
     with pytest.raises(FileExistsError, match=r"1 result folders hold a metric_result.json without predictions"):
         run.main([*args, "--benchmarks", "counterfact", "--out", "out"])
     assert (old / "metric_result.json").read_text() == "{}" and not (tmp_path / "out").exists()
+
+
+def test_counterfact_test_slice_and_limits(in_repo):
+    settings, _ = run.parse_args(["--counterfact-test", "5000:6000"])
+    assert run.data_args(settings, "counterfact", "test")[2:] == (
+        "--data.split",
+        "null",
+        "--data.example_subset",
+        "5000:6000",
+    )
+    assert run.data_args(settings, "counterfact", "dev")[2:] == ("--data.split", "dev", "--data.example_subset", "null")
+    settings, _ = run.parse_args(["--limit", "5"])
+    expected = {
+        ("counterfact", "dev"): "4500:4505",
+        ("lost_in_the_middle", "dev"): "2555:2560",
+        ("pronchange", "dev"): "900:905",
+        ("pronchange", "test"): "0:5",
+    }
+    for (benchmark, split), subset in expected.items():
+        assert run.data_args(settings, benchmark, split)[2:] == (
+            "--data.split",
+            "null",
+            "--data.example_subset",
+            subset,
+        )
+    assert run.data_args(settings, "biasbios", "test")[2:] == ("--data.example_subset", "0:5")

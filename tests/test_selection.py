@@ -4,11 +4,12 @@ efficacy, the smallest gain within one SE, ties, and the guard-run shortlist."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 import pytest
 
-from seka_lightning.selection import EFFICACY, Candidate, Estimate, guard_candidates, guard_failures, select
+from seka_lightning.selection import EFFICACY, Candidate, Estimate, guard_failures, guards_needed, select
 
 EM, PRON = "exact_match_inside", "pron_mean_p"
 BASELINE = {
@@ -101,17 +102,66 @@ def test_ties_on_gain_go_to_higher_efficacy_then_grid_order():
     assert select(candidates, BASELINE).chosen.name == "all-g2"  # full tie: grid order
 
 
-def test_guard_shortlist_puts_the_one_se_band_first_smallest_gain_first():
+def unknown(layers: str, gain: float, eff: float, se: float = 0.02) -> Candidate:
+    return cand(layers, gain, eff, se, em=None, pron=None)
+
+
+def test_guards_needed_goes_down_the_ranking_until_one_passes():
     candidates = [
-        cand("all", 1, 0.50),
-        cand("all", 4, 0.80),
-        cand("all", 16, 0.81),
-        cand("last20", 2, 0.795),
-        cand("last20", 8, 0.60),
-        cand("last10", 8, 0.70),
+        unknown("all", 1, 0.50),
+        unknown("all", 4, 0.80),
+        unknown("all", 16, 0.90),
+        unknown("last20", 8, 0.70),
     ]
-    names = [c.name for c in guard_candidates(candidates, top=4)]
-    assert names == ["last20-g2", "all-g4", "all-g16", "last10-g8"]
-    assert [c.name for c in guard_candidates(candidates, top=2)] == ["last20-g2", "all-g4"]
-    with pytest.raises(ValueError, match="top must be >= 1"):
-        guard_candidates(candidates, top=0)
+    assert [c.name for c in guards_needed(candidates, BASELINE, limit=2)] == ["all-g16", "all-g4"]
+    failed = [c if c.gain != 16 else cand("all", 16, 0.90, em=0.0) for c in candidates]
+    assert [c.name for c in guards_needed(failed, BASELINE, limit=2)] == ["all-g4", "last20-g8"]
+    every_one_fails = [cand(c.layers, c.gain, c.metrics[EFFICACY].mean, em=0.0) for c in candidates]
+    assert guards_needed(every_one_fails, BASELINE, limit=2) == []  # settled: select reports no admissible one
+
+
+def test_guards_needed_then_walks_the_band_smallest_gain_first_and_stops():
+    candidates = [
+        unknown("all", 1, 0.785),  # in the band of 0.80 - 0.02
+        cand("all", 4, 0.80),  # best, admissible
+        unknown("last20", 2, 0.79),  # in the band
+        unknown("last20", 16, 0.60),  # below the band: never needed
+    ]
+    assert [c.name for c in guards_needed(candidates, BASELINE, limit=4)] == ["all-g1", "last20-g2"]
+    candidates[0] = cand("all", 1, 0.785)  # the smallest gain passes: settled, last20-g2 cannot be chosen
+    assert guards_needed(candidates, BASELINE, limit=4) == []
+    assert select(candidates, BASELINE).chosen.name == "all-g1"
+    candidates[0] = cand("all", 1, 0.785, pron=0.0)  # it fails: the next smallest gain is needed
+    assert [c.name for c in guards_needed(candidates, BASELINE, limit=4)] == ["last20-g2"]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        guards_needed(candidates, BASELINE, limit=0)
+
+
+def test_selection_after_guards_needed_equals_selection_with_every_guard():
+    """On a grid where every candidate has guard numbers, running guards only where guards_needed asks (rounds of 2)
+    gives the same choice as the rule on the full grid."""
+    rng = random.Random(0)
+    for _ in range(200):
+        full = [
+            cand(
+                layers,
+                gain,
+                rng.choice([0.5, 0.6, 0.7, 0.75, 0.78, 0.8]),
+                em=rng.choice([0.125, 0.25]),
+                pron=rng.choice([0.25, 0.5]),
+            )
+            for layers in ("all", "last20", "last10")
+            for gain in (1, 2, 4, 8)
+        ]
+        hidden = [unknown(c.layers, c.gain, c.metrics[EFFICACY].mean) for c in full]
+        by_name = {c.name: c for c in full}
+        while needed := guards_needed(hidden, BASELINE, limit=2):
+            names = {c.name for c in needed}
+            hidden = [by_name[c.name] if c.name in names else c for c in hidden]
+        try:
+            expected = select(full, BASELINE).chosen.name
+        except ValueError:
+            with pytest.raises(ValueError, match="no candidate passes"):
+                select(hidden, BASELINE)
+            continue
+        assert select(hidden, BASELINE).chosen.name == expected

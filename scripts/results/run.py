@@ -44,8 +44,11 @@ from seka_lightning.selection import (
     RULE,
     Candidate,
     Estimate,
+    Selection,
+    by_efficacy,
     candidate_name,
-    guard_candidates,
+    guard_failures,
+    guards_needed,
     select,
 )
 
@@ -306,28 +309,42 @@ def dev_run(s: Settings, model: Model, benchmark: str, layers: str | None, gain:
 
 
 def dev_jobs(s: Settings, model: Model) -> list[Job]:
-    """CounterFact dev for unsteered and the grid; then an action that plans the guard runs of the best candidates."""
+    """CounterFact dev for unsteered and the grid; then the first round of guard runs."""
     grid = [(layers, gain) for layers in model.layer_grid for gain in s.gains]
     jobs = [dev_run(s, model, "counterfact", None, None)]
     jobs += [dev_run(s, model, "counterfact", layers, gain) for layers, gain in grid]
     jobs.append(
         Job(
-            f"dev:{model.tag}:plan-guards",
-            action=lambda: guard_jobs(s, model),
+            f"dev:{model.tag}:guard-round-0",
+            action=lambda: guard_round(s, model, 0),
             after=tuple(job.name for job in jobs),
-            note=f"guard runs (lost in the middle, PronChange dev) for none and the top {s.guard_top} candidates",
+            note=f"guard runs (lost in the middle, PronChange dev) for none and, {s.guard_top} at a time, the "
+            "candidates that can change the choice",
         )
     )
     return jobs
 
 
-def guard_jobs(s: Settings, model: Model) -> list[Job]:
-    """The guard runs for unsteered and the candidates :func:`guard_candidates` picks, and a marker job after them."""
-    chosen = guard_candidates(dev_candidates(s, model, guards=False), top=s.guard_top)
-    log.info("%s: guard runs for %s", model.tag, [c.name for c in chosen])
-    jobs = [dev_run(s, model, benchmark, None, None) for benchmark in GUARD_BENCHMARKS]
-    jobs += [dev_run(s, model, b, c.layers, c.gain) for c in chosen for b in GUARD_BENCHMARKS]
-    jobs.append(Job(f"dev:{model.tag}:guards", action=list, after=tuple(job.name for job in jobs)))
+def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
+    """One round of guard runs (lost in the middle and PronChange dev) and the action planning the next round.
+
+    Round 0 runs unsteered and the ``guard_top`` best CounterFact candidates; later rounds the candidates
+    :func:`guards_needed` names, until the rule's choice is settled (then the ``dev:<model>:guards`` marker)."""
+    candidates = dev_candidates(s, model)
+    if number == 0:
+        needed = by_efficacy(candidates)[: s.guard_top]
+        jobs = [dev_run(s, model, benchmark, None, None) for benchmark in GUARD_BENCHMARKS]
+    else:
+        needed = guards_needed(candidates, baseline_estimates(s, model), limit=s.guard_top)
+        jobs = []
+    if not needed:
+        return [Job(f"dev:{model.tag}:guards", action=list)]
+    log.info("%s: guard round %d for %s", model.tag, number, [c.name for c in needed])
+    jobs += [dev_run(s, model, b, c.layers, c.gain) for c in needed for b in GUARD_BENCHMARKS]
+    after = tuple(job.name for job in jobs)
+    jobs.append(
+        Job(f"dev:{model.tag}:guard-round-{number + 1}", action=lambda: guard_round(s, model, number + 1), after=after)
+    )
     return jobs
 
 
@@ -336,18 +353,17 @@ def read_estimate(folder: Path, metric: str) -> Estimate:
     return Estimate.from_scores(per_id_scores(read_predictions(folder / PREDICTIONS), metric).values())
 
 
-def dev_candidates(s: Settings, model: Model, *, guards: bool = True) -> list[Candidate]:
+def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
     """The grid's candidates with their CounterFact dev efficacy and, where run, their guard metrics."""
     candidates = []
     for layers in model.layer_grid:
         for gain in s.gains:
             name = candidate_name(layers, gain)
             metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", name), EFFICACY)}
-            if guards:
-                for benchmark, metric in GUARD_BENCHMARKS.items():
-                    folder = dev_dir(s, model, benchmark, name)
-                    if (folder / METRIC_RESULT).exists():
-                        metrics[metric] = read_estimate(folder, metric)
+            for benchmark, metric in GUARD_BENCHMARKS.items():
+                folder = dev_dir(s, model, benchmark, name)
+                if (folder / METRIC_RESULT).exists():
+                    metrics[metric] = read_estimate(folder, metric)
             candidates.append(Candidate(layers, gain, metrics))
     return candidates
 
@@ -373,44 +389,64 @@ def select_job(s: Settings, model: Model) -> Job:
 
 
 def write_selection(s: Settings, model: Model) -> list[Job]:
-    """Apply the rule to the dev runs; write the tuned methods' configs and the dev table."""
+    """Apply the rule to the dev runs; write the tuned methods' configs and the dev table (the table also when no
+    candidate is admissible, so the reasons can be read)."""
     candidates = dev_candidates(s, model)
     baseline = baseline_estimates(s, model)
-    selection = select(candidates, baseline)
+    try:
+        selection = select(candidates, baseline)
+    except ValueError:
+        write_dev_table(s, model, candidates, baseline, None)
+        raise
     chosen = selection.chosen
     log.info("%s: chose %s (best admissible %s)", model.tag, chosen.name, selection.best.name)
     for method, text in tuned_configs(s, model, chosen.layers, chosen.gain).items():
         with atomic_path(method_config(model, method)) as tmp:
             tmp.write_text(text)
+    write_dev_table(s, model, candidates, baseline, selection)
+    return []
+
+
+def write_dev_table(
+    s: Settings,
+    model: Model,
+    candidates: list[Candidate],
+    baseline: dict[str, Estimate],
+    selection: Selection | None,
+) -> None:
+    """``RESULTS/dev/<model>.json``: the slices, the rule, every candidate's dev estimates and guard verdict, the choice."""
+    dev = "dev" if not s.limit else f"first {s.limit} of dev"
+    rows = []
+    for c in candidates:
+        rejected = guard_failures(c, baseline)
+        rows.append(
+            {
+                "name": c.name,
+                "layers": c.layers,
+                "gain": c.gain,
+                "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
+                "admissible": not rejected,
+                "rejected": rejected,
+            }
+        )
     write_json(
         s.results / "dev" / f"{model.tag}.json",
         {
             "model": model.pretrained,
             "rule": RULE,
             "slices": {
-                "counterfact": "dev 4500:5000" if not s.limit else f"first {s.limit} of dev",
-                "lost_in_the_middle": "dev (questions 2555:2655) x 7 gold positions"
-                if not s.limit
-                else f"first {s.limit} of dev",
-                "pronchange": "dev (bios 900:1000)" if not s.limit else f"first {s.limit} of dev",
+                "counterfact": f"{dev} (records 4500:5000)",
+                "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
+                "pronchange": f"{dev} (bios 900:1000)",
             },
             "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
-            "candidates": [
-                {
-                    "name": c.name,
-                    "layers": c.layers,
-                    "gain": c.gain,
-                    "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
-                    "admissible": not selection.rejected[c.name],
-                    "rejected": selection.rejected[c.name],
-                }
-                for c in candidates
-            ],
-            "best": selection.best.name,
-            "chosen": {"name": chosen.name, "layers": chosen.layers, "gain": chosen.gain},
+            "candidates": rows,
+            "best": None if selection is None else selection.best.name,
+            "chosen": None
+            if selection is None
+            else {"name": selection.chosen.name, "layers": selection.chosen.layers, "gain": selection.chosen.gain},
         },
     )
-    return []
 
 
 def tuned_configs(s: Settings, model: Model, layers: str, gain: float) -> dict[str, str]:
@@ -697,7 +733,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         "--counterfact-test", default="test", help="'test' (5000:10000) or a slice such as 5000:6000 if time forces"
     )
     parser.add_argument("--gains", nargs="+", type=float, default=list(GAINS))
-    parser.add_argument("--guard-top", type=int, default=4, help="candidates that get the dev guard runs")
+    parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")
     parser.add_argument(
         "--batch-size", nargs="+", default=[], metavar="BENCHMARK=N", help="override a benchmark's batch size"
     )

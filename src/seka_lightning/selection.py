@@ -9,6 +9,9 @@ The rule (stated once here, recorded in ``docs/results/dev/<model>.json``):
 3. then choose the smallest gain whose efficacy is within one standard error (of that best candidate's per-example
    scores) of the best; ties on the gain go to the higher efficacy, then to the earlier candidate in the grid.
 
+Guard runs are costly, so :func:`guards_needed` asks for them only where they can change the choice; once it returns
+nothing, :func:`select` on the runs made gives the choice the rule would give with every candidate guard-checked.
+
 Plain Python (no torch), so the rule is unit-tested on synthetic numbers.
 """
 
@@ -111,8 +114,8 @@ def select(
     admissible = [c for c in candidates if not rejected[c.name]]
     if not admissible:
         raise ValueError(
-            f"no candidate passes the dev guards {list(guards)} (reasons: {rejected}); widen the guard runs "
-            "(--guard-top) or the grid (--gains) and re-run the dev stage"
+            f"no candidate passes the dev guards {list(guards)} (reasons: {rejected}); widen the grid "
+            "(--gains) and re-run the dev stage"
         )
     order = {c.name: i for i, c in enumerate(candidates)}
     best = max(admissible, key=lambda c: (c.metrics[objective].mean, -order[c.name]))
@@ -122,22 +125,58 @@ def select(
     return Selection(chosen=chosen, best=best, rejected=rejected)
 
 
-def guard_candidates(candidates: Sequence[Candidate], *, top: int, objective: str = EFFICACY) -> list[Candidate]:
-    """The candidates worth a (costly) generation guard run, at most ``top``: first those within one SE of the best
-    efficacy, smallest gain first (the rule picks among them), then the rest by efficacy."""
-    if top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
-    if not candidates:
-        return []
+def by_efficacy(candidates: Sequence[Candidate], objective: str = EFFICACY) -> list[Candidate]:
+    """``candidates`` from the best efficacy down; ties in grid order."""
     order = {c.name: i for i, c in enumerate(candidates)}
-    best = max(candidates, key=lambda c: (c.metrics[objective].mean, -order[c.name]))
+    return sorted(candidates, key=lambda c: (-c.metrics[objective].mean, order[c.name]))
+
+
+def guards_needed(
+    candidates: Sequence[Candidate],
+    baseline: Mapping[str, Estimate],
+    *,
+    limit: int,
+    guards: Sequence[str] = GUARDS,
+    objective: str = EFFICACY,
+) -> list[Candidate]:
+    """The next (at most ``limit``) candidates without guard runs whose guards could change the rule's choice; empty
+    when the choice on the runs so far equals the choice with every candidate guard-checked.
+
+    The best admissible efficacy is settled once every candidate above it is known to fail; the choice is settled
+    once every candidate before it in the band's order (smallest gain first) is known. So guard runs go down the
+    efficacy ranking until one passes, then along the band, never to a candidate that cannot be chosen.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+
+    def known(c: Candidate) -> bool:
+        return all(metric in c.metrics for metric in guards)
+
+    def admissible(c: Candidate) -> bool:
+        return known(c) and not guard_failures(c, baseline, guards)
+
+    ranked = by_efficacy(candidates, objective)
+    unknown_above = []
+    for c in ranked:
+        if admissible(c):
+            best = c
+            break
+        if not known(c):
+            unknown_above.append(c)
+    else:
+        return unknown_above[:limit]  # no admissible candidate so far: check further down the ranking
+    if unknown_above:
+        return unknown_above[:limit]
+    order = {c.name: i for i, c in enumerate(candidates)}
     threshold = best.metrics[objective].mean - best.metrics[objective].se
-    close = sorted(
+    band = sorted(
         (c for c in candidates if c.metrics[objective].mean >= threshold),
         key=lambda c: (c.gain, -c.metrics[objective].mean, order[c.name]),
     )
-    rest = sorted(
-        (c for c in candidates if c.metrics[objective].mean < threshold),
-        key=lambda c: (-c.metrics[objective].mean, order[c.name]),
-    )
-    return (close + rest)[:top]
+    unknown_before = []
+    for c in band:
+        if admissible(c):
+            break
+        if not known(c):
+            unknown_before.append(c)
+    return unknown_before[:limit]

@@ -112,7 +112,7 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
     # unsteered + 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, all on CounterFact dev
     assert len(dev) == 9 and all("--data.split dev --data.example_subset null" in line for line in dev)
     assert "--model.method.gain_pos 8 --model.method.layers last9" in dev[6]
-    assert lines[-2].startswith("[dev:gemma3-270m:plan-guards]") and lines[-1].startswith("[select:gemma3-270m]")
+    assert lines[-2].startswith("[dev:gemma3-270m:guard-round-0]") and lines[-1].startswith("[select:gemma3-270m]")
 
 
 def test_bad_options_are_refused(in_repo):
@@ -203,6 +203,44 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
     }
     adaseka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text())
     assert adaseka["model"]["init_args"]["method"]["init_args"]["gain"] == 2.0
+
+
+def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2"])
+    wins = {"all-g2": 6, "all-g8": 7, "last20-g2": 8, "last20-g8": 9, "last15-g2": 9, "last15-g8": 10}
+    wins |= {"last10-g2": 5, "last10-g8": 6, "none": 5}
+    for name, won in wins.items():
+        dev = run.dev_dir(settings, SMOLLM2, "counterfact", name)
+        write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    first = run.guard_round(settings, SMOLLM2, 0)
+    names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
+    assert names == [
+        "lost_in_the_middle:none",
+        "pronchange:none",
+        "lost_in_the_middle:last15-g8",
+        "pronchange:last15-g8",  # the two best efficacies
+        "lost_in_the_middle:last20-g8",
+        "pronchange:last20-g8",
+        "guard-round-1",
+    ]
+    for name, em in {"none": 0.5, "last15-g8": 0.0, "last20-g8": 0.5}.items():  # last15-g8 fails
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [em, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    second = first[-1].action()
+    # best admissible last20-g8 (0.9, SE 0.1): the band's smaller gains last15-g2 and last20-g2 may still be chosen
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in second] == [
+        "lost_in_the_middle:last15-g2",
+        "pronchange:last15-g2",
+        "lost_in_the_middle:last20-g2",
+        "pronchange:last20-g2",
+        "guard-round-2",
+    ]
+    for name in ("last15-g2", "last20-g2"):
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert [job.name for job in second[-1].action()] == ["dev:smollm2-135m:guards"]
 
 
 FRAGMENTS = sorted((REPO / "configs" / "methods").glob("*/*.yaml"))

@@ -114,8 +114,8 @@ def select(
     admissible = [c for c in candidates if not rejected[c.name]]
     if not admissible:
         raise ValueError(
-            f"no candidate passes the dev guards {list(guards)} (reasons: {rejected}); widen the grid "
-            "(--gains) and re-run the dev stage"
+            f"no candidate passes the dev guards {list(guards)} (reasons: {rejected}); run the dev stage "
+            "(its guard rounds check candidates without runs) or widen the grid (--gains)"
         )
     order = {c.name: i for i, c in enumerate(candidates)}
     best = max(admissible, key=lambda c: (c.metrics[objective].mean, -order[c.name]))

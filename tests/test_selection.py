@@ -82,7 +82,9 @@ def test_a_candidate_without_guard_runs_is_not_admissible():
 
 
 def test_no_admissible_candidate_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"no candidate passes the dev guards .* run the dev stage .* or widen the grid \(--gains\)"):
+    with pytest.raises(
+        ValueError, match=r"no candidate passes the dev guards .* run the dev stage .* or widen the grid \(--gains\)"
+    ):
         select([cand("all", 4, 0.9, em=0.0)], BASELINE)
 
 

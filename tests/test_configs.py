@@ -11,7 +11,11 @@ from seka_lightning.cli import run_lightning
 from seka_lightning.data import generator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LIGHTNING_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "data")
+# fragments stacked after an eval config are tested in tests/scripts/test_results_runner.py
+FRAGMENTS = (CONFIGS / "models", CONFIGS / "methods")
+LIGHTNING_CONFIGS = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "data" and not any(f in p.parents for f in FRAGMENTS)
+)
 SUBCOMMAND = {"build": "fit", "predict": "predict", "validate": "validate", "eval": "predict", "gate": "fit"}
 
 

@@ -1,0 +1,805 @@
+"""The pipeline behind docs/results.md: every number comes from the shipped configs through `seka` commands.
+
+    python scripts/results/run.py --jobs 6 --accelerator gpu            # everything, both models
+    python scripts/results/run.py --dry-run                             # print the commands
+    python scripts/results/run.py --stages final --methods none seka --benchmarks counterfact --limit 3
+
+Stages, per model (each command's log in OUT/logs/; outputs that exist are skipped, so a re-run resumes):
+  build   the SEKA bank (configs/build/<model>.yaml), the AdaSEKA expert banks (configs/adaseka/build/*.yaml) and
+          the PASTA head set (`seka pasta-profile`) under OUT;
+  dev     CounterFact dev (4500:5000) for unsteered and every layers x gain of SEKA, then the generation guards
+          (lost in the middle and PronChange dev splits) for unsteered and the best candidates;
+  select  the rule of seka_lightning.selection on the dev runs; writes configs/methods/<model>/{seka,key_scaling,
+          random,adaseka}.yaml and docs/results/dev/<model>.json;
+  final   the reported slices for every method from `-c configs/eval/<benchmark>.yaml -c configs/models/<model>.yaml
+          -c configs/methods/<model>/<method>.yaml` into RESULTS/<benchmark>/<model>/<method>/; then `seka report`
+          and `seka report --verify`.
+Independent commands run concurrently (--jobs); a command waits for the ones whose outputs it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions
+from seka_lightning.files import atomic_path, write_json
+from seka_lightning.selection import (
+    EFFICACY,
+    GUARDS,
+    RULE,
+    Candidate,
+    Estimate,
+    Selection,
+    by_efficacy,
+    candidate_name,
+    guard_failures,
+    guards_needed,
+    select,
+)
+
+log = logging.getLogger("results")
+
+SEKA = (sys.executable, "-m", "seka_lightning.cli")
+STAGES = ("build", "dev", "select", "final")
+BENCHMARKS = ("counterfact", "lost_in_the_middle", "pronchange", "biasbios")
+METHODS = ("none", "seka", "adaseka", "key_scaling", "random", "pasta", "spa")
+TUNED = ("seka", "key_scaling", "random", "adaseka")  # written by the select stage
+EXPERT_SOURCES = ("synthetic_qa", "counterfact", "biasbios", "lost_in_the_middle")
+RANDOM_SEEDS = (0, 1, 2)
+GAINS = (1.0, 2.0, 4.0, 8.0, 16.0)
+GUARD_BENCHMARKS = {"lost_in_the_middle": "exact_match_inside", "pronchange": "pron_mean_p"}
+assert tuple(GUARD_BENCHMARKS.values()) == GUARDS
+
+
+@dataclass(frozen=True)
+class Model:
+    """An evaluated model: its folder tag, hub id and decoder depth (for the lastN layer grid)."""
+
+    tag: str
+    pretrained: str
+    num_layers: int
+
+    @property
+    def layer_grid(self) -> tuple[str, ...]:
+        """``all`` and the last 2/3, 1/2 and 1/3 of the layers (SmolLM2's 30: last20/last15/last10)."""
+        return ("all", *(f"last{round(self.num_layers * f)}" for f in (2 / 3, 1 / 2, 1 / 3)))
+
+
+MODELS = {
+    "smollm2-135m": Model("smollm2-135m", "embedded:smollm2-135m", 30),
+    "gemma3-270m": Model("gemma3-270m", "embedded:gemma3-270m", 18),
+}
+
+# split name (the DataModule's `split`) and the record range it names, for --limit slices
+SLICES = {
+    ("counterfact", "dev"): ("dev", 4500),
+    ("counterfact", "test"): ("test", 5000),
+    ("lost_in_the_middle", "dev"): ("dev", 2555),
+    ("lost_in_the_middle", "test"): ("test", 0),
+    ("pronchange", "dev"): ("dev", 900),
+    ("pronchange", "test"): ("test", 0),
+    ("biasbios", "test"): (None, 0),  # the shared subset has no split: every row (never tuned on)
+}
+
+
+@dataclass
+class Job:
+    """One step: a `seka` command (``argv``) or an in-process ``action`` that may return more jobs.
+
+    ``done`` is the output whose existence means the step already ran (skipped on a re-run); ``after`` names the jobs
+    whose outputs it reads (they may be added later by an action)."""
+
+    name: str
+    argv: tuple[str, ...] | None = None
+    action: Callable[[], list[Job]] | None = None
+    after: tuple[str, ...] = ()
+    done: Path | None = None
+    note: str = ""
+
+
+@dataclass
+class Settings:
+    """What the command line chose."""
+
+    models: list[Model]
+    stages: list[str]
+    benchmarks: list[str]
+    methods: list[str]
+    out: Path
+    results: Path
+    shared_data: Path
+    accelerator: str
+    limit: int | None
+    counterfact_test: str
+    gains: list[float]
+    guard_top: int
+    table: Path = Path("docs/results_table.md")
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def seka(*args: str | Path) -> tuple[str, ...]:
+    """The argv of one `seka` command (``python -m seka_lightning.cli``)."""
+    return (*SEKA, *(str(a) for a in args))
+
+
+def bank_path(s: Settings, model: Model) -> Path:
+    return s.out / "banks" / f"{model.tag}.safetensors"
+
+
+def expert_path(s: Settings, model: Model, source: str) -> Path:
+    return s.out / "experts" / model.tag / f"{source}.safetensors"
+
+
+def pasta_path(s: Settings, model: Model) -> Path:
+    return s.out / "pasta" / f"{model.tag}.json"
+
+
+def log_path(s: Settings, name: str) -> Path:
+    return s.out / "logs" / (name.replace(":", "__") + ".log")
+
+
+def method_config(model: Model, method: str) -> Path:
+    return Path("configs") / "methods" / model.tag / f"{method}.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------- build
+
+
+def build_jobs(s: Settings, model: Model) -> list[Job]:
+    """The SEKA bank, the AdaSEKA experts and the PASTA head set of ``model``."""
+    trainer = ("--trainer.accelerator", s.accelerator)
+    samples = ("--data.max_samples", str(s.limit)) if s.limit else ()
+    jobs = [
+        Job(
+            f"build:{model.tag}:seka",
+            seka(
+                "fit",
+                "-c",
+                f"configs/build/{model.tag}.yaml",
+                "--model.output",
+                bank_path(s, model),
+                *trainer,
+                "--trainer.callbacks.dirpath",
+                s.out / "resume" / model.tag / "seka",
+                *samples,
+            ),
+            done=bank_path(s, model),
+        )
+    ]
+    for source in EXPERT_SOURCES:
+        jobs.append(
+            Job(
+                f"build:{model.tag}:expert-{source}",
+                seka(
+                    "fit",
+                    "-c",
+                    f"configs/adaseka/build/{source}.yaml",
+                    "--model.pretrained",
+                    model.pretrained,
+                    "--model.output",
+                    expert_path(s, model, source),
+                    *trainer,
+                    "--trainer.callbacks.dirpath",
+                    s.out / "resume" / model.tag / source,
+                    *samples,
+                    *_expert_data_path(s, source),
+                ),
+                done=expert_path(s, model, source),
+            )
+        )
+    profile = seka(
+        "pasta-profile",
+        "--pretrained",
+        model.pretrained,
+        "--output",
+        pasta_path(s, model),
+        "--add_special_tokens",
+        str(add_special_tokens(model)).lower(),
+        *(("--device", "cuda") if s.accelerator == "gpu" else ("--device", "cpu") if s.accelerator == "cpu" else ()),
+        *(("--max_samples", str(s.limit)) if s.limit else ()),
+        *("--batch_size", "64", "--heads_per_pass", "8"),  # batching only: fewer passes, same scores up to rounding
+    )
+    jobs.append(Job(f"build:{model.tag}:pasta", profile, done=pasta_path(s, model)))
+    return jobs
+
+
+def _expert_data_path(s: Settings, source: str) -> tuple[str, ...]:
+    paths = {
+        "counterfact": s.shared_data / "counterfact",
+        "biasbios": s.shared_data / "biasbios_subset",
+        "lost_in_the_middle": s.shared_data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz",
+    }
+    return ("--data.path", str(paths[source])) if source in paths else ()
+
+
+def add_special_tokens(model: Model) -> bool:
+    """The model config's ``add_special_tokens`` (Gemma-3 needs its BOS token), so PASTA profiles as it evaluates."""
+    config = yaml.safe_load((Path("configs") / "models" / f"{model.tag}.yaml").read_text())
+    return bool(config["model"]["init_args"].get("add_special_tokens", False))
+
+
+# ---------------------------------------------------------------------------------------------------- evaluations
+
+
+def data_args(s: Settings, benchmark: str, split: str) -> tuple[str, ...]:
+    """The data options of one benchmark slice: the named split, or its first --limit records."""
+    name, start = SLICES[(benchmark, split)]
+    paths = {
+        "counterfact": s.shared_data / "counterfact",
+        "lost_in_the_middle": s.shared_data / "lost_in_the_middle" / "nq-open-oracle.jsonl.gz",
+        "pronchange": s.shared_data / "biasbios_subset",
+        "biasbios": s.shared_data / "biasbios_subset",
+    }
+    args = ["--data.path", str(paths[benchmark])]
+    if benchmark == "counterfact" and split == "test" and s.counterfact_test != "test":
+        subset: str | None = s.counterfact_test
+    else:
+        subset = f"{start}:{start + s.limit}" if s.limit else None
+    if name is not None:
+        args += ["--data.split", "null" if subset else name]
+    args += ["--data.example_subset", subset or "null"]
+    if benchmark in s.batch_sizes:
+        args += ["--data.batch_size", str(s.batch_sizes[benchmark])]
+    return tuple(args)
+
+
+def predict(
+    s: Settings, model: Model, benchmark: str, split: str, output: Path, *method: str | Path
+) -> tuple[str, ...]:
+    """`seka predict` of one method on one benchmark slice, writing ``output``."""
+    return seka(
+        "predict",
+        "-c",
+        f"configs/eval/{benchmark}.yaml",
+        "-c",
+        f"configs/models/{model.tag}.yaml",
+        *method,
+        "--trainer.accelerator",
+        s.accelerator,
+        "--trainer.callbacks.output_dir",
+        output,
+        *data_args(s, benchmark, split),
+    )
+
+
+def dev_dir(s: Settings, model: Model, benchmark: str, name: str) -> Path:
+    return s.out / "dev" / model.tag / benchmark / name
+
+
+def seka_args(s: Settings, model: Model, layers: str, gain: float) -> tuple[str, ...]:
+    return (
+        "--model.method",
+        "SekaMethod",
+        "--model.method.bank",
+        str(bank_path(s, model)),
+        "--model.method.gain_pos",
+        f"{gain:g}",
+        "--model.method.layers",
+        layers,
+    )
+
+
+def dev_run(s: Settings, model: Model, benchmark: str, layers: str | None, gain: float | None) -> Job:
+    """One dev run: unsteered (``layers`` None) or SEKA at ``layers`` x ``gain``."""
+    name = "none" if layers is None else candidate_name(layers, gain)
+    output = dev_dir(s, model, benchmark, name)
+    method = ("-c", method_config(model, "none")) if layers is None else seka_args(s, model, layers, gain)
+    after = () if layers is None or "build" not in s.stages else (f"build:{model.tag}:seka",)
+    return Job(
+        f"dev:{model.tag}:{benchmark}:{name}",
+        predict(s, model, benchmark, "dev", output, *method),
+        after=after,
+        done=output / METRIC_RESULT,
+    )
+
+
+def dev_jobs(s: Settings, model: Model) -> list[Job]:
+    """CounterFact dev for unsteered and the grid; then the first round of guard runs."""
+    grid = [(layers, gain) for layers in model.layer_grid for gain in s.gains]
+    jobs = [dev_run(s, model, "counterfact", None, None)]
+    jobs += [dev_run(s, model, "counterfact", layers, gain) for layers, gain in grid]
+    jobs.append(
+        Job(
+            f"dev:{model.tag}:guard-round-0",
+            action=lambda: guard_round(s, model, 0),
+            after=tuple(job.name for job in jobs),
+            note=f"guard runs (lost in the middle, PronChange dev) for none and, {s.guard_top} at a time, the "
+            "candidates that can change the choice",
+        )
+    )
+    return jobs
+
+
+def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
+    """One round of guard runs (lost in the middle and PronChange dev) and the action planning the next round.
+
+    Round 0 runs unsteered and the ``guard_top`` best CounterFact candidates; later rounds the candidates
+    :func:`guards_needed` names, until the rule's choice is settled (then the ``dev:<model>:guards`` marker)."""
+    candidates = dev_candidates(s, model)
+    if number == 0:
+        needed = by_efficacy(candidates)[: s.guard_top]
+        jobs = [dev_run(s, model, benchmark, None, None) for benchmark in GUARD_BENCHMARKS]
+    else:
+        needed = guards_needed(candidates, baseline_estimates(s, model), limit=s.guard_top)
+        jobs = []
+    if not needed:
+        return [Job(f"dev:{model.tag}:guards", action=list)]
+    log.info("%s: guard round %d for %s", model.tag, number, [c.name for c in needed])
+    jobs += [dev_run(s, model, b, c.layers, c.gain) for c in needed for b in GUARD_BENCHMARKS]
+    after = tuple(job.name for job in jobs)
+    jobs.append(
+        Job(f"dev:{model.tag}:guard-round-{number + 1}", action=lambda: guard_round(s, model, number + 1), after=after)
+    )
+    return jobs
+
+
+def read_estimate(folder: Path, metric: str) -> Estimate:
+    """The mean and SE of ``metric`` over the example ids of one run's predictions."""
+    return Estimate.from_scores(per_id_scores(read_predictions(folder / PREDICTIONS), metric).values())
+
+
+def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
+    """The grid's candidates with their CounterFact dev efficacy and, where run, their guard metrics."""
+    candidates = []
+    for layers in model.layer_grid:
+        for gain in s.gains:
+            name = candidate_name(layers, gain)
+            metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", name), EFFICACY)}
+            for benchmark, metric in GUARD_BENCHMARKS.items():
+                folder = dev_dir(s, model, benchmark, name)
+                if (folder / METRIC_RESULT).exists():
+                    metrics[metric] = read_estimate(folder, metric)
+            candidates.append(Candidate(layers, gain, metrics))
+    return candidates
+
+
+# -------------------------------------------------------------------------------------------------------- select
+
+
+def baseline_estimates(s: Settings, model: Model) -> dict[str, Estimate]:
+    estimates = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", "none"), EFFICACY)}
+    for benchmark, metric in GUARD_BENCHMARKS.items():
+        estimates[metric] = read_estimate(dev_dir(s, model, benchmark, "none"), metric)
+    return estimates
+
+
+def select_job(s: Settings, model: Model) -> Job:
+    after = (f"dev:{model.tag}:guards",) if "dev" in s.stages else ()
+    return Job(
+        f"select:{model.tag}",
+        action=lambda: write_selection(s, model),
+        after=after,
+        note=f"write {', '.join(str(method_config(model, m)) for m in TUNED)} and docs/results/dev/{model.tag}.json",
+    )
+
+
+def write_selection(s: Settings, model: Model) -> list[Job]:
+    """Apply the rule to the dev runs; write the tuned methods' configs and the dev table (the table also when no
+    candidate is admissible, so the reasons can be read)."""
+    candidates = dev_candidates(s, model)
+    baseline = baseline_estimates(s, model)
+    try:
+        selection = select(candidates, baseline)
+    except ValueError:
+        write_dev_table(s, model, candidates, baseline, None)
+        raise
+    chosen = selection.chosen
+    log.info("%s: chose %s (best admissible %s)", model.tag, chosen.name, selection.best.name)
+    for method, text in tuned_configs(s, model, chosen.layers, chosen.gain).items():
+        with atomic_path(method_config(model, method)) as tmp:
+            tmp.write_text(text)
+    write_dev_table(s, model, candidates, baseline, selection)
+    return []
+
+
+def write_dev_table(
+    s: Settings,
+    model: Model,
+    candidates: list[Candidate],
+    baseline: dict[str, Estimate],
+    selection: Selection | None,
+) -> None:
+    """``RESULTS/dev/<model>.json``: the slices, the rule, every candidate's dev estimates and guard verdict, the choice."""
+    dev = "dev" if not s.limit else f"first {s.limit} of dev"
+    rows = []
+    for c in candidates:
+        rejected = guard_failures(c, baseline)
+        rows.append(
+            {
+                "name": c.name,
+                "layers": c.layers,
+                "gain": c.gain,
+                "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
+                "admissible": not rejected,
+                "rejected": rejected,
+            }
+        )
+    write_json(
+        s.results / "dev" / f"{model.tag}.json",
+        {
+            "model": model.pretrained,
+            "rule": RULE,
+            "slices": {
+                "counterfact": f"{dev} (records 4500:5000)",
+                "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
+                "pronchange": f"{dev} (bios 900:1000)",
+            },
+            "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
+            "candidates": rows,
+            "best": None if selection is None else selection.best.name,
+            "chosen": None
+            if selection is None
+            else {"name": selection.chosen.name, "layers": selection.chosen.layers, "gain": selection.chosen.gain},
+        },
+    )
+
+
+def tuned_configs(s: Settings, model: Model, layers: str, gain: float) -> dict[str, str]:
+    """The YAML fragments of SEKA and its ablations (same layers and gain) and AdaSEKA (same layers, gain = SEKA's)."""
+    bank = str(bank_path(s, model))
+    settings = {"gain_pos": gain, "layers": layers}
+    methods = {
+        "seka": {"class_path": "SekaMethod", "init_args": {"bank": bank, **settings}},
+        "key_scaling": {"class_path": "KeyScalingMethod", "init_args": {"bank": bank, **settings}},
+        "random": {"class_path": "RandomProjectionMethod", "init_args": {"bank": bank, **settings, "seed": 0}},
+        "adaseka": {
+            "class_path": "AdaSekaSelector",
+            "init_args": {
+                "experts": {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES},
+                "gain": gain,
+                "layers": layers,
+            },
+        },
+    }
+    header = (
+        f"# {model.tag}: chosen on dev data by scripts/results/run.py (select stage; rule in "
+        f"src/seka_lightning/selection.py, table in docs/results/dev/{model.tag}.json). Written by the script.\n"
+    )
+    return {
+        name: header + yaml.safe_dump({"model": {"init_args": {"method": method}}}, sort_keys=False)
+        for name, method in methods.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- final
+
+
+def final_output(s: Settings, model: Model, benchmark: str, method: str, seed: int | None = None) -> Path:
+    folder = s.results / benchmark / model.tag / method
+    return folder if seed is None else folder / f"seed-{seed}"
+
+
+def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[Job]:
+    """The reported run(s) of one method on one benchmark (three seeds for the random ablation)."""
+    config = method_config(model, "spa_long" if method == "spa" and benchmark == "lost_in_the_middle" else method)
+    artifacts: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    if method in ("seka", "key_scaling", "random"):
+        artifacts, needs = ("--model.method.bank", str(bank_path(s, model))), ("seka",)
+    elif method == "adaseka":
+        experts = {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES}
+        artifacts = ("--model.method.experts", json.dumps(experts))
+        needs = tuple(f"expert-{source}" for source in EXPERT_SOURCES)
+    elif method == "pasta":
+        artifacts, needs = ("--model.method.heads", str(pasta_path(s, model))), ("pasta",)
+    after = tuple(f"build:{model.tag}:{n}" for n in needs) if "build" in s.stages else ()
+    if method in TUNED and "select" in s.stages:
+        after += (f"select:{model.tag}",)
+    seeds: Sequence[int | None] = RANDOM_SEEDS if method == "random" else (None,)
+    jobs = []
+    for seed in seeds:
+        output = final_output(s, model, benchmark, method, seed)
+        extra = ("--model.method.seed", str(seed)) if seed is not None else ()
+        name = f"final:{model.tag}:{benchmark}:{method}" + ("" if seed is None else f":seed-{seed}")
+        argv = predict(s, model, benchmark, "test", output, "-c", config, *artifacts, *extra)
+        jobs.append(Job(name, argv, after=after, done=output / METRIC_RESULT))
+    return jobs
+
+
+def report_jobs(s: Settings, after: tuple[str, ...]) -> list[Job]:
+    """The table (and the lost-in-the-middle plot) of every run under RESULTS, then the check of every run."""
+    plot = s.results / "lost_in_the_middle.png" if "lost_in_the_middle" in s.benchmarks else "null"
+    report = seka("report", "--results", s.results, "--output", s.table, "--plot", plot, "--overwrite", "true")
+    return [
+        Job("report", report, after=after),
+        Job("verify", seka("report", "--verify", "true", "--results", s.results), after=("report",)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+
+def plan(s: Settings) -> list[Job]:
+    """Every job of the chosen stages, models, benchmarks and methods."""
+    jobs: list[Job] = []
+    for model in s.models:
+        if "build" in s.stages:
+            wanted = {"seka"} | ({"pasta"} if "pasta" in s.methods else set())
+            wanted |= {f"expert-{src}" for src in EXPERT_SOURCES} if "adaseka" in s.methods else set()
+            jobs += [job for job in build_jobs(s, model) if job.name.split(":")[-1] in wanted]
+        if "dev" in s.stages:
+            jobs += dev_jobs(s, model)
+        if "select" in s.stages:
+            jobs.append(select_job(s, model))
+        if "final" in s.stages:
+            jobs += [job for b in s.benchmarks for m in s.methods for job in final_jobs(s, model, b, m)]
+    if "final" in s.stages:
+        jobs += report_jobs(s, tuple(job.name for job in jobs if job.name.startswith("final:")))
+    return jobs
+
+
+def check_stale_results(jobs: list[Job]) -> None:
+    """Refuse result folders holding a ``metric_result.json`` without its predictions (an earlier pipeline's run):
+    they are neither evidence (``seka report --verify`` fails on them) nor safe to skip or overwrite silently."""
+    stale = [
+        str(job.done.parent)
+        for job in jobs
+        if job.done is not None
+        and job.done.name == METRIC_RESULT
+        and job.done.exists()
+        and not (job.done.parent / PREDICTIONS).exists()
+    ]
+    if stale:
+        raise FileExistsError(
+            f"{len(stale)} result folders hold a {METRIC_RESULT} without {PREDICTIONS} (an earlier run), e.g. "
+            f"{', '.join(stale[:3])}; remove them (git rm -r) or write elsewhere with --results"
+        )
+
+
+def check_method_configs(s: Settings) -> None:
+    """Refuse a final stage whose tuned method configs neither exist nor come from this run's select stage."""
+    if "final" not in s.stages or "select" in s.stages:
+        return
+    missing = [
+        str(method_config(model, method))
+        for model in s.models
+        for method in s.methods
+        if method in TUNED and not method_config(model, method).exists()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{', '.join(missing)} do not exist; they are written by the select stage: add --stages dev select "
+            "(or select, when the dev runs exist under --out)"
+        )
+
+
+def describe(job: Job) -> str:
+    if job.argv is not None:
+        return shlex.join(job.argv)
+    return f"[{job.name}] {job.note or 'in-process step'}"
+
+
+# ----------------------------------------------------------------------------------------------------- execution
+
+
+@dataclass
+class Outcome:
+    """How every job ended: ``ok``, ``exists`` (skipped), ``failed`` or ``blocked`` (a job it waits for failed)."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def failures(self) -> list[str]:
+        return [name for name, state in self.status.items() if state in ("failed", "blocked")]
+
+
+def run_job(job: Job, s: Settings, env: dict[str, str]) -> tuple[str, list[Job]]:
+    """Run one job; returns its status and the jobs its action added."""
+    if job.done is not None and job.done.exists():
+        return "exists", []
+    if job.action is not None:
+        return "ok", job.action()
+    log_file = log_path(s, job.name)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("w") as handle:
+        handle.write(f"$ {shlex.join(job.argv)}\n")
+        handle.flush()
+        code = run_command(job.argv, env=env, output=handle)
+    return ("ok" if code == 0 else "failed"), []
+
+
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def run_command(argv: Sequence[str], *, env: dict[str, str], output) -> int:
+    """Run one command to its end, registered so that :func:`stop_children` can end it early."""
+    with _children_lock:
+        if _stopping.is_set():
+            return -signal.SIGTERM
+        process = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+        _children.add(process)
+    try:
+        return process.wait()
+    finally:
+        with _children_lock:
+            _children.discard(process)
+
+
+def stop_children() -> None:
+    """Terminate the commands still running (the runner itself was stopped); their outputs are written atomically,
+    so a stopped run leaves nothing and is redone on the next call."""
+    with _children_lock:
+        _stopping.set()
+        for process in _children:
+            process.terminate()
+
+
+def execute(jobs: list[Job], s: Settings, *, workers: int) -> Outcome:
+    """Run ``jobs`` with at most ``workers`` at once, each after the jobs it waits for; a failure blocks its
+    dependents but not the rest."""
+    pending = {job.name: job for job in jobs}
+    outcome = Outcome()
+    env = child_env(workers)
+    running: dict[Future, tuple[Job, float]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            schedule(pending, running, outcome, pool, s, env, workers)
+        except BaseException:
+            stop_children()
+            raise
+    return outcome
+
+
+def schedule(
+    pending: dict[str, Job],
+    running: dict[Future, tuple[Job, float]],
+    outcome: Outcome,
+    pool: ThreadPoolExecutor,
+    s: Settings,
+    env: dict[str, str],
+    workers: int,
+) -> None:
+    """Start every job whose dependencies succeeded, block those whose dependencies failed, until none is left."""
+    while pending or running:
+        for name, job in list(pending.items()):
+            states = [outcome.status.get(dep) for dep in job.after]
+            if any(state in ("failed", "blocked") for state in states):
+                outcome.status[name] = "blocked"
+                del pending[name]
+                log.error("%s: blocked (a job it waits for failed)", name)
+            elif all(state in ("ok", "exists") for state in states) and len(running) < workers:
+                del pending[name]
+                running[pool.submit(run_job, job, s, env)] = (job, time.perf_counter())
+        if not running:
+            for name in pending:
+                outcome.status[name] = "blocked"
+                log.error("%s: blocked (waits for jobs that were never planned)", name)
+            break
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            job, started = running.pop(future)
+            outcome.seconds[job.name] = time.perf_counter() - started
+            try:
+                state, added = future.result()
+            except Exception:
+                log.exception("%s: failed", job.name)
+                state, added = "failed", []
+            outcome.status[job.name] = state
+            for new in added:
+                pending.setdefault(new.name, new)
+            level = logging.ERROR if state == "failed" else logging.INFO
+            log.log(
+                level,
+                "%s: %s (%.1f s)%s",
+                job.name,
+                state,
+                outcome.seconds[job.name],
+                f", log {log_path(s, job.name)}" if state == "failed" and job.argv else "",
+            )
+
+
+def child_env(workers: int) -> dict[str, str]:
+    """The environment of each command: this one, with the CPU threads shared among concurrent commands."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--out", type=Path, default=Path("outputs/results"), help="banks, dev runs and logs")
+    parser.add_argument("--results", type=Path, default=Path("docs/results"), help="the reported runs")
+    parser.add_argument("--table", type=Path, default=Path("docs/results_table.md"), help="seka report's table")
+    parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--accelerator", default="auto", choices=("auto", "gpu", "cpu"))
+    parser.add_argument("--jobs", type=int, default=1, help="commands run at once")
+    parser.add_argument("--limit", type=int, help="smoke run: the first N records of every slice and build")
+    parser.add_argument(
+        "--counterfact-test", default="test", help="'test' (5000:10000) or a slice such as 5000:6000 if time forces"
+    )
+    parser.add_argument("--gains", nargs="+", type=float, default=list(GAINS))
+    parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")
+    parser.add_argument(
+        "--batch-size", nargs="+", default=[], metavar="BENCHMARK=N", help="override a benchmark's batch size"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    batch_sizes = {}
+    for item in args.batch_size:
+        benchmark, _, value = item.partition("=")
+        if benchmark not in BENCHMARKS or not value.isdigit() or int(value) < 1:
+            parser.error(f"--batch-size takes BENCHMARK=N with BENCHMARK in {BENCHMARKS} and N >= 1, got {item!r}")
+        batch_sizes[benchmark] = int(value)
+    settings = Settings(
+        models=[MODELS[m] for m in args.models],
+        stages=[stage for stage in STAGES if stage in args.stages],
+        benchmarks=args.benchmarks,
+        methods=args.methods,
+        out=args.out,
+        results=args.results,
+        shared_data=args.shared_data,
+        accelerator=args.accelerator,
+        limit=args.limit,
+        counterfact_test=args.counterfact_test,
+        gains=args.gains,
+        guard_top=args.guard_top,
+        table=args.table,
+        batch_sizes=batch_sizes,
+    )
+    return settings, args
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds execute(), which terminates the running commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, args = parse_args(argv)
+    if not Path("configs/eval").is_dir():
+        raise FileNotFoundError(f"no configs/eval under {Path.cwd()}; run this script from the repository root")
+    jobs = plan(settings)
+    if args.dry_run:
+        for job in jobs:
+            print(describe(job))
+        return 0
+    check_method_configs(settings)
+    check_stale_results(jobs)
+    started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    outcome = execute(jobs, settings, workers=args.jobs)
+    failures = outcome.failures()
+    log.info(
+        "%d jobs in %.0f s: %d ok, %d skipped (outputs exist), %d failed or blocked",
+        len(outcome.status),
+        time.perf_counter() - started,
+        sum(v == "ok" for v in outcome.status.values()),
+        sum(v == "exists" for v in outcome.status.values()),
+        len(failures),
+    )
+    for name in failures:
+        log.error("%s %s", outcome.status[name], name)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

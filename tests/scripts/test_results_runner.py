@@ -1,0 +1,411 @@
+"""scripts/results/run.py: its exact commands (--dry-run), its scheduler (order, skips, failures), the select stage
+on synthetic dev predictions, the config fragments it stacks, and one real CPU smoke run (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seka_lightning.cli import run_lightning
+from seka_lightning.evidence import write_predictions
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+spec = importlib.util.spec_from_file_location("results_run", REPO / "scripts" / "results" / "run.py")
+run = importlib.util.module_from_spec(spec)
+sys.modules["results_run"] = run
+spec.loader.exec_module(run)
+
+SEKA = f"{sys.executable} -m seka_lightning.cli"
+SMOLLM2 = run.MODELS["smollm2-135m"]
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture
+def plain_argv(monkeypatch):
+    """run_lightning parses its own args; pytest's command line must not look like extra arguments."""
+    monkeypatch.setattr(sys, "argv", ["seka"])
+
+
+def dry_run(capsys, *args: str) -> list[str]:
+    assert run.main(["--dry-run", *args]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_dry_run_final_seka_counterfact_commands(capsys, in_repo):
+    lines = dry_run(
+        capsys, "--models", "smollm2-135m", "--stages", "final", "--methods", "seka", "--benchmarks", "counterfact"
+    )
+    assert lines == [
+        f"{SEKA} predict -c configs/eval/counterfact.yaml -c configs/models/smollm2-135m.yaml "
+        "-c configs/methods/smollm2-135m/seka.yaml --model.method.bank outputs/results/banks/smollm2-135m.safetensors "
+        "--trainer.accelerator auto --trainer.callbacks.output_dir docs/results/counterfact/smollm2-135m/seka "
+        "--data.path ../shared/data/counterfact --data.split test --data.example_subset null",
+        f"{SEKA} report --results docs/results --output docs/results_table.md --plot null --overwrite true",
+        f"{SEKA} report --verify true --results docs/results",
+    ]
+
+
+def test_dry_run_random_seeds_limit_and_long_context_spa(capsys, in_repo):
+    lines = dry_run(
+        capsys,
+        "--models",
+        "gemma3-270m",
+        "--stages",
+        "final",
+        "--methods",
+        "random",
+        "spa",
+        "--benchmarks",
+        "lost_in_the_middle",
+        "--limit",
+        "3",
+        "--accelerator",
+        "gpu",
+        "--batch-size",
+        "lost_in_the_middle=32",
+    )
+    tail = (
+        "--trainer.accelerator gpu --trainer.callbacks.output_dir docs/results/lost_in_the_middle/gemma3-270m/{} "
+        "--data.path ../shared/data/lost_in_the_middle/nq-open-oracle.jsonl.gz --data.split null "
+        "--data.example_subset 0:3 --data.batch_size 32"
+    )
+    head = f"{SEKA} predict -c configs/eval/lost_in_the_middle.yaml -c configs/models/gemma3-270m.yaml"
+    bank = "--model.method.bank outputs/results/banks/gemma3-270m.safetensors"
+    assert lines[:4] == [
+        *(
+            f"{head} -c configs/methods/gemma3-270m/random.yaml {bank} --model.method.seed {k} "
+            + tail.format(f"random/seed-{k}")
+            for k in (0, 1, 2)
+        ),
+        f"{head} -c configs/methods/gemma3-270m/spa_long.yaml " + tail.format("spa"),
+    ]
+    assert "--plot docs/results/lost_in_the_middle.png" in lines[4]
+
+
+def test_dry_run_build_and_dev_plan(capsys, in_repo):
+    lines = dry_run(capsys, "--models", "gemma3-270m", "--stages", "build", "dev", "select", "--gains", "2", "8")
+    assert lines[0] == (
+        f"{SEKA} fit -c configs/build/gemma3-270m.yaml --model.output outputs/results/banks/gemma3-270m.safetensors "
+        "--trainer.accelerator auto --trainer.callbacks.dirpath outputs/results/resume/gemma3-270m/seka"
+    )
+    assert sum(" -c configs/adaseka/build/" in line for line in lines) == 4
+    assert lines[5] == (
+        f"{SEKA} pasta-profile --pretrained embedded:gemma3-270m --output outputs/results/pasta/gemma3-270m.json "
+        "--add_special_tokens true --batch_size 64 --heads_per_pass 8"
+    )
+    dev = [line for line in lines if "--trainer.callbacks.output_dir outputs/results/dev/" in line]
+    # unsteered + 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, all on CounterFact dev
+    assert len(dev) == 9 and all("--data.split dev --data.example_subset null" in line for line in dev)
+    assert "--model.method.gain_pos 8 --model.method.layers last9" in dev[6]
+    assert lines[-2].startswith("[dev:gemma3-270m:guard-round-0]") and lines[-1].startswith("[select:gemma3-270m]")
+
+
+def test_bad_options_are_refused(in_repo):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--batch-size", "counterfact=0"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--models", "qwen"])
+
+
+def job(name: str, code: str, *, after: tuple[str, ...] = (), done: Path | None = None):
+    return run.Job(name, (sys.executable, "-c", code), after=after, done=done)
+
+
+def test_scheduler_order_skips_failures_and_dynamic_jobs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--out", str(tmp_path / "out")])
+    trace = tmp_path / "trace"
+    append = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + chr(10))"
+
+    def step(name: str, **kwargs):
+        return run.Job(name, (sys.executable, "-c", append, str(trace), name), **kwargs)
+
+    (tmp_path / "exists").write_text("")
+    jobs = [
+        step("a"),
+        step("b", after=("a",)),
+        step("skipped", done=tmp_path / "exists"),
+        job("fails", "raise SystemExit(3)"),
+        step("blocked", after=("fails",)),
+        run.Job("expand", action=lambda: [step("added", after=("b",))], after=("a",)),
+        step("last", after=("added", "skipped")),
+        step("never", after=("not-planned",)),
+    ]
+    outcome = run.execute(jobs, settings, workers=3)
+    assert outcome.status == {
+        "a": "ok",
+        "b": "ok",
+        "skipped": "exists",
+        "fails": "failed",
+        "blocked": "blocked",
+        "expand": "ok",
+        "added": "ok",
+        "last": "ok",
+        "never": "blocked",
+    }
+    order = trace.read_text().split()
+    assert sorted(order) == ["a", "added", "b", "last"]
+    assert order.index("a") < order.index("b") < order.index("added") < order.index("last")
+    assert (tmp_path / "out" / "logs" / "fails.log").read_text().startswith(f"$ {sys.executable} -c ")
+    assert sorted(outcome.failures()) == ["blocked", "fails", "never"]
+
+
+def write_dev_run(folder: Path, metric: str, scores: list[float]) -> None:
+    records = [{"id": i, "scores": {metric: s}} for i, s in enumerate(scores)]
+    write_predictions(folder / "predictions.jsonl.gz", records)
+    (folder / "metric_result.json").write_text("{}")
+
+
+def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results"])
+    efficacy = {"all": (6, 7), "last20": (8, 9), "last15": (9, 10), "last10": (5, 6)}  # wins of 10 at gains 2, 8
+    for layers, wins in efficacy.items():
+        for gain, won in zip((2.0, 8.0), wins, strict=True):
+            dev = run.dev_dir(settings, SMOLLM2, "counterfact", run.candidate_name(layers, gain))
+            write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", "none"), "efficacy_score", [1.0] * 5 + [0.0] * 5)
+    guards = {"none": (0.5, 0.5), "last15-g8": (0.0, 0.5), "last15-g2": (0.5, 0.5), "last20-g8": (0.5, 0.5)}
+    for name, (em, pron) in guards.items():
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [em, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [pron, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    # last15-g8 (10/10) fails lost in the middle (0.25 < 0.5 - 0); the best admissible are last20-g8 and last15-g2
+    # (9/10, SE 0.1; the tie goes to the earlier grid entry); the one-SE band reaches 0.8, where last20-g2 would
+    # qualify but has no guard run; the smallest admissible gain in the band: last15-g2
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["chosen"] == {"name": "last15-g2", "layers": "last15", "gain": 2.0}
+    assert table["best"] == "last20-g8"
+    rows = {row["name"]: row for row in table["candidates"]}
+    assert rows["last15-g8"]["rejected"] == ["exact_match_inside: 0.2500 < unsteered - SE = 0.5000"]
+    assert rows["last15-g2"]["metrics"]["efficacy_score"]["se"] == pytest.approx(0.1, abs=1e-12)
+    assert rows["last20-g2"]["rejected"] == ["exact_match_inside: no dev run", "pron_mean_p: no dev run"]
+    seka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "seka.yaml").read_text())
+    assert seka["model"]["init_args"]["method"] == {
+        "class_path": "SekaMethod",
+        "init_args": {"bank": "outputs/results/banks/smollm2-135m.safetensors", "gain_pos": 2.0, "layers": "last15"},
+    }
+    adaseka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text())
+    assert adaseka["model"]["init_args"]["method"]["init_args"]["gain"] == 2.0
+
+
+def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2"])
+    wins = {"all-g2": 6, "all-g8": 7, "last20-g2": 8, "last20-g8": 9, "last15-g2": 9, "last15-g8": 10}
+    wins |= {"last10-g2": 5, "last10-g8": 6, "none": 5}
+    for name, won in wins.items():
+        dev = run.dev_dir(settings, SMOLLM2, "counterfact", name)
+        write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    first = run.guard_round(settings, SMOLLM2, 0)
+    names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
+    assert names == [
+        "lost_in_the_middle:none",
+        "pronchange:none",
+        "lost_in_the_middle:last15-g8",
+        "pronchange:last15-g8",  # the two best efficacies
+        "lost_in_the_middle:last20-g8",
+        "pronchange:last20-g8",
+        "guard-round-1",
+    ]
+    for name, em in {"none": 0.5, "last15-g8": 0.0, "last20-g8": 0.5}.items():  # last15-g8 fails
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [em, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    second = first[-1].action()
+    # best admissible last20-g8 (0.9, SE 0.1): the band's smaller gains last15-g2 and last20-g2 may still be chosen
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in second] == [
+        "lost_in_the_middle:last15-g2",
+        "pronchange:last15-g2",
+        "lost_in_the_middle:last20-g2",
+        "pronchange:last20-g2",
+        "guard-round-2",
+    ]
+    for name in ("last15-g2", "last20-g2"):
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert [job.name for job in second[-1].action()] == ["dev:smollm2-135m:guards"]
+
+
+FRAGMENTS = sorted((REPO / "configs" / "methods").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_method_fragments_stack_on_an_eval_config(fragment, capsys, plain_argv):
+    model = REPO / "configs" / "models" / f"{fragment.parent.name}.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning(
+            [
+                "predict",
+                "-c",
+                str(REPO / "configs/eval/counterfact.yaml"),
+                "-c",
+                str(model),
+                "-c",
+                str(fragment),
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    expected = yaml.safe_load(model.read_text())["model"]["init_args"]
+    assert {k: config[k] for k in expected} == expected
+    short = yaml.safe_load(fragment.read_text())["model"]["init_args"]["method"]["class_path"]
+    assert config["method"]["class_path"].endswith("." + short)
+
+
+def test_tuned_fragments_stack_and_take_the_runners_artifact_paths(tmp_path, capsys, in_repo, plain_argv):
+    settings, _ = run.parse_args([])
+    model = run.MODELS["gemma3-270m"]
+    for method, text in run.tuned_configs(settings, model, "last6", 4.0).items():
+        (tmp_path / f"{method}.yaml").write_text(text)
+    for method in ("adaseka", "random"):
+        argv = list(run.final_jobs(settings, model, "pronchange", method)[0].argv[3:])
+        argv[argv.index(str(run.method_config(model, method)))] = str(tmp_path / f"{method}.yaml")
+        with pytest.raises(SystemExit):
+            run_lightning([*argv, "--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        method = config["model"]["init_args"]["method"]["init_args"]
+        assert method["layers"] == "last6"
+        assert method.get("gain", method.get("gain_pos")) == 4.0
+        assert config["data"]["init_args"]["split"] == "test"
+        assert config["model"]["init_args"]["add_special_tokens"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "counterfact").is_dir(), reason="needs ../shared/data/counterfact")
+def test_cpu_smoke_build_and_final_counterfact_passes_verify(tmp_path):
+    """The real SmolLM2 on CPU: a bank from 3 pairs, none and seka on 3 CounterFact test records, the table and
+    `seka report --verify` (about 90 s on two shared cores)."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    settings, _ = run.parse_args(["--out", "out"])
+    for method, text in run.tuned_configs(settings, SMOLLM2, "last10", 2.0).items():
+        (tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").write_text(text)
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "results" / "run.py"),
+        "--models",
+        "smollm2-135m",
+        "--stages",
+        "build",
+        "final",
+        "--methods",
+        "none",
+        "seka",
+        "--benchmarks",
+        "counterfact",
+        "--limit",
+        "3",
+        "--jobs",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--shared-data",
+        str(SHARED_DATA),
+        "--out",
+        "out",
+        "--results",
+        "results",
+        "--table",
+        "table.md",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for method in ("none", "seka"):
+        result = json.loads((tmp_path / "results/counterfact/smollm2-135m" / method / "metric_result.json").read_text())
+        assert result["n"]["efficacy_score"] == 3
+    assert "every metric under results equals its recomputation" in (tmp_path / "out/logs/verify.log").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| counterfact | smollm2-135m | seka |" in table
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)  # a re-run skips what exists
+    assert again.returncode == 0 and "3 skipped (outputs exist)" in again.stderr
+
+
+def test_sigterm_stops_the_running_commands(tmp_path):
+    """A stopped runner (e.g. a device call's time limit) ends its commands instead of leaving them running."""
+    pid_file = tmp_path / "pid"
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(REPO / "scripts" / "results")!r})
+import run
+signal.signal(signal.SIGTERM, run._exit_on_sigterm)
+settings, _ = run.parse_args(["--out", {str(tmp_path / "out")!r}])
+code = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+run.execute([run.Job("sleeper", (sys.executable, "-c", code))], settings, workers=1)
+"""
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # the terminated child is reaped by the runner's wait(); give it a moment
+            os.kill(child, 0)
+            time.sleep(0.05)
+
+
+def test_final_without_tuned_configs_is_refused_before_running(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    for tuned in (tmp_path / "configs" / "methods").glob("*/seka.yaml"):
+        tuned.unlink()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"configs/methods/gemma3-270m/seka.yaml do not exist; .* select"):
+        run.main(["--models", "gemma3-270m", "--stages", "final", "--methods", "none", "seka", "--out", "out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_without_predictions_are_refused_not_skipped(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "results" / "counterfact" / "smollm2-135m" / "none"
+    old.mkdir(parents=True)
+    (old / "metric_result.json").write_text("{}")
+    args = ["--models", "smollm2-135m", "--stages", "final", "--methods", "none", "--results", "results"]
+    with pytest.raises(FileExistsError, match=r"1 result folders hold a metric_result.json without predictions"):
+        run.main([*args, "--benchmarks", "counterfact", "--out", "out"])
+    assert (old / "metric_result.json").read_text() == "{}" and not (tmp_path / "out").exists()
+
+
+def test_counterfact_test_slice_and_limits(in_repo):
+    settings, _ = run.parse_args(["--counterfact-test", "5000:6000"])
+    assert run.data_args(settings, "counterfact", "test")[2:] == (
+        "--data.split",
+        "null",
+        "--data.example_subset",
+        "5000:6000",
+    )
+    assert run.data_args(settings, "counterfact", "dev")[2:] == ("--data.split", "dev", "--data.example_subset", "null")
+    settings, _ = run.parse_args(["--limit", "5"])
+    expected = {
+        ("counterfact", "dev"): "4500:4505",
+        ("lost_in_the_middle", "dev"): "2555:2560",
+        ("pronchange", "dev"): "900:905",
+        ("pronchange", "test"): "0:5",
+    }
+    for (benchmark, split), subset in expected.items():
+        assert run.data_args(settings, benchmark, split)[2:] == (
+            "--data.split",
+            "null",
+            "--data.example_subset",
+            subset,
+        )
+    assert run.data_args(settings, "biasbios", "test")[2:] == ("--data.example_subset", "0:5")

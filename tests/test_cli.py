@@ -117,6 +117,30 @@ def test_short_class_names_resolve_in_a_fresh_process():
     assert config["data"]["class_path"].endswith(".PronChangeDataModule")
 
 
+def test_adaseka_method_resolves_by_its_short_name_in_a_fresh_process():
+    """The AdaSEKA package is imported at CLI start too, so ``--model.method AdaSekaMethod`` resolves."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seka_lightning.cli",
+            "predict",
+            "-c",
+            str(CONFIGS / "eval/counterfact.yaml"),
+            "--model.method",
+            "AdaSekaMethod",
+            "--model.method.experts",
+            "experts.json",
+            "--print_config",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    method = yaml.safe_load(out)["model"]["init_args"]["method"]["class_path"]
+    assert method == "seka_lightning.adaseka.method.AdaSekaMethod"
+
+
 @pytest.mark.parametrize("key", ["bank", "pretrained"])
 def test_a_missing_bank_or_model_path_fails_before_loading(tmp_path, monkeypatch, key):
     monkeypatch.setattr("seka_lightning.lit.frozen.load_model", lambda *a, **k: pytest.fail("the model was loaded"))

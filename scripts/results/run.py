@@ -458,7 +458,7 @@ def tuned_configs(s: Settings, model: Model, layers: str, gain: float) -> dict[s
         "key_scaling": {"class_path": "KeyScalingMethod", "init_args": {"bank": bank, **settings}},
         "random": {"class_path": "RandomProjectionMethod", "init_args": {"bank": bank, **settings, "seed": 0}},
         "adaseka": {
-            "class_path": "AdaSekaSelector",
+            "class_path": "AdaSekaMethod",
             "init_args": {
                 "experts": {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES},
                 "gain": gain,

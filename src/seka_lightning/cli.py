@@ -59,7 +59,13 @@ LIGHTNING_COMMANDS = {
 }
 # packages whose classes a config may name by their short name (`--model ProjectionBuilder`): jsonargparse resolves
 # short names among the imported subclasses of the expected base class
-CONFIGURABLE_PACKAGES = ("seka_lightning.lit", "seka_lightning.data", "seka_lightning.baselines")
+CONFIGURABLE_PACKAGES = (
+    "seka_lightning.lit",
+    "seka_lightning.data",
+    "seka_lightning.baselines",
+    "seka_lightning.adaseka",
+    "seka_lightning.benchmarks",
+)
 CONFIG_FLAGS = ("-c", "--config")
 # init arguments that name input files a run reads: checked before any model is loaded
 INPUT_FILE_KEYS = ("bank", "neg", "gate")

@@ -13,7 +13,7 @@ The layers below the lowest steered layer are the same in every configuration, s
 batch and the steered passes start from it (checked against a full steered pass; the difference is recorded).
 
     PYTHONPATH=src python scripts/research/key_directions.py --model embedded:smollm2-135m \
-        --counterfact /work/shared/data/counterfact --out docs/research/key_directions_smollm2-135m.json
+        --counterfact ../shared/data/counterfact --out docs/research/key_directions_smollm2-135m.json
 """
 
 from __future__ import annotations

@@ -20,22 +20,28 @@ SOURCE_COMMIT_ENV = "SEKA_SOURCE_COMMIT"
 
 def git_state(source: str | Path | None = None) -> dict[str, Any]:
     """``{"commit", "dirty"}`` of the checkout holding ``source`` (default: this package's sources); ``dirty`` means
-    tracked files differ from the commit. Outside a git checkout (a copy of the sources, as on a remote GPU machine)
-    the commit comes from ``$SEKA_SOURCE_COMMIT`` when the copier set it (``dirty`` then unknown); else both are None
-    and ``reason`` says why."""
+    tracked files differ from the commit.
+
+    A copy of the sources made elsewhere (as on a remote GPU machine) may sit in no checkout, or in a stale one whose
+    HEAD is not the copied code: whoever copies the sources then sets ``$SEKA_SOURCE_COMMIT``, which wins (``dirty``
+    is then unknown, and what git saw is kept as ``git_head``). Without either, both are None and ``reason`` says why.
+    """
     where = Path(source) if source is not None else Path(__file__).resolve().parent
     try:
         commit = _git(where, "rev-parse", "HEAD")
         changed = _git(where, "status", "--porcelain", "--untracked-files=no")
+        seen: dict[str, Any] = {"commit": commit, "dirty": bool(changed)}
     except (OSError, subprocess.CalledProcessError) as err:
-        if os.environ.get(SOURCE_COMMIT_ENV):
-            return {
-                "commit": os.environ[SOURCE_COMMIT_ENV],
-                "dirty": None,
-                "reason": f"not a git checkout; the commit is ${SOURCE_COMMIT_ENV}, set by whoever copied the sources",
-            }
-        return {"commit": None, "dirty": None, "reason": f"not a git checkout or git unavailable ({err})"}
-    return {"commit": commit, "dirty": bool(changed)}
+        seen = {"commit": None, "dirty": None, "reason": f"not a git checkout or git unavailable ({err})"}
+    copied = os.environ.get(SOURCE_COMMIT_ENV)
+    if not copied:
+        return seen
+    return {
+        "commit": copied,
+        "dirty": None,
+        "reason": f"the commit is ${SOURCE_COMMIT_ENV}, set by whoever copied the sources",
+        "git_head": seen["commit"],
+    }
 
 
 def _git(where: Path, *args: str) -> str:
@@ -109,6 +115,8 @@ def run_provenance(
     """Everything needed to trace a result: code, command, config (files and resolved values), model weights, the
     method's settings and input files, the data slice and the seeds."""
     argv = list(sys.argv if argv is None else argv)
+    if argv and Path(argv[0]).name in ("cli.py", "__main__.py", "seka"):
+        argv[0] = "seka"  # the entry point, not where this machine keeps it
     return {
         "git": git_state(),
         "command": argv,

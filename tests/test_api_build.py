@@ -13,6 +13,7 @@ from seka_lightning import BankStatistics, ProjectionBank, build_bank, build_sta
 from seka_lightning import build as build_module
 from seka_lightning.cli import run_lightning
 from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for
+from seka_lightning.provenance import weights_hash
 from seka_lightning.stats import KeySums
 
 BUILD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "build" / "synthetic_qa.yaml"
@@ -63,6 +64,9 @@ def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
         if key not in differs:
             assert bank.metadata[key] == value, key
     assert fit_meta["layers"] == bank.layers == [0, 1, 2]
+    # both record the hash of the weights they built from (the model card shows it)
+    assert fitted.metadata["weights_sha256"] == weights_hash(str(tiny_model_dir))["sha256"] is not None
+    assert bank.metadata["weights_sha256"] == fitted.metadata["weights_sha256"]
 
 
 def test_statistics_derive_the_same_bank_and_other_batch_sizes_agree_to_float64(tiny_model_dir, qa_file):

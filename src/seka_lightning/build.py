@@ -28,6 +28,7 @@ from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.layers import LayerSpec, parse_layers
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
+from seka_lightning.provenance import weights_hash
 from seka_lightning.stats import KeyStatistics, KeySums
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ def build_statistics(
     metadata = {
         "model_id": model_id(model),
         "model_revision": getattr(config, "_commit_hash", None),
+        "weights_sha256": weights_hash(source)["sha256"] if (source := getattr(config, "name_or_path", None)) else None,
         "family": layout.family,
         "num_layers": layout.num_layers,
         "feature": "none",

@@ -22,6 +22,7 @@ from seka_lightning.lit.callbacks import BatchCheckpoint, BuildStopped, StopSign
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
+from seka_lightning.provenance import weights_hash
 from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ class ProjectionBuilder(FrozenModelModule):
         hp = self.hparams
         metadata = {
             "model_id": model_id(self.model) if not hp.pretrained.startswith("embedded:") else hp.pretrained,
+            "weights_sha256": weights_hash(hp.pretrained)["sha256"],
             "family": self.layout.family,
             "num_layers": self.layout.num_layers,
             "feature": "none",

@@ -248,12 +248,33 @@ def plain_parser(name: str) -> PlainParser:
     return parser
 
 
+# the natural next command after each plain command, from its options (the Lightning commands have theirs above)
+PLAIN_NEXT_STEPS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "derive": lambda o: f"next: seka predict -c configs/predict/highlight.yaml --model.method.bank {o['output']}",
+    "search": lambda o: f"next: put the best setting in {o['output']} into a method config, then seka predict",
+    "report": lambda o: (
+        f"next: seka report --verify true --results {o['results']}"
+        if not o.get("verify")
+        else "next: commit the results folder with its predictions"
+    ),
+    "pasta-profile": lambda o: (
+        "next: seka predict -c configs/eval/counterfact.yaml --model.method PastaMethod "
+        f"--model.method.heads {o['output']}"
+    ),
+    "init": lambda o: f"next: cd {o['directory']} && seka fit -c configs/build/smollm2-135m.yaml",
+}
+
+
 def run_plain(name: str, args: Sequence[str]) -> Any:
-    """Parse ``args`` for the plain subcommand ``name`` and call its function."""
+    """Parse ``args`` for the plain subcommand ``name``, call its function and log the natural next command."""
     parser = plain_parser(name)
     config = parser.instantiate_classes(parser.parse_args(list(args)))
     parameters = inspect.signature(PLAIN_COMMANDS[name]).parameters
-    return PLAIN_COMMANDS[name](**{key: config[key] for key in parameters if key in config})
+    options = {key: config[key] for key in parameters if key in config}
+    result = PLAIN_COMMANDS[name](**options)
+    if name in PLAIN_NEXT_STEPS:
+        log_next_steps([PLAIN_NEXT_STEPS[name](options)])
+    return result
 
 
 def unknown_command(name: str) -> NoReturn:

@@ -269,3 +269,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, m
     assert (
         check_output(tmp_path / "a" / "b" / "bank.safetensors", kind=BANK) == tmp_path / "a" / "b" / "bank.safetensors"
     )
+
+
+def test_plain_commands_end_with_the_natural_next_command(stats, tmp_path, caplog):
+    import logging
+
+    output = tmp_path / "derived.safetensors"
+    with caplog.at_level(logging.INFO, logger="seka_lightning.cli"):
+        main(["derive", "--stats", str(stats), "--output", str(output), "--min_diff", "0"])
+    assert caplog.messages[-1] == f"next: seka predict -c configs/predict/highlight.yaml --model.method.bank {output}"

@@ -265,10 +265,23 @@ PLAIN_NEXT_STEPS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def bare_flags_as_true(fn: Callable[..., Any], args: Sequence[str]) -> list[str]:
+    """``--overwrite`` alone means ``--overwrite true`` for a boolean option of ``fn`` (the spelling the error
+    messages use); ``--overwrite true/false`` still works."""
+    flags = {f"--{name}" for name, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in flags and (following is None or following.startswith("-")):
+            out.append("true")
+    return out
+
+
 def run_plain(name: str, args: Sequence[str]) -> Any:
     """Parse ``args`` for the plain subcommand ``name``, call its function and log the natural next command."""
     parser = plain_parser(name)
-    config = parser.instantiate_classes(parser.parse_args(list(args)))
+    config = parser.instantiate_classes(parser.parse_args(bare_flags_as_true(PLAIN_COMMANDS[name], args)))
     parameters = inspect.signature(PLAIN_COMMANDS[name]).parameters
     options = {key: config[key] for key in parameters if key in config}
     result = PLAIN_COMMANDS[name](**options)

@@ -278,3 +278,16 @@ def test_plain_commands_end_with_the_natural_next_command(stats, tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="seka_lightning.cli"):
         main(["derive", "--stats", str(stats), "--output", str(output), "--min_diff", "0"])
     assert caplog.messages[-1] == f"next: seka predict -c configs/predict/highlight.yaml --model.method.bank {output}"
+
+
+def test_a_bare_overwrite_flag_replaces_as_the_error_message_says(stats, tmp_path):
+    output = tmp_path / "derived.safetensors"
+    main(["derive", "--stats", str(stats), "--output", str(output), "--min_diff", "0"])
+    first = output.read_bytes()
+    main(
+        ["derive", "--stats", str(stats), "--output", str(output), "--top_pct", "0.5", "--min_diff", "0", "--overwrite"]
+    )
+    assert output.read_bytes() != first
+    main(["derive", "--stats", str(stats), "--output", str(output), "--overwrite", "--min_diff", "0"])
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace it"):
+        main(["derive", "--stats", str(stats), "--output", str(output), "--overwrite", "false", "--min_diff", "0"])

@@ -13,7 +13,7 @@ from torchmetrics import Metric
 
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank, stats_path_for
-from seka_lightning.build import accumulate_triplets
+from seka_lightning.build import accumulate_triplets, no_statistics_error
 from seka_lightning.data.triplets import Triplet
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import BANK, STATISTICS, check_output
@@ -261,15 +261,7 @@ class ProjectionBuilder(FrozenModelModule):
     @rank_zero_only
     def _write_bank(self, sums: KeySums, *, kept: int, skipped: int, filtered: int) -> None:
         if kept == 0:
-            if filtered:
-                raise ValueError(
-                    f"the attention filter removed all {filtered} triplets that had their answer in every text; "
-                    "lower attention_ratio or set it to None"
-                )
-            raise ValueError(
-                "no triplet had its answer in all three texts, so there are no statistics; check the data "
-                "(answers must be verbatim spans of their contexts)"
-            )
+            raise no_statistics_error(filtered)
         hp = self.hparams
         metadata = {
             "model_id": model_id(self.model) if not hp.pretrained.startswith("embedded:") else hp.pretrained,

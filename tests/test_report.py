@@ -169,3 +169,21 @@ def test_lost_in_the_middle_plot(tmp_path):
     table = report(results=str(root), output=str(tmp_path / "t.md"), plot=str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| lost_in_the_middle | a | seka | " in table
+
+
+@pytest.mark.parametrize(
+    ("folder", "root"),
+    [
+        ("docs/results/counterfact/smollm2-135m/seka", "docs/results"),
+        ("docs/results/counterfact/smollm2-135m/random/seed-2", "docs/results"),
+        ("counterfact/smollm2-135m/none", "."),
+        ("/tmp/t1", None),
+        ("runs/counterfact/smollm2-135m/random", None),
+        ("runs/counterfact/smollm2-135m/seed-1", None),
+    ],
+)
+def test_results_root_follows_the_layout(folder, root):
+    """predict's next-step hint names the folder seka report reads, and none for a folder outside the layout."""
+    from seka_lightning.report import results_root
+
+    assert results_root(folder) == (None if root is None else Path(root))

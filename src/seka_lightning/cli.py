@@ -171,6 +171,7 @@ def validate_summary(model: Any) -> list[str]:
 def predict_summary(trainer: Any) -> list[str]:
     """What ``seka predict`` wrote and, on a benchmark, its headline metric."""
     from seka_lightning.lit.writers import BenchmarkWriter, ComparisonWriter
+    from seka_lightning.report import LAYOUT, results_root
 
     lines = []
     for callback in trainer.callbacks:
@@ -188,7 +189,11 @@ def predict_summary(trainer: Any) -> list[str]:
             headline = next(iter(metrics.items()), None)
             score = f"{headline[0]} {headline[1]:.4f}; " if headline else ""
             lines.append(f"{score}metrics and predictions in {callback.output_dir}")
-            lines.append(f"next: seka report --results '[{callback.output_dir.parent}]' --output report.md")
+            root = results_root(callback.output_dir)
+            if root is not None:
+                lines.append(f"next: seka report --results {root} --output report.md")
+            else:
+                lines.append(f"compare runs with seka report once they sit in its layout {LAYOUT}")
     return lines
 
 

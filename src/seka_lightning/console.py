@@ -29,6 +29,7 @@ BENIGN_WARNINGS = (
     r"TPU available but not used",
     r".*does not have many workers",  # tokenisation happens in the step, not in the loader
     r"No seed found, seed set to 0",
+    r"Couldn't infer the batch indices",  # our writers key each prediction by its example id, not a batch index
 )
 # Lightning log lines (info) that are advertising or restate the obvious.
 BENIGN_LOG_LINES = (

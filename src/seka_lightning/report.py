@@ -79,6 +79,17 @@ def read_runs(root: str | Path) -> list[Run]:
     return [_read_run(root, file) for file in files]
 
 
+def results_root(run_folder: str | Path) -> Path | None:
+    """The results folder that holds ``run_folder`` in the layout (``<root>/<benchmark>/<model>/<method>/``, random:
+    ``.../random/seed-<k>/``), or None when the folder is not laid out so."""
+    folder = Path(run_folder)
+    if re.fullmatch(r"seed-\d+", folder.name) and folder.parent.name == "random" and len(folder.parts) >= 4:
+        return folder.parents[3]
+    if folder.name in METHODS and folder.name != "random" and len(folder.parts) >= 3:
+        return folder.parents[2]
+    return None
+
+
 def _read_run(root: Path, file: Path) -> Run:
     parts = file.parent.relative_to(root).parts
     seed_match = re.fullmatch(r"seed-(\d+)", parts[-1]) if parts else None

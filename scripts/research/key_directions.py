@@ -12,6 +12,13 @@ key scaling at the same gain and at the key-scaling gain whose edit norm is clos
 The layers below the lowest steered layer are the same in every configuration, so their output is computed once per
 batch and the steered passes start from it (checked against a full steered pass; the difference is recorded).
 
+Avenues (issue 15 item 8), each opt-in by its flag (gains from AVENUE_GRID unless --grid gives them):
+``--phi`` SEKA on the reference's feature maps φ(keys), edited as φ⁻¹(φ(k) + g φ(k) P+) (``seka_phi_*``);
+``--neg-ratios`` SEKA with P- at g- = ratio x g+ (``seka_neg_r*``); ``--head-gains`` per-head gains from the spectra
+(``seka_headgain``, :func:`spectral_head_weights`); ``--chat`` P+ from chat-template building texts
+(``seka_chat``, ``seka_minus_mean_chat``); ``--more-pairs N`` P+ from N QA pairs (``seka_more``,
+``seka_minus_mean_more``). ``--device cuda`` runs everything on a GPU in float32.
+
     PYTHONPATH=src python scripts/research/key_directions.py --model embedded:smollm2-135m \
         --counterfact ../shared/data/counterfact --out docs/research/key_directions_smollm2-135m.json
 """
@@ -66,7 +73,8 @@ DEFAULT_GRID = (
 )  # BENCHMARKS.md: CounterFact dev/tuning records; never tune on 5000:10000
 # gains of the avenue variants (issue 15 item 8), added to the default grid when their flag is given (SmolLM2 scale)
 AVENUE_GRID = {
-    "phi": ("seka_phi_tanh=4,16", "seka_phi_elu=8,16", "seka_phi_sqexp=4,16"),
+    # gain 0: what the reference's clamps alone do to the highlighted keys
+    "phi": ("seka_phi_tanh=0,4,16", "seka_phi_elu=8,16", "seka_phi_sqexp=0,4,16"),
     "neg_ratios": ("seka_neg=16",),
     "head_gains": ("seka_headgain=8,16",),
     "chat": ("seka_chat=8,16", "seka_minus_mean_chat=16,32"),
@@ -866,6 +874,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     model, tokenizer = load_model(args.model, dtype="float32")
     model.to(device)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat needs a tokenizer with a chat template and {args.model}'s has none; drop --chat")
     layout = resolve_layout(model)
     pairs = read_pairs(args.pairs, max_samples=args.num_pairs)
     keys = capture_triplet_keys(model, tokenizer, layout, pairs, batch_size=args.capture_batch_size, device=device)

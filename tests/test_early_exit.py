@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from tests.conftest import tiny_llama
 from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -15,7 +16,6 @@ from seka_lightning import capture
 from seka_lightning.build import build_statistics
 from seka_lightning.data.triplets import read_pairs
 from seka_lightning.families import resolve_layout
-from tests.conftest import tiny_llama
 
 
 def _gemma3(vocab_size: int) -> Gemma3ForCausalLM:

@@ -45,7 +45,14 @@ from bench.report import (
 )
 from bench.shapes import get_shape, offline_tokenizer, random_model, save_checkpoint
 from seka_lightning.capture import collect_triplet_keys
-from seka_lightning.data.triplets import Triplet, answer_token_indices, iter_triplets, read_pairs
+from seka_lightning.data.triplets import (
+    Triplet,
+    answer_token_indices,
+    check_length_window,
+    iter_bucketed,
+    iter_triplets,
+    read_pairs,
+)
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.files import write_json, write_text
 from seka_lightning.stats import KeyStatistics, KeySums
@@ -75,6 +82,7 @@ class BuildingSettings:
     config: str = "configs/build/synthetic_qa.yaml"
     accelerator: str = "auto"
     matmul_size: int | None = None  # the peak probe's matmul size: 8192 on a GPU, 256 on a CPU
+    length_window: int | None = None  # streaming and seka fit: bucket texts by length within this many batches
 
     def __post_init__(self) -> None:
         get_shape(self.shape)
@@ -92,6 +100,7 @@ class BuildingSettings:
             raise ValueError("batch_sizes must name at least one batch size")
         if self.matmul_size is not None and self.matmul_size < 1:
             raise ValueError(f"matmul_size must be >= 1 or None (8192 on a GPU, 256 on a CPU), got {self.matmul_size}")
+        check_length_window(self.length_window)
         if self.ddp_batch_size < 1:
             raise ValueError(f"ddp_batch_size must be >= 1, got {self.ddp_batch_size}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -407,6 +416,7 @@ def fit_command(
         accelerator,
         "--trainer.callbacks",
         json.dumps(callbacks),
+        *(["--data.length_window", str(settings.length_window)] if settings.length_window else []),
     ]
 
 
@@ -527,18 +537,20 @@ def in_process_records(
     for batch_size in settings.batch_sizes:
         for size in settings.sizes:
             passes: list[tuple[int, ...]] = []
+            ordered = list(iter_bucketed(triplets[:size], batch_size=batch_size, window=settings.length_window))
             run = partial(
                 streaming_build,
                 model,
                 tokenizer,
                 layout,
-                triplets[:size],
+                ordered,
                 batch_size=batch_size,
                 device=device,
                 passes=passes,
             )
             record = _measure("streaming", batch_size, size, run, device)[0]
-            records.append({**record, **utilisation(record, cost, passes, peak_flops_per_s)})
+            usage = utilisation(record, cost, passes, peak_flops_per_s)
+            records.append({**record, "length_window": settings.length_window, **usage})
     naive_sums = None
     for size in settings.naive_sizes:
         run = partial(naive_build, model, tokenizer, layout, triplets[:size], device=device)

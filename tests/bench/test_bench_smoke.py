@@ -15,6 +15,7 @@ from bench.building import (
     BuildCost,
     BuildingSettings,
     ddp_records,
+    fit_command,
     naive_build,
     run_building,
     steady_rate,
@@ -275,6 +276,17 @@ def test_building_writes_records_and_comparisons(tmp_path: Path, qa_file: Path) 
     # the same triplets in other batches: the same texts, the same work
     assert records[1]["tokens"] == records[3]["tokens"] and records[1]["model_flops"] == records[3]["model_flops"]
     assert written["mfu"] == {"4": records[1]["mfu"], "8": records[3]["mfu"]}
+
+
+def test_fit_command_passes_the_length_window_only_when_set(tmp_path: Path) -> None:
+    def command(window: int | None) -> list[str]:
+        settings = BuildingSettings(shape="tiny", length_window=window)
+        return fit_command(settings, checkpoint=tmp_path, pairs=4, devices=1, run_dir=tmp_path, accelerator="cpu")
+
+    assert command(16)[-2:] == ["--data.length_window", "16"]
+    assert "--data.length_window" not in command(None)
+    with pytest.raises(ValueError, match="length_window must be a number of batches >= 1"):
+        BuildingSettings(shape="tiny", length_window=0)
 
 
 def test_build_cost_matches_a_hand_count() -> None:

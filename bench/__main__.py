@@ -78,7 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--matmul-size", type=int, default=None, help="matmul probe size (default 8192 on GPU)")
     _common(gen, gen_defaults)
 
-    build = commands.add_parser("building", help="examples/s and peak memory of projection building")
+    build = commands.add_parser(
+        "building",
+        help="examples/s, MFU and peak memory of projection building",
+        description="Projection building on a random-weight model: the streaming builder `seka fit` runs (examples/s, "
+        "peak memory, and MFU: the model FLOPs the build needs per second over a bf16 matmul peak measured in the same "
+        "run), a naive builder, and optionally `seka fit` over DDP. The 8B measurement on one GPU: python -m bench "
+        "building --shape qwen3-8b --batch-sizes 16 32 64 --out OUT/building (add --length-window 16 for length "
+        "bucketing). A CPU smoke run: python -m bench "
+        "building --shape tiny --device cpu --batch-sizes 2 --sizes 4 8 --naive-sizes 2 4 --out OUT/smoke",
+    )
     build.add_argument("--out", required=True, help="folder for building.json, building.details.json, building.md")
     build.add_argument(
         "--shape", choices=sorted(SHAPES), default=build_defaults.shape, help="model shape (random weights)"
@@ -99,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--config", default=build_defaults.config, help="the `seka fit` config")
     build.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default=build_defaults.accelerator)
+    build.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="the MFU peak probe's square matmul (default 8192 on GPU, 256 CPU)",
+    )
+    build.add_argument(
+        "--length-window",
+        type=int,
+        default=None,
+        help="bucket texts by length within runs of this many batches (--data.length_window; default: data order)",
+    )
     _common(build, build_defaults)
     return parser
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from bench.generation import resolve_device
+from bench.generation import matmul_flops_per_s, resolve_device
 from bench.report import (
     allocated_memory,
     environment,
@@ -45,7 +45,14 @@ from bench.report import (
 )
 from bench.shapes import get_shape, offline_tokenizer, random_model, save_checkpoint
 from seka_lightning.capture import collect_triplet_keys
-from seka_lightning.data.triplets import Triplet, answer_token_indices, iter_triplets, read_pairs
+from seka_lightning.data.triplets import (
+    Triplet,
+    answer_token_indices,
+    check_length_window,
+    iter_bucketed,
+    iter_triplets,
+    read_pairs,
+)
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.files import write_json, write_text
 from seka_lightning.stats import KeyStatistics, KeySums
@@ -74,6 +81,8 @@ class BuildingSettings:
     ddp_batch_size: int = 32
     config: str = "configs/build/synthetic_qa.yaml"
     accelerator: str = "auto"
+    matmul_size: int | None = None  # the peak probe's matmul size: 8192 on a GPU, 256 on a CPU
+    length_window: int | None = None  # streaming and seka fit: bucket texts by length within this many batches
 
     def __post_init__(self) -> None:
         get_shape(self.shape)
@@ -89,6 +98,9 @@ class BuildingSettings:
                 )
         if not self.batch_sizes:
             raise ValueError("batch_sizes must name at least one batch size")
+        if self.matmul_size is not None and self.matmul_size < 1:
+            raise ValueError(f"matmul_size must be >= 1 or None (8192 on a GPU, 256 on a CPU), got {self.matmul_size}")
+        check_length_window(self.length_window)
         if self.ddp_batch_size < 1:
             raise ValueError(f"ddp_batch_size must be >= 1, got {self.ddp_batch_size}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -102,6 +114,44 @@ def _zero_sums(layers: int, heads: int, head_dim: int, device: torch.device) -> 
     return KeySums(**{name: value.to(device) for name, value in zeros.tensors().items()})
 
 
+@dataclass(frozen=True)
+class BuildCost:
+    """The model FLOPs a build needs: the weights applied to every token up to the last captured key site, plus
+    causal attention in the layers below it (padding, the layers above, the final norm and the LM head excluded).
+
+    ``flops(lengths) = 2 * matmul_params * sum(L) + 4 * attention_layers * heads * head_dim * sum(L * (L + 1) / 2)``
+    over the token counts ``L`` of the texts run: ``matmul_params`` counts every 2-D weight of the decoder layers
+    below the last captured layer and that layer's key projection (the pass stops at its keys); each causal
+    (query, key) pair costs ``2 d`` for ``QK^T`` and ``2 d`` for ``AV`` per query head. Norms, RoPE, softmax and
+    activations are not counted (as in the usual MFU), nor is the embedding lookup (a gather).
+    """
+
+    matmul_params: int
+    attention_layers: int
+    num_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model: nn.Module, layer_ids: list[int]) -> BuildCost:
+        """The cost of capturing ``layer_ids`` on a Qwen3-shaped ``model`` (``model.model.layers[i].self_attn``)."""
+        last = max(layer_ids)
+        blocks = model.model.layers
+        below = sum(p.numel() for block in blocks[:last] for p in block.parameters() if p.ndim == 2)
+        config = model.config
+        return cls(
+            matmul_params=below + blocks[last].self_attn.k_proj.weight.numel(),
+            attention_layers=last,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+        )
+
+    def flops(self, lengths: list[int]) -> int:
+        pairs = sum(n * (n + 1) // 2 for n in lengths)
+        return (
+            2 * self.matmul_params * sum(lengths) + 4 * self.attention_layers * self.num_heads * self.head_dim * pairs
+        )
+
+
 def streaming_build(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -110,8 +160,10 @@ def streaming_build(
     *,
     batch_size: int,
     device: torch.device,
+    passes: list[tuple[int, ...]] | None = None,
 ) -> KeySums:
-    """The ``seka fit`` training step over ``triplets``, without Lightning: batched capture into float64 sums."""
+    """The ``seka fit`` training step over ``triplets``, without Lightning: batched capture into float64 sums.
+    With ``passes``, the token counts of the texts of each forward pass are appended to it."""
     layer_ids = list(range(layout.num_layers))
     stats = KeyStatistics(len(layer_ids), layout.num_kv_heads, layout.head_dim).to(device)
     for start in range(0, len(triplets), batch_size):
@@ -120,6 +172,8 @@ def streaming_build(
         )
         if keys is not None:
             stats.update(keys.neutral, keys.positive, keys.negative)
+            if passes is not None:
+                passes.append(keys.lengths)
     return stats.compute()
 
 
@@ -211,6 +265,26 @@ def _measure(
     }
     log.info("%s, batch %d: %d triplets in %.2f s", builder, batch_size, triplets, elapsed)
     return record, sums
+
+
+def utilisation(
+    record: dict, cost: BuildCost, passes: list[tuple[int, ...]], peak_flops_per_s: float
+) -> dict[str, Any]:
+    """The work of a timed build (``passes``: the token counts of each pass's texts) and its model FLOPs
+    utilisation: the FLOPs it needed (:class:`BuildCost`) per second of the build over the measured matmul peak.
+    ``padding_fraction`` is the share of the padded ``rows x width`` token slots of the passes that were padding."""
+    lengths = [n for lengths in passes for n in lengths]
+    padded = sum(len(lengths) * max(lengths) for lengths in passes)
+    flops = cost.flops(lengths)
+    achieved = flops / record["seconds"]
+    return {
+        "tokens": sum(lengths),
+        "padding_fraction": 1 - sum(lengths) / padded if padded else None,
+        "model_flops": flops,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak_flops_per_s,
+        "mfu": achieved / peak_flops_per_s,
+    }
 
 
 class PeakMemoryRecorder(L.Callback):
@@ -342,6 +416,7 @@ def fit_command(
         accelerator,
         "--trainer.callbacks",
         json.dumps(callbacks),
+        *(["--data.length_window", str(settings.length_window)] if settings.length_window else []),
     ]
 
 
@@ -444,25 +519,38 @@ def in_process_records(
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
     *,
+    peak_flops_per_s: float,
     checkpoint: Path | None = None,
 ) -> tuple[list[dict], float]:
-    """Streaming and naive builds on a model built here; returns their records and the largest relative
-    difference between the two builders' sums. With ``checkpoint``, the model is saved there for ``seka fit``
-    (it is freed when this returns)."""
+    """Streaming and naive builds on a model built here; returns their records (the streaming ones with their MFU
+    against ``peak_flops_per_s``) and the largest relative difference between the two builders' sums. With
+    ``checkpoint``, the model is saved there for ``seka fit`` (it is freed when this returns)."""
     model = random_model(
         get_shape(settings.shape), device=device, dtype=getattr(torch, settings.dtype), seed=settings.seed
     )
     layout = resolve_layout(model)
+    cost = BuildCost.of(model, list(range(layout.num_layers)))
     records = []
     # one untimed batch so kernel selection and allocator growth stay out of the numbers
     first = settings.batch_sizes[0]
     streaming_build(model, tokenizer, layout, triplets[:first], batch_size=first, device=device)
     for batch_size in settings.batch_sizes:
         for size in settings.sizes:
+            passes: list[tuple[int, ...]] = []
+            ordered = list(iter_bucketed(triplets[:size], batch_size=batch_size, window=settings.length_window))
             run = partial(
-                streaming_build, model, tokenizer, layout, triplets[:size], batch_size=batch_size, device=device
+                streaming_build,
+                model,
+                tokenizer,
+                layout,
+                ordered,
+                batch_size=batch_size,
+                device=device,
+                passes=passes,
             )
-            records.append(_measure("streaming", batch_size, size, run, device)[0])
+            record = _measure("streaming", batch_size, size, run, device)[0]
+            usage = utilisation(record, cost, passes, peak_flops_per_s)
+            records.append({**record, "length_window": settings.length_window, **usage})
     naive_sums = None
     for size in settings.naive_sizes:
         run = partial(naive_build, model, tokenizer, layout, triplets[:size], device=device)
@@ -501,9 +589,15 @@ def run_building(settings: BuildingSettings, out_dir: str | Path, *, work_dir: s
         "tokens_per_text_mean": sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in sample)
         / len(sample),
     }
+    matmul_size = settings.matmul_size or (8192 if device.type == "cuda" else 256)
+    peak = matmul_flops_per_s(device, getattr(torch, settings.dtype), size=matmul_size)
+    details["matmul_size"], details["matmul_flops_per_s"] = matmul_size, peak
+    log.info("%s matmul peak (%d^3): %.1f TFLOP/s", settings.dtype, matmul_size, peak / 1e12)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="seka-bench-build-") as tmp:
         checkpoint = Path(tmp) / "model" if settings.ddp_devices else None
-        records, difference = in_process_records(settings, triplets, tokenizer, device, checkpoint=checkpoint)
+        records, difference = in_process_records(
+            settings, triplets, tokenizer, device, peak_flops_per_s=peak, checkpoint=checkpoint
+        )
         details["naive_vs_streaming_max_rel_diff"] = difference
         _write_building(out_dir, details, records)  # kept if the DDP runs are cut short
         if checkpoint is not None:
@@ -527,8 +621,8 @@ def _write_building(out_dir: Path, details: dict[str, Any], records: list[dict])
 
 
 def building_summary(records: list[dict]) -> dict[str, Any]:
-    """Speed-up of each streaming batch size over the naive builder (largest sizes), and memory growth from the
-    smaller to the larger dataset for each builder (1.0 = flat)."""
+    """Speed-up and MFU of each streaming batch size (largest size; speed-up over the naive builder), and memory
+    growth from the smaller to the larger dataset for each builder (1.0 = flat)."""
 
     def largest(builder: str, batch_size: int) -> list[dict]:
         rows = [r for r in records if r["builder"] == builder and r["batch_size"] == batch_size]
@@ -536,14 +630,20 @@ def building_summary(records: list[dict]) -> dict[str, Any]:
 
     naive = largest("naive", 1)
     naive_rate = naive[-1]["examples_per_s"] if naive else None
-    speedup, growth = {}, {}
+    speedup, growth, mfu = {}, {}, {}
     for batch_size in sorted({r["batch_size"] for r in records if r["builder"] == "streaming"}):
         rows = largest("streaming", batch_size)
         speedup[str(batch_size)] = ratio(rows[-1]["examples_per_s"], naive_rate)
         growth[f"streaming_bs{batch_size}"] = _growth(rows)
+        mfu[str(batch_size)] = rows[-1].get("mfu")
     if naive:
         growth["naive"] = _growth(naive)
-    return {"naive_examples_per_s": naive_rate, "speedup_over_naive": speedup, "memory_growth": growth}
+    return {
+        "naive_examples_per_s": naive_rate,
+        "speedup_over_naive": speedup,
+        "mfu": mfu,
+        "memory_growth": growth,
+    }
 
 
 def _growth(rows: list[dict]) -> dict[str, Any]:
@@ -563,7 +663,9 @@ def building_table(details: dict[str, Any]) -> str:
     header = (
         f"Building, {details['shape']['name']} (random weights, {details['settings']['dtype']}), synthetic QA "
         f"triplets; {env.get('gpu_name') or env['device']}, torch {env['torch']}. Naive vs streaming sums: max "
-        f"relative difference {details['naive_vs_streaming_max_rel_diff']:.2e}.\n\n"
+        f"relative difference {details['naive_vs_streaming_max_rel_diff']:.2e}. MFU: model FLOPs needed per second over "
+        f"the measured {details['settings']['dtype']} matmul peak, {details['matmul_flops_per_s'] / 1e12:.1f} "
+        "TFLOP/s.\n\n"
     )
     columns = [
         ("builder", "builder", plain),
@@ -572,6 +674,8 @@ def building_table(details: dict[str, Any]) -> str:
         ("batch", "batch_size", plain),
         ("triplets", "triplets", plain),
         ("examples/s", "examples_per_s", lambda v: f"{v:.1f}"),
+        ("MFU", "mfu", lambda v: f"{v:.3f}"),
+        ("padding", "padding_fraction", lambda v: f"{v:.2f}"),
         ("peak GiB", "peak_mem_bytes", gib),
         ("above model GiB", "peak_mem_over_start_bytes", gib),
         ("x 1 device", "scaling_vs_1_device", times),

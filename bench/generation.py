@@ -330,17 +330,23 @@ def _matmul_seconds(device: torch.device, dtype: torch.dtype, size: int, repeats
     return _time_op(partial(torch.matmul, a, b), device, inner=5, repeats=repeats, warmup=3)
 
 
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, *, size: int, repeats: int = 10) -> float:
+    """The dense matmul rate of the device in ``dtype``: ``2 size³`` FLOPs over the median time of a square matmul
+    on random data (the peak that MFU is measured against)."""
+    return 2 * size**3 / _matmul_seconds(device, dtype, size, repeats)
+
+
 def measure_ceilings(
     device: torch.device, dtype: torch.dtype, *, copy_bytes: int, matmul_size: int, repeats: int = 10
 ) -> Ceilings:
     """A large device-to-device copy and a large square matmul, both on random data (zeros can run faster)."""
     copy_s, moved = _copy_seconds(device, copy_bytes, repeats)
-    matmul_s = _matmul_seconds(device, dtype, matmul_size, repeats)
+    rate = matmul_flops_per_s(device, dtype, size=matmul_size, repeats=repeats)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Ceilings(
         copy_bytes_per_s=moved / copy_s,
-        matmul_flops_per_s=2 * matmul_size**3 / matmul_s,
+        matmul_flops_per_s=rate,
         copy_bytes=moved,
         matmul_size=matmul_size,
     )

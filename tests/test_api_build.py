@@ -44,6 +44,17 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_bucketed_build_bank_equals_bucketed_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
+    """``length_window`` reorders the same way in both: the same float64 sums, bit for bit."""
+    out = tmp_path / "fit.safetensors"
+    seka_fit(tiny_model_dir, qa_file, out, "--data.length_window", "2", max_samples=12, min_diff=0.05)
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    bank = build_bank(model, tokenizer, read_jsonl(qa_file)[:12], min_diff=0.05, batch_size=5, length_window=2)
+    fit_sums, _ = KeySums.load(stats_path_for(out))
+    for name, tensor in fit_sums.tensors().items():
+        assert torch.equal(bank.statistics.tensors()[name], tensor), name
+
+
 def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
     """Same data, layers, batch size and settings: the same float64 sums and the same bank, bit for bit."""
     fitted = seka_fit(tiny_model_dir, qa_file, tmp_path / "fit.safetensors", max_samples=12, min_diff=0.05)

@@ -23,7 +23,13 @@ from transformers import PreTrainedTokenizerBase
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.capture import collect_triplet_keys
-from seka_lightning.data.triplets import PAIR_FIELDS, Triplet, triplets_from_pair
+from seka_lightning.data.triplets import (
+    PAIR_FIELDS,
+    Triplet,
+    check_length_window,
+    iter_bucketed,
+    triplets_from_pair,
+)
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.layers import LayerSpec, parse_layers
 from seka_lightning.models import model_id
@@ -138,26 +144,35 @@ def check_pair(pair: object, index: int) -> dict:
     return pair
 
 
-def _triplet_batches(pairs: Iterable[dict], batch_size: int, digest: Any) -> Iterator[list[Triplet]]:
-    """Validated pairs -> batches of ``batch_size`` triplets (two per pair, in order, as ``seka fit`` batches them),
-    pulling pairs only as batches are needed; each record also goes into the SHA-256 ``digest``."""
+def _checked_triplets(pairs: Iterable[dict], digest: Any) -> Iterator[Triplet]:
+    """Validated pairs -> their triplets (two per pair, in order), pulling pairs only as triplets are needed; each
+    record also goes into the SHA-256 ``digest``."""
     if isinstance(pairs, (str, bytes, Path, dict)):
         raise ValueError(
             f"pairs must be an iterable of QA pair dicts, got a {type(pairs).__name__}; read a JSONL file with "
             "seka_lightning.data.triplets.read_pairs(path)"
         )
-    batch: list[Triplet] = []
     count = 0
     for index, pair in enumerate(pairs):
         digest.update((json.dumps(check_pair(pair, index), sort_keys=True, ensure_ascii=False) + "\n").encode())
         count += 1
-        for triplet in triplets_from_pair(pair):
-            batch.append(triplet)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+        yield from triplets_from_pair(pair)
     if count == 0:
         raise ValueError(f"pairs is empty; pass at least one QA pair dict with keys {list(PAIR_FIELDS)}")
+
+
+def _triplet_batches(
+    pairs: Iterable[dict], batch_size: int, digest: Any, *, length_window: int | None = None
+) -> Iterator[list[Triplet]]:
+    """Validated pairs -> batches of ``batch_size`` triplets, as ``seka fit`` batches them (bucketed by length
+    within runs of ``length_window`` batches when given, see ``iter_bucketed``)."""
+    batch: list[Triplet] = []
+    triplets = _checked_triplets(pairs, digest)
+    for triplet in iter_bucketed(triplets, batch_size=batch_size, window=length_window):
+        batch.append(triplet)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -183,15 +198,18 @@ def build_statistics(
     batch_size: int = 16,
     positive_only: bool = False,
     attention_ratio: float | None = None,
+    length_window: int | None = None,
 ) -> BankStatistics:
     """Stream synthetic-QA ``pairs`` (dicts with ``context_1/2``, ``question_1/2``, ``answer_1/2``; a generator is
     fine, memory stays one batch) through ``model`` and return the float64 key statistics of SPEC §3.
 
     ``batch_size`` triplets (two per pair) go through the model per pass; ``positive_only`` and ``attention_ratio``
-    are the AdaSEKA expert settings of ``seka fit`` (see ``ProjectionBuilder``).
+    are the AdaSEKA expert settings of ``seka fit`` (see ``ProjectionBuilder``); ``length_window`` batches texts of
+    similar length together (``seka fit``'s ``--data.length_window``; off by default, see ``iter_bucketed``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_length_window(length_window)
     if attention_ratio is not None and not attention_ratio > 0:
         raise ValueError(f"attention_ratio must be > 0 (the reference uses 1.2) or None, got {attention_ratio}")
     layout = resolve_layout(model)
@@ -200,7 +218,7 @@ def build_statistics(
     stats = KeyStatistics(len(layer_ids), layout.num_kv_heads, layout.head_dim).to(device)
     digest = hashlib.sha256()
     kept = skipped = filtered = 0
-    for batch in _triplet_batches(pairs, batch_size, digest):
+    for batch in _triplet_batches(pairs, batch_size, digest, length_window=length_window):
         counts = accumulate_triplets(
             stats,
             model,
@@ -249,6 +267,7 @@ def build_bank(
     batch_size: int = 16,
     positive_only: bool = False,
     attention_ratio: float | None = None,
+    length_window: int | None = None,
 ) -> ProjectionBank:
     """Build a SEKA bank (an AdaSEKA expert with ``positive_only``) for a loaded ``model`` from QA ``pairs``: the
     bank ``seka fit`` writes for the same data and settings. The statistics stay attached (``bank.statistics``), so
@@ -262,5 +281,6 @@ def build_bank(
         batch_size=batch_size,
         positive_only=positive_only,
         attention_ratio=attention_ratio,
+        length_window=length_window,
     )
     return statistics.to_bank(top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, positive_only=positive_only)

@@ -145,7 +145,8 @@ class TripletKeys:
     """Answer-token keys of the kept triplets, each ``[L, M, H, d]``, and what was skipped.
 
     ``negative`` is None for positive-only (AdaSEKA expert) collection, which never runs the negative text;
-    ``skipped_attention`` counts triplets removed by the attention-ratio filter.
+    ``skipped_attention`` counts triplets removed by the attention-ratio filter; ``lengths`` are the token counts
+    of the texts the pass ran (padding excluded), for measuring the work done.
     """
 
     neutral: torch.Tensor
@@ -155,6 +156,7 @@ class TripletKeys:
     skipped_no_answer: int
     skipped_count_mismatch: int
     skipped_attention: int = 0
+    lengths: tuple[int, ...] = ()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -279,4 +281,5 @@ def collect_triplet_keys(
         skipped_no_answer=no_answer,
         skipped_count_mismatch=mismatch,
         skipped_attention=filtered,
+        lengths=tuple(len(row) for row in ids),
     )

@@ -12,8 +12,10 @@ import pytest
 import torch
 from bench.__main__ import main
 from bench.building import (
+    BuildCost,
     BuildingSettings,
     ddp_records,
+    fit_command,
     naive_build,
     run_building,
     steady_rate,
@@ -264,6 +266,39 @@ def test_building_writes_records_and_comparisons(tmp_path: Path, qa_file: Path) 
     assert set(written["memory_growth"]) == {"streaming_bs4", "streaming_bs8", "naive"}
     assert details["naive_vs_streaming_max_rel_diff"] < 1e-5
     assert "| naive | ok | 1 | 1 | 4 |" in (tmp_path / "building.md").read_text()
+    streaming = [r for r in records if r["builder"] == "streaming"]
+    peak = details["matmul_flops_per_s"]
+    for record in streaming:
+        assert record["peak_flops_per_s"] == peak > 0
+        assert record["mfu"] == pytest.approx(record["model_flops"] / record["seconds"] / peak)
+        assert record["tokens"] > record["rows"] > 0  # answer tokens are a part of the texts
+        assert 0 <= record["padding_fraction"] < 1
+    # the same triplets in other batches: the same texts, the same work
+    assert records[1]["tokens"] == records[3]["tokens"] and records[1]["model_flops"] == records[3]["model_flops"]
+    assert written["mfu"] == {"4": records[1]["mfu"], "8": records[3]["mfu"]}
+
+
+def test_fit_command_passes_the_length_window_only_when_set(tmp_path: Path) -> None:
+    def command(window: int | None) -> list[str]:
+        settings = BuildingSettings(shape="tiny", length_window=window)
+        return fit_command(settings, checkpoint=tmp_path, pairs=4, devices=1, run_dir=tmp_path, accelerator="cpu")
+
+    assert command(16)[-2:] == ["--data.length_window", "16"]
+    assert "--data.length_window" not in command(None)
+    with pytest.raises(ValueError, match="length_window must be a number of batches >= 1"):
+        BuildingSettings(shape="tiny", length_window=0)
+
+
+def test_build_cost_matches_a_hand_count() -> None:
+    """Tiny shape: hidden 64, 4 query heads of 16, 2 KV heads, MLP 128, two layers."""
+    model = random_model(get_shape("tiny"), device=CPU, dtype=torch.float32)
+    # a full layer's 2-D weights: q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate, up, down 3x64x128 = 36864
+    everything = BuildCost.of(model, [0, 1])  # stops at layer 1's keys: layer 0 whole, layer 1's k_proj (2048)
+    assert everything == BuildCost(matmul_params=36864 + 2048, attention_layers=1, num_heads=4, head_dim=16)
+    # texts of 3 and 5 tokens: 8 tokens, 6 + 15 = 21 causal (query, key) pairs
+    assert everything.flops([3, 5]) == 2 * 38912 * 8 + 4 * 1 * 4 * 16 * 21 == 627968
+    first = BuildCost.of(model, [0])  # no attention runs: only layer 0's key projection
+    assert first.flops([3, 5]) == 2 * 2048 * 8
 
 
 @pytest.mark.slow

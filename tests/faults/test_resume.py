@@ -118,6 +118,8 @@ def test_resume_with_other_statistics_settings_is_refused_naming_each(tiny_model
             "3",
             "--model.layers",
             "0,1",
+            "--data.length_window",
+            "2",
             "--ckpt_path",
             str(first_build),
         )
@@ -125,6 +127,7 @@ def test_resume_with_other_statistics_settings_is_refused_naming_each(tiny_model
     assert f"cannot resume from {first_build}" in message
     assert "data.batch_size: checkpoint 5, command line 3" in message
     assert "model.layers: checkpoint [0, 1, 2], command line [0, 1]" in message
+    assert "data.length_window: checkpoint None, command line 2" in message
     assert "model.dtype" not in message and "data.fingerprint" not in message
     assert "start a new build without --ckpt_path" in message
     assert not out.exists()

@@ -12,7 +12,14 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset
 
-from seka_lightning.data.triplets import Triplet, check_pairs, iter_pairs, iter_triplets
+from seka_lightning.data.triplets import (
+    Triplet,
+    check_length_window,
+    check_pairs,
+    iter_bucketed,
+    iter_pairs,
+    iter_triplets,
+)
 from seka_lightning.resources import resolve_data_path
 
 Item = TypeVar("Item")
@@ -88,6 +95,7 @@ class SyntheticQADataModule(L.LightningDataModule):
         max_samples: int | None = None,
         val_path: str | None = "data/synthetic_qa_heldout.jsonl",
         val_max_samples: int | None = None,
+        length_window: int | None = None,
     ) -> None:
         """
         Args:
@@ -98,6 +106,10 @@ class SyntheticQADataModule(L.LightningDataModule):
             max_samples: use only the first N pairs (as the reference's ``--max_samples``); None = all.
             val_path: held-out JSONL of QA pairs for ``seka validate`` (four probes per pair); None = no validation.
             val_max_samples: use only the first N held-out pairs; None = all.
+            length_window: when building, sort each run of ``length_window x batch_size`` triplets by text length
+                before batching, so a pass pads less (see ``iter_bucketed``); None = the file's order. The sums are
+                then added in another order: equal up to float64 rounding for a float64 model, while in bf16 a key
+                may round differently in another batch shape, so the bank can differ in its last bits.
         """
         super().__init__()
         if batch_size < 1:
@@ -105,6 +117,8 @@ class SyntheticQADataModule(L.LightningDataModule):
         for name, value in (("max_samples", max_samples), ("val_max_samples", val_max_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        check_length_window(length_window)
+        self.length_window = length_window
         self.path, self.batch_size, self.max_samples = path, batch_size, max_samples
         self.val_path, self.val_max_samples = val_path, val_max_samples
         self.triplets: list[Triplet] = []
@@ -121,7 +135,8 @@ class SyntheticQADataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.triplets:
-            self.triplets = list(iter_triplets(iter_pairs(self.path, max_samples=self.max_samples)))
+            triplets = iter_triplets(iter_pairs(self.path, max_samples=self.max_samples))
+            self.triplets = list(iter_bucketed(triplets, batch_size=self.batch_size, window=self.length_window))
         if stage == "validate" and not self.val_questions:
             pairs = iter_pairs(self._val_path(), max_samples=self.val_max_samples)
             self.val_questions = [probe for pair in pairs for probe in highlighted_questions(pair)]

@@ -101,6 +101,40 @@ def iter_triplets(pairs: Iterable[dict]) -> Iterator[Triplet]:
         yield from triplets_from_pair(pair)
 
 
+def check_length_window(window: int | None) -> None:
+    """Raise ``ValueError`` unless ``window`` is None (no bucketing) or a number of batches >= 1."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(
+            f"length_window must be a number of batches >= 1 (e.g. 8), or None to keep the data order; got {window!r}"
+        )
+
+
+def iter_bucketed(triplets: Iterable[Triplet], *, batch_size: int, window: int | None) -> Iterator[Triplet]:
+    """``triplets`` with each run of ``window x batch_size`` of them sorted (stably) by the characters of their
+    longest text, so consecutive batches of ``batch_size`` hold texts of similar length and their passes carry less
+    padding. Deterministic; a triplet never leaves its run, and at most one run is held in memory. ``window=None``
+    yields ``triplets`` as they are.
+
+    The statistics are the same sums in another order: equal up to float64 rounding when the keys are computed in
+    float64, but in bf16/fp16 another batch shape can round a key differently, which is why bucketing is opt-in.
+    """
+    check_length_window(window)
+    if window is None:
+        yield from triplets
+        return
+    run: list[Triplet] = []
+    for triplet in triplets:
+        run.append(triplet)
+        if len(run) == window * batch_size:
+            yield from sorted(run, key=_longest_text)
+            run = []
+    yield from sorted(run, key=_longest_text)
+
+
+def _longest_text(triplet: Triplet) -> int:
+    return max(len(text) for text in triplet.texts())
+
+
 def answer_token_indices(offsets: Sequence[tuple[int, int]], text: str, answer: str) -> list[int]:
     """Tokens of the first case-insensitive occurrence of ``answer`` in ``text`` (the reference's rule).
 

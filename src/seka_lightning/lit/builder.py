@@ -40,6 +40,7 @@ STATISTICS_SETTINGS = (
     "data.fingerprint",
     "data.batch_size",
     "data.max_samples",
+    "data.length_window",
     "trainer.world_size",
 )
 DEFAULT_STOP_CHECK_EVERY_N_BATCHES = 50
@@ -216,6 +217,7 @@ class ProjectionBuilder(FrozenModelModule):
             "data.fingerprint": self._data_fingerprint(),
             "data.batch_size": getattr(datamodule, "batch_size", None),
             "data.max_samples": getattr(datamodule, "max_samples", None),
+            "data.length_window": getattr(datamodule, "length_window", None),
             "trainer.world_size": None if self._trainer is None else self._trainer.world_size,
         }
 

@@ -182,6 +182,10 @@ def predict_summary(trainer: Any) -> list[str]:
                     "next, on a benchmark: seka predict -c configs/eval/counterfact.yaml --model.method SekaMethod "
                     f"--model.method.bank {bank}"
                 )
+            if callback.summary_written:
+                lines.append(f"summary in {callback.summary_path}")
+            if callback.summary_line is not None:
+                lines.append(callback.summary_line)
         elif isinstance(callback, BenchmarkWriter):
             results_file = callback.output_dir / "metric_result.json"
             metrics = json.loads(results_file.read_text())["metrics"] if results_file.is_file() else {}

@@ -72,6 +72,7 @@ def test_predict_writes_side_by_side_generations(tiny_model_dir, tmp_path, capsy
             )
         assert record["unsteered"] == plain and record["steered"] == steered
     assert records[2]["highlighted_tokens"] == 0 and records[2]["steered"] == records[2]["unsteered"]
+    assert all(r["attention_on_highlight"] is None for r in records)  # measure_attention is off by default
 
 
 def test_merged_predictions_survive_unicode_line_separators(tmp_path):
@@ -123,7 +124,14 @@ def test_predict_summary_and_attention_on_the_highlight(tiny_model_dir, tmp_path
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "pred.jsonl"
     argv = ["predict", "--model", "seka_lightning.lit.generation.HighlightGenerator"]
-    argv += ["--model.pretrained", str(tiny_model_dir), "--model.max_new_tokens", "4"]
+    argv += [
+        "--model.pretrained",
+        str(tiny_model_dir),
+        "--model.max_new_tokens",
+        "4",
+        "--model.measure_attention",
+        "true",
+    ]
     argv += ["--model.method", "seka_lightning.methods.SekaMethod"]
     argv += ["--model.method.bank", str(tmp_path / "bank.safetensors"), "--model.method.gain_pos", "3.0"]
     argv += ["--data", "seka_lightning.data.prompts.PromptDataModule", "--data.path", str(prompts)]

@@ -60,7 +60,7 @@ class HighlightGenerator(FrozenModelModule):
         chat: bool = False,
         add_special_tokens: bool = False,
         max_length: int | None = None,
-        measure_attention: bool = True,
+        measure_attention: bool = False,
         dtype: str = "float32",
         device_map: str | dict | None = None,
     ) -> None:
@@ -76,8 +76,10 @@ class HighlightGenerator(FrozenModelModule):
             max_length: truncate prompts to this many tokens, keeping their end (None = no truncation; a prompt
                 longer than the model's ``max_position_embeddings`` is then an error before any generation).
             measure_attention: record each highlighted prompt's attention on its highlight, unsteered and steered
-                (:func:`highlight_attention`, two extra eager forward passes per batch), for the run's summary.
-                Methods that act on decode steps (PASTA, SPA) are not measured: their prompt pass is not their effect.
+                (:func:`highlight_attention`), for the run's summary. It costs two extra eager forward passes per
+                batch that hold every layer's ``[B, heads, T, T]`` weights at once, so it is off by default (the
+                shipped predict configs, with short prompts, turn it on). Methods that act on decode steps (PASTA,
+                SPA) are not measured: their prompt pass is not their effect.
             dtype: model dtype.
             device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
                 ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.

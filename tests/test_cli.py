@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -251,3 +252,23 @@ def test_generate_prints_the_unsteered_and_steered_continuations(tiny_model_dir,
     reference = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert zero["unsteered"] == tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert "unsteered" in capsys.readouterr().out
+
+
+def test_fit_suggests_the_shipped_predict_config_of_its_model():
+    import lightning as L
+
+    from seka_lightning.cli import fit_summary
+    from seka_lightning.lit.builder import ProjectionBuilder
+
+    builder = ProjectionBuilder.__new__(ProjectionBuilder)  # the hyperparameters only: no model is loaded
+    L.LightningModule.__init__(builder)
+    trainer = SimpleNamespace(logger=None)
+    expected = {
+        "embedded:gemma3-270m": "next: seka predict -c configs/predict/highlight-gemma3.yaml --model.method.bank b",
+        "embedded:smollm2-135m": "next: seka predict -c configs/predict/highlight.yaml --model.method.bank b",
+        "org/other": "next: seka predict -c configs/predict/highlight.yaml --model.pretrained org/other "
+        "--model.method.bank b",
+    }
+    for pretrained, line in expected.items():
+        builder.save_hyperparameters({"output": "b", "pretrained": pretrained})
+        assert fit_summary(builder, trainer)[0] == line

@@ -135,7 +135,7 @@ def test_shipped_prompts_are_read_from_another_directory(tmp_path, monkeypatch):
 
     expected = read_prompts(REPO / "data/prompts/knowledge_conflict.jsonl")
     monkeypatch.chdir(tmp_path)
-    assert read_prompts("data/prompts/knowledge_conflict.jsonl") == expected and len(expected) == 5
+    assert read_prompts("data/prompts/knowledge_conflict.jsonl") == expected and len(expected) == 24
 
 
 def test_init_copies_everything_and_never_overwrites_silently(tmp_path, caplog):

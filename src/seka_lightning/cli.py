@@ -144,6 +144,12 @@ def check_input_paths(model_config: Any) -> None:
             check_model_source(value)
 
 
+PREDICT_CONFIGS = {
+    "embedded:smollm2-135m": "configs/predict/highlight.yaml",
+    "embedded:gemma3-270m": "configs/predict/highlight-gemma3.yaml",
+}
+
+
 def fit_summary(model: Any, trainer: Any) -> list[str]:
     """What a fit wrote, and the command that uses it."""
     lines = []
@@ -151,8 +157,11 @@ def fit_summary(model: Any, trainer: Any) -> list[str]:
         lines.append(f"metrics logged to {trainer.logger.log_dir}")
     if isinstance(model, ProjectionBuilder):
         bank, pretrained = model.hparams.output, model.hparams.pretrained
-        model_option = "" if pretrained == "embedded:smollm2-135m" else f" --model.pretrained {pretrained}"
-        lines.append(f"next: seka predict -c configs/predict/highlight.yaml{model_option} --model.method.bank {bank}")
+        if pretrained in PREDICT_CONFIGS:  # a shipped model: its own predict config (chat template, layers)
+            predict_config, model_option = PREDICT_CONFIGS[pretrained], ""
+        else:
+            predict_config, model_option = "configs/predict/highlight.yaml", f" --model.pretrained {pretrained}"
+        lines.append(f"next: seka predict -c {predict_config}{model_option} --model.method.bank {bank}")
         lines.append(f'  or: seka generate "Currently **X is in Rome**. Where is X?" --bank {bank}')
     return lines
 
@@ -183,6 +192,10 @@ def predict_summary(trainer: Any) -> list[str]:
                     "next, on a benchmark: seka predict -c configs/eval/counterfact.yaml --model.method SekaMethod "
                     f"--model.method.bank {bank}"
                 )
+            if callback.summary_written:
+                lines.append(f"summary in {callback.summary_path}")
+            if callback.summary_line is not None:
+                lines.append(callback.summary_line)
         elif isinstance(callback, BenchmarkWriter):
             results_file = callback.output_dir / "metric_result.json"
             metrics = json.loads(results_file.read_text())["metrics"] if results_file.is_file() else {}

@@ -32,6 +32,7 @@ BENCHMARK_RESULTS = "benchmark result"
 SEARCH_RESULTS = "search result"
 PASTA_HEADS = "PASTA head set"
 VALIDATION_REPORT = "validation report"
+HIGHLIGHT_SUMMARY = "highlight summary"
 REPORT = "results table"
 PLOT = "plot"
 
@@ -218,6 +219,7 @@ def _json_kind(path: Path) -> str | None:
         ({"grid", "best"}, SEARCH_RESULTS),
         ({"layers", "scores", "settings"}, PASTA_HEADS),
         ({"summary", "attention_mass_per_layer"}, VALIDATION_REPORT),
+        ({"follows_highlight", "attention_on_highlight"}, HIGHLIGHT_SUMMARY),
     ):
         if keys <= data.keys():
             return kind

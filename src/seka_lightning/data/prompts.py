@@ -10,27 +10,48 @@ from torch.utils.data import DataLoader
 
 from seka_lightning.resources import resolve_data_path
 
+ANSWER_FIELDS = ("target", "original")  # optional per prompt: the highlighted answer and the one it overrides
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from JSONL (``{"prompt": "..."}`` per line) or plain text (one prompt per line)."""
+
+def read_prompt_records(path: str | Path) -> list[dict[str, str]]:
+    """Prompt records from JSONL (``{"prompt": ...}`` per line, optionally with ``target`` and ``original``, the
+    highlighted answer and the overridden one, which ``seka predict`` scores) or plain text (one prompt per line)."""
     path = resolve_data_path(path)  # a shipped file when a relative path is missing here
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = []
+    records = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{line_no}: each line needs a "prompt" string')
-            prompts.append(record["prompt"])
-        else:
-            prompts.append(line)
-    return prompts
+        records.append(_parse_line(line, path, line_no) if path.suffix == ".jsonl" else {"prompt": line})
+    return records
+
+
+def _parse_line(line: str, path: Path, line_no: int) -> dict[str, str]:
+    """One JSONL prompt record; ``target`` and ``original`` come together, as non-empty strings."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError(f'{path}:{line_no}: each line needs a "prompt" string')
+    present = [field for field in ANSWER_FIELDS if field in record]
+    if present and len(present) < len(ANSWER_FIELDS):
+        missing = next(field for field in ANSWER_FIELDS if field not in record)
+        raise ValueError(
+            f'{path}:{line_no}: "{present[0]}" is given without "{missing}"; give both (the highlighted answer and '
+            "the one it overrides) or neither"
+        )
+    for field in present:
+        value = record[field]
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'{path}:{line_no}: "{field}" must be a non-empty string, got {value!r}')
+    return {"prompt": record["prompt"], **{field: record[field].strip() for field in present}}
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of :func:`read_prompt_records`, without their answers."""
+    return [record["prompt"] for record in read_prompt_records(path)]
 
 
 def _as_list(batch: list[dict]) -> list[dict]:
@@ -44,7 +65,8 @@ class PromptDataModule(L.LightningDataModule):
         """
         Args:
             prompts: prompts given inline in the config.
-            path: a ``.jsonl`` file with ``{"prompt": ...}`` lines, or a text file with one prompt per line.
+            path: a ``.jsonl`` file with ``{"prompt": ...}`` lines (optionally with ``target`` and ``original``
+                answers, for the summary of ``seka predict``), or a text file with one prompt per line.
             batch_size: prompts per generation batch.
         """
         super().__init__()
@@ -55,8 +77,11 @@ class PromptDataModule(L.LightningDataModule):
         self.prompts, self.path, self.batch_size = prompts, path, batch_size
 
     def predict_dataloader(self) -> DataLoader:
-        prompts = self.prompts if self.prompts is not None else read_prompts(self.path)
+        if self.prompts is not None:
+            prompts = [{"prompt": p} for p in self.prompts]
+        else:
+            prompts = read_prompt_records(self.path)
         if not prompts:
             raise ValueError(f"no prompts found in {self.path or 'data.prompts'}; add at least one")
-        records = [{"index": i, "prompt": p} for i, p in enumerate(prompts)]
+        records = [{"index": i, **record} for i, record in enumerate(prompts)]
         return DataLoader(records, batch_size=self.batch_size, collate_fn=_as_list)

@@ -7,9 +7,11 @@ import warnings
 import torch
 from torch import nn
 
+from seka_lightning.capture import eager_attention
+from seka_lightning.diagnostics import attention_mass
 from seka_lightning.highlight import DEFAULT_MARKERS, encode_highlighted
 from seka_lightning.lit.frozen import FrozenModelModule
-from seka_lightning.methods import HighlightMethod
+from seka_lightning.methods import HighlightMethod, position_ids_for
 from seka_lightning.steering import NoEditWarning
 
 
@@ -19,6 +21,29 @@ def max_positions(model: nn.Module) -> int | None:
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
     return getattr(config, "max_position_embeddings", None)
+
+
+@torch.no_grad()
+def highlight_attention(
+    model: nn.Module, methods: tuple[HighlightMethod, ...], enc: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Attention from the last prompt token onto the highlighted tokens, mean over layers and heads (``seka
+    validate``'s ``attn_mass``, by the same :func:`~seka_lightning.diagnostics.attention_mass`), with each method
+    active: float64 ``[B, len(methods)]``. One eager forward pass of the prompts per method."""
+    masses = []
+    with eager_attention(model):
+        for method in methods:
+            with method.active(model, enc):
+                out = model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    position_ids=position_ids_for(enc["attention_mask"]),
+                    output_attentions=True,
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+            masses.append(attention_mass(out.attentions, enc["highlight_mask"], query_index=-1).mean(-1))
+    return torch.stack(masses, 1)
 
 
 class HighlightGenerator(FrozenModelModule):
@@ -35,6 +60,7 @@ class HighlightGenerator(FrozenModelModule):
         chat: bool = False,
         add_special_tokens: bool = False,
         max_length: int | None = None,
+        measure_attention: bool = False,
         dtype: str = "float32",
         device_map: str | dict | None = None,
     ) -> None:
@@ -49,6 +75,11 @@ class HighlightGenerator(FrozenModelModule):
             add_special_tokens: let the tokenizer add its special tokens (e.g. BOS for base models).
             max_length: truncate prompts to this many tokens, keeping their end (None = no truncation; a prompt
                 longer than the model's ``max_position_embeddings`` is then an error before any generation).
+            measure_attention: record each highlighted prompt's attention on its highlight, unsteered and steered
+                (:func:`highlight_attention`), for the run's summary. It costs two extra eager forward passes per
+                batch that hold every layer's ``[B, heads, T, T]`` weights at once, so it is off by default (the
+                shipped predict configs, with short prompts, turn it on). Methods that act on decode steps (PASTA,
+                SPA) are not measured: their prompt pass is not their effect.
             dtype: model dtype.
             device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
                 ``{module: device}`` map; run with ``--trainer.devices 1``); None = Lightning places the whole model.
@@ -83,10 +114,25 @@ class HighlightGenerator(FrozenModelModule):
         self.unhighlighted += [r["index"] for r, m in zip(batch, enc["highlight_mask"], strict=True) if not m.any()]
         enc = {k: v.to(self.input_device) for k, v in enc.items()}
         plain, steered = (self._generate(method, enc) for method in (self.plain, self.method))
+        attention = self._attention(enc)
         return [
-            {**record, "highlighted_tokens": int(mask.sum()), "unsteered": u, "steered": s}
-            for record, mask, u, s in zip(batch, enc["highlight_mask"], plain, steered, strict=True)
+            {
+                **record,
+                "highlighted_tokens": int(mask.sum()),
+                "unsteered": u,
+                "steered": s,
+                "attention_on_highlight": dict(zip(("unsteered", "steered"), a.tolist(), strict=True))
+                if a is not None and mask.any()
+                else None,
+            }
+            for record, mask, u, s, a in zip(batch, enc["highlight_mask"], plain, steered, attention, strict=True)
         ]
+
+    def _attention(self, enc: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per prompt, the attention on its highlight unsteered and steered, or None where it is not measured."""
+        if not self.hparams.measure_attention or self.method.edits_decode_steps or not enc["highlight_mask"].any():
+            return [None] * enc["input_ids"].shape[0]
+        return list(highlight_attention(self.model, (self.plain, self.method), enc).cpu())
 
     def on_predict_end(self) -> None:
         """Warn (:class:`NoEditWarning`) with a count when prompts carried no highlight: steering left them as is."""

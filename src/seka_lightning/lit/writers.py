@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from seka_lightning import files
+from seka_lightning.effect import highlight_effect, summary_line
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, summarize, write_predictions
 from seka_lightning.files import BENCHMARK_RESULTS, check_output, write_json, write_jsonl
 from seka_lightning.provenance import run_provenance
@@ -56,7 +57,9 @@ def merge_rank_parts(
 
 
 class ComparisonWriter(BasePredictionWriter):
-    """Writes ``{prompt, unsteered, steered}`` per prompt to ``output`` (JSONL) and prints a table."""
+    """Writes ``{prompt, unsteered, steered}`` per prompt to ``output`` (JSONL), prints a table, and keeps the run's
+    summary line (:mod:`seka_lightning.effect`, printed last by ``seka predict``) in ``summary_line``; when prompts
+    carry ``target`` answers the summary is also written to ``<output stem>.summary.json``."""
 
     def __init__(
         self, output: str = "outputs/predictions.jsonl", *, show_table: bool = True, overwrite: bool = False
@@ -65,11 +68,20 @@ class ComparisonWriter(BasePredictionWriter):
         Args:
             output: the merged JSONL file.
             show_table: print an unsteered-vs-steered table at the end.
-            overwrite: replace an existing predictions file at ``output`` (checked here, before the model runs).
+            overwrite: replace an existing predictions file at ``output`` and its summary (checked here, before
+                the model runs).
         """
         super().__init__(write_interval="epoch")
         check_output(output, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         self.output, self.show_table = Path(output), show_table
+        self.summary_line: str | None = None
+        self.summary_written = False
+        check_output(self.summary_path, kind=files.HIGHLIGHT_SUMMARY, overwrite=overwrite, flag=OVERWRITE_FLAG)
+
+    @property
+    def summary_path(self) -> Path:
+        """The summary JSON beside the predictions: ``<output stem>.summary.json``."""
+        return self.output.with_name(f"{self.output.stem}.summary.json")
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         records = merge_rank_parts(trainer, predictions, self.output, key="index")
@@ -80,6 +92,17 @@ class ComparisonWriter(BasePredictionWriter):
             for record in records:
                 table.add_row(record["prompt"], record["unsteered"].strip(), record["steered"].strip())
             Console(width=max(120, Console().width)).print(table)
+        if records is not None:
+            self.write_summary(records)
+
+    def write_summary(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Keep the summary line; write the summary JSON when prompts carry target answers. Returns the summary."""
+        summary = highlight_effect(records)
+        self.summary_line = summary_line(summary)
+        if summary["follows_highlight"] is not None:
+            write_json(self.summary_path, {**summary, "predictions": str(self.output), "line": self.summary_line})
+            self.summary_written = True
+        return summary
 
 
 class BenchmarkWriter(BasePredictionWriter):

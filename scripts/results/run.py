@@ -128,6 +128,7 @@ class Settings:
     counterfact_test: str
     gains: list[float]
     guard_top: int
+    guards: list[str] = field(default_factory=lambda: list(GUARD_BENCHMARKS))
     table: Path = Path("docs/results_table.md")
     batch_sizes: dict[str, int] = field(default_factory=dict)
 
@@ -333,14 +334,14 @@ def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     candidates = dev_candidates(s, model)
     if number == 0:
         needed = by_efficacy(candidates)[: s.guard_top]
-        jobs = [dev_run(s, model, benchmark, None, None) for benchmark in GUARD_BENCHMARKS]
+        jobs = [dev_run(s, model, benchmark, None, None) for benchmark in s.guards]
     else:
-        needed = guards_needed(candidates, baseline_estimates(s, model), limit=s.guard_top)
+        needed = guards_needed(candidates, baseline_estimates(s, model), limit=s.guard_top, guards=guard_metrics(s))
         jobs = []
     if not needed:
         return [Job(f"dev:{model.tag}:guards", action=list)]
     log.info("%s: guard round %d for %s", model.tag, number, [c.name for c in needed])
-    jobs += [dev_run(s, model, b, c.layers, c.gain) for c in needed for b in GUARD_BENCHMARKS]
+    jobs += [dev_run(s, model, b, c.layers, c.gain) for c in needed for b in s.guards]
     after = tuple(job.name for job in jobs)
     jobs.append(
         Job(f"dev:{model.tag}:guard-round-{number + 1}", action=lambda: guard_round(s, model, number + 1), after=after)
@@ -351,6 +352,11 @@ def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
 def read_estimate(folder: Path, metric: str) -> Estimate:
     """The mean and SE of ``metric`` over the example ids of one run's predictions."""
     return Estimate.from_scores(per_id_scores(read_predictions(folder / PREDICTIONS), metric).values())
+
+
+def guard_metrics(s: Settings) -> list[str]:
+    """The guard metrics the rule applies (``--guards``)."""
+    return [GUARD_BENCHMARKS[benchmark] for benchmark in s.guards]
 
 
 def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
@@ -373,7 +379,8 @@ def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
 
 def baseline_estimates(s: Settings, model: Model) -> dict[str, Estimate]:
     estimates = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", "none"), EFFICACY)}
-    for benchmark, metric in GUARD_BENCHMARKS.items():
+    for benchmark in s.guards:
+        metric = GUARD_BENCHMARKS[benchmark]
         estimates[metric] = read_estimate(dev_dir(s, model, benchmark, "none"), metric)
     return estimates
 
@@ -394,7 +401,7 @@ def write_selection(s: Settings, model: Model) -> list[Job]:
     candidates = dev_candidates(s, model)
     baseline = baseline_estimates(s, model)
     try:
-        selection = select(candidates, baseline)
+        selection = select(candidates, baseline, guards=guard_metrics(s))
     except ValueError:
         write_dev_table(s, model, candidates, baseline, None)
         raise
@@ -418,7 +425,7 @@ def write_dev_table(
     dev = "dev" if not s.limit else f"first {s.limit} of dev"
     rows = []
     for c in candidates:
-        rejected = guard_failures(c, baseline)
+        rejected = guard_failures(c, baseline, guard_metrics(s))
         rows.append(
             {
                 "name": c.name,
@@ -434,6 +441,8 @@ def write_dev_table(
         {
             "model": model.pretrained,
             "rule": RULE,
+            "guards": guard_metrics(s),
+            "guards_not_applied": [m for b, m in GUARD_BENCHMARKS.items() if b not in s.guards],
             "slices": {
                 "counterfact": f"{dev} (records 4500:5000)",
                 "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
@@ -733,6 +742,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         "--counterfact-test", default="test", help="'test' (5000:10000) or a slice such as 5000:6000 if time forces"
     )
     parser.add_argument("--gains", nargs="+", type=float, default=list(GAINS))
+    parser.add_argument(
+        "--guards",
+        nargs="*",
+        default=list(GUARD_BENCHMARKS),
+        choices=list(GUARD_BENCHMARKS),
+        help="the guard benchmarks the rule applies (default both; the dev table records any left out)",
+    )
     parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")
     parser.add_argument(
         "--batch-size", nargs="+", default=[], metavar="BENCHMARK=N", help="override a benchmark's batch size"
@@ -762,6 +778,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         counterfact_test=args.counterfact_test,
         gains=args.gains,
         guard_top=args.guard_top,
+        guards=args.guards,
         table=args.table,
         batch_sizes=batch_sizes,
     )

@@ -243,6 +243,32 @@ def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
     assert [job.name for job in second[-1].action()] == ["dev:smollm2-135m:guards"]
 
 
+def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_path, monkeypatch):
+    """--guards pronchange: guard rounds run PronChange only, the rule ignores lost in the middle, and the dev table
+    names the guard it did not apply."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--guards", "pronchange"]
+    settings, _ = run.parse_args(argv)
+    wins = {"all-g2": 6, "all-g8": 7, "last20-g2": 8, "last20-g8": 9, "last15-g2": 9, "last15-g8": 10}
+    wins |= {"last10-g2": 5, "last10-g8": 6, "none": 5}
+    for name, won in wins.items():
+        dev = run.dev_dir(settings, SMOLLM2, "counterfact", name)
+        write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    first = run.guard_round(settings, SMOLLM2, 0)
+    names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
+    assert names[:3] == ["pronchange:none", "pronchange:last15-g8", "pronchange:last20-g8"]
+    assert not any("lost_in_the_middle" in name for name in names)
+    for name, pron in {"none": 0.5, "last15-g8": 0.0, "last20-g8": 0.5, "last15-g2": 0.5, "last20-g2": 0.5}.items():
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [pron, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["guards"] == ["pron_mean_p"] and table["guards_not_applied"] == ["exact_match_inside"]
+    rows = {row["name"]: row for row in table["candidates"]}
+    assert rows["last15-g8"]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
+    assert table["chosen"] == {"name": "last15-g2", "layers": "last15", "gain": 2.0}
+
+
 FRAGMENTS = sorted((REPO / "configs" / "methods").glob("*/*.yaml"))
 
 

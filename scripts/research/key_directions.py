@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -52,6 +51,7 @@ from seka_lightning.methods import position_ids_for
 from seka_lightning.metrics import first_token_logprob, target_first_token_ids
 from seka_lightning.models import load_model
 from seka_lightning.projections import Projections, projections_from_sums
+from seka_lightning.provenance import git_state
 from seka_lightning.significance import mcnemar_exact as significance_mcnemar
 from seka_lightning.significance import wilson_interval
 from seka_lightning.stats import KeyStatistics
@@ -619,10 +619,9 @@ def split_half_selection(results: list[dict], case_ids: list[int]) -> dict[str, 
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit of the code that ran, from the package's provenance helper (``$SEKA_SOURCE_COMMIT``, set by
+    whoever copied the sources to another machine, wins over git); "unknown" where neither says."""
+    return git_state()["commit"] or "unknown"
 
 
 def evaluate_grid(

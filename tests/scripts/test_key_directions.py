@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import seka_lightning
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("key_directions", REPO / "scripts" / "research" / "key_directions.py")
@@ -134,3 +137,12 @@ def test_grid_without_an_avenue_flag_names_the_flags() -> None:
     variants = {"key_scaling": torch.eye(2), "seka": torch.eye(2)}
     with pytest.raises(ValueError, match=r"unknown variants \['seka_chat'\].*need their flag: --phi"):
         kd.select_variants(variants, {"key_scaling": [1.0], "seka_chat": [8.0]})
+
+
+def test_recorded_commit_is_the_provenance_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEKA_SOURCE_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    assert kd.git_commit() == "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.delenv("SEKA_SOURCE_COMMIT")
+    package = Path(seka_lightning.__file__).parent  # git_state reads the checkout holding the package's sources
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    assert kd.git_commit() == head.stdout.strip()

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
+from tests.conftest import tiny_llama
 
 from seka_lightning import BankStatistics, ProjectionBank, build_bank, build_statistics, load_model
 from seka_lightning import build as build_module
+from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.cli import run_lightning
+from seka_lightning.data.triplets import ChatTriplet, triplets_from_pair
+from seka_lightning.families import resolve_layout
 from seka_lightning.lit.builder import ProjectionBuilder, stats_path_for
 from seka_lightning.provenance import weights_hash
-from seka_lightning.stats import KeySums
+from seka_lightning.stats import KeyStatistics, KeySums
 
 BUILD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "build" / "synthetic_qa.yaml"
 
@@ -55,12 +61,16 @@ def test_bucketed_build_bank_equals_bucketed_seka_fit_exactly(tiny_model_dir, qa
         assert torch.equal(bank.statistics.tensors()[name], tensor), name
 
 
-def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
-    """Same data, layers, batch size and settings: the same float64 sums and the same bank, bit for bit."""
-    fitted = seka_fit(tiny_model_dir, qa_file, tmp_path / "fit.safetensors", max_samples=12, min_diff=0.05)
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path, chat):
+    """Same data, layers, batch size and settings (chat-template building texts too): the same float64 sums and the
+    same bank, bit for bit."""
+    extra = ("--model.chat", "true") if chat else ()
+    fitted = seka_fit(tiny_model_dir, qa_file, tmp_path / "fit.safetensors", *extra, max_samples=12, min_diff=0.05)
     model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
     pairs = read_jsonl(qa_file)[:12]
-    bank = build_bank(model, tokenizer, iter(pairs), top_pct=0.7, min_diff=0.05, batch_size=5)
+    bank = build_bank(model, tokenizer, iter(pairs), top_pct=0.7, min_diff=0.05, batch_size=5, chat=chat)
+    assert bank.metadata["chat"] is chat and fitted.metadata["chat"] is chat
 
     fit_sums, fit_meta = KeySums.load(stats_path_for(tmp_path / "fit.safetensors"))
     for name, tensor in fit_sums.tensors().items():
@@ -175,5 +185,79 @@ def test_defaults_follow_seka_fit():
     """build_bank's defaults are ProjectionBuilder's, so the two entry points build the same bank by default."""
     api = inspect.signature(build_bank).parameters
     fit = inspect.signature(ProjectionBuilder.__init__).parameters
-    for name in ("layers", "top_pct", "min_diff", "head_filter", "positive_only", "attention_ratio"):
+    for name in ("layers", "top_pct", "min_diff", "head_filter", "positive_only", "attention_ratio", "chat"):
         assert api[name].default == fit[name].default, name
+
+
+class UserMessages(NamedTuple):
+    """A triplet's texts wrapped by hand as user messages, independently of ``ChatTriplet``."""
+
+    answer: str
+    wrapped: tuple[str, str, str]
+
+    def texts(self) -> tuple[str, str, str]:
+        return self.wrapped
+
+
+def by_hand(tokenizer, triplet) -> UserMessages:
+    messages = ([{"role": "user", "content": text}] for text in triplet.texts())
+    return UserMessages(
+        triplet.answer,
+        tuple(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages),
+    )
+
+
+def test_chat_statistics_are_those_of_the_chat_formatted_texts(tiny_model_dir, qa_file):
+    """chat=True sums the answer-token keys of the texts as user messages of the chat template, bit for bit."""
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    pairs = read_jsonl(qa_file)[:6]
+    stats = build_statistics(model, tokenizer, pairs, batch_size=12, chat=True)
+    triplets = [t for pair in pairs for t in triplets_from_pair(pair)]
+    wrapped = [by_hand(tokenizer, t) for t in triplets]
+    assert wrapped[0].texts()[0] == f"<bos>user\nContext: {triplets[0].context} <eos>\n<bos>assistant\n"
+    assert ChatTriplet(triplets[0], tokenizer).texts() == wrapped[0].texts()
+    layout = resolve_layout(model)
+    keys = collect_triplet_keys(model, tokenizer, layout, [0, 1, 2], wrapped, device=torch.device("cpu"))
+    direct = KeyStatistics(3, layout.num_kv_heads, layout.head_dim)
+    direct.update(keys.neutral, keys.positive, keys.negative)
+    for name, tensor in direct.compute().tensors().items():
+        assert torch.equal(stats.sums.tensors()[name], tensor), name
+    assert stats.metadata["triplets_used"] == keys.kept > 0 and stats.metadata["chat"] is True
+
+
+def test_chat_and_plain_texts_give_other_statistics(tiny_model_dir, qa_file):
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    pairs = read_jsonl(qa_file)[:6]
+    chat = build_statistics(model, tokenizer, pairs, batch_size=4, chat=True)
+    plain = build_statistics(model, tokenizer, pairs, batch_size=4)
+    assert plain.metadata["chat"] is False and chat.metadata["triplets_used"] == plain.metadata["triplets_used"]
+    assert torch.equal(chat.sums.count, plain.sums.count)  # the same answer tokens...
+    for name in ("a0", "a_pos", "a_neg"):  # ...with other keys: the template's tokens come before them
+        assert not torch.allclose(chat.sums.tensors()[name], plain.sums.tensors()[name], rtol=1e-3), name
+
+
+def test_chat_without_a_chat_template_is_refused_before_any_key_is_captured(
+    tiny_model_dir, tokenizer, qa_file, tmp_path, monkeypatch
+):
+    model, _ = load_model(str(tiny_model_dir))
+    plain_tokenizer = copy.deepcopy(tokenizer)
+    plain_tokenizer.chat_template = None
+    pulled = []
+
+    def pairs():
+        pulled.append(1)
+        yield from read_jsonl(qa_file)[:2]
+
+    monkeypatch.setattr(build_module, "accumulate_triplets", lambda *a, **k: pytest.fail("keys were captured"))
+    message = f"and {tiny_model_dir}'s tokenizer has none; set chat: false \\(--model.chat false\\)"
+    with pytest.raises(ValueError, match=message):
+        build_bank(model, plain_tokenizer, pairs(), chat=True)
+    assert not pulled, "the data was read before the tokenizer was checked"
+
+    base = tmp_path / "base-model"
+    tiny_llama(len(tokenizer)).save_pretrained(base)
+    plain_tokenizer.save_pretrained(base)
+    out = tmp_path / "bank.safetensors"
+    with pytest.raises(ValueError, match=f"and {base}'s tokenizer has none; set chat: false"):
+        ProjectionBuilder(str(base), chat=True, output=str(out))
+    assert not out.exists() and not stats_path_for(out).exists()

@@ -79,6 +79,7 @@ def test_files_and_inline_yaml_are_never_replaced(fake_root, tmp_path, monkeypat
 def test_the_real_configs_resolve_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Path(resolve_config("smollm2-135m", command="fit")) == REPO / "configs/build/smollm2-135m.yaml"
+    assert Path(resolve_config("smollm2-135m-chat", command="fit")) == REPO / "configs/build/smollm2-135m-chat.yaml"
     assert Path(resolve_config("smollm2-135m", command="validate")) == REPO / "configs/validate/smollm2-135m.yaml"
     assert (
         Path(resolve_config("configs/eval/counterfact.yaml", command="predict"))

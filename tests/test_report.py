@@ -124,6 +124,24 @@ def test_verify_passes_then_names_a_tampered_metric_and_a_missing_file(results):
     )
 
 
+def test_dev_runs_are_verified_but_not_tabulated(results, tmp_path):
+    """Tuning runs under dev/ (outside the method layout) are re-checked by --verify and left out of the table."""
+    dev = write_run(
+        results / "dev" / "m" / "counterfact" / "last15-g2",
+        "seka",
+        counterfact_records(SEKA_EFFICACY, SEKA_PARAPHRASE),
+    )
+    table = tmp_path / "table.md"
+    report(results=str(results), output=str(table), plot=None)
+    assert "last15-g2" not in table.read_text() and "| counterfact | m | seka |" in table.read_text()
+    data = json.loads((dev / "metric_result.json").read_text())
+    data["metrics"]["efficacy_score"] = 0.5
+    (dev / "metric_result.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as info:
+        report(results=str(results), verify=True)
+    assert f"{dev / 'metric_result.json'}: efficacy_score value: recorded 0.5" in str(info.value)
+
+
 def test_verify_from_the_command_line_exits_non_zero(results):
     seka = results / "counterfact" / "m" / "seka" / "metric_result.json"
     data = json.loads(seka.read_text())

@@ -42,10 +42,10 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.baselines.random_projection import projector_ranks, random_projectors
 from seka_lightning.benchmarks.counterfact import load_counterfact
 from seka_lightning.capture import collect_triplet_keys
-from seka_lightning.data.triplets import Triplet, iter_triplets, read_pairs
+from seka_lightning.data.triplets import ChatTriplet, iter_triplets, read_pairs
 from seka_lightning.families import LayerSites, ModelLayout, keys_view, resolve_layout, with_keys
 from seka_lightning.files import write_json
-from seka_lightning.highlight import apply_chat_template, encode_spans
+from seka_lightning.highlight import encode_spans
 from seka_lightning.layers import parse_layers
 from seka_lightning.methods import position_ids_for
 from seka_lightning.metrics import first_token_logprob, target_first_token_ids
@@ -83,23 +83,6 @@ AVENUE_GRID = {
 
 
 # ----------------------------------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class ChatTriplet:
-    """A triplet whose three texts are user messages in the tokenizer's chat template (the reference's ``--chat``
-    building texts); the keys are still those of the answer tokens only. The package's template adds the generation
-    prompt after the message, which a causal model's answer-token keys never see."""
-
-    triplet: Triplet
-    tokenizer: object
-
-    @property
-    def answer(self) -> str:
-        return self.triplet.answer
-
-    def texts(self) -> tuple[str, str, str]:
-        return tuple(apply_chat_template(self.tokenizer, text) for text in self.triplet.texts())
 
 
 def capture_triplet_keys(

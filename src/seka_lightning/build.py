@@ -25,7 +25,9 @@ from seka_lightning.bank import ProjectionBank
 from seka_lightning.capture import collect_triplet_keys
 from seka_lightning.data.triplets import (
     PAIR_FIELDS,
+    ChatTriplet,
     Triplet,
+    check_chat_template,
     check_length_window,
     iter_bucketed,
     triplets_from_pair,
@@ -61,8 +63,10 @@ def accumulate_triplets(
     device: torch.device,
     positive_only: bool = False,
     attention_ratio: float | None = None,
+    chat: bool = False,
 ) -> TripletCounts:
-    """Add the answer-token keys of one batch of triplets to ``stats``; the building step of ``seka fit``."""
+    """Add the answer-token keys of one batch of triplets to ``stats``; the building step of ``seka fit``.
+    ``chat`` wraps each text as a user message in the tokenizer's chat template first (:class:`ChatTriplet`)."""
     if not batch:
         return TripletCounts(kept=0, skipped=0, filtered=0)
     keys = collect_triplet_keys(
@@ -70,7 +74,7 @@ def accumulate_triplets(
         tokenizer,
         layout,
         layer_ids,
-        batch,
+        [ChatTriplet(triplet, tokenizer) for triplet in batch] if chat else batch,
         device=device,
         positive_only=positive_only,
         attention_ratio=attention_ratio,
@@ -199,19 +203,23 @@ def build_statistics(
     positive_only: bool = False,
     attention_ratio: float | None = None,
     length_window: int | None = None,
+    chat: bool = False,
 ) -> BankStatistics:
     """Stream synthetic-QA ``pairs`` (dicts with ``context_1/2``, ``question_1/2``, ``answer_1/2``; a generator is
     fine, memory stays one batch) through ``model`` and return the float64 key statistics of SPEC §3.
 
     ``batch_size`` triplets (two per pair) go through the model per pass; ``positive_only`` and ``attention_ratio``
     are the AdaSEKA expert settings of ``seka fit`` (see ``ProjectionBuilder``); ``length_window`` batches texts of
-    similar length together (``seka fit``'s ``--data.length_window``; off by default, see ``iter_bucketed``).
+    similar length together (``seka fit``'s ``--data.length_window``; off by default, see ``iter_bucketed``);
+    ``chat`` builds from the texts wrapped as user messages in the tokenizer's chat template (for instruct models).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_length_window(length_window)
     if attention_ratio is not None and not attention_ratio > 0:
         raise ValueError(f"attention_ratio must be > 0 (the reference uses 1.2) or None, got {attention_ratio}")
+    if chat:
+        check_chat_template(tokenizer, model_id(model))
     layout = resolve_layout(model)
     layer_ids = parse_layers(layers, layout.num_layers)
     device = _input_device(model)
@@ -229,6 +237,7 @@ def build_statistics(
             device=device,
             positive_only=positive_only,
             attention_ratio=attention_ratio,
+            chat=chat,
         )
         kept, skipped, filtered = kept + counts.kept, skipped + counts.skipped, filtered + counts.filtered
     if kept == 0:
@@ -246,6 +255,7 @@ def build_statistics(
         "negative_text": not positive_only,
         "attention_ratio": attention_ratio,
         "triplets_filtered_attention": filtered,
+        "chat": chat,
         "data_fingerprint": digest.hexdigest(),
         "seka_lightning_version": __version__,
         "model_dtype": _model_dtype(model),
@@ -268,10 +278,12 @@ def build_bank(
     positive_only: bool = False,
     attention_ratio: float | None = None,
     length_window: int | None = None,
+    chat: bool = False,
 ) -> ProjectionBank:
     """Build a SEKA bank (an AdaSEKA expert with ``positive_only``) for a loaded ``model`` from QA ``pairs``: the
     bank ``seka fit`` writes for the same data and settings. The statistics stay attached (``bank.statistics``), so
-    ``bank.save_pretrained`` writes them too and other ``top_pct``/``min_diff`` can be derived without the model."""
+    ``bank.save_pretrained`` writes them too and other ``top_pct``/``min_diff`` can be derived without the model.
+    ``chat`` builds from chat-template-wrapped texts (see :func:`build_statistics`)."""
     validate_hyperparameters(top_pct, min_diff, head_filter)
     statistics = build_statistics(
         model,
@@ -282,5 +294,6 @@ def build_bank(
         positive_only=positive_only,
         attention_ratio=attention_ratio,
         length_window=length_window,
+        chat=chat,
     )
     return statistics.to_bank(top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, positive_only=positive_only)

@@ -182,6 +182,7 @@ def model_card(bank: ProjectionBank) -> str:
             "min_diff",
             "positive_only",
             "attention_ratio",
+            "chat",
             "model_dtype",
             "num_rows",
             "triplets_used",

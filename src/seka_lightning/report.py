@@ -46,6 +46,8 @@ HEADLINE = (
     "exact_match_outside",
 )
 LAYOUT = "<benchmark>/<model>/<method>/ (random: <benchmark>/<model>/random/seed-<k>/)"
+DEV_FOLDER = "dev"
+"""The tuning runs (``dev/<model>/<benchmark>/<candidate>/``): checked by ``--verify``, never tabulated."""
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Run:
 def read_runs(root: str | Path) -> list[Run]:
     """Every run under ``root``, checked against the layout (folder names, and the method recorded in the file)."""
     root = Path(root)
-    files = sorted(root.rglob(METRIC_RESULT))
+    files = sorted(f for f in root.rglob(METRIC_RESULT) if f.relative_to(root).parts[0] != DEV_FOLDER)
     if not files:
         raise FileNotFoundError(f"no {METRIC_RESULT} under {root}; point --results at a folder laid out as {LAYOUT}")
     return [_read_run(root, file) for file in files]

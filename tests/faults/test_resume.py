@@ -155,6 +155,43 @@ def test_an_old_checkpoint_without_the_build_record_is_refused(tiny_model_dir, q
         )
 
 
+def test_resume_with_chat_building_texts_on_a_plain_build_is_refused(tiny_model_dir, qa_file, tmp_path, first_build):
+    out = tmp_path / "other.safetensors"
+    with pytest.raises(ValueError) as error:
+        fit(tiny_model_dir, qa_file, out, tmp_path / "ck2", "--model.chat", "true", "--ckpt_path", str(first_build))
+    message = str(error.value)
+    assert f"cannot resume from {first_build}" in message
+    assert "model.chat: checkpoint False, command line True" in message
+    assert "data.batch_size" not in message and "model.layers" not in message
+    assert not out.exists()
+
+
+def test_a_record_from_before_the_chat_setting_resumes_as_plain_text(tiny_model_dir, qa_file, tmp_path, first_build):
+    """A record written before ``model.chat`` existed was a plain-text build: it resumes without chat, not with."""
+    old = torch.load(first_build, weights_only=True)
+    del old["seka_build"]["model.chat"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="model.chat: checkpoint False, command line True"):
+        fit(
+            tiny_model_dir,
+            qa_file,
+            tmp_path / "c.safetensors",
+            tmp_path / "ck3",
+            "--model.chat",
+            "true",
+            "--ckpt_path",
+            str(tmp_path / "old.ckpt"),
+        )
+    fit(
+        tiny_model_dir, qa_file, tmp_path / "o.safetensors", tmp_path / "ck2", "--ckpt_path", str(tmp_path / "old.ckpt")
+    )
+    first = ProjectionBank.load(first_build.parents[1] / "first.safetensors")
+    resumed = ProjectionBank.load(tmp_path / "o.safetensors")
+    assert resumed.metadata["chat"] is False
+    assert resumed.metadata["triplets_used"] == first.metadata["triplets_used"] > 0
+    assert torch.equal(resumed.pos, first.pos)
+
+
 def test_checkpoint_hyperparameters_import_nothing_and_redirect_nothing(
     tiny_model_dir, qa_file, tmp_path, first_build, monkeypatch
 ):

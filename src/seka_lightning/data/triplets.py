@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from datasets import load_dataset
+from transformers import PreTrainedTokenizerBase
 
+from seka_lightning.highlight import apply_chat_template
 from seka_lightning.resources import resolve_data_path
 
 PAIR_FIELDS = ("context_1", "question_1", "answer_1", "context_2", "question_2", "answer_2")
@@ -29,6 +31,34 @@ class Triplet(NamedTuple):
             f"Context: {self.context} ",
             f"Question: {self.relevant_question}\nContext: {self.context}",
             f"Question: {self.irrelevant_question}\nContext: {self.context}",
+        )
+
+
+class ChatTriplet(NamedTuple):
+    """A triplet whose three texts are user messages in the tokenizer's chat template (the reference's ``--chat``
+    building texts, for instruct models); the keys are still those of the answer tokens only. The template adds the
+    generation prompt after the message, which a causal model's answer-token keys never see."""
+
+    triplet: Triplet
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def answer(self) -> str:
+        """The answer of the wrapped triplet, whose tokens' keys are captured."""
+        return self.triplet.answer
+
+    def texts(self) -> tuple[str, str, str]:
+        """The wrapped triplet's ``H``, ``H+`` and ``H-``, each rendered as a user message."""
+        return tuple(apply_chat_template(self.tokenizer, text) for text in self.triplet.texts())
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, model: str) -> None:
+    """Raise ``ValueError`` naming ``model`` and the fix when ``chat`` building texts are asked for a tokenizer that
+    has no chat template (checked before any key is captured)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat=True wraps the building texts in the tokenizer's chat template, and {model}'s tokenizer has none; "
+            "set chat: false (--model.chat false) for a base model, or use its instruct variant"
         )
 
 

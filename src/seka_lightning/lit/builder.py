@@ -14,7 +14,7 @@ from torchmetrics import Metric
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank, stats_path_for
 from seka_lightning.build import accumulate_triplets, no_statistics_error
-from seka_lightning.data.triplets import Triplet
+from seka_lightning.data.triplets import Triplet, check_chat_template
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import BANK, STATISTICS, check_output
 from seka_lightning.layers import parse_layers
@@ -35,6 +35,7 @@ STATISTICS_SETTINGS = (
     "model.dtype",
     "model.positive_only",
     "model.attention_ratio",
+    "model.chat",
     "data.class",
     "data.path",
     "data.fingerprint",
@@ -43,6 +44,8 @@ STATISTICS_SETTINGS = (
     "data.length_window",
     "trainer.world_size",
 )
+# settings added to the record later, with the value every build before them had (so their checkpoints resume)
+RECORD_DEFAULTS = {"model.chat": False}
 DEFAULT_STOP_CHECK_EVERY_N_BATCHES = 50
 
 
@@ -91,6 +94,7 @@ class ProjectionBuilder(FrozenModelModule):
         head_filter: str = DEFAULT_HEAD_FILTER,
         positive_only: bool = False,
         attention_ratio: float | None = None,
+        chat: bool = False,
         output: str = "checkpoints/bank.safetensors",
         attn_implementation: str = "sdpa",
         device_map: str | dict | None = None,
@@ -112,6 +116,8 @@ class ProjectionBuilder(FrozenModelModule):
             attention_ratio: AdaSEKA triplet filter (SPEC §5; the reference uses 1.2): keep a triplet only if the
                 attention from the last token to the answer, summed over all heads of the selected layers, grows by
                 at least this ratio from H to H+ (eager attention for those passes). None = no filter.
+            chat: build from the texts wrapped as user messages in the tokenizer's chat template (the reference's
+                ``--chat``), for instruct models; a tokenizer without a chat template is refused once it loads.
             output: the bank file (``.safetensors``); its statistics go beside it as ``*.stats.safetensors``.
             attn_implementation: ``sdpa`` or ``eager`` (keys are the same either way).
             device_map: shard a model too large for one GPU over this process's GPUs (``auto``, ``balanced`` or a
@@ -129,6 +135,8 @@ class ProjectionBuilder(FrozenModelModule):
         check_output(stats_path_for(output), kind=STATISTICS, overwrite=overwrite, flag=flag)
         self.save_hyperparameters()
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
+        if chat:
+            check_chat_template(self.tokenizer, pretrained)
         self.layout = resolve_layout(self.model)
         self.layer_ids = parse_layers(layers, self.layout.num_layers)
         self.stats = KeyStatistics(len(self.layer_ids), self.layout.num_kv_heads, self.layout.head_dim)
@@ -162,6 +170,7 @@ class ProjectionBuilder(FrozenModelModule):
                 device=self.input_device,
                 positive_only=hp.positive_only,
                 attention_ratio=hp.attention_ratio,
+                chat=hp.chat,
             )
             self.kept.update(counts.kept)
             self.filtered.update(counts.filtered)
@@ -212,6 +221,7 @@ class ProjectionBuilder(FrozenModelModule):
             "model.dtype": hp.dtype,
             "model.positive_only": hp.positive_only,
             "model.attention_ratio": hp.attention_ratio,
+            "model.chat": hp.chat,
             "data.class": None if datamodule is None else type(datamodule).__qualname__,
             "data.path": _local_path(getattr(datamodule, "path", None)),
             "data.fingerprint": self._data_fingerprint(),
@@ -232,10 +242,11 @@ class ProjectionBuilder(FrozenModelModule):
                 "build again without --ckpt_path"
             )
         current = self.build_record()
+        saved = {name: saved.get(name, RECORD_DEFAULTS.get(name)) for name in STATISTICS_SETTINGS}
         differ = [
-            f"{name}: checkpoint {saved.get(name)!r}, command line {current[name]!r}"
+            f"{name}: checkpoint {saved[name]!r}, command line {current[name]!r}"
             for name in STATISTICS_SETTINGS
-            if saved.get(name) != current[name]
+            if saved[name] != current[name]
         ]
         if differ:
             raise ValueError(
@@ -276,6 +287,7 @@ class ProjectionBuilder(FrozenModelModule):
             "negative_text": not hp.positive_only,
             "attention_ratio": hp.attention_ratio,
             "triplets_filtered_attention": filtered,
+            "chat": hp.chat,
             "data_fingerprint": self._data_fingerprint(),
             "seka_lightning_version": __version__,
             "model_dtype": hp.dtype,

@@ -205,15 +205,20 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
     assert adaseka["model"]["init_args"]["method"]["init_args"]["gain"] == 2.0
 
 
-def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2"])
+def write_counterfact_grid(settings) -> None:
+    """CounterFact dev runs of 10 prompts for unsteered and the 4 x 2 grid at gains 2, 8 (best: last15-g8 10/10)."""
     wins = {"all-g2": 6, "all-g8": 7, "last20-g2": 8, "last20-g8": 9, "last15-g2": 9, "last15-g8": 10}
     wins |= {"last10-g2": 5, "last10-g8": 6, "none": 5}
     for name, won in wins.items():
         dev = run.dev_dir(settings, SMOLLM2, "counterfact", name)
         write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+
+
+def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2"])
+    write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
     names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
     assert names == [
@@ -250,11 +255,7 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
     monkeypatch.chdir(tmp_path)
     argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--guards", "pronchange"]
     settings, _ = run.parse_args(argv)
-    wins = {"all-g2": 6, "all-g8": 7, "last20-g2": 8, "last20-g8": 9, "last15-g2": 9, "last15-g8": 10}
-    wins |= {"last10-g2": 5, "last10-g8": 6, "none": 5}
-    for name, won in wins.items():
-        dev = run.dev_dir(settings, SMOLLM2, "counterfact", name)
-        write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
     names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
     assert names[:3] == ["pronchange:none", "pronchange:last15-g8", "pronchange:last20-g8"]

@@ -144,9 +144,10 @@ def check_input_paths(model_config: Any) -> None:
             check_model_source(value)
 
 
-PREDICT_CONFIGS = {
-    "embedded:smollm2-135m": "configs/predict/highlight.yaml",
-    "embedded:gemma3-270m": "configs/predict/highlight-gemma3.yaml",
+PREDICT_CONFIGS = {  # (model, chat-built bank) -> the shipped predict config for its banks
+    ("embedded:smollm2-135m", False): "configs/predict/highlight.yaml",
+    ("embedded:smollm2-135m", True): "configs/predict/highlight-chat.yaml",
+    ("embedded:gemma3-270m", False): "configs/predict/highlight-gemma3.yaml",
 }
 
 
@@ -157,8 +158,9 @@ def fit_summary(model: Any, trainer: Any) -> list[str]:
         lines.append(f"metrics logged to {trainer.logger.log_dir}")
     if isinstance(model, ProjectionBuilder):
         bank, pretrained = model.hparams.output, model.hparams.pretrained
-        if pretrained in PREDICT_CONFIGS:  # a shipped model: its own predict config (chat template, layers)
-            predict_config, model_option = PREDICT_CONFIGS[pretrained], ""
+        shipped = (pretrained, bool(model.hparams.get("chat", False)))
+        if shipped in PREDICT_CONFIGS:  # a shipped model: its own predict config (chat template, layers)
+            predict_config, model_option = PREDICT_CONFIGS[shipped], ""
         else:
             predict_config, model_option = "configs/predict/highlight.yaml", f" --model.pretrained {pretrained}"
         lines.append(f"next: seka predict -c {predict_config}{model_option} --model.method.bank {bank}")

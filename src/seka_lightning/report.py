@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,24 +82,30 @@ def read_runs(root: str | Path) -> list[Run]:
     return [_read_run(root, file) for file in files]
 
 
+SEED_FOLDER = re.compile(r"seed-(\d+)")
+
+
+def _run_depth(parts: Sequence[str]) -> int | None:
+    """How many trailing folders of ``parts`` name one run in the layout: 3 for ``<benchmark>/<model>/<method>``, 4
+    for ``<benchmark>/<model>/random/seed-<k>``; None when they name none."""
+    if len(parts) >= 4 and parts[-2] == "random" and SEED_FOLDER.fullmatch(parts[-1]):
+        return 4
+    if len(parts) >= 3 and parts[-1] in METHODS and parts[-1] != "random":
+        return 3
+    return None
+
+
 def results_root(run_folder: str | Path) -> Path | None:
     """The results folder that holds ``run_folder`` in the layout (``<root>/<benchmark>/<model>/<method>/``, random:
     ``.../random/seed-<k>/``), or None when the folder is not laid out so."""
     folder = Path(run_folder)
-    if re.fullmatch(r"seed-\d+", folder.name) and folder.parent.name == "random" and len(folder.parts) >= 4:
-        return folder.parents[3]
-    if folder.name in METHODS and folder.name != "random" and len(folder.parts) >= 3:
-        return folder.parents[2]
-    return None
+    depth = _run_depth(folder.parts)
+    return None if depth is None else folder.parents[depth - 1]
 
 
 def _read_run(root: Path, file: Path) -> Run:
     parts = file.parent.relative_to(root).parts
-    seed_match = re.fullmatch(r"seed-(\d+)", parts[-1]) if parts else None
-    valid = (len(parts) == 3 and parts[2] in METHODS and parts[2] != "random") or (
-        len(parts) == 4 and parts[2] == "random" and seed_match is not None
-    )
-    if not valid:
+    if _run_depth(parts) != len(parts):
         raise ValueError(
             f"{file} is not in the results layout {LAYOUT} with a method folder among {', '.join(METHODS)}; "
             "move it there or out of the results folder"
@@ -112,7 +119,7 @@ def _read_run(root: Path, file: Path) -> Run:
     recorded = result["method"].get("method")
     if recorded != parts[2]:
         raise ValueError(f"{file} holds a {recorded!r} run inside the {parts[2]!r} folder; move it to its own folder")
-    seed = int(seed_match.group(1)) if len(parts) == 4 else None
+    seed = int(SEED_FOLDER.fullmatch(parts[3]).group(1)) if len(parts) == 4 else None
     return Run(benchmark=parts[0], model=parts[1], method=parts[2], seed=seed, folder=file.parent, result=result)
 
 

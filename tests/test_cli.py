@@ -273,4 +273,7 @@ def test_fit_suggests_the_shipped_predict_config_of_its_model():
         builder.save_hyperparameters({"output": "b", "pretrained": pretrained})
         assert fit_summary(builder, trainer)[0] == line
     builder.save_hyperparameters({"output": "b", "pretrained": "embedded:smollm2-135m", "chat": True})
-    assert fit_summary(builder, trainer)[0] == "next: seka predict -c configs/predict/highlight-chat.yaml --model.method.bank b"
+    assert (
+        fit_summary(builder, trainer)[0]
+        == "next: seka predict -c configs/predict/highlight-chat.yaml --model.method.bank b"
+    )

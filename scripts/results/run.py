@@ -46,7 +46,6 @@ from seka_lightning.selection import (
     Estimate,
     Selection,
     by_efficacy,
-    candidate_name,
     guard_failures,
     guards_needed,
     select,
@@ -59,6 +58,8 @@ STAGES = ("build", "dev", "select", "final")
 BENCHMARKS = ("counterfact", "lost_in_the_middle", "pronchange", "biasbios")
 METHODS = ("none", "seka", "adaseka", "key_scaling", "random", "pasta", "spa")
 TUNED = ("seka", "key_scaling", "random", "adaseka")  # written by the select stage
+PROMPT_ONLY = ("none", "seka", "key_scaling", "random", "adaseka")  # may decode through --static-decoding
+GENERATION = ("lost_in_the_middle", "pronchange", "biasbios")
 EXPERT_SOURCES = ("synthetic_qa", "counterfact", "biasbios", "lost_in_the_middle")
 RANDOM_SEEDS = (0, 1, 2)
 GAINS = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -67,12 +68,34 @@ assert tuple(GUARD_BENCHMARKS.values()) == GUARDS
 
 
 @dataclass(frozen=True)
+class BankVariant:
+    """A SEKA bank the dev grid searches beside the model's shipped build (``configs/build/<model>.yaml``): built
+    from another config (``config``, ``{tag}`` = the model's tag) or derived, with ``seka derive``, from the shipped
+    bank's statistics with another ``top_pct`` (every other building setting as shipped)."""
+
+    name: str
+    description: str
+    config: str | None = None
+    top_pct: float | None = None
+
+
+BANK_VARIANTS = {
+    "p95": BankVariant("p95", "the shipped build's statistics, P+ keeping top_pct 0.95", top_pct=0.95),
+    "chat95": BankVariant(
+        "chat95", "building texts in the chat template, top_pct 0.95", config="configs/build/{tag}-chat.yaml"
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Model:
-    """An evaluated model: its folder tag, hub id and decoder depth (for the lastN layer grid)."""
+    """An evaluated model: its folder tag, hub id, decoder depth (for the lastN layer grid) and the bank variants
+    (``BANK_VARIANTS``) its dev grid searches beside the shipped bank."""
 
     tag: str
     pretrained: str
     num_layers: int
+    banks: tuple[str, ...] = ()
 
     @property
     def layer_grid(self) -> tuple[str, ...]:
@@ -81,8 +104,8 @@ class Model:
 
 
 MODELS = {
-    "smollm2-135m": Model("smollm2-135m", "embedded:smollm2-135m", 30),
-    "gemma3-270m": Model("gemma3-270m", "embedded:gemma3-270m", 18),
+    "smollm2-135m": Model("smollm2-135m", "embedded:smollm2-135m", 30, banks=("p95", "chat95")),
+    "gemma3-270m": Model("gemma3-270m", "embedded:gemma3-270m", 18, banks=("p95",)),  # a base model: no chat template
 }
 
 # split name (the DataModule's `split`) and the record range it names, for --limit slices
@@ -125,12 +148,18 @@ class Settings:
     shared_data: Path
     accelerator: str
     limit: int | None
-    counterfact_test: str
     gains: list[float]
     guard_top: int
     guards: list[str] = field(default_factory=lambda: list(GUARD_BENCHMARKS))
     table: Path = Path("docs/results_table.md")
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    test_slices: dict[str, str] = field(default_factory=dict)
+    static_decoding: dict[str, int] = field(default_factory=dict)
+    banks: list[str] | None = None
+
+    def bank_variants(self, model: Model) -> list[str]:
+        """The banks ``model``'s dev grid searches: ``""`` (the shipped one) and its variants chosen by --banks."""
+        return ["", *(b for b in model.banks if self.banks is None or b in self.banks)]
 
 
 def seka(*args: str | Path) -> tuple[str, ...]:
@@ -138,8 +167,14 @@ def seka(*args: str | Path) -> tuple[str, ...]:
     return (*SEKA, *(str(a) for a in args))
 
 
-def bank_path(s: Settings, model: Model) -> Path:
-    return s.out / "banks" / f"{model.tag}.safetensors"
+def bank_path(s: Settings, model: Model, variant: str = "") -> Path:
+    """The shipped bank ``OUT/banks/<model>.safetensors``, a variant's ``OUT/banks/<variant>/<model>.safetensors``."""
+    folder = s.out / "banks" / variant if variant else s.out / "banks"
+    return folder / f"{model.tag}.safetensors"
+
+
+def bank_job(model: Model, variant: str) -> str:
+    return f"build:{model.tag}:" + (f"bank-{variant}" if variant else "seka")
 
 
 def expert_path(s: Settings, model: Model, source: str) -> Path:
@@ -216,7 +251,40 @@ def build_jobs(s: Settings, model: Model) -> list[Job]:
         *("--batch_size", "64", "--heads_per_pass", "8"),  # batching only: fewer passes, same scores up to rounding
     )
     jobs.append(Job(f"build:{model.tag}:pasta", profile, done=pasta_path(s, model)))
-    return jobs
+    return jobs + [variant_job(s, model, BANK_VARIANTS[v]) for v in model.banks]
+
+
+def variant_job(s: Settings, model: Model, variant: BankVariant) -> Job:
+    """Build a bank variant: ``seka fit`` on its config, or ``seka derive`` from the shipped bank's statistics."""
+    output = bank_path(s, model, variant.name)
+    if variant.config is not None:
+        argv = seka(
+            "fit",
+            "-c",
+            variant.config.format(tag=model.tag),
+            "--model.output",
+            output,
+            "--trainer.accelerator",
+            s.accelerator,
+            "--trainer.callbacks.dirpath",
+            s.out / "resume" / model.tag / variant.name,
+            *(("--data.max_samples", str(s.limit)) if s.limit else ()),
+        )
+        return Job(bank_job(model, variant.name), argv, done=output)
+    shipped = yaml.safe_load((Path("configs") / "build" / f"{model.tag}.yaml").read_text())["model"]["init_args"]
+    kept = [(f"--{key}", str(shipped[key])) for key in ("min_diff", "head_filter") if key in shipped]
+    argv = seka(
+        "derive",
+        "--stats",
+        bank_path(s, model).with_suffix(".stats.safetensors"),  # seka fit's statistics beside the shipped bank
+        "--output",
+        output,
+        "--top_pct",
+        f"{variant.top_pct:g}",
+        *(item for pair in kept for item in pair),
+    )
+    after = (bank_job(model, ""),) if "build" in s.stages else ()
+    return Job(bank_job(model, variant.name), argv, after=after, done=output)
 
 
 def _expert_data_path(s: Settings, source: str) -> tuple[str, ...]:
@@ -237,8 +305,9 @@ def add_special_tokens(model: Model) -> bool:
 # ---------------------------------------------------------------------------------------------------- evaluations
 
 
-def data_args(s: Settings, benchmark: str, split: str) -> tuple[str, ...]:
-    """The data options of one benchmark slice: the named split, or its first --limit records."""
+def data_args(s: Settings, benchmark: str, split: str, method: str = "") -> tuple[str, ...]:
+    """The data options of one benchmark slice (the named split, a --test-slice, or its first --limit records) and
+    the batch size --batch-size gives the benchmark (``BENCHMARK.METHOD`` before ``BENCHMARK``)."""
     name, start = SLICES[(benchmark, split)]
     paths = {
         "counterfact": s.shared_data / "counterfact",
@@ -247,22 +316,26 @@ def data_args(s: Settings, benchmark: str, split: str) -> tuple[str, ...]:
         "biasbios": s.shared_data / "biasbios_subset",
     }
     args = ["--data.path", str(paths[benchmark])]
-    if benchmark == "counterfact" and split == "test" and s.counterfact_test != "test":
-        subset: str | None = s.counterfact_test
+    if split == "test" and benchmark in s.test_slices:
+        subset: str | None = s.test_slices[benchmark]
     else:
         subset = f"{start}:{start + s.limit}" if s.limit else None
     if name is not None:
         args += ["--data.split", "null" if subset else name]
     args += ["--data.example_subset", subset or "null"]
-    if benchmark in s.batch_sizes:
-        args += ["--data.batch_size", str(s.batch_sizes[benchmark])]
+    batch = s.batch_sizes.get(f"{benchmark}.{method}", s.batch_sizes.get(benchmark))
+    if batch is not None:
+        args += ["--data.batch_size", str(batch)]
     return tuple(args)
 
 
 def predict(
-    s: Settings, model: Model, benchmark: str, split: str, output: Path, *method: str | Path
+    s: Settings, model: Model, benchmark: str, split: str, output: Path, *method: str | Path, name: str
 ) -> tuple[str, ...]:
-    """`seka predict` of one method on one benchmark slice, writing ``output``."""
+    """`seka predict` of one method (``name``, e.g. ``seka``; its options ``method``) on one benchmark slice, writing
+    ``output``; through the compiled static-cache decoder where --static-decoding names the benchmark and the method
+    acts on the prompt pass only."""
+    static = s.static_decoding.get(benchmark) if name in PROMPT_ONLY else None
     return seka(
         "predict",
         "-c",
@@ -274,7 +347,8 @@ def predict(
         s.accelerator,
         "--trainer.callbacks.output_dir",
         output,
-        *data_args(s, benchmark, split),
+        *data_args(s, benchmark, split, name),
+        *(("--model.static_decoding", str(static)) if static else ()),
     )
 
 
@@ -282,12 +356,13 @@ def dev_dir(s: Settings, model: Model, benchmark: str, name: str) -> Path:
     return s.out / "dev" / model.tag / benchmark / name
 
 
-def seka_args(s: Settings, model: Model, layers: str, gain: float) -> tuple[str, ...]:
+def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...]:
+    layers, gain = candidate.layers, candidate.gain
     return (
         "--model.method",
         "SekaMethod",
         "--model.method.bank",
-        str(bank_path(s, model)),
+        str(bank_path(s, model, candidate.bank)),
         "--model.method.gain_pos",
         f"{gain:g}",
         "--model.method.layers",
@@ -295,15 +370,18 @@ def seka_args(s: Settings, model: Model, layers: str, gain: float) -> tuple[str,
     )
 
 
-def dev_run(s: Settings, model: Model, benchmark: str, layers: str | None, gain: float | None) -> Job:
-    """One dev run: unsteered (``layers`` None) or SEKA at ``layers`` x ``gain``."""
-    name = "none" if layers is None else candidate_name(layers, gain)
+def dev_run(s: Settings, model: Model, benchmark: str, candidate: Candidate | None) -> Job:
+    """One dev run: unsteered (``candidate`` None) or SEKA at a candidate's bank, layers and gain."""
+    name = "none" if candidate is None else candidate.name
     output = dev_dir(s, model, benchmark, name)
-    method = ("-c", method_config(model, "none")) if layers is None else seka_args(s, model, layers, gain)
-    after = () if layers is None or "build" not in s.stages else (f"build:{model.tag}:seka",)
+    if candidate is None:
+        method, method_name = ("-c", method_config(model, "none")), "none"
+    else:
+        method, method_name = seka_args(s, model, candidate), "seka"
+    after = () if candidate is None or "build" not in s.stages else (bank_job(model, candidate.bank),)
     return Job(
         f"dev:{model.tag}:{benchmark}:{name}",
-        predict(s, model, benchmark, "dev", output, *method),
+        predict(s, model, benchmark, "dev", output, *method, name=method_name),
         after=after,
         done=output / METRIC_RESULT,
     )
@@ -311,9 +389,8 @@ def dev_run(s: Settings, model: Model, benchmark: str, layers: str | None, gain:
 
 def dev_jobs(s: Settings, model: Model) -> list[Job]:
     """CounterFact dev for unsteered and the grid; then the first round of guard runs."""
-    grid = [(layers, gain) for layers in model.layer_grid for gain in s.gains]
-    jobs = [dev_run(s, model, "counterfact", None, None)]
-    jobs += [dev_run(s, model, "counterfact", layers, gain) for layers, gain in grid]
+    jobs = [dev_run(s, model, "counterfact", None)]
+    jobs += [dev_run(s, model, "counterfact", candidate) for candidate in grid(s, model)]
     jobs.append(
         Job(
             f"dev:{model.tag}:guard-round-0",
@@ -326,6 +403,16 @@ def dev_jobs(s: Settings, model: Model) -> list[Job]:
     return jobs
 
 
+def grid(s: Settings, model: Model) -> list[Candidate]:
+    """The dev grid, in order: every bank variant x layer choice x gain (no estimates)."""
+    return [
+        Candidate(layers, gain, bank=bank)
+        for bank in s.bank_variants(model)
+        for layers in model.layer_grid
+        for gain in s.gains
+    ]
+
+
 def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     """One round of guard runs (lost in the middle and PronChange dev) and the action planning the next round.
 
@@ -334,14 +421,14 @@ def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     candidates = dev_candidates(s, model)
     if number == 0:
         needed = by_efficacy(candidates)[: s.guard_top]
-        jobs = [dev_run(s, model, benchmark, None, None) for benchmark in s.guards]
+        jobs = [dev_run(s, model, benchmark, None) for benchmark in s.guards]
     else:
         needed = guards_needed(candidates, baseline_estimates(s, model), limit=s.guard_top, guards=guard_metrics(s))
         jobs = []
     if not needed:
         return [Job(f"dev:{model.tag}:guards", action=list)]
     log.info("%s: guard round %d for %s", model.tag, number, [c.name for c in needed])
-    jobs += [dev_run(s, model, b, c.layers, c.gain) for c in needed for b in s.guards]
+    jobs += [dev_run(s, model, b, c) for c in needed for b in s.guards]
     after = tuple(job.name for job in jobs)
     jobs.append(
         Job(f"dev:{model.tag}:guard-round-{number + 1}", action=lambda: guard_round(s, model, number + 1), after=after)
@@ -362,15 +449,13 @@ def guard_metrics(s: Settings) -> list[str]:
 def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
     """The grid's candidates with their CounterFact dev efficacy and, where run, their guard metrics."""
     candidates = []
-    for layers in model.layer_grid:
-        for gain in s.gains:
-            name = candidate_name(layers, gain)
-            metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", name), EFFICACY)}
-            for benchmark, metric in GUARD_BENCHMARKS.items():
-                folder = dev_dir(s, model, benchmark, name)
-                if (folder / METRIC_RESULT).exists():
-                    metrics[metric] = read_estimate(folder, metric)
-            candidates.append(Candidate(layers, gain, metrics))
+    for point in grid(s, model):
+        metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", point.name), EFFICACY)}
+        for benchmark, metric in GUARD_BENCHMARKS.items():
+            folder = dev_dir(s, model, benchmark, point.name)
+            if (folder / METRIC_RESULT).exists():
+                metrics[metric] = read_estimate(folder, metric)
+        candidates.append(Candidate(point.layers, point.gain, metrics, bank=point.bank))
     return candidates
 
 
@@ -407,7 +492,7 @@ def write_selection(s: Settings, model: Model) -> list[Job]:
         raise
     chosen = selection.chosen
     log.info("%s: chose %s (best admissible %s)", model.tag, chosen.name, selection.best.name)
-    for method, text in tuned_configs(s, model, chosen.layers, chosen.gain).items():
+    for method, text in tuned_configs(s, model, chosen.layers, chosen.gain, chosen.bank).items():
         with atomic_path(method_config(model, method)) as tmp:
             tmp.write_text(text)
     write_dev_table(s, model, candidates, baseline, selection)
@@ -429,6 +514,7 @@ def write_dev_table(
         rows.append(
             {
                 "name": c.name,
+                "bank": c.bank or "shipped",
                 "layers": c.layers,
                 "gain": c.gain,
                 "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
@@ -448,19 +534,29 @@ def write_dev_table(
                 "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
                 "pronchange": f"{dev} (bios 900:1000)",
             },
+            "banks": {
+                "shipped": f"configs/build/{model.tag}.yaml",
+                **{v: BANK_VARIANTS[v].description for v in s.bank_variants(model) if v},
+            },
             "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
             "candidates": rows,
             "best": None if selection is None else selection.best.name,
             "chosen": None
             if selection is None
-            else {"name": selection.chosen.name, "layers": selection.chosen.layers, "gain": selection.chosen.gain},
+            else {
+                "name": selection.chosen.name,
+                "bank": selection.chosen.bank or "shipped",
+                "layers": selection.chosen.layers,
+                "gain": selection.chosen.gain,
+            },
         },
     )
 
 
-def tuned_configs(s: Settings, model: Model, layers: str, gain: float) -> dict[str, str]:
-    """The YAML fragments of SEKA and its ablations (same layers and gain) and AdaSEKA (same layers, gain = SEKA's)."""
-    bank = str(bank_path(s, model))
+def tuned_configs(s: Settings, model: Model, layers: str, gain: float, variant: str = "") -> dict[str, str]:
+    """The YAML fragments of SEKA and its ablations (same bank, layers and gain) and AdaSEKA (same layers, gain =
+    SEKA's)."""
+    bank = str(bank_path(s, model, variant))
     settings = {"gain_pos": gain, "layers": layers}
     methods = {
         "seka": {"class_path": "SekaMethod", "init_args": {"bank": bank, **settings}},
@@ -498,8 +594,17 @@ def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[J
     config = method_config(model, "spa_long" if method == "spa" and benchmark == "lost_in_the_middle" else method)
     artifacts: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
-    if method in ("seka", "key_scaling", "random"):
-        artifacts, needs = ("--model.method.bank", str(bank_path(s, model))), ("seka",)
+    if method in ("seka", "key_scaling", "random") and "select" in s.stages:
+        needs = (
+            "seka",
+            *(f"bank-{v}" for v in s.bank_variants(model) if v),
+        )  # the config this run's select writes names the bank
+    elif method in ("seka", "key_scaling", "random"):
+        variant = configured_variant(model)
+        artifacts, needs = (
+            ("--model.method.bank", str(bank_path(s, model, variant))),
+            ("seka" if not variant else f"bank-{variant}",),
+        )
     elif method == "adaseka":
         experts = {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES}
         artifacts = ("--model.method.experts", json.dumps(experts))
@@ -515,9 +620,19 @@ def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[J
         output = final_output(s, model, benchmark, method, seed)
         extra = ("--model.method.seed", str(seed)) if seed is not None else ()
         name = f"final:{model.tag}:{benchmark}:{method}" + ("" if seed is None else f":seed-{seed}")
-        argv = predict(s, model, benchmark, "test", output, "-c", config, *artifacts, *extra)
+        argv = predict(s, model, benchmark, "test", output, "-c", config, *artifacts, *extra, name=method)
         jobs.append(Job(name, argv, after=after, done=output / METRIC_RESULT))
     return jobs
+
+
+def configured_variant(model: Model) -> str:
+    """The bank variant the tuned configs name (the folder of their bank, ``""`` for the shipped bank)."""
+    path = method_config(model, "seka")
+    if not path.exists():
+        return ""  # check_method_configs refuses the run before anything starts
+    config = yaml.safe_load(path.read_text())
+    folder = Path(config["model"]["init_args"]["method"]["init_args"]["bank"]).parent.name
+    return folder if folder in BANK_VARIANTS else ""
 
 
 def report_jobs(s: Settings, after: tuple[str, ...]) -> list[Job]:
@@ -539,6 +654,10 @@ def plan(s: Settings) -> list[Job]:
     for model in s.models:
         if "build" in s.stages:
             wanted = {"seka"} | ({"pasta"} if "pasta" in s.methods else set())
+            if "dev" in s.stages or "select" in s.stages:  # the grid's banks
+                wanted |= {f"bank-{v}" for v in s.bank_variants(model) if v}
+            elif "final" in s.stages and configured_variant(model):  # the bank the tuned configs name
+                wanted.add(f"bank-{configured_variant(model)}")
             wanted |= {f"expert-{src}" for src in EXPERT_SOURCES} if "adaseka" in s.methods else set()
             jobs += [job for job in build_jobs(s, model) if job.name.split(":")[-1] in wanted]
         if "dev" in s.stages:
@@ -741,6 +860,27 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument(
         "--counterfact-test", default="test", help="'test' (5000:10000) or a slice such as 5000:6000 if time forces"
     )
+    parser.add_argument(
+        "--test-slice",
+        nargs="+",
+        default=[],
+        metavar="BENCHMARK=A:B",
+        help="report a slice of a benchmark's test records if time forces, e.g. lost_in_the_middle=0:100 (say so)",
+    )
+    parser.add_argument(
+        "--static-decoding",
+        nargs="+",
+        default=[],
+        metavar="BENCHMARK=N",
+        help="generate through the compiled static-cache decoder with N cache positions (longest prompt + new "
+        "tokens) on a generation benchmark, for the methods that act on the prompt pass only (not PASTA, SPA)",
+    )
+    parser.add_argument(
+        "--banks",
+        nargs="*",
+        choices=list(BANK_VARIANTS),
+        help="bank variants the dev grid searches beside the shipped bank (default: every variant of each model)",
+    )
     parser.add_argument("--gains", nargs="+", type=float, default=list(GAINS))
     parser.add_argument(
         "--guards",
@@ -751,7 +891,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     )
     parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")
     parser.add_argument(
-        "--batch-size", nargs="+", default=[], metavar="BENCHMARK=N", help="override a benchmark's batch size"
+        "--batch-size",
+        nargs="+",
+        default=[],
+        metavar="BENCHMARK[.METHOD]=N",
+        help="override a benchmark's batch size (for one method: e.g. lost_in_the_middle.pasta=8)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
@@ -761,10 +905,27 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         parser.error(f"--limit must be >= 1, got {args.limit}")
     batch_sizes = {}
     for item in args.batch_size:
+        key, _, value = item.partition("=")
+        benchmark, _, method = key.partition(".")
+        if benchmark not in BENCHMARKS or (method and method not in METHODS) or not value.isdigit() or int(value) < 1:
+            parser.error(
+                f"--batch-size takes BENCHMARK[.METHOD]=N with BENCHMARK in {BENCHMARKS}, METHOD in {METHODS} "
+                f"and N >= 1, got {item!r}"
+            )
+        batch_sizes[key] = int(value)
+    test_slices = {} if args.counterfact_test == "test" else {"counterfact": args.counterfact_test}
+    for item in args.test_slice:
+        benchmark, _, subset = item.partition("=")
+        start, colon, stop = subset.partition(":")
+        if benchmark not in BENCHMARKS or not (colon and start.isdigit() and stop.isdigit() and int(start) < int(stop)):
+            parser.error(f"--test-slice takes BENCHMARK=A:B with BENCHMARK in {BENCHMARKS} and A < B, got {item!r}")
+        test_slices[benchmark] = subset
+    static_decoding = {}
+    for item in args.static_decoding:
         benchmark, _, value = item.partition("=")
-        if benchmark not in BENCHMARKS or not value.isdigit() or int(value) < 1:
-            parser.error(f"--batch-size takes BENCHMARK=N with BENCHMARK in {BENCHMARKS} and N >= 1, got {item!r}")
-        batch_sizes[benchmark] = int(value)
+        if benchmark not in GENERATION or not value.isdigit() or int(value) < 1:
+            parser.error(f"--static-decoding takes BENCHMARK=N with BENCHMARK in {GENERATION} and N >= 1, got {item!r}")
+        static_decoding[benchmark] = int(value)
     settings = Settings(
         models=[MODELS[m] for m in args.models],
         stages=[stage for stage in STAGES if stage in args.stages],
@@ -775,12 +936,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         shared_data=args.shared_data,
         accelerator=args.accelerator,
         limit=args.limit,
-        counterfact_test=args.counterfact_test,
         gains=args.gains,
         guard_top=args.guard_top,
         guards=args.guards,
         table=args.table,
         batch_sizes=batch_sizes,
+        test_slices=test_slices,
+        static_decoding=static_decoding,
+        banks=args.banks,
     )
     return settings, args
 

@@ -1,4 +1,4 @@
-"""The dev-only rule that picks each model's default SEKA setting (layers and gain) from a grid of dev runs.
+"""The dev-only rule that picks each model's default SEKA setting (bank, layers and gain) from a grid of dev runs.
 
 The rule (stated once here, recorded in ``docs/results/dev/<model>.json``):
 
@@ -56,20 +56,23 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One grid point: SEKA's layer selection and gain, with its dev estimates ``{metric: Estimate}``."""
+    """One grid point: SEKA's layer selection and gain, with its dev estimates ``{metric: Estimate}``, on the bank
+    variant ``bank`` (empty: the model's shipped build config)."""
 
     layers: str
     gain: float
     metrics: Mapping[str, Estimate] = field(default_factory=dict)
+    bank: str = ""
 
     @property
     def name(self) -> str:
-        return candidate_name(self.layers, self.gain)
+        return candidate_name(self.layers, self.gain, self.bank)
 
 
-def candidate_name(layers: str, gain: float) -> str:
-    """A folder-safe name for a grid point, e.g. ``last15-g4``."""
-    return f"{layers}-g{gain:g}"
+def candidate_name(layers: str, gain: float, bank: str = "") -> str:
+    """A folder-safe name for a grid point, e.g. ``last15-g4``, or ``chat95-last15-g4`` on the bank variant
+    ``chat95``."""
+    return f"{bank + '-' if bank else ''}{layers}-g{gain:g}"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import yaml
 
 from seka_lightning.cli import run_lightning
 from seka_lightning.evidence import write_predictions
+from seka_lightning.selection import candidate_name
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -108,18 +109,59 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         f"{SEKA} pasta-profile --pretrained embedded:gemma3-270m --output outputs/results/pasta/gemma3-270m.json "
         "--add_special_tokens true --batch_size 64 --heads_per_pass 8"
     )
+    # Gemma-3's bank variant: P+ at top_pct 0.95 from the shipped build's statistics, every other setting as shipped
+    assert lines[6] == (
+        f"{SEKA} derive --stats outputs/results/banks/gemma3-270m.stats.safetensors "
+        "--output outputs/results/banks/p95/gemma3-270m.safetensors --top_pct 0.95 --min_diff 0.0"
+    )
     dev = [line for line in lines if "--trainer.callbacks.output_dir outputs/results/dev/" in line]
-    # unsteered + 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, all on CounterFact dev
-    assert len(dev) == 9 and all("--data.split dev --data.example_subset null" in line for line in dev)
+    # unsteered + 2 banks x 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, on CounterFact dev
+    assert len(dev) == 17 and all("--data.split dev --data.example_subset null" in line for line in dev)
     assert "--model.method.gain_pos 8 --model.method.layers last9" in dev[6]
+    assert dev[14].endswith(
+        "p95-last9-g8 --data.path ../shared/data/counterfact --data.split dev --data.example_subset null"
+    )
+    assert "--model.method.bank outputs/results/banks/p95/gemma3-270m.safetensors" in dev[14]
     assert lines[-2].startswith("[dev:gemma3-270m:guard-round-0]") and lines[-1].startswith("[select:gemma3-270m]")
+    # --banks with no variant: the shipped bank only
+    lines = dry_run(capsys, "--models", "gemma3-270m", "--stages", "build", "dev", "--gains", "2", "8", "--banks")
+    assert not any(" derive " in line or "/p95/" in line for line in lines)
 
 
-def test_bad_options_are_refused(in_repo):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch-size", "counterfact=0"],
+        ["--batch-size", "counterfact.qwen=8"],
+        ["--models", "qwen"],
+        ["--test-slice", "lost_in_the_middle=100:0"],
+        ["--test-slice", "lost_in_the_middle"],
+        ["--static-decoding", "counterfact=512"],  # no generation there
+        ["--banks", "chat"],
+    ],
+)
+def test_bad_options_are_refused(argv, in_repo, capsys):
     with pytest.raises(SystemExit):
-        run.parse_args(["--batch-size", "counterfact=0"])
-    with pytest.raises(SystemExit):
-        run.parse_args(["--models", "qwen"])
+        run.parse_args(argv)
+    assert argv[1].split("=")[0] in capsys.readouterr().err
+
+
+def test_test_slices_static_decoding_and_per_method_batch_sizes(capsys, in_repo):
+    """--test-slice narrows one benchmark's reported slice; --static-decoding reaches only the methods confined to
+    the prompt pass; a BENCHMARK.METHOD batch size beats the benchmark's."""
+    lines = dry_run(
+        capsys,
+        *("--models", "gemma3-270m", "--stages", "final", "--benchmarks", "lost_in_the_middle"),
+        *("--methods", "none", "adaseka", "pasta", "spa", "--test-slice", "lost_in_the_middle=0:100"),
+        *("--static-decoding", "lost_in_the_middle=6144", "--batch-size", "lost_in_the_middle=32"),
+        "lost_in_the_middle.pasta=8",
+    )
+    runs = {line.split("/lost_in_the_middle/gemma3-270m/")[1].split()[0]: line for line in lines if "predict" in line}
+    assert sorted(runs) == ["adaseka", "none", "pasta", "spa"]
+    for method, line in runs.items():
+        assert "--data.split null --data.example_subset 0:100" in line
+        assert f"--data.batch_size {8 if method == 'pasta' else 32} " in line + " "
+        assert ("--model.static_decoding 6144" in line) == (method in ("none", "adaseka"))
 
 
 def job(name: str, code: str, *, after: tuple[str, ...] = (), done: Path | None = None):
@@ -174,11 +216,11 @@ def write_dev_run(folder: Path, metric: str, scores: list[float]) -> None:
 def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results"])
+    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--banks"])
     efficacy = {"all": (6, 7), "last20": (8, 9), "last15": (9, 10), "last10": (5, 6)}  # wins of 10 at gains 2, 8
     for layers, wins in efficacy.items():
         for gain, won in zip((2.0, 8.0), wins, strict=True):
-            dev = run.dev_dir(settings, SMOLLM2, "counterfact", run.candidate_name(layers, gain))
+            dev = run.dev_dir(settings, SMOLLM2, "counterfact", candidate_name(layers, gain))
             write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
     write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", "none"), "efficacy_score", [1.0] * 5 + [0.0] * 5)
     guards = {"none": (0.5, 0.5), "last15-g8": (0.0, 0.5), "last15-g2": (0.5, 0.5), "last20-g8": (0.5, 0.5)}
@@ -190,7 +232,7 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
     # (9/10, SE 0.1; the tie goes to the earlier grid entry); the one-SE band reaches 0.8, where last20-g2 would
     # qualify but has no guard run; the smallest admissible gain in the band: last15-g2
     table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
-    assert table["chosen"] == {"name": "last15-g2", "layers": "last15", "gain": 2.0}
+    assert table["chosen"] == {"name": "last15-g2", "bank": "shipped", "layers": "last15", "gain": 2.0}
     assert table["best"] == "last20-g8"
     rows = {row["name"]: row for row in table["candidates"]}
     assert rows["last15-g8"]["rejected"] == ["exact_match_inside: 0.2500 < unsteered - SE = 0.5000"]
@@ -205,6 +247,49 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
     assert adaseka["model"]["init_args"]["method"]["init_args"]["gain"] == 2.0
 
 
+def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_path, monkeypatch, capsys):
+    """The grid spans the bank variants: a chat95 candidate that wins is written with its bank, the dev table says
+    which bank, and a later final stage (without select) passes that bank to the ablations."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--models", "smollm2-135m", "--gains", "8", "--results", "results", "--banks", "chat95"]
+    settings, _ = run.parse_args(argv)
+    assert [c.name for c in run.grid(settings, SMOLLM2)][3:6] == ["last10-g8", "chat95-all-g8", "chat95-last20-g8"]
+    wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 5, "chat95-last15-g8": 10, "none": 5}
+    wins |= {"chat95-all-g8": 6, "chat95-last20-g8": 8, "chat95-last10-g8": 6}
+    for name, won in wins.items():
+        write_dev_run(
+            run.dev_dir(settings, SMOLLM2, "counterfact", name), "efficacy_score", [1.0] * won + [0.0] * (10 - won)
+        )
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["chosen"] == {"name": "chat95-last15-g8", "bank": "chat95", "layers": "last15", "gain": 8.0}
+    assert table["banks"] == {
+        "shipped": "configs/build/smollm2-135m.yaml",
+        "chat95": "building texts in the chat template, top_pct 0.95",
+    }
+    bank = "outputs/results/banks/chat95/smollm2-135m.safetensors"
+    for method in ("seka", "key_scaling", "random"):
+        config = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").read_text())
+        assert config["model"]["init_args"]["method"]["init_args"]["bank"] == bank
+    lines = dry_run(
+        capsys,
+        "--models",
+        "smollm2-135m",
+        "--stages",
+        "final",
+        "--benchmarks",
+        "counterfact",
+        "--methods",
+        "key_scaling",
+        "--out",
+        "elsewhere",
+    )
+    assert "--model.method.bank elsewhere/banks/chat95/smollm2-135m.safetensors" in lines[0]
+
+
 def write_counterfact_grid(settings) -> None:
     """CounterFact dev runs of 10 prompts for unsteered and the 4 x 2 grid at gains 2, 8 (best: last15-g8 10/10)."""
     wins = {"all-g2": 6, "all-g8": 7, "last20-g2": 8, "last20-g8": 9, "last15-g2": 9, "last15-g8": 10}
@@ -217,7 +302,7 @@ def write_counterfact_grid(settings) -> None:
 def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2"])
+    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks"])
     write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
     names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
@@ -253,7 +338,18 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
     names the guard it did not apply."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--guards", "pronchange"]
+    argv = [
+        "--models",
+        "smollm2-135m",
+        "--gains",
+        "2",
+        "8",
+        "--results",
+        "results",
+        "--guards",
+        "pronchange",
+        "--banks",
+    ]
     settings, _ = run.parse_args(argv)
     write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
@@ -267,7 +363,7 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
     assert table["guards"] == ["pron_mean_p"] and table["guards_not_applied"] == ["exact_match_inside"]
     rows = {row["name"]: row for row in table["candidates"]}
     assert rows["last15-g8"]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
-    assert table["chosen"] == {"name": "last15-g2", "layers": "last15", "gain": 2.0}
+    assert table["chosen"] == {"name": "last15-g2", "bank": "shipped", "layers": "last15", "gain": 2.0}
 
 
 FRAGMENTS = sorted((REPO / "configs" / "methods").glob("*/*.yaml"))

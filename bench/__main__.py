@@ -35,7 +35,17 @@ def _parser() -> argparse.ArgumentParser:
         "--new-tokens", type=int, default=gen_defaults.new_tokens, help="greedy tokens per prompt (no EOS)"
     )
     gen.add_argument(
-        "--prompt-tokens", type=int, default=gen_defaults.prompt_tokens, help="tokens of the longest prompt"
+        "--prompt-tokens",
+        type=int,
+        nargs="+",
+        default=gen_defaults.prompt_tokens,
+        help="tokens of the longest prompt; several lengths time each (records carry prompt_tokens)",
+    )
+    gen.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="time only the (prompt tokens, batch size) pairs with batch x prompt tokens <= this (default: all)",
     )
     gen.add_argument("--documents", type=int, default=gen_defaults.documents, help="documents per prompt")
     gen.add_argument("--highlighted", type=int, default=gen_defaults.highlighted, help="highlighted (middle) documents")

@@ -60,7 +60,8 @@ class GenerationSettings:
     shape: str = "qwen3-8b"
     batch_sizes: list[int] = field(default_factory=lambda: [1, 10])
     new_tokens: int = 60
-    prompt_tokens: int = 4096
+    prompt_tokens: list[int] = field(default_factory=lambda: [4096])
+    max_batch_tokens: int | None = None
     documents: int = 30
     highlighted: int = 20
     methods: list[str] = field(default_factory=lambda: ["none", "seka", "adaseka", "pasta", "spa"])
@@ -82,8 +83,8 @@ class GenerationSettings:
     matmul_size: int | None = None
 
     def __post_init__(self) -> None:
-        get_shape(self.shape)
-        for name in ("new_tokens", "prompt_tokens", "documents", "highlighted", "repeats", "pasta_heads"):
+        shape = get_shape(self.shape)
+        for name in ("new_tokens", "documents", "highlighted", "repeats", "pasta_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "fast_warmup", "fast_repeats"):
@@ -93,11 +94,7 @@ class GenerationSettings:
             raise ValueError(f"batch_sizes must be a non-empty list of sizes >= 1, got {self.batch_sizes}")
         if self.highlighted > self.documents:
             raise ValueError(f"highlighted={self.highlighted} exceeds documents={self.documents}; highlight fewer")
-        if self.prompt_tokens < 4 * self.documents:
-            raise ValueError(
-                f"prompt_tokens={self.prompt_tokens} is too short for {self.documents} documents; "
-                f"use at least {4 * self.documents} tokens or fewer documents"
-            )
+        self._check_prompt_tokens(shape)
         unknown = sorted(set(self.methods) - set(METHOD_FACTORIES))
         if unknown:
             raise ValueError(f"methods {unknown} are unknown; choose from {sorted(METHOD_FACTORIES)}")
@@ -114,6 +111,40 @@ class GenerationSettings:
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if not self.paths or not set(self.paths) <= set(PATHS):
             raise ValueError(f"paths must be a non-empty subset of {PATHS}, got {self.paths}")
+        if not self.blocks():
+            raise ValueError(
+                f"max_batch_tokens={self.max_batch_tokens} leaves no (prompt tokens, batch size) pair to time of "
+                f"{self.prompt_tokens} x {self.batch_sizes}; raise it to at least "
+                f"{min(self.prompt_tokens) * min(self.batch_sizes)}"
+            )
+
+    def _check_prompt_tokens(self, shape: ModelShape) -> None:
+        """Each prompt length fits the documents and, with the new tokens, the shape's positions (a longer run
+        would time a model past the context it was trained for)."""
+        if not isinstance(self.prompt_tokens, list) or not self.prompt_tokens:
+            raise ValueError(f"prompt_tokens must be a non-empty list of lengths, got {self.prompt_tokens!r}")
+        for tokens in self.prompt_tokens:
+            if tokens < 4 * self.documents:
+                raise ValueError(
+                    f"prompt_tokens={tokens} is too short for {self.documents} documents; "
+                    f"use at least {4 * self.documents} tokens or fewer documents"
+                )
+            if tokens + self.new_tokens > shape.max_positions:
+                raise ValueError(
+                    f"prompt_tokens={tokens} + new_tokens={self.new_tokens} exceeds the {shape.max_positions} "
+                    f"positions of shape {shape.name!r}; use at most {shape.max_positions - self.new_tokens} "
+                    "prompt tokens"
+                )
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """The (prompt tokens, batch size) pairs to time, in order: every pair whose batch x prompt tokens is at most
+        ``max_batch_tokens`` (all pairs when it is None), so one run can time batch 10 at 4k and batch 1 at 32k."""
+        return [
+            (tokens, batch)
+            for tokens in self.prompt_tokens
+            for batch in self.batch_sizes
+            if self.max_batch_tokens is None or tokens * batch <= self.max_batch_tokens
+        ]
 
 
 @dataclass
@@ -476,6 +507,7 @@ def _compiled_graphs() -> int:
 @dataclass
 class _Samples:
     latencies: list[float] = field(default_factory=list)
+    prefill: list[float] = field(default_factory=list)
     peak: int | None = None
     baseline: int | None = None
     warmup_s: float = 0.0
@@ -515,15 +547,19 @@ def measure_block(
     repeats: int,
     device: torch.device,
 ) -> dict[str, _Samples]:
-    """Warm every method up, then time ``repeats`` rounds in which each method generates once (interleaved)."""
+    """Warm every method up, then time ``repeats`` rounds in which each method generates once (interleaved).
+
+    After each generation the method also runs its prompt pass alone: the same call for one new token, which is
+    the prefill that generation does (the method's edit, routing and cache writes included) and no decode step.
+    """
     samples = {name: _Samples() for name in methods}
 
-    def run(name: str) -> tuple[float, int | None, int | None] | None:
+    def run(name: str, tokens: int = new_tokens) -> tuple[float, int | None, int | None] | None:
         record = samples[name]
         if record.error is not None:
             return None
         try:
-            return _generate_once(model, methods[name], enc, new_tokens=new_tokens, device=device)
+            return _generate_once(model, methods[name], enc, new_tokens=tokens, device=device)
         except Exception as err:  # one failing method (OOM, a bug) must not lose the others' numbers
             log.exception("method %r failed at batch %d", name, enc["input_ids"].shape[0])
             record.error = f"{type(err).__name__}: {err}"
@@ -536,16 +572,20 @@ def measure_block(
             result = run(name)
             if result is not None:
                 samples[name].warmup_s += result[0]
+            run(name, 1)
     for _ in range(repeats):
         for name in methods:
             graphs = _compiled_graphs()
             result = run(name)
+            prefill = run(name, 1)
             samples[name].compiles += _compiled_graphs() - graphs
             if result is None:
                 continue
             elapsed, peak, before = result
             record = samples[name]
             record.latencies.append(elapsed)
+            if prefill is not None:
+                record.prefill.append(prefill[0])
             if peak is not None:
                 record.peak = max(record.peak or 0, peak)
                 record.baseline = before
@@ -557,6 +597,7 @@ def _records(
     *,
     path: str,
     batch: int,
+    prompt_tokens: int,
     floor: dict[str, float],
     describe: dict[str, dict],
 ) -> list[dict[str, Any]]:
@@ -565,7 +606,13 @@ def _records(
     ref_peak = reference.peak if reference else None
     records = []
     for name, record in samples.items():
-        row: dict[str, Any] = {"method": name, "path": path, "batch_size": batch, "describe": describe[name]}
+        row: dict[str, Any] = {
+            "method": name,
+            "path": path,
+            "batch_size": batch,
+            "prompt_tokens": prompt_tokens,
+            "describe": describe[name],
+        }
         if not record.latencies:
             row.update(status="failed", reason=record.error or "no timed run")
             records.append(row)
@@ -590,11 +637,24 @@ def _records(
             latency_over_floor=ratio(per_sample, floor["per_sample_s"]),
             warmup_s=record.warmup_s,
             compiles_during_timing=record.compiles,
+            **_prefill_fields(record.prefill, floor["prefill_s"]),
         )
         if record.error is not None:
             row["reason"] = f"some repeats failed: {record.error}"
         records.append(row)
     return records
+
+
+def _prefill_fields(prefill: list[float], floor_s: float) -> dict[str, Any]:
+    """The prompt pass alone: median seconds of one pass over the whole batch (like the floor's ``prefill_s``, not
+    per sample), that floor, and their ratio."""
+    median = summarize(prefill)["median"] if prefill else None
+    return {
+        "prefill_s_median": median,
+        "prefill_latencies_s": prefill,
+        "prefill_floor_s": floor_s,
+        "prefill_over_floor": ratio(median, floor_s),
+    }
 
 
 def build_methods(
@@ -674,10 +734,10 @@ def run_generation(settings: GenerationSettings, out_dir: str | Path, *, work_di
         for path, chosen in ((EAGER, methods), (FAST, fast), (LOOP, fast)):
             if not chosen or path not in settings.paths:
                 continue
-            for batch in settings.batch_sizes:
+            for prompt_tokens, batch in settings.blocks():
                 enc = random_prompts(
                     batch,
-                    settings.prompt_tokens,
+                    prompt_tokens,
                     documents=settings.documents,
                     highlighted=settings.highlighted,
                     vocab_size=shape.vocab_size,
@@ -685,10 +745,12 @@ def run_generation(settings: GenerationSettings, out_dir: str | Path, *, work_di
                     device=device,
                 )
                 floor = generation_floor(
-                    cost, ceilings, batch=batch, prompt_tokens=settings.prompt_tokens, new_tokens=settings.new_tokens
+                    cost, ceilings, batch=batch, prompt_tokens=prompt_tokens, new_tokens=settings.new_tokens
                 )
-                details["floors"][str(batch)] = floor
-                log.info("path %s, batch %d: timing %s", path, batch, ", ".join(chosen))
+                details["floors"].setdefault(str(prompt_tokens), {})[str(batch)] = floor
+                log.info(
+                    "path %s, %d-token prompts, batch %d: timing %s", path, prompt_tokens, batch, ", ".join(chosen)
+                )
                 fast_path = path in COMPILED
                 with (
                     static_compiled_decoding(model, backend=settings.compile_backend, mode=settings.compile_mode)
@@ -704,10 +766,19 @@ def run_generation(settings: GenerationSettings, out_dir: str | Path, *, work_di
                         repeats=settings.fast_repeats if fast_path else settings.repeats,
                         device=device,
                     )
-                details["records"] += _records(samples, path=path, batch=batch, floor=floor, describe=describe)
+                details["records"] += _records(
+                    samples, path=path, batch=batch, prompt_tokens=prompt_tokens, floor=floor, describe=describe
+                )
                 if not fast_path:
                     details["records"] += [
-                        {"method": name, "path": path, "batch_size": batch, "status": "skipped", "reason": reason}
+                        {
+                            "method": name,
+                            "path": path,
+                            "batch_size": batch,
+                            "prompt_tokens": prompt_tokens,
+                            "status": "skipped",
+                            "reason": reason,
+                        }
                         for name, reason in skipped.items()
                     ]
                 flush()
@@ -717,7 +788,15 @@ def run_generation(settings: GenerationSettings, out_dir: str | Path, *, work_di
     return details
 
 
-RECORD_KEYS = ("method", "batch_size", "latency_s_median", "peak_mem_bytes", "ratio_latency", "ratio_mem")
+RECORD_KEYS = (
+    "method",
+    "batch_size",
+    "prompt_tokens",
+    "latency_s_median",
+    "peak_mem_bytes",
+    "ratio_latency",
+    "ratio_mem",
+)
 EXTRA_KEYS = (
     "path",
     "status",
@@ -727,6 +806,9 @@ EXTRA_KEYS = (
     "peak_mem_over_start_bytes",
     "ratio_latency_paired",
     "latency_over_floor",
+    "prefill_s_median",
+    "prefill_floor_s",
+    "prefill_over_floor",
     "compiles_during_timing",
     "reason",
 )
@@ -771,7 +853,7 @@ def generation_table(details: dict[str, Any]) -> str:
     fast_repeats = f" ({settings['fast_repeats']} on the compiled paths)" if compiled else ""
     header = (
         f"Generation, {details['shape']['name']} (random weights, {settings['dtype']}), "
-        f"{settings['prompt_tokens']}-token prompts with {settings['highlighted']}/{settings['documents']} documents "
+        f"{', '.join(map(str, settings['prompt_tokens']))}-token prompts with {settings['highlighted']}/{settings['documents']} documents "
         f"highlighted, {settings['new_tokens']} new tokens, median of {settings['repeats']} repeats"
         f"{fast_repeats}; {env.get('gpu_name') or env['device']}, "
         f"torch {env['torch']}, transformers {env['transformers']}.\n\n"
@@ -780,6 +862,7 @@ def generation_table(details: dict[str, Any]) -> str:
         ("method", "method", plain),
         ("path", "path", plain),
         ("batch", "batch_size", plain),
+        ("prompt", "prompt_tokens", plain),
         ("s / sample", "latency_s_median", seconds),
         ("spread", "spread_rel", lambda v: f"{100 * v:.1f}%"),
         ("x none", "ratio_latency", fine_times),
@@ -787,6 +870,8 @@ def generation_table(details: dict[str, Any]) -> str:
         ("peak GiB", "peak_mem_bytes", gib),
         ("mem x none", "ratio_mem", fine_times),
         ("x floor", "latency_over_floor", times),
+        ("prefill s / batch", "prefill_s_median", seconds),
+        ("prefill x floor", "prefill_over_floor", times),
         ("status", "status", plain),
     ]
     return header + markdown_table(details["records"], columns)

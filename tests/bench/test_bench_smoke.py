@@ -130,7 +130,7 @@ def test_generation_latency_is_per_sample_and_floor_ratio_consistent(generation_
             continue
         batch = record["batch_size"]
         assert record["latency_s_median"] == pytest.approx(record["batch_latency_s_median"] / batch)
-        floor = details["floors"][str(batch)]["per_sample_s"]
+        floor = details["floors"][str(record["prompt_tokens"])][str(batch)]["per_sample_s"]
         assert record["latency_over_floor"] == pytest.approx(record["latency_s_median"] / floor)
 
 

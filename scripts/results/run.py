@@ -108,6 +108,9 @@ MODELS = {
     "gemma3-270m": Model("gemma3-270m", "embedded:gemma3-270m", 18, banks=("p95",)),  # a base model: no chat template
 }
 
+# the records a reported slice (--test-slice, --counterfact-test) may come from: the test split, never dev records
+TEST_RANGES = {"counterfact": (5000, 10000), "lost_in_the_middle": (0, 300), "pronchange": (0, 900)}
+
 # split name (the DataModule's `split`) and the record range it names, for --limit slices
 SLICES = {
     ("counterfact", "dev"): ("dev", 4500),
@@ -632,6 +635,11 @@ def configured_variant(model: Model) -> str:
         return ""  # check_method_configs refuses the run before anything starts
     config = yaml.safe_load(path.read_text())
     folder = Path(config["model"]["init_args"]["method"]["init_args"]["bank"]).parent.name
+    if folder in BANK_VARIANTS and folder not in model.banks:
+        raise ValueError(
+            f"{path} names the bank variant {folder!r}, which {model.tag} does not have (its variants: "
+            f"{list(model.banks)}); re-run the select stage (--stages dev select) to rewrite it"
+        )
     return folder if folder in BANK_VARIANTS else ""
 
 
@@ -656,8 +664,8 @@ def plan(s: Settings) -> list[Job]:
             wanted = {"seka"} | ({"pasta"} if "pasta" in s.methods else set())
             if "dev" in s.stages or "select" in s.stages:  # the grid's banks
                 wanted |= {f"bank-{v}" for v in s.bank_variants(model) if v}
-            elif "final" in s.stages and configured_variant(model):  # the bank the tuned configs name
-                wanted.add(f"bank-{configured_variant(model)}")
+            if "final" in s.stages and "select" not in s.stages and configured_variant(model):
+                wanted.add(f"bank-{configured_variant(model)}")  # the bank the tuned configs name
             wanted |= {f"expert-{src}" for src in EXPERT_SOURCES} if "adaseka" in s.methods else set()
             jobs += [job for job in build_jobs(s, model) if job.name.split(":")[-1] in wanted]
         if "dev" in s.stages:
@@ -873,7 +881,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         default=[],
         metavar="BENCHMARK=N",
         help="generate through the compiled static-cache decoder with N cache positions (longest prompt + new "
-        "tokens) on a generation benchmark, for the methods that act on the prompt pass only (not PASTA, SPA)",
+        "tokens) on a generation benchmark, dev guard runs included, for the methods that act on the prompt pass "
+        "only (not PASTA, SPA); each run's provenance records its command, so keep it the same across a resumed run",
     )
     parser.add_argument(
         "--banks",
@@ -913,12 +922,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
                 f"and N >= 1, got {item!r}"
             )
         batch_sizes[key] = int(value)
-    test_slices = {} if args.counterfact_test == "test" else {"counterfact": args.counterfact_test}
-    for item in args.test_slice:
+    slices = args.test_slice + ([] if args.counterfact_test == "test" else [f"counterfact={args.counterfact_test}"])
+    test_slices = {}
+    for item in slices:
         benchmark, _, subset = item.partition("=")
         start, colon, stop = subset.partition(":")
         if benchmark not in BENCHMARKS or not (colon and start.isdigit() and stop.isdigit() and int(start) < int(stop)):
             parser.error(f"--test-slice takes BENCHMARK=A:B with BENCHMARK in {BENCHMARKS} and A < B, got {item!r}")
+        low, high = TEST_RANGES.get(benchmark, (0, None))
+        if int(start) < low or (high is not None and int(stop) > high):
+            parser.error(f"--test-slice {item}: {benchmark}'s reported records are {low}:{high} (the rest is dev)")
         test_slices[benchmark] = subset
     static_decoding = {}
     for item in args.static_decoding:

@@ -136,6 +136,9 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         ["--models", "qwen"],
         ["--test-slice", "lost_in_the_middle=100:0"],
         ["--test-slice", "lost_in_the_middle"],
+        ["--test-slice", "lost_in_the_middle=2500:2600"],  # dev questions start at 2555
+        ["--test-slice", "pronchange=850:950"],  # dev bios start at 900
+        ["--counterfact-test", "4900:5100"],  # dev records end at 5000
         ["--static-decoding", "counterfact=512"],  # no generation there
         ["--banks", "chat"],
     ],
@@ -144,6 +147,38 @@ def test_bad_options_are_refused(argv, in_repo, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
     assert argv[1].split("=")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["", "p95", "chat95"])
+@pytest.mark.parametrize("stages", [["build", "final"], ["build", "dev", "final"], ["build", "dev", "select", "final"]])
+@pytest.mark.parametrize("banks", [None, [], ["p95"]])
+def test_every_dependency_is_a_planned_job(variant, stages, banks, tmp_path, monkeypatch):
+    """Whatever the stages, --banks and the bank the tuned configs name, a job only waits for jobs in the plan."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(
+        ["--models", "smollm2-135m", "--stages", *stages] + ([] if banks is None else ["--banks", *banks])
+    )
+    for method, text in run.tuned_configs(settings, SMOLLM2, "last15", 8.0, variant).items():
+        (tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").write_text(text)
+    jobs = run.plan(settings)
+    names = {job.name for job in jobs}
+    dynamic = {"dev:smollm2-135m:guards"}  # added by the last guard round (an action)
+    assert {dependency for job in jobs for dependency in job.after} <= names | dynamic
+    if variant and "select" not in stages:  # the ablations get the configured variant's bank, which gets built
+        assert f"build:smollm2-135m:bank-{variant}" in names
+        seka = next(job for job in jobs if job.name == "final:smollm2-135m:counterfact:key_scaling")
+        assert f"outputs/results/banks/{variant}/smollm2-135m.safetensors" in seka.argv
+
+
+def test_a_config_naming_a_variant_the_model_lacks_is_refused(tmp_path, monkeypatch):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--models", "gemma3-270m", "--stages", "final"])
+    for method, text in run.tuned_configs(settings, run.MODELS["gemma3-270m"], "last6", 4.0, "chat95").items():
+        (tmp_path / "configs" / "methods" / "gemma3-270m" / f"{method}.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"names the bank variant 'chat95', which gemma3-270m does not have .* select"):
+        run.plan(settings)
 
 
 def test_test_slices_static_decoding_and_per_method_batch_sizes(capsys, in_repo):

@@ -94,6 +94,41 @@ def test_paired_tests_against_independent_references(results, tmp_path):
     )
 
 
+def test_pronchange_reports_mean_p_scores_and_degeneracy_with_paired_tests(tmp_path):
+    """PronChange's guard metric (pron_mean_p) and the degeneracy rate are headline columns with paired tests: the
+    paired bootstrap for the mean P-score, exact McNemar for the 0/1 degeneracy flag."""
+    none_p = [0.0, 0.1, 0.0, 0.2, 0.0, 0.05, 0.0, 0.0, 0.3, 0.0, 0.1, 0.0]
+    seka_p = [0.1, 0.1, 0.0, 0.3, 0.2, 0.05, 0.0, 0.1, 0.3, 0.1, 0.1, 0.0]
+    none_d = [0] * 10 + [1, 1]
+    seka_d = [1] * 9 + [0, 0, 1]  # 9 turned degenerate, 1 recovered
+
+    def records(p_scores, degenerate):
+        return [
+            {"id": i, "scores": {"pron_mean_p": p, "degenerate": float(d)}}
+            for i, (p, d) in enumerate(zip(p_scores, degenerate, strict=True))
+        ]
+
+    root = tmp_path / "results"
+    write_run(root / "pronchange" / "m" / "none", "none", records(none_p, none_d))
+    write_run(root / "pronchange" / "m" / "seka", "seka", records(seka_p, seka_d))
+    table = report(results=str(root), output=str(tmp_path / "t.md"), plot=None)
+    lines = table.splitlines()
+    assert lines[0] == "| benchmark | model | method | pron_mean_p | degenerate | n |"
+    assert (
+        next(line for line in lines if line.startswith("| pronchange | m | seka |"))
+        .split(" | ")[4]
+        .startswith("83.33 [")
+    )
+    boot = paired_bootstrap_test(seka_p, none_p)
+    mean_diff = 100 * (sum(seka_p) - sum(none_p)) / 12
+    assert (
+        f"| pronchange | m | pron_mean_p | seka vs none | paired-bootstrap | 12 | {mean_diff:+.2f} | {boot.p_value:.3g} |"
+        in lines
+    )
+    p = brute_force_mcnemar(9, 1)
+    assert f"| pronchange | m | degenerate | seka vs none | mcnemar-exact | 12 | +66.67 | {p:.3g} |" in lines
+
+
 def test_pairs_only_shared_ids(results, tmp_path):
     spa = counterfact_records(NONE_EFFICACY, NONE_PARAPHRASE)[: 3 * 5]  # cases 0-4 only
     write_run(results / "counterfact" / "m" / "spa", "spa", spa)

@@ -51,9 +51,13 @@ def test_dry_run_final_seka_counterfact_commands(capsys, in_repo):
     lines = dry_run(
         capsys, "--models", "smollm2-135m", "--stages", "final", "--methods", "seka", "--benchmarks", "counterfact"
     )
+    # the bank the shipped tuned config names (the select stage's choice, under the default --out)
+    shipped = yaml.safe_load((REPO / "configs" / "methods" / "smollm2-135m" / "seka.yaml").read_text())
+    bank = shipped["model"]["init_args"]["method"]["init_args"]["bank"]
+    assert bank.startswith("outputs/results/banks/")
     assert lines == [
         f"{SEKA} predict -c configs/eval/counterfact.yaml -c configs/models/smollm2-135m.yaml "
-        "-c configs/methods/smollm2-135m/seka.yaml --model.method.bank outputs/results/banks/smollm2-135m.safetensors "
+        f"-c configs/methods/smollm2-135m/seka.yaml --model.method.bank {bank} "
         "--trainer.accelerator auto --trainer.callbacks.output_dir docs/results/counterfact/smollm2-135m/seka "
         "--data.path ../shared/data/counterfact --data.split test --data.example_subset null",
         f"{SEKA} report --results docs/results --output docs/results_table.md --plot null --overwrite true",

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -176,8 +176,13 @@ def bank_path(s: Settings, model: Model, variant: str = "") -> Path:
     return folder / f"{model.tag}.safetensors"
 
 
+def bank_step(variant: str) -> str:
+    """The build step of a bank: ``seka`` for the shipped one, ``bank-<variant>`` for a variant."""
+    return f"bank-{variant}" if variant else "seka"
+
+
 def bank_job(model: Model, variant: str) -> str:
-    return f"build:{model.tag}:" + (f"bank-{variant}" if variant else "seka")
+    return f"build:{model.tag}:{bank_step(variant)}"
 
 
 def expert_path(s: Settings, model: Model, source: str) -> Path:
@@ -458,7 +463,7 @@ def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
             folder = dev_dir(s, model, benchmark, point.name)
             if (folder / METRIC_RESULT).exists():
                 metrics[metric] = read_estimate(folder, metric)
-        candidates.append(Candidate(point.layers, point.gain, metrics, bank=point.bank))
+        candidates.append(replace(point, metrics=metrics))
     return candidates
 
 
@@ -598,16 +603,10 @@ def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[J
     artifacts: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
     if method in ("seka", "key_scaling", "random") and "select" in s.stages:
-        needs = (
-            "seka",
-            *(f"bank-{v}" for v in s.bank_variants(model) if v),
-        )  # the config this run's select writes names the bank
+        needs = tuple(map(bank_step, s.bank_variants(model)))  # the config this run's select writes names the bank
     elif method in ("seka", "key_scaling", "random"):
         variant = configured_variant(model)
-        artifacts, needs = (
-            ("--model.method.bank", str(bank_path(s, model, variant))),
-            ("seka" if not variant else f"bank-{variant}",),
-        )
+        artifacts, needs = ("--model.method.bank", str(bank_path(s, model, variant))), (bank_step(variant),)
     elif method == "adaseka":
         experts = {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES}
         artifacts = ("--model.method.experts", json.dumps(experts))
@@ -663,9 +662,9 @@ def plan(s: Settings) -> list[Job]:
         if "build" in s.stages:
             wanted = {"seka"} | ({"pasta"} if "pasta" in s.methods else set())
             if "dev" in s.stages or "select" in s.stages:  # the grid's banks
-                wanted |= {f"bank-{v}" for v in s.bank_variants(model) if v}
-            if "final" in s.stages and "select" not in s.stages and configured_variant(model):
-                wanted.add(f"bank-{configured_variant(model)}")  # the bank the tuned configs name
+                wanted |= set(map(bank_step, s.bank_variants(model)))
+            if "final" in s.stages and "select" not in s.stages:
+                wanted.add(bank_step(configured_variant(model)))  # the bank the tuned configs name
             wanted |= {f"expert-{src}" for src in EXPERT_SOURCES} if "adaseka" in s.methods else set()
             jobs += [job for job in build_jobs(s, model) if job.name.split(":")[-1] in wanted]
         if "dev" in s.stages:

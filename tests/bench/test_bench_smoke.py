@@ -45,14 +45,11 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def generation_run(tmp_path_factory: pytest.TempPathFactory, cpu_generation_args: list[str]) -> Path:
     out = tmp_path_factory.mktemp("generation")
-    # fast path included, compiled with dynamo's eager backend: the static-cache + torch.compile plumbing (and
-    # hooks under dynamo) run without minutes of inductor code generation
     main(
         [
-            "generation",
-            "--shape", "tiny",
+            *cpu_generation_args,  # the fast path included, compiled with dynamo's eager backend
             "--batch-sizes", "1", "2",
             "--new-tokens", "3",
             "--prompt-tokens", "128",
@@ -61,11 +58,6 @@ def generation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--fast-methods", "none", "seka",
             "--fast-repeats", "1",
             "--fast-warmup", "0",
-            "--compile-backend", "eager",
-            "--compile-mode", "default",
-            "--copy-bytes", str(4 * 2**20),
-            "--matmul-size", "64",
-            "--device", "cpu",
             "--out", str(out),
         ]
     )  # fmt: skip

@@ -32,21 +32,15 @@ PROMPTS, BATCHES, REPEATS = (128, 192), (1, 2), 2
 BLOCKS = {(128, 1), (128, 2), (192, 1)}  # 192 x 2 = 384 tokens is over --max-batch-tokens 256
 
 
-def _run(out: Path, *extra: str) -> None:
+def _run(cpu_args: list[str], out: Path, *extra: str) -> None:
     main(
         [
-            "generation",
-            "--shape", "tiny",
+            *cpu_args,
             "--new-tokens", "3",
             "--repeats", str(REPEATS),
             "--warmup", "0",
             "--fast-repeats", str(REPEATS),
             "--fast-warmup", "0",
-            "--compile-backend", "eager",
-            "--compile-mode", "default",
-            "--copy-bytes", str(4 * 2**20),
-            "--matmul-size", "64",
-            "--device", "cpu",
             "--dtype", "float32",
             "--out", str(out),
             *extra,
@@ -55,9 +49,10 @@ def _run(out: Path, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefill_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prefill_run(tmp_path_factory: pytest.TempPathFactory, cpu_generation_args: list[str]) -> Path:
     out = tmp_path_factory.mktemp("prefill")
     _run(
+        cpu_generation_args,
         out,
         "--batch-sizes", *map(str, BATCHES),
         "--prompt-tokens", *map(str, PROMPTS),
@@ -166,9 +161,10 @@ def test_the_static_loop_prompt_pass_is_the_first_token_of_the_steered_generatio
     assert not torch.equal(first["seka"], first["none"])  # the edit shows in the prompt pass alone
 
 
-def test_a_prompt_longer_than_the_old_tiny_context_runs(tmp_path: Path) -> None:
+def test_a_prompt_longer_than_the_old_tiny_context_runs(tmp_path: Path, cpu_generation_args: list[str]) -> None:
     """4,200 tokens: past the 4,096 positions the tiny shape used to have (the 32k runs use the same code)."""
     _run(
+        cpu_generation_args,
         tmp_path,
         "--batch-sizes", "1",
         "--prompt-tokens", "4200",

@@ -47,6 +47,14 @@ def dry_run(capsys, *args: str) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
+def tuned_configs(settings, model, layers: str, gain: float, variant: str = "") -> dict[str, str]:
+    """Every tuned method's fragment at one setting (SEKA's bank variant, layers and gain; AdaSEKA at the same)."""
+    return {
+        **run.seka_configs(settings, model, layers, gain, variant),
+        "adaseka": run.adaseka_config(settings, model, layers, gain),
+    }
+
+
 def test_dry_run_final_seka_counterfact_commands(capsys, in_repo):
     lines = dry_run(
         capsys, "--models", "smollm2-135m", "--stages", "final", "--methods", "seka", "--benchmarks", "counterfact"
@@ -119,8 +127,10 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         "--output outputs/results/banks/p95/gemma3-270m.safetensors --top_pct 0.95 --min_diff 0.0"
     )
     dev = [line for line in lines if "--trainer.callbacks.output_dir outputs/results/dev/" in line]
-    # unsteered + 2 banks x 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, on CounterFact dev
-    assert len(dev) == 17 and all("--data.split dev --data.example_subset null" in line for line in dev)
+    # unsteered + 2 banks x 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, on CounterFact dev,
+    # then AdaSEKA's 4 layer choices x 6 gains (--methods names adaseka by default)
+    assert len(dev) == 17 + 24 and all("--data.split dev --data.example_subset null" in line for line in dev)
+    assert not any("AdaSekaMethod" in line for line in dev[:17]) and all("AdaSekaMethod" in line for line in dev[17:])
     assert "--model.method.gain_pos 8 --model.method.layers last9" in dev[6]
     assert dev[14].endswith(
         "p95-last9-g8 --data.path ../shared/data/counterfact --data.split dev --data.example_subset null"
@@ -146,6 +156,16 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         (["--counterfact-test", "4900:5100"], "counterfact's reported records are 5000:10000"),
         (["--static-decoding", "counterfact=512"], "--static-decoding takes BENCHMARK=N with BENCHMARK in"),
         (["--banks", "chat"], "invalid choice: 'chat'"),
+        (
+            ["--models", "smollm2-135m", "--adaseka-layers", "last12"],
+            "--adaseka-layers last12: not a layer option of smollm2-135m (its options: all last20 last15 last10); "
+            "choose among them, or run each model on its own",
+        ),
+        (
+            ["--adaseka-layers", "last10"],  # both models by default: Gemma-3's 18 layers have no last10
+            "--adaseka-layers last10: not a layer option of gemma3-270m (its options: all last12 last9 last6)",
+        ),
+        (["--adaseka-gains", "0.5", "0"], "--adaseka-gains must all be > 0, got [0.5, 0.0]"),
     ],
 )
 def test_bad_options_are_refused(argv, message, in_repo, capsys):
@@ -164,7 +184,7 @@ def test_every_dependency_is_a_planned_job(variant, stages, banks, tmp_path, mon
     settings, _ = run.parse_args(
         ["--models", "smollm2-135m", "--stages", *stages] + ([] if banks is None else ["--banks", *banks])
     )
-    for method, text in run.tuned_configs(settings, SMOLLM2, "last15", 8.0, variant).items():
+    for method, text in tuned_configs(settings, SMOLLM2, "last15", 8.0, variant).items():
         (tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").write_text(text)
     jobs = run.plan(settings)
     names = {job.name for job in jobs}
@@ -180,7 +200,7 @@ def test_a_config_naming_a_variant_the_model_lacks_is_refused(tmp_path, monkeypa
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     settings, _ = run.parse_args(["--models", "gemma3-270m", "--stages", "final"])
-    for method, text in run.tuned_configs(settings, run.MODELS["gemma3-270m"], "last6", 4.0, "chat95").items():
+    for method, text in tuned_configs(settings, run.MODELS["gemma3-270m"], "last6", 4.0, "chat95").items():
         (tmp_path / "configs" / "methods" / "gemma3-270m" / f"{method}.yaml").write_text(text)
     with pytest.raises(ValueError, match=r"names the bank variant 'chat95', which gemma3-270m does not have .* select"):
         run.plan(settings)
@@ -256,7 +276,9 @@ def write_dev_run(folder: Path, metric: str, scores: list[float]) -> None:
 def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--banks"])
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--banks", "--methods", "seka"]
+    settings, _ = run.parse_args(argv)
+    shipped_adaseka = (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text()
     efficacy = {"all": (6, 7), "last20": (8, 9), "last15": (9, 10), "last10": (5, 6)}  # wins of 10 at gains 2, 8
     for layers, wins in efficacy.items():
         for gain, won in zip((2.0, 8.0), wins, strict=True):
@@ -283,8 +305,9 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
         "class_path": "SekaMethod",
         "init_args": {"bank": "outputs/results/banks/smollm2-135m.safetensors", "gain_pos": 2.0, "layers": "last15"},
     }
-    adaseka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text())
-    assert adaseka["model"]["init_args"]["method"]["init_args"]["gain"] == 2.0
+    # AdaSEKA was not tuned (--methods seka): its config is not rewritten at SEKA's setting, the table has no entry
+    assert (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text() == shipped_adaseka
+    assert "adaseka" not in table
 
 
 def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_path, monkeypatch, capsys):
@@ -292,7 +315,18 @@ def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_pat
     which bank, and a later final stage (without select) passes that bank to the ablations."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    argv = ["--models", "smollm2-135m", "--gains", "8", "--results", "results", "--banks", "chat95"]
+    argv = [
+        "--models",
+        "smollm2-135m",
+        "--gains",
+        "8",
+        "--results",
+        "results",
+        "--banks",
+        "chat95",
+        "--methods",
+        "seka",
+    ]
     settings, _ = run.parse_args(argv)
     assert [c.name for c in run.grid(settings, SMOLLM2)][3:6] == ["last10-g8", "chat95-all-g8", "chat95-last20-g8"]
     wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 5, "chat95-last15-g8": 10, "none": 5}
@@ -342,7 +376,8 @@ def write_counterfact_grid(settings) -> None:
 def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks"])
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks", "--methods", "seka"]
+    settings, _ = run.parse_args(argv)
     write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
     names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
@@ -389,6 +424,8 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
         "--guards",
         "pronchange",
         "--banks",
+        "--methods",
+        "seka",
     ]
     settings, _ = run.parse_args(argv)
     write_counterfact_grid(settings)
@@ -436,7 +473,7 @@ def test_method_fragments_stack_on_an_eval_config(fragment, capsys, plain_argv):
 def test_tuned_fragments_stack_and_take_the_runners_artifact_paths(tmp_path, capsys, in_repo, plain_argv):
     settings, _ = run.parse_args([])
     model = run.MODELS["gemma3-270m"]
-    for method, text in run.tuned_configs(settings, model, "last6", 4.0).items():
+    for method, text in tuned_configs(settings, model, "last6", 4.0).items():
         (tmp_path / f"{method}.yaml").write_text(text)
     for method in ("adaseka", "random"):
         argv = list(run.final_jobs(settings, model, "pronchange", method)[0].argv[3:])
@@ -459,7 +496,7 @@ def test_cpu_smoke_build_and_final_counterfact_passes_verify(tmp_path):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     shutil.copytree(REPO / "data", tmp_path / "data")
     settings, _ = run.parse_args(["--out", "out"])
-    for method, text in run.tuned_configs(settings, SMOLLM2, "last10", 2.0).items():
+    for method, text in tuned_configs(settings, SMOLLM2, "last10", 2.0).items():
         (tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").write_text(text)
     command = [
         sys.executable,

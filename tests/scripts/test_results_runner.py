@@ -443,6 +443,180 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
     assert table["chosen"] == {"name": "last15-g2", "bank": "shipped", "layers": "last15", "gain": 2.0}
 
 
+EXPERTS = {source: f"outputs/results/experts/smollm2-135m/{source}.safetensors" for source in run.EXPERT_SOURCES}
+
+
+def test_dry_run_adaseka_dev_grid(capsys, in_repo):
+    """--methods adaseka tunes AdaSEKA's own grid (its four experts at each --adaseka-layers x --adaseka-gains) and
+    not SEKA's; --methods without adaseka plans no AdaSEKA run."""
+    args = ("--models", "smollm2-135m", "--stages", "dev", "select", "--adaseka-gains", "0.5", "2")
+    lines = dry_run(capsys, *args, "--methods", "adaseka", "--adaseka-layers", "last10", "last20")
+    head = f"{SEKA} predict -c configs/eval/counterfact.yaml -c configs/models/smollm2-135m.yaml "
+    tail = " --data.path ../shared/data/counterfact --data.split dev --data.example_subset null"
+    expected = [
+        head + "--model.method AdaSekaMethod --model.method.experts "
+        f"'{json.dumps(EXPERTS)}' --model.method.gain {gain} --model.method.layers {layers} --trainer.accelerator auto "
+        f"--trainer.callbacks.output_dir outputs/results/dev/smollm2-135m/counterfact/adaseka-{layers}-g{gain}" + tail
+        for layers in ("last20", "last10")  # the model's grid order, whatever order --adaseka-layers names them in
+        for gain in ("0.5", "2")
+    ]
+    none = head + "-c configs/methods/smollm2-135m/none.yaml --trainer.accelerator auto --trainer.callbacks.output_dir "
+    assert lines[:-2] == [none + "outputs/results/dev/smollm2-135m/counterfact/none" + tail, *expected]
+    assert lines[-1] == (
+        "[select:smollm2-135m] write configs/methods/smollm2-135m/adaseka.yaml and docs/results/dev/smollm2-135m.json"
+    )
+    for method in ("seka", "none"):
+        lines = dry_run(capsys, *args, "--methods", method)
+        assert not any("AdaSekaMethod" in line or "adaseka" in line for line in lines)
+        assert (
+            sum(" predict " in line for line in lines) == 1 + 3 * 4 * 5
+        )  # unsteered + 3 banks x 4 layers x 5 gains (--gains default)
+
+
+def test_adaseka_dev_runs_wait_for_their_experts_and_parse(capsys, in_repo, plain_argv):
+    """With the build stage an AdaSEKA dev run waits for the four expert builds (which are planned); its command
+    line parses to AdaSekaMethod at the candidate's gain and layers with the runner's experts."""
+    argv = ["--models", "smollm2-135m", "--stages", "build", "dev", "--methods", "adaseka", "--adaseka-gains", "4"]
+    settings, _ = run.parse_args(argv)
+    jobs = {job.name: job for job in run.plan(settings)}
+    dev = jobs["dev:smollm2-135m:counterfact:adaseka-last15-g4"]
+    assert dev.after == tuple(f"build:smollm2-135m:expert-{source}" for source in run.EXPERT_SOURCES)
+    assert set(dev.after) <= set(jobs)
+    with pytest.raises(SystemExit):
+        run_lightning([*dev.argv[3:], "--print_config"])
+    method = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["method"]
+    assert method["class_path"].endswith(".AdaSekaMethod")
+    assert (method["init_args"]["gain"], method["init_args"]["layers"]) == (4.0, "last15")
+    assert method["init_args"]["experts"] == EXPERTS
+
+
+# CounterFact dev wins of 10 in AdaSEKA's grid (last15, last10 x gains 0.5, 2, 8) and the one whose guard fails
+ADASEKA_WINS = {"last15-g0.5": 6, "last15-g2": 9, "last15-g8": 10, "last10-g0.5": 8, "last10-g2": 7, "last10-g8": 3}
+
+
+def write_guards(settings, name: str, *, passes: bool = True) -> None:
+    """Guard runs of one candidate against the unsteered [0.5, 0.5] (floor 0.5); a failing one scores 0.25."""
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
+    pron = [0.5, 0.5] if passes else [0.0, 0.5]
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", pron)
+
+
+def test_adaseka_gets_its_own_guarded_choice_and_dev_table_entry(tmp_path, monkeypatch):
+    """Both grids go through the same guard rounds and rule; adaseka.yaml gets AdaSEKA's own choice (not SEKA's
+    layers and gain), the dev table records it under 'adaseka' beside SEKA's unchanged fields."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks", "--results", "results"]
+    argv += ["--methods", "seka", "adaseka", "--adaseka-layers", "last15", "last10", "--adaseka-gains", "0.5", "2", "8"]
+    settings, _ = run.parse_args(argv)
+    write_counterfact_grid(settings)  # SEKA's best: last15-g8, 10/10
+    for name, won in ADASEKA_WINS.items():
+        dev = run.dev_dir(settings, SMOLLM2, "counterfact", f"adaseka-{name}")
+        write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    first = run.guard_round(settings, SMOLLM2, 0)
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in first][2::2] == [
+        "lost_in_the_middle:last15-g8",  # each grid's two best efficacies
+        "lost_in_the_middle:last20-g8",
+        "lost_in_the_middle:adaseka-last15-g8",
+        "lost_in_the_middle:adaseka-last15-g2",
+        "guard-round-1",
+    ]
+    assert "AdaSekaMethod" in first[6].argv and "--model.method.gain" in first[6].argv
+    for name in ("none", "last15-g8", "last20-g8", "adaseka-last15-g2"):
+        write_guards(settings, name)
+    write_guards(settings, "adaseka-last15-g8", passes=False)
+    # SEKA is settled (last15-g8 at 1.0 with SE 0 admissible); AdaSEKA's best admissible is adaseka-last15-g2 (0.9,
+    # SE 0.1), whose band reaches adaseka-last10-g0.5 (0.8) at a smaller gain: its guards are needed
+    second = first[-1].action()
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in second] == [
+        "lost_in_the_middle:adaseka-last10-g0.5",
+        "pronchange:adaseka-last10-g0.5",
+        "guard-round-2",
+    ]
+    write_guards(settings, "adaseka-last10-g0.5")
+    assert [job.name for job in second[-1].action()] == ["dev:smollm2-135m:guards"]
+    assert run.write_selection(settings, SMOLLM2) == []
+    methods = tmp_path / "configs" / "methods" / "smollm2-135m"
+    seka = yaml.safe_load((methods / "seka.yaml").read_text())["model"]["init_args"]["method"]["init_args"]
+    assert (seka["layers"], seka["gain_pos"]) == ("last15", 8.0)
+    adaseka = yaml.safe_load((methods / "adaseka.yaml").read_text())["model"]["init_args"]["method"]
+    assert adaseka == {
+        "class_path": "AdaSekaMethod",
+        "init_args": {"experts": EXPERTS, "gain": 0.5, "layers": "last10"},
+    }
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    seka_keys = ["model", "rule", "guards", "guards_not_applied", "slices", "banks", "baseline", "candidates", "best"]
+    assert list(table) == [*seka_keys, "chosen", "adaseka"]
+    assert table["chosen"] == {"name": "last15-g8", "bank": "shipped", "layers": "last15", "gain": 8.0}
+    assert all(not row["name"].startswith("adaseka") for row in table["candidates"])
+    entry = table["adaseka"]
+    assert entry["chosen"] == {"name": "adaseka-last10-g0.5", "layers": "last10", "gain": 0.5}
+    assert entry["best"] == "adaseka-last15-g2"
+    assert (entry["layer_options"], entry["gains"], entry["experts"]) == (
+        ["last15", "last10"],
+        [0.5, 2.0, 8.0],
+        EXPERTS,
+    )
+    assert entry["guards"] == table["guards"] and entry["baseline"] == table["baseline"]
+    rows = {row["name"]: row for row in entry["candidates"]}
+    assert list(rows) == [f"adaseka-{name}" for name in ADASEKA_WINS]
+    assert rows["adaseka-last15-g8"]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
+    assert rows["adaseka-last10-g2"]["rejected"] == ["exact_match_inside: no dev run", "pron_mean_p: no dev run"]
+    assert rows["adaseka-last10-g0.5"]["metrics"]["efficacy_score"]["mean"] == 0.8
+
+    # a later run tuning one grid keeps the other's configs and table entries
+    seka_text, seka_fields = (methods / "seka.yaml").read_text(), {k: table[k] for k in [*seka_keys, "chosen"]}
+    argv[argv.index("--methods") : argv.index("--adaseka-layers") + 3] = ["--methods", "adaseka", "--adaseka-layers"]
+    argv.insert(argv.index("--adaseka-layers") + 1, "last15")  # AdaSEKA alone, at last15 only: adaseka-last15-g2
+    only, _ = run.parse_args(argv)
+    assert only.tuned_grids() == ["adaseka"] and only.adaseka_layers == ["last15"]
+    assert run.write_selection(only, SMOLLM2) == []
+    again = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert {k: again[k] for k in seka_fields} == seka_fields and (methods / "seka.yaml").read_text() == seka_text
+    assert again["adaseka"]["chosen"] == {"name": "adaseka-last15-g2", "layers": "last15", "gain": 2.0}
+    assert (
+        yaml.safe_load((methods / "adaseka.yaml").read_text())["model"]["init_args"]["method"]["init_args"]["gain"]
+        == 2.0
+    )
+
+
+def test_an_adaseka_grid_without_admissible_candidates_names_its_options(tmp_path, monkeypatch):
+    """When every AdaSEKA candidate fails a guard, SEKA's choice is still written, the table shows AdaSEKA's reasons
+    and no choice, and the error names AdaSEKA's grid options; adaseka.yaml is left as it was."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--models",
+        "smollm2-135m",
+        "--gains",
+        "2",
+        "8",
+        "--banks",
+        "--results",
+        "results",
+        "--guards",
+        "pronchange",
+    ]
+    settings, _ = run.parse_args(
+        [*argv, "--methods", "seka", "adaseka", "--adaseka-layers", "last10", "--adaseka-gains", "8"]
+    )
+    write_counterfact_grid(settings)
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", "adaseka-last10-g8"), "efficacy_score", [1.0, 0.0])
+    for name in ("none", "last15-g8"):
+        write_guards(settings, name)
+    write_guards(settings, "adaseka-last10-g8", passes=False)
+    adaseka = (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text()
+    with pytest.raises(ValueError, match=r"^AdaSEKA \(--adaseka-gains, --adaseka-layers\): no candidate passes"):
+        run.write_selection(settings, SMOLLM2)
+    assert (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text() == adaseka
+    seka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "seka.yaml").read_text())
+    assert seka["model"]["init_args"]["method"]["init_args"]["gain_pos"] == 8.0
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["chosen"]["name"] == "last15-g8"
+    assert table["adaseka"]["chosen"] is None and table["adaseka"]["best"] is None
+    assert table["adaseka"]["candidates"][0]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
+
+
 FRAGMENTS = sorted((REPO / "configs" / "methods").glob("*/*.yaml"))
 
 

@@ -61,6 +61,7 @@ STAGES = ("build", "dev", "select", "final")
 BENCHMARKS = ("counterfact", "lost_in_the_middle", "pronchange", "biasbios")
 METHODS = ("none", "seka", "adaseka", "key_scaling", "random", "pasta", "spa")
 TUNED = ("seka", "key_scaling", "random", "adaseka")  # written by the select stage
+GRID_METHODS = {"seka": ("seka", "key_scaling", "random"), "adaseka": ("adaseka",)}  # the configs a dev grid tunes
 PROMPT_ONLY = ("none", "seka", "key_scaling", "random", "adaseka")  # may decode through --static-decoding
 GENERATION = ("lost_in_the_middle", "pronchange", "biasbios")
 EXPERT_SOURCES = ("synthetic_qa", "counterfact", "biasbios", "lost_in_the_middle")
@@ -212,6 +213,7 @@ def expert_paths(s: Settings, model: Model) -> dict[str, str]:
 
 
 def expert_jobs(model: Model) -> tuple[str, ...]:
+    """The build jobs of ``model``'s AdaSEKA experts."""
     return tuple(f"build:{model.tag}:expert-{source}" for source in EXPERT_SOURCES)
 
 
@@ -525,10 +527,6 @@ def baseline_estimates(s: Settings, model: Model) -> dict[str, Estimate]:
         metric = GUARD_BENCHMARKS[benchmark]
         estimates[metric] = read_estimate(dev_dir(s, model, benchmark, "none"), metric)
     return estimates
-
-
-# the configs each grid's choice writes
-GRID_METHODS = {"seka": ("seka", "key_scaling", "random"), "adaseka": ("adaseka",)}
 
 
 def select_job(s: Settings, model: Model) -> Job:

@@ -9,7 +9,15 @@ import statistics
 
 import pytest
 
-from seka_lightning.selection import EFFICACY, Candidate, Estimate, guard_failures, guards_needed, select
+from seka_lightning.selection import (
+    EFFICACY,
+    Candidate,
+    Estimate,
+    candidate_name,
+    guard_failures,
+    guards_needed,
+    select,
+)
 
 EM, PRON = "exact_match_inside", "pron_mean_p"
 BASELINE = {
@@ -167,3 +175,15 @@ def test_selection_after_guards_needed_equals_selection_with_every_guard():
                 select(hidden, BASELINE)
             continue
         assert select(hidden, BASELINE).chosen.name == expected
+
+
+def test_candidate_names_are_distinct_per_bank_and_method():
+    """Grid points of SEKA's banks and of AdaSEKA's grid get distinct folder names; SEKA's shipped-bank names are
+    the plain ``<layers>-g<gain>``."""
+    names = [
+        Candidate("last15", 4.0).name,
+        Candidate("last15", 4.0, bank="chat95").name,
+        Candidate("last15", 0.5, method="adaseka").name,
+        candidate_name("last15", 0.25, method="adaseka"),
+    ]
+    assert names == ["last15-g4", "chat95-last15-g4", "adaseka-last15-g0.5", "adaseka-last15-g0.25"]

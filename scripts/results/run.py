@@ -7,10 +7,13 @@
 Stages, per model (each command's log in OUT/logs/; outputs that exist are skipped, so a re-run resumes):
   build   the SEKA bank (configs/build/<model>.yaml), the AdaSEKA expert banks (configs/adaseka/build/*.yaml) and
           the PASTA head set (`seka pasta-profile`) under OUT;
-  dev     CounterFact dev (4500:5000) for unsteered and every layers x gain of SEKA, then the generation guards
-          (lost in the middle and PronChange dev splits) for unsteered and the best candidates;
-  select  the rule of seka_lightning.selection on the dev runs; writes configs/methods/<model>/{seka,key_scaling,
-          random,adaseka}.yaml and docs/results/dev/<model>.json;
+  dev     CounterFact dev (4500:5000) for unsteered, every bank x layers x gain of SEKA and (when --methods names
+          adaseka) every layers x gain of AdaSEKA (--adaseka-layers, --adaseka-gains), then the generation guards
+          (lost in the middle and PronChange dev splits) for unsteered and each grid's best candidates;
+  select  the rule of seka_lightning.selection on each grid's dev runs; writes configs/methods/<model>/{seka,
+          key_scaling,random}.yaml (SEKA's choice), adaseka.yaml (AdaSEKA's own choice) and
+          docs/results/dev/<model>.json (AdaSEKA's grid under its "adaseka" key).
+          SEKA's grid is tuned unless adaseka is the only tuned method --methods names (then AdaSEKA's alone).
   final   the reported slices for every method from `-c configs/eval/<benchmark>.yaml -c configs/models/<model>.yaml
           -c configs/methods/<model>/<method>.yaml` into RESULTS/<benchmark>/<model>/<method>/; then `seka report`
           and `seka report --verify`.
@@ -58,11 +61,14 @@ STAGES = ("build", "dev", "select", "final")
 BENCHMARKS = ("counterfact", "lost_in_the_middle", "pronchange", "biasbios")
 METHODS = ("none", "seka", "adaseka", "key_scaling", "random", "pasta", "spa")
 TUNED = ("seka", "key_scaling", "random", "adaseka")  # written by the select stage
+GRID_METHODS = {"seka": ("seka", "key_scaling", "random"), "adaseka": ("adaseka",)}  # the configs a dev grid tunes
 PROMPT_ONLY = ("none", "seka", "key_scaling", "random", "adaseka")  # may decode through --static-decoding
 GENERATION = ("lost_in_the_middle", "pronchange", "biasbios")
 EXPERT_SOURCES = ("synthetic_qa", "counterfact", "biasbios", "lost_in_the_middle")
 RANDOM_SEEDS = (0, 1, 2)
 GAINS = (1.0, 2.0, 4.0, 8.0, 16.0)
+# AdaSEKA's edit g k P mixes up to four experts with max |c_m| = 1 (SPEC section 5): stronger than SEKA's at one gain
+ADASEKA_GAINS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 GUARD_BENCHMARKS = {"lost_in_the_middle": "exact_match_inside", "pronchange": "pron_mean_p"}
 assert tuple(GUARD_BENCHMARKS.values()) == GUARDS
 
@@ -159,6 +165,18 @@ class Settings:
     test_slices: dict[str, str] = field(default_factory=dict)
     static_decoding: dict[str, int] = field(default_factory=dict)
     banks: list[str] | None = None
+    adaseka_gains: list[float] = field(default_factory=lambda: list(ADASEKA_GAINS))
+    adaseka_layers: list[str] | None = None
+
+    def adaseka_layer_options(self, model: Model) -> list[str]:
+        """The layer choices of ``model``'s AdaSEKA grid: its lastN grid, or the part of it --adaseka-layers names."""
+        return [layers for layers in model.layer_grid if self.adaseka_layers is None or layers in self.adaseka_layers]
+
+    def tuned_grids(self) -> list[str]:
+        """The dev grids tuned (``seka``, ``adaseka``): AdaSEKA's when --methods names it; SEKA's (whose choice seka,
+        key_scaling and random share) unless adaseka is the only tuned method named."""
+        named = [method for method in TUNED if method in self.methods]
+        return [grid for grid, on in (("seka", named != ["adaseka"]), ("adaseka", "adaseka" in named)) if on]
 
     def bank_variants(self, model: Model) -> list[str]:
         """The banks ``model``'s dev grid searches: ``""`` (the shipped one) and its variants chosen by --banks."""
@@ -187,6 +205,16 @@ def bank_job(model: Model, variant: str) -> str:
 
 def expert_path(s: Settings, model: Model, source: str) -> Path:
     return s.out / "experts" / model.tag / f"{source}.safetensors"
+
+
+def expert_paths(s: Settings, model: Model) -> dict[str, str]:
+    """AdaSEKA's experts of ``model``: source name -> bank path."""
+    return {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES}
+
+
+def expert_jobs(model: Model) -> tuple[str, ...]:
+    """The build jobs of ``model``'s AdaSEKA experts."""
+    return tuple(f"build:{model.tag}:expert-{source}" for source in EXPERT_SOURCES)
 
 
 def pasta_path(s: Settings, model: Model) -> Path:
@@ -378,15 +406,32 @@ def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...
     )
 
 
+def adaseka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...]:
+    return (
+        "--model.method",
+        "AdaSekaMethod",
+        "--model.method.experts",
+        json.dumps(expert_paths(s, model)),
+        "--model.method.gain",
+        f"{candidate.gain:g}",
+        "--model.method.layers",
+        candidate.layers,
+    )
+
+
 def dev_run(s: Settings, model: Model, benchmark: str, candidate: Candidate | None) -> Job:
-    """One dev run: unsteered (``candidate`` None) or SEKA at a candidate's bank, layers and gain."""
+    """One dev run: unsteered (``candidate`` None), SEKA at a candidate's bank, layers and gain, or AdaSEKA (a
+    candidate of its grid) at its layers and gain."""
     name = "none" if candidate is None else candidate.name
     output = dev_dir(s, model, benchmark, name)
+    after: tuple[str, ...] = ()
     if candidate is None:
         method, method_name = ("-c", method_config(model, "none")), "none"
+    elif candidate.method == "adaseka":
+        method, method_name, after = adaseka_args(s, model, candidate), "adaseka", expert_jobs(model)
     else:
-        method, method_name = seka_args(s, model, candidate), "seka"
-    after = () if candidate is None or "build" not in s.stages else (bank_job(model, candidate.bank),)
+        method, method_name, after = seka_args(s, model, candidate), "seka", (bank_job(model, candidate.bank),)
+    after = after if "build" in s.stages else ()
     return Job(
         f"dev:{model.tag}:{benchmark}:{name}",
         predict(s, model, benchmark, "dev", output, *method, name=method_name),
@@ -396,9 +441,9 @@ def dev_run(s: Settings, model: Model, benchmark: str, candidate: Candidate | No
 
 
 def dev_jobs(s: Settings, model: Model) -> list[Job]:
-    """CounterFact dev for unsteered and the grid; then the first round of guard runs."""
+    """CounterFact dev for unsteered and the tuned grids; then the first round of guard runs."""
     jobs = [dev_run(s, model, "counterfact", None)]
-    jobs += [dev_run(s, model, "counterfact", candidate) for candidate in grid(s, model)]
+    jobs += [dev_run(s, model, "counterfact", c) for tuned in s.tuned_grids() for c in grid(s, model, tuned)]
     jobs.append(
         Job(
             f"dev:{model.tag}:guard-round-0",
@@ -411,8 +456,12 @@ def dev_jobs(s: Settings, model: Model) -> list[Job]:
     return jobs
 
 
-def grid(s: Settings, model: Model) -> list[Candidate]:
-    """The dev grid, in order: every bank variant x layer choice x gain (no estimates)."""
+def grid(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
+    """A dev grid, in order (no estimates): SEKA's every bank variant x layer choice x gain, or AdaSEKA's every
+    layer choice x gain (its four experts in each)."""
+    if method == "adaseka":
+        layer_options = s.adaseka_layer_options(model)
+        return [Candidate(layers, gain, method="adaseka") for layers in layer_options for gain in s.adaseka_gains]
     return [
         Candidate(layers, gain, bank=bank)
         for bank in s.bank_variants(model)
@@ -424,14 +473,16 @@ def grid(s: Settings, model: Model) -> list[Candidate]:
 def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     """One round of guard runs (lost in the middle and PronChange dev) and the action planning the next round.
 
-    Round 0 runs unsteered and the ``guard_top`` best CounterFact candidates; later rounds the candidates
-    :func:`guards_needed` names, until the rule's choice is settled (then the ``dev:<model>:guards`` marker)."""
-    candidates = dev_candidates(s, model)
+    Round 0 runs unsteered and each tuned grid's ``guard_top`` best CounterFact candidates; later rounds the
+    candidates :func:`guards_needed` names in each grid, until every grid's choice is settled (then the
+    ``dev:<model>:guards`` marker)."""
+    grids = [dev_candidates(s, model, tuned) for tuned in s.tuned_grids()]
     if number == 0:
-        needed = by_efficacy(candidates)[: s.guard_top]
+        needed = [c for candidates in grids for c in by_efficacy(candidates)[: s.guard_top]]
         jobs = [dev_run(s, model, benchmark, None) for benchmark in s.guards]
     else:
-        needed = guards_needed(candidates, baseline_estimates(s, model), limit=s.guard_top, guards=guard_metrics(s))
+        baseline, guards = baseline_estimates(s, model), guard_metrics(s)
+        needed = [c for cs in grids for c in guards_needed(cs, baseline, limit=s.guard_top, guards=guards)]
         jobs = []
     if not needed:
         return [Job(f"dev:{model.tag}:guards", action=list)]
@@ -454,10 +505,10 @@ def guard_metrics(s: Settings) -> list[str]:
     return [GUARD_BENCHMARKS[benchmark] for benchmark in s.guards]
 
 
-def dev_candidates(s: Settings, model: Model) -> list[Candidate]:
-    """The grid's candidates with their CounterFact dev efficacy and, where run, their guard metrics."""
+def dev_candidates(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
+    """A grid's candidates (:func:`grid`) with their CounterFact dev efficacy and, where run, their guard metrics."""
     candidates = []
-    for point in grid(s, model):
+    for point in grid(s, model, method):
         metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", point.name), EFFICACY)}
         for benchmark, metric in GUARD_BENCHMARKS.items():
             folder = dev_dir(s, model, benchmark, point.name)
@@ -480,49 +531,53 @@ def baseline_estimates(s: Settings, model: Model) -> dict[str, Estimate]:
 
 def select_job(s: Settings, model: Model) -> Job:
     after = (f"dev:{model.tag}:guards",) if "dev" in s.stages else ()
+    written = [method_config(model, m) for tuned in s.tuned_grids() for m in GRID_METHODS[tuned]]
     return Job(
         f"select:{model.tag}",
         action=lambda: write_selection(s, model),
         after=after,
-        note=f"write {', '.join(str(method_config(model, m)) for m in TUNED)} and docs/results/dev/{model.tag}.json",
+        note=f"write {', '.join(map(str, written))} and docs/results/dev/{model.tag}.json",
     )
 
 
 def write_selection(s: Settings, model: Model) -> list[Job]:
-    """Apply the rule to the dev runs; write the tuned methods' configs and the dev table (the table also when no
-    candidate is admissible, so the reasons can be read)."""
-    candidates = dev_candidates(s, model)
+    """Apply the rule to each tuned grid's dev runs; write the configs of each grid with an admissible candidate and
+    the dev table (also when a grid has none, so the reasons can be read; then the error names that grid)."""
     baseline = baseline_estimates(s, model)
-    try:
-        selection = select(candidates, baseline, guards=guard_metrics(s))
-    except ValueError:
-        write_dev_table(s, model, candidates, baseline, None)
-        raise
-    chosen = selection.chosen
-    log.info("%s: chose %s (best admissible %s)", model.tag, chosen.name, selection.best.name)
-    for method, text in tuned_configs(s, model, chosen.layers, chosen.gain, chosen.bank).items():
-        with atomic_path(method_config(model, method)) as tmp:
-            tmp.write_text(text)
-    write_dev_table(s, model, candidates, baseline, selection)
+    candidates = {tuned: dev_candidates(s, model, tuned) for tuned in s.tuned_grids()}
+    selections: dict[str, Selection | None] = {}
+    errors = []
+    for tuned, points in candidates.items():
+        try:
+            selections[tuned] = select(points, baseline, guards=guard_metrics(s))
+        except ValueError as error:
+            selections[tuned] = None
+            errors.append(f"{'AdaSEKA (--adaseka-gains, --adaseka-layers)' if tuned == 'adaseka' else 'SEKA'}: {error}")
+            continue
+        chosen = selections[tuned].chosen
+        log.info("%s: %s chose %s (best admissible %s)", model.tag, tuned, chosen.name, selections[tuned].best.name)
+        if tuned == "seka":
+            texts = seka_configs(s, model, chosen.layers, chosen.gain, chosen.bank)
+        else:
+            texts = {"adaseka": adaseka_config(s, model, chosen.layers, chosen.gain)}
+        for method, text in texts.items():
+            with atomic_path(method_config(model, method)) as tmp:
+                tmp.write_text(text)
+    write_dev_table(s, model, candidates, baseline, selections)
+    if errors:
+        raise ValueError("; ".join(errors))
     return []
 
 
-def write_dev_table(
-    s: Settings,
-    model: Model,
-    candidates: list[Candidate],
-    baseline: dict[str, Estimate],
-    selection: Selection | None,
-) -> None:
-    """``RESULTS/dev/<model>.json``: the slices, the rule, every candidate's dev estimates and guard verdict, the choice."""
-    dev = "dev" if not s.limit else f"first {s.limit} of dev"
+def candidate_rows(s: Settings, candidates: list[Candidate], baseline: dict[str, Estimate]) -> list[dict]:
+    """The dev table's rows of one grid: each candidate's settings, dev estimates and guard verdict."""
     rows = []
     for c in candidates:
         rejected = guard_failures(c, baseline, guard_metrics(s))
         rows.append(
             {
                 "name": c.name,
-                "bank": c.bank or "shipped",
+                **({} if c.method else {"bank": c.bank or "shipped"}),
                 "layers": c.layers,
                 "gain": c.gain,
                 "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
@@ -530,63 +585,97 @@ def write_dev_table(
                 "rejected": rejected,
             }
         )
-    write_json(
-        s.results / "dev" / f"{model.tag}.json",
-        {
+    return rows
+
+
+def choice(selection: Selection | None) -> tuple[str | None, dict | None]:
+    """The dev table's ``best`` and ``chosen`` entries of one grid's selection (None when nothing is admissible)."""
+    if selection is None:
+        return None, None
+    chosen = selection.chosen
+    bank = {} if chosen.method else {"bank": chosen.bank or "shipped"}
+    return selection.best.name, {"name": chosen.name, **bank, "layers": chosen.layers, "gain": chosen.gain}
+
+
+def write_dev_table(
+    s: Settings,
+    model: Model,
+    candidates: dict[str, list[Candidate]],
+    baseline: dict[str, Estimate],
+    selections: dict[str, Selection | None],
+) -> None:
+    """``RESULTS/dev/<model>.json``: the slices, the rule, every candidate's dev estimates and guard verdict, the choice;
+    SEKA's grid at the top level, AdaSEKA's under ``adaseka`` (with its own slices, guards and baseline). A grid not
+    tuned by this run keeps its entries from the table already there."""
+    path = s.results / "dev" / f"{model.tag}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"model": model.pretrained}
+    dev = "dev" if not s.limit else f"first {s.limit} of dev"
+    context = {
+        "rule": RULE,
+        "guards": guard_metrics(s),
+        "guards_not_applied": [m for b, m in GUARD_BENCHMARKS.items() if b not in s.guards],
+        "slices": {
+            "counterfact": f"{dev} (records 4500:5000)",
+            "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
+            "pronchange": f"{dev} (bios 900:1000)",
+        },
+    }
+    if "seka" in candidates:
+        best, chosen = choice(selections["seka"])
+        kept = {"adaseka": table["adaseka"]} if "adaseka" in table and "adaseka" not in candidates else {}
+        table = {
             "model": model.pretrained,
-            "rule": RULE,
-            "guards": guard_metrics(s),
-            "guards_not_applied": [m for b, m in GUARD_BENCHMARKS.items() if b not in s.guards],
-            "slices": {
-                "counterfact": f"{dev} (records 4500:5000)",
-                "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
-                "pronchange": f"{dev} (bios 900:1000)",
-            },
+            **context,
             "banks": {
                 "shipped": f"configs/build/{model.tag}.yaml",
                 **{v: BANK_VARIANTS[v].description for v in s.bank_variants(model) if v},
             },
             "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
-            "candidates": rows,
-            "best": None if selection is None else selection.best.name,
-            "chosen": None
-            if selection is None
-            else {
-                "name": selection.chosen.name,
-                "bank": selection.chosen.bank or "shipped",
-                "layers": selection.chosen.layers,
-                "gain": selection.chosen.gain,
-            },
-        },
+            "candidates": candidate_rows(s, candidates["seka"], baseline),
+            "best": best,
+            "chosen": chosen,
+            **kept,
+        }
+    if "adaseka" in candidates:
+        best, chosen = choice(selections["adaseka"])
+        table["adaseka"] = {
+            **context,
+            "experts": expert_paths(s, model),
+            "layer_options": s.adaseka_layer_options(model),
+            "gains": s.adaseka_gains,
+            "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
+            "candidates": candidate_rows(s, candidates["adaseka"], baseline),
+            "best": best,
+            "chosen": chosen,
+        }
+    write_json(path, table)
+
+
+def config_text(model: Model, method: dict) -> str:
+    """A tuned method's YAML fragment, with the header saying where it came from."""
+    header = (
+        f"# {model.tag}: chosen on dev data by scripts/results/run.py (select stage; rule in "
+        f"src/seka_lightning/selection.py, table in docs/results/dev/{model.tag}.json). Written by the script.\n"
     )
+    return header + yaml.safe_dump({"model": {"init_args": {"method": method}}}, sort_keys=False)
 
 
-def tuned_configs(s: Settings, model: Model, layers: str, gain: float, variant: str = "") -> dict[str, str]:
-    """The YAML fragments of SEKA and its ablations (same bank, layers and gain) and AdaSEKA (same layers, gain =
-    SEKA's)."""
+def seka_configs(s: Settings, model: Model, layers: str, gain: float, variant: str = "") -> dict[str, str]:
+    """The YAML fragments of SEKA and its ablations (same bank, layers and gain)."""
     bank = str(bank_path(s, model, variant))
     settings = {"gain_pos": gain, "layers": layers}
     methods = {
         "seka": {"class_path": "SekaMethod", "init_args": {"bank": bank, **settings}},
         "key_scaling": {"class_path": "KeyScalingMethod", "init_args": {"bank": bank, **settings}},
         "random": {"class_path": "RandomProjectionMethod", "init_args": {"bank": bank, **settings, "seed": 0}},
-        "adaseka": {
-            "class_path": "AdaSekaMethod",
-            "init_args": {
-                "experts": {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES},
-                "gain": gain,
-                "layers": layers,
-            },
-        },
     }
-    header = (
-        f"# {model.tag}: chosen on dev data by scripts/results/run.py (select stage; rule in "
-        f"src/seka_lightning/selection.py, table in docs/results/dev/{model.tag}.json). Written by the script.\n"
-    )
-    return {
-        name: header + yaml.safe_dump({"model": {"init_args": {"method": method}}}, sort_keys=False)
-        for name, method in methods.items()
-    }
+    return {name: config_text(model, method) for name, method in methods.items()}
+
+
+def adaseka_config(s: Settings, model: Model, layers: str, gain: float) -> str:
+    """The YAML fragment of AdaSEKA (its four experts) at the layers and gain its own grid chose."""
+    init_args = {"experts": expert_paths(s, model), "gain": gain, "layers": layers}
+    return config_text(model, {"class_path": "AdaSekaMethod", "init_args": init_args})
 
 
 # --------------------------------------------------------------------------------------------------------- final
@@ -608,8 +697,7 @@ def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[J
         variant = configured_variant(model)
         artifacts, needs = ("--model.method.bank", str(bank_path(s, model, variant))), (bank_step(variant),)
     elif method == "adaseka":
-        experts = {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES}
-        artifacts = ("--model.method.experts", json.dumps(experts))
+        artifacts = ("--model.method.experts", json.dumps(expert_paths(s, model)))
         needs = tuple(f"expert-{source}" for source in EXPERT_SOURCES)
     elif method == "pasta":
         artifacts, needs = ("--model.method.heads", str(pasta_path(s, model))), ("pasta",)
@@ -661,7 +749,7 @@ def plan(s: Settings) -> list[Job]:
     for model in s.models:
         if "build" in s.stages:
             wanted = {"seka"} | ({"pasta"} if "pasta" in s.methods else set())
-            if "dev" in s.stages or "select" in s.stages:  # the grid's banks
+            if ("dev" in s.stages or "select" in s.stages) and "seka" in s.tuned_grids():  # the grid's banks
                 wanted |= set(map(bank_step, s.bank_variants(model)))
             if "final" in s.stages and "select" not in s.stages:
                 wanted.add(bank_step(configured_variant(model)))  # the bank the tuned configs name
@@ -891,6 +979,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     )
     parser.add_argument("--gains", nargs="+", type=float, default=list(GAINS))
     parser.add_argument(
+        "--adaseka-gains",
+        nargs="+",
+        type=float,
+        default=list(ADASEKA_GAINS),
+        help="the gains of AdaSEKA's dev grid (tuned when --methods names adaseka)",
+    )
+    parser.add_argument(
+        "--adaseka-layers",
+        nargs="+",
+        metavar="LAYERS",
+        help="restrict AdaSEKA's dev grid to these of each model's layer options (all and lastN, as SEKA's grid; "
+        "default every one)",
+    )
+    parser.add_argument(
         "--guards",
         nargs="*",
         default=list(GUARD_BENCHMARKS),
@@ -911,6 +1013,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if any(gain <= 0 for gain in args.adaseka_gains):
+        parser.error(f"--adaseka-gains must all be > 0, got {args.adaseka_gains}")
+    for layers in args.adaseka_layers or []:
+        for tag in args.models:
+            if layers not in MODELS[tag].layer_grid:
+                parser.error(
+                    f"--adaseka-layers {layers}: not a layer option of {tag} (its options: "
+                    f"{' '.join(MODELS[tag].layer_grid)}); choose among them, or run each model on its own"
+                )
     batch_sizes = {}
     for item in args.batch_size:
         key, _, value = item.partition("=")
@@ -956,6 +1067,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         test_slices=test_slices,
         static_decoding=static_decoding,
         banks=args.banks,
+        adaseka_gains=args.adaseka_gains,
+        adaseka_layers=args.adaseka_layers,
     )
     return settings, args
 

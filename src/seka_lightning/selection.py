@@ -56,23 +56,26 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One grid point: SEKA's layer selection and gain, with its dev estimates ``{metric: Estimate}``, on the bank
-    variant ``bank`` (empty: the model's shipped build config)."""
+    """One grid point: a layer selection and gain, with its dev estimates ``{metric: Estimate}``; SEKA's on the bank
+    variant ``bank`` (empty: the model's shipped build config), or another method's grid (``method``, e.g.
+    ``adaseka``, which the rule picks from separately)."""
 
     layers: str
     gain: float
     metrics: Mapping[str, Estimate] = field(default_factory=dict)
     bank: str = ""
+    method: str = ""
 
     @property
     def name(self) -> str:
-        return candidate_name(self.layers, self.gain, self.bank)
+        return candidate_name(self.layers, self.gain, self.bank, method=self.method)
 
 
-def candidate_name(layers: str, gain: float, bank: str = "") -> str:
-    """A folder-safe name for a grid point, e.g. ``last15-g4``, or ``chat95-last15-g4`` on the bank variant
-    ``chat95``."""
-    return f"{bank + '-' if bank else ''}{layers}-g{gain:g}"
+def candidate_name(layers: str, gain: float, bank: str = "", *, method: str = "") -> str:
+    """A folder-safe name for a grid point, e.g. ``last15-g4``, ``chat95-last15-g4`` on the bank variant ``chat95``,
+    or ``adaseka-last15-g0.5`` in AdaSEKA's grid."""
+    prefix = "".join(f"{part}-" for part in (method, bank) if part)
+    return f"{prefix}{layers}-g{gain:g}"
 
 
 @dataclass(frozen=True)

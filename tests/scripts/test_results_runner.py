@@ -47,6 +47,14 @@ def dry_run(capsys, *args: str) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
+def tuned_configs(settings, model, layers: str, gain: float, variant: str = "") -> dict[str, str]:
+    """Every tuned method's fragment at one setting (SEKA's bank variant, layers and gain; AdaSEKA at the same)."""
+    return {
+        **run.seka_configs(settings, model, layers, gain, variant),
+        "adaseka": run.adaseka_config(settings, model, layers, gain),
+    }
+
+
 def test_dry_run_final_seka_counterfact_commands(capsys, in_repo):
     lines = dry_run(
         capsys, "--models", "smollm2-135m", "--stages", "final", "--methods", "seka", "--benchmarks", "counterfact"
@@ -119,8 +127,10 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         "--output outputs/results/banks/p95/gemma3-270m.safetensors --top_pct 0.95 --min_diff 0.0"
     )
     dev = [line for line in lines if "--trainer.callbacks.output_dir outputs/results/dev/" in line]
-    # unsteered + 2 banks x 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, on CounterFact dev
-    assert len(dev) == 17 and all("--data.split dev --data.example_subset null" in line for line in dev)
+    # unsteered + 2 banks x 4 layer choices (Gemma-3's 18 layers: all, last12, last9, last6) x 2 gains, on CounterFact dev,
+    # then AdaSEKA's 4 layer choices x 6 gains (--methods names adaseka by default)
+    assert len(dev) == 17 + 24 and all("--data.split dev --data.example_subset null" in line for line in dev)
+    assert not any("AdaSekaMethod" in line for line in dev[:17]) and all("AdaSekaMethod" in line for line in dev[17:])
     assert "--model.method.gain_pos 8 --model.method.layers last9" in dev[6]
     assert dev[14].endswith(
         "p95-last9-g8 --data.path ../shared/data/counterfact --data.split dev --data.example_subset null"
@@ -146,6 +156,16 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         (["--counterfact-test", "4900:5100"], "counterfact's reported records are 5000:10000"),
         (["--static-decoding", "counterfact=512"], "--static-decoding takes BENCHMARK=N with BENCHMARK in"),
         (["--banks", "chat"], "invalid choice: 'chat'"),
+        (
+            ["--models", "smollm2-135m", "--adaseka-layers", "last12"],
+            "--adaseka-layers last12: not a layer option of smollm2-135m (its options: all last20 last15 last10); "
+            "choose among them, or run each model on its own",
+        ),
+        (
+            ["--adaseka-layers", "last10"],  # both models by default: Gemma-3's 18 layers have no last10
+            "--adaseka-layers last10: not a layer option of gemma3-270m (its options: all last12 last9 last6)",
+        ),
+        (["--adaseka-gains", "0.5", "0"], "--adaseka-gains must all be > 0, got [0.5, 0.0]"),
     ],
 )
 def test_bad_options_are_refused(argv, message, in_repo, capsys):
@@ -164,7 +184,7 @@ def test_every_dependency_is_a_planned_job(variant, stages, banks, tmp_path, mon
     settings, _ = run.parse_args(
         ["--models", "smollm2-135m", "--stages", *stages] + ([] if banks is None else ["--banks", *banks])
     )
-    for method, text in run.tuned_configs(settings, SMOLLM2, "last15", 8.0, variant).items():
+    for method, text in tuned_configs(settings, SMOLLM2, "last15", 8.0, variant).items():
         (tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").write_text(text)
     jobs = run.plan(settings)
     names = {job.name for job in jobs}
@@ -180,7 +200,7 @@ def test_a_config_naming_a_variant_the_model_lacks_is_refused(tmp_path, monkeypa
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     settings, _ = run.parse_args(["--models", "gemma3-270m", "--stages", "final"])
-    for method, text in run.tuned_configs(settings, run.MODELS["gemma3-270m"], "last6", 4.0, "chat95").items():
+    for method, text in tuned_configs(settings, run.MODELS["gemma3-270m"], "last6", 4.0, "chat95").items():
         (tmp_path / "configs" / "methods" / "gemma3-270m" / f"{method}.yaml").write_text(text)
     with pytest.raises(ValueError, match=r"names the bank variant 'chat95', which gemma3-270m does not have .* select"):
         run.plan(settings)
@@ -256,7 +276,9 @@ def write_dev_run(folder: Path, metric: str, scores: list[float]) -> None:
 def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--banks"])
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--banks", "--methods", "seka"]
+    settings, _ = run.parse_args(argv)
+    shipped_adaseka = (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text()
     efficacy = {"all": (6, 7), "last20": (8, 9), "last15": (9, 10), "last10": (5, 6)}  # wins of 10 at gains 2, 8
     for layers, wins in efficacy.items():
         for gain, won in zip((2.0, 8.0), wins, strict=True):
@@ -283,8 +305,9 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
         "class_path": "SekaMethod",
         "init_args": {"bank": "outputs/results/banks/smollm2-135m.safetensors", "gain_pos": 2.0, "layers": "last15"},
     }
-    adaseka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text())
-    assert adaseka["model"]["init_args"]["method"]["init_args"]["gain"] == 2.0
+    # AdaSEKA was not tuned (--methods seka): its config is not rewritten at SEKA's setting, the table has no entry
+    assert (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text() == shipped_adaseka
+    assert "adaseka" not in table
 
 
 def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_path, monkeypatch, capsys):
@@ -292,7 +315,18 @@ def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_pat
     which bank, and a later final stage (without select) passes that bank to the ablations."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    argv = ["--models", "smollm2-135m", "--gains", "8", "--results", "results", "--banks", "chat95"]
+    argv = [
+        "--models",
+        "smollm2-135m",
+        "--gains",
+        "8",
+        "--results",
+        "results",
+        "--banks",
+        "chat95",
+        "--methods",
+        "seka",
+    ]
     settings, _ = run.parse_args(argv)
     assert [c.name for c in run.grid(settings, SMOLLM2)][3:6] == ["last10-g8", "chat95-all-g8", "chat95-last20-g8"]
     wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 5, "chat95-last15-g8": 10, "none": 5}
@@ -342,7 +376,8 @@ def write_counterfact_grid(settings) -> None:
 def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    settings, _ = run.parse_args(["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks"])
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks", "--methods", "seka"]
+    settings, _ = run.parse_args(argv)
     write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
     names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
@@ -389,6 +424,8 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
         "--guards",
         "pronchange",
         "--banks",
+        "--methods",
+        "seka",
     ]
     settings, _ = run.parse_args(argv)
     write_counterfact_grid(settings)
@@ -404,6 +441,180 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
     rows = {row["name"]: row for row in table["candidates"]}
     assert rows["last15-g8"]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
     assert table["chosen"] == {"name": "last15-g2", "bank": "shipped", "layers": "last15", "gain": 2.0}
+
+
+EXPERTS = {source: f"outputs/results/experts/smollm2-135m/{source}.safetensors" for source in run.EXPERT_SOURCES}
+
+
+def test_dry_run_adaseka_dev_grid(capsys, in_repo):
+    """--methods adaseka tunes AdaSEKA's own grid (its four experts at each --adaseka-layers x --adaseka-gains) and
+    not SEKA's; --methods without adaseka plans no AdaSEKA run."""
+    args = ("--models", "smollm2-135m", "--stages", "dev", "select", "--adaseka-gains", "0.5", "2")
+    lines = dry_run(capsys, *args, "--methods", "adaseka", "--adaseka-layers", "last10", "last20")
+    head = f"{SEKA} predict -c configs/eval/counterfact.yaml -c configs/models/smollm2-135m.yaml "
+    tail = " --data.path ../shared/data/counterfact --data.split dev --data.example_subset null"
+    expected = [
+        head + "--model.method AdaSekaMethod --model.method.experts "
+        f"'{json.dumps(EXPERTS)}' --model.method.gain {gain} --model.method.layers {layers} --trainer.accelerator auto "
+        f"--trainer.callbacks.output_dir outputs/results/dev/smollm2-135m/counterfact/adaseka-{layers}-g{gain}" + tail
+        for layers in ("last20", "last10")  # the model's grid order, whatever order --adaseka-layers names them in
+        for gain in ("0.5", "2")
+    ]
+    none = head + "-c configs/methods/smollm2-135m/none.yaml --trainer.accelerator auto --trainer.callbacks.output_dir "
+    assert lines[:-2] == [none + "outputs/results/dev/smollm2-135m/counterfact/none" + tail, *expected]
+    assert lines[-1] == (
+        "[select:smollm2-135m] write configs/methods/smollm2-135m/adaseka.yaml and docs/results/dev/smollm2-135m.json"
+    )
+    for method in ("seka", "none"):
+        lines = dry_run(capsys, *args, "--methods", method)
+        assert not any("AdaSekaMethod" in line or "adaseka" in line for line in lines)
+        assert (
+            sum(" predict " in line for line in lines) == 1 + 3 * 4 * 5
+        )  # unsteered + 3 banks x 4 layers x 5 gains (--gains default)
+
+
+def test_adaseka_dev_runs_wait_for_their_experts_and_parse(capsys, in_repo, plain_argv):
+    """With the build stage an AdaSEKA dev run waits for the four expert builds (which are planned); its command
+    line parses to AdaSekaMethod at the candidate's gain and layers with the runner's experts."""
+    argv = ["--models", "smollm2-135m", "--stages", "build", "dev", "--methods", "adaseka", "--adaseka-gains", "4"]
+    settings, _ = run.parse_args(argv)
+    jobs = {job.name: job for job in run.plan(settings)}
+    dev = jobs["dev:smollm2-135m:counterfact:adaseka-last15-g4"]
+    assert dev.after == tuple(f"build:smollm2-135m:expert-{source}" for source in run.EXPERT_SOURCES)
+    assert set(dev.after) <= set(jobs)
+    with pytest.raises(SystemExit):
+        run_lightning([*dev.argv[3:], "--print_config"])
+    method = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["method"]
+    assert method["class_path"].endswith(".AdaSekaMethod")
+    assert (method["init_args"]["gain"], method["init_args"]["layers"]) == (4.0, "last15")
+    assert method["init_args"]["experts"] == EXPERTS
+
+
+# CounterFact dev wins of 10 in AdaSEKA's grid (last15, last10 x gains 0.5, 2, 8) and the one whose guard fails
+ADASEKA_WINS = {"last15-g0.5": 6, "last15-g2": 9, "last15-g8": 10, "last10-g0.5": 8, "last10-g2": 7, "last10-g8": 3}
+
+
+def write_guards(settings, name: str, *, passes: bool = True) -> None:
+    """Guard runs of one candidate against the unsteered [0.5, 0.5] (floor 0.5); a failing one scores 0.25."""
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
+    pron = [0.5, 0.5] if passes else [0.0, 0.5]
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", pron)
+
+
+def test_adaseka_gets_its_own_guarded_choice_and_dev_table_entry(tmp_path, monkeypatch):
+    """Both grids go through the same guard rounds and rule; adaseka.yaml gets AdaSEKA's own choice (not SEKA's
+    layers and gain), the dev table records it under 'adaseka' beside SEKA's unchanged fields."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks", "--results", "results"]
+    argv += ["--methods", "seka", "adaseka", "--adaseka-layers", "last15", "last10", "--adaseka-gains", "0.5", "2", "8"]
+    settings, _ = run.parse_args(argv)
+    write_counterfact_grid(settings)  # SEKA's best: last15-g8, 10/10
+    for name, won in ADASEKA_WINS.items():
+        dev = run.dev_dir(settings, SMOLLM2, "counterfact", f"adaseka-{name}")
+        write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
+    first = run.guard_round(settings, SMOLLM2, 0)
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in first][2::2] == [
+        "lost_in_the_middle:last15-g8",  # each grid's two best efficacies
+        "lost_in_the_middle:last20-g8",
+        "lost_in_the_middle:adaseka-last15-g8",
+        "lost_in_the_middle:adaseka-last15-g2",
+        "guard-round-1",
+    ]
+    assert "AdaSekaMethod" in first[6].argv and "--model.method.gain" in first[6].argv
+    for name in ("none", "last15-g8", "last20-g8", "adaseka-last15-g2"):
+        write_guards(settings, name)
+    write_guards(settings, "adaseka-last15-g8", passes=False)
+    # SEKA is settled (last15-g8 at 1.0 with SE 0 admissible); AdaSEKA's best admissible is adaseka-last15-g2 (0.9,
+    # SE 0.1), whose band reaches adaseka-last10-g0.5 (0.8) at a smaller gain: its guards are needed
+    second = first[-1].action()
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in second] == [
+        "lost_in_the_middle:adaseka-last10-g0.5",
+        "pronchange:adaseka-last10-g0.5",
+        "guard-round-2",
+    ]
+    write_guards(settings, "adaseka-last10-g0.5")
+    assert [job.name for job in second[-1].action()] == ["dev:smollm2-135m:guards"]
+    assert run.write_selection(settings, SMOLLM2) == []
+    methods = tmp_path / "configs" / "methods" / "smollm2-135m"
+    seka = yaml.safe_load((methods / "seka.yaml").read_text())["model"]["init_args"]["method"]["init_args"]
+    assert (seka["layers"], seka["gain_pos"]) == ("last15", 8.0)
+    adaseka = yaml.safe_load((methods / "adaseka.yaml").read_text())["model"]["init_args"]["method"]
+    assert adaseka == {
+        "class_path": "AdaSekaMethod",
+        "init_args": {"experts": EXPERTS, "gain": 0.5, "layers": "last10"},
+    }
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    seka_keys = ["model", "rule", "guards", "guards_not_applied", "slices", "banks", "baseline", "candidates", "best"]
+    assert list(table) == [*seka_keys, "chosen", "adaseka"]
+    assert table["chosen"] == {"name": "last15-g8", "bank": "shipped", "layers": "last15", "gain": 8.0}
+    assert all(not row["name"].startswith("adaseka") for row in table["candidates"])
+    entry = table["adaseka"]
+    assert entry["chosen"] == {"name": "adaseka-last10-g0.5", "layers": "last10", "gain": 0.5}
+    assert entry["best"] == "adaseka-last15-g2"
+    assert (entry["layer_options"], entry["gains"], entry["experts"]) == (
+        ["last15", "last10"],
+        [0.5, 2.0, 8.0],
+        EXPERTS,
+    )
+    assert entry["guards"] == table["guards"] and entry["baseline"] == table["baseline"]
+    rows = {row["name"]: row for row in entry["candidates"]}
+    assert list(rows) == [f"adaseka-{name}" for name in ADASEKA_WINS]
+    assert rows["adaseka-last15-g8"]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
+    assert rows["adaseka-last10-g2"]["rejected"] == ["exact_match_inside: no dev run", "pron_mean_p: no dev run"]
+    assert rows["adaseka-last10-g0.5"]["metrics"]["efficacy_score"]["mean"] == 0.8
+
+    # a later run tuning one grid keeps the other's configs and table entries
+    seka_text, seka_fields = (methods / "seka.yaml").read_text(), {k: table[k] for k in [*seka_keys, "chosen"]}
+    argv[argv.index("--methods") : argv.index("--adaseka-layers") + 3] = ["--methods", "adaseka", "--adaseka-layers"]
+    argv.insert(argv.index("--adaseka-layers") + 1, "last15")  # AdaSEKA alone, at last15 only: adaseka-last15-g2
+    only, _ = run.parse_args(argv)
+    assert only.tuned_grids() == ["adaseka"] and only.adaseka_layers == ["last15"]
+    assert run.write_selection(only, SMOLLM2) == []
+    again = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert {k: again[k] for k in seka_fields} == seka_fields and (methods / "seka.yaml").read_text() == seka_text
+    assert again["adaseka"]["chosen"] == {"name": "adaseka-last15-g2", "layers": "last15", "gain": 2.0}
+    assert (
+        yaml.safe_load((methods / "adaseka.yaml").read_text())["model"]["init_args"]["method"]["init_args"]["gain"]
+        == 2.0
+    )
+
+
+def test_an_adaseka_grid_without_admissible_candidates_names_its_options(tmp_path, monkeypatch):
+    """When every AdaSEKA candidate fails a guard, SEKA's choice is still written, the table shows AdaSEKA's reasons
+    and no choice, and the error names AdaSEKA's grid options; adaseka.yaml is left as it was."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--models",
+        "smollm2-135m",
+        "--gains",
+        "2",
+        "8",
+        "--banks",
+        "--results",
+        "results",
+        "--guards",
+        "pronchange",
+    ]
+    settings, _ = run.parse_args(
+        [*argv, "--methods", "seka", "adaseka", "--adaseka-layers", "last10", "--adaseka-gains", "8"]
+    )
+    write_counterfact_grid(settings)
+    write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", "adaseka-last10-g8"), "efficacy_score", [1.0, 0.0])
+    for name in ("none", "last15-g8"):
+        write_guards(settings, name)
+    write_guards(settings, "adaseka-last10-g8", passes=False)
+    adaseka = (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text()
+    with pytest.raises(ValueError, match=r"^AdaSEKA \(--adaseka-gains, --adaseka-layers\): no candidate passes"):
+        run.write_selection(settings, SMOLLM2)
+    assert (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text() == adaseka
+    seka = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "seka.yaml").read_text())
+    assert seka["model"]["init_args"]["method"]["init_args"]["gain_pos"] == 8.0
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["chosen"]["name"] == "last15-g8"
+    assert table["adaseka"]["chosen"] is None and table["adaseka"]["best"] is None
+    assert table["adaseka"]["candidates"][0]["rejected"] == ["pron_mean_p: 0.2500 < unsteered - SE = 0.5000"]
 
 
 FRAGMENTS = sorted((REPO / "configs" / "methods").glob("*/*.yaml"))
@@ -436,7 +647,7 @@ def test_method_fragments_stack_on_an_eval_config(fragment, capsys, plain_argv):
 def test_tuned_fragments_stack_and_take_the_runners_artifact_paths(tmp_path, capsys, in_repo, plain_argv):
     settings, _ = run.parse_args([])
     model = run.MODELS["gemma3-270m"]
-    for method, text in run.tuned_configs(settings, model, "last6", 4.0).items():
+    for method, text in tuned_configs(settings, model, "last6", 4.0).items():
         (tmp_path / f"{method}.yaml").write_text(text)
     for method in ("adaseka", "random"):
         argv = list(run.final_jobs(settings, model, "pronchange", method)[0].argv[3:])
@@ -459,7 +670,7 @@ def test_cpu_smoke_build_and_final_counterfact_passes_verify(tmp_path):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     shutil.copytree(REPO / "data", tmp_path / "data")
     settings, _ = run.parse_args(["--out", "out"])
-    for method, text in run.tuned_configs(settings, SMOLLM2, "last10", 2.0).items():
+    for method, text in tuned_configs(settings, SMOLLM2, "last10", 2.0).items():
         (tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").write_text(text)
     command = [
         sys.executable,

@@ -312,9 +312,8 @@ def test_the_compiled_step_is_not_recompiled_across_steps_and_prompt_lengths(
     """Gemma-3's sliding layers count tokens in a Python int; read inside the step, it recompiled the step (and
     re-recorded CUDA graphs) as it changed. One graph now serves every step and call (two where a sliding layer
     fills up: transformers' cache update takes another branch then), and the tokens stay generate's."""
-    from torch._dynamo.utils import counters
-
     from tests.conftest import tiny_llama
+    from torch._dynamo.utils import counters
 
     vocab = len(tokenizer)
     model = tiny_llama(vocab) if family == "llama" else _tiny_gemma3(vocab, sliding_window=16)

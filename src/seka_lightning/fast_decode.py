@@ -128,7 +128,8 @@ class StaticGreedyDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._sliding = [layer for layer in self.cache.layers if layer.is_sliding]
+        # sliding-window layers that count their tokens in a Python int (transformers 5.2x's StaticSlidingWindowLayer)
+        self._sliding = [layer for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
         self._mask_builders = self._sliding_mask_builders() if compile and self._sliding else None
         step: Callable = self._step
         self.step = torch.compile(step, backend=backend, mode=mode, dynamic=False) if compile else step
@@ -273,12 +274,12 @@ def _steady_sliding_counts(layers: list) -> Iterator[None]:
     so the step is neither recompiled nor re-recorded as a CUDA graph (the masks, which need the real count, are built
     before the block)."""
     counts = [layer.cumulative_length_int for layer in layers]
-    for layer, count in zip(layers, counts):
+    for layer, count in zip(layers, counts, strict=True):
         layer.cumulative_length_int = layer.max_cache_len if count >= layer.max_cache_len else 0
     try:
         yield
     finally:
-        for layer, count in zip(layers, counts):
+        for layer, count in zip(layers, counts, strict=True):
             layer.cumulative_length_int = count + 1
 
 
@@ -326,8 +327,7 @@ class StaticDecoding(HighlightMethod):
         decoder = self._decoders.get(id(model))
         if decoder is None or decoder.batch_size < rows:
             if decoder is not None:
-                log.info("static decoding: a batch of %d rows, the decoder held %d; building one for %d", rows,
-                         decoder.batch_size, rows)  # fmt: skip
+                log.info("static decoding: a batch of %d rows, larger than the decoder's %d", rows, decoder.batch_size)
                 del self._decoders[id(model)], decoder  # free the old cache before allocating the new one
             decoder = StaticGreedyDecoder(model, batch_size=rows, max_cache_len=self.max_length, **self._options)
             self._decoders[id(model)] = decoder

@@ -86,8 +86,9 @@ def test_bad_calls_are_refused(setup, tmp_path: Path) -> None:
     decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=100, compile=False)
     with pytest.raises(ValueError, match="'every_step' also acts on decode steps.*use method.generate"):
         decoder.generate(EveryStep(), enc, max_new_tokens=2, pad_token_id=0)
-    with pytest.raises(ValueError, match="cache for 2 rows, got a batch of 1"):
-        decoder.generate(HighlightMethod(), {k: v[:1] for k, v in enc.items()}, max_new_tokens=2, pad_token_id=0)
+    three = {key: torch.cat([value, value[:1]]) for key, value in enc.items()}
+    with pytest.raises(ValueError, match=r"cache for 2 rows, got a batch of 3; build one with batch_size >= 3"):
+        decoder.generate(HighlightMethod(), three, max_new_tokens=2, pad_token_id=0)
     with pytest.raises(ValueError, match=r"prompt \(96\) \+ max_new_tokens \(5\) exceeds max_cache_len=100"):
         decoder.generate(HighlightMethod(), enc, max_new_tokens=5, pad_token_id=0)
     model.generation_config.repetition_penalty = 1.3
@@ -233,14 +234,11 @@ def test_grouped_decode_steps_and_the_plainly_causal_unpadded_prompt_pass(setup,
         del ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
-def test_static_decoding_wraps_a_method_with_one_decoder_per_batch_size(setup) -> None:
+def test_static_decoding_wraps_a_method(setup) -> None:
     model, seka, enc = setup
     wrapped = StaticDecoding(seka, max_length=128, compile=False)
-    for rows in (2, 1, 2):
-        part = {key: value[:rows] for key, value in enc.items()}
-        reference = seka.generate(model, part, max_new_tokens=NEW, pad_token_id=0)
-        assert torch.equal(wrapped.generate(model, part, max_new_tokens=NEW, pad_token_id=0), reference)
-    assert len(wrapped._decoders) == 2
+    assert torch.equal(wrapped.generate(model, enc, max_new_tokens=NEW, pad_token_id=0),
+                       seka.generate(model, enc, max_new_tokens=NEW, pad_token_id=0))  # fmt: skip
     assert torch.equal(wrapped.prompt_logits(model, enc), seka.prompt_logits(model, enc))
     assert wrapped.describe()["gain_pos"] == 4.0 and wrapped.describe()["static_decoding"]["max_length"] == 128
 
@@ -250,6 +248,86 @@ def test_static_decoding_wraps_a_method_with_one_decoder_per_batch_size(setup) -
 
     with pytest.raises(ValueError, match="'every_step' also acts on decode steps.*drop static_decoding"):
         StaticDecoding(EveryStep(), max_length=128)
+
+
+def test_one_decoder_serves_a_dataset_with_a_smaller_last_batch(setup) -> None:
+    """Batches of 3, 3 and 1 prompts (7 = 2x3 + 1): the last batch is padded up to the decoder's 3 rows, each real
+    row gets the tokens of its batch decoded alone by `generate`, and one decoder with one cache (never reallocated)
+    serves them all."""
+    model, seka, _ = setup
+    prompts = random_prompts(7, 80, documents=5, highlighted=2, vocab_size=get_shape("tiny").vocab_size, seed=0)
+    assert (prompts["attention_mask"][-1] == 0).any()  # the last batch's one row is left-padded
+    wrapped = StaticDecoding(seka, max_length=96, compile=True, backend="eager")
+    addresses = None
+    for start in (0, 3, 6):
+        batch = {key: value[start : start + 3] for key, value in prompts.items()}
+        got = wrapped.generate(model, batch, max_new_tokens=NEW, pad_token_id=0)
+        assert got.shape == (batch["input_ids"].shape[0], NEW)
+        assert torch.equal(got, seka.generate(model, batch, max_new_tokens=NEW, pad_token_id=0))
+        (decoder,) = wrapped._decoders.values()
+        now = [layer.keys.data_ptr() for layer in decoder.cache.layers]
+        assert addresses in (None, now)  # the cache is reset, not reallocated
+        addresses = now
+    assert decoder.batch_size == 3 and {layer.keys.shape[0] for layer in decoder.cache.layers} == {3}
+
+
+def test_a_larger_batch_than_any_before_replaces_the_decoder_once(setup) -> None:
+    model, seka, enc = setup
+    wrapped = StaticDecoding(seka, max_length=128, compile=False)
+    for rows in (1, 2, 1):
+        part = {key: value[:rows] for key, value in enc.items()}
+        reference = seka.generate(model, part, max_new_tokens=NEW, pad_token_id=0)
+        assert torch.equal(wrapped.generate(model, part, max_new_tokens=NEW, pad_token_id=0), reference)
+    (decoder,) = wrapped._decoders.values()
+    assert decoder.batch_size == 2
+
+
+def _tiny_gemma3(vocab_size: int, *, sliding_window: int):
+    """A random Gemma-3 with sliding-window layers around a full one (no EOS, so every step decodes)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
+        pad_token_id=0, bos_token_id=2, eos_token_id=None,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize(
+    ("family", "lengths", "graphs"),
+    [
+        ("llama", (40, 33, 50), 1),
+        ("gemma3", (40, 33, 50), 1),  # the sliding layers (window 16) are full at every step
+        ("gemma3", (40, 10, 12), 2),  # short prompts: not full, then full mid-call (the cache update branches)
+    ],
+)
+def test_the_compiled_step_is_not_recompiled_across_steps_and_prompt_lengths(
+    tokenizer, family: str, lengths: tuple[int, ...], graphs: int
+) -> None:
+    """Gemma-3's sliding layers count tokens in a Python int; read inside the step, it recompiled the step (and
+    re-recorded CUDA graphs) as it changed. One graph now serves every step and call (two where a sliding layer
+    fills up: transformers' cache update takes another branch then), and the tokens stay generate's."""
+    from tests.conftest import tiny_llama
+    from torch._dynamo.utils import counters
+
+    vocab = len(tokenizer)
+    model = tiny_llama(vocab) if family == "llama" else _tiny_gemma3(vocab, sliding_window=16)
+    model.generation_config.eos_token_id = None
+    decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=62, compile=True, backend="eager")
+    # every decoder's step shares one code object, whose compiled entries count towards dynamo's recompile limit (8)
+    # over the whole session; start from none, so that earlier tests' decoders cannot stop this one compiling
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    for length in lengths:
+        enc = random_prompts(2, length, documents=2, highlighted=1, vocab_size=vocab, seed=length)
+        reference = HighlightMethod().generate(model, enc, max_new_tokens=12, pad_token_id=0)
+        assert torch.equal(decoder.generate(HighlightMethod(), enc, max_new_tokens=12, pad_token_id=0), reference)
+    assert counters["stats"]["unique_graphs"] - before == graphs, counters["stats"]
 
 
 def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, tmp_path: Path) -> None:
@@ -285,7 +363,7 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, t
                 "--data.gold_positions", "[0, 3]",
                 "--data.example_subset", "0:3",
                 "--data.max_new_tokens", "5",
-                "--data.batch_size", "4",  # 6 prompts: batches of 4 and 2, two decoders
+                "--data.batch_size", "4",  # 6 prompts: batches of 4 and 2, the second padded to 4 rows
                 "--trainer.accelerator", "cpu",
                 "--trainer.logger", "false",
                 "--trainer.enable_progress_bar", "false",

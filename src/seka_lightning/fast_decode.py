@@ -15,20 +15,34 @@ causal kernel on the prompt's own keys instead of a masked kernel over the whole
 It produces what ``HighlightMethod.generate`` produces (greedy, ``pad_token_id`` after an EOS) for the methods whose
 effect is confined to the prompt pass (``edits_decode_steps = False``): none, SEKA, the random ablation and AdaSEKA.
 PASTA (a bias at every step) and SPA (a logit mix at every step) keep their own ``generate``.
+
+One compiled step serves every decode step and every call (``dynamic=False``: no shape or Python number of the step
+varies). transformers' static sliding-window layers (Gemma-3) count their tokens in a Python int, which the mask
+builders and the cache update read; inside the compiled step that int changed at every step, so the step recompiled
+with the int as a dynamic size and CUDA graphs recorded a new graph per value. For a cache with sliding layers the
+decoder therefore builds the step's masks eagerly (transformers' own builders, the real counts) and hands the step
+only whether each sliding layer is full (see :func:`_steady_sliding_counts`).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from contextlib import nullcontext
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from transformers import StaticCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from seka_lightning.decode_attention import gqa_decoding
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
+
+log = logging.getLogger(__name__)
+
+# the builders of the decode steps' masks per layer type, for models whose cache has sliding-window layers
+MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 # generation_config fields that make `generate`'s greedy output differ from a plain argmax, with their neutral values
 NEUTRAL_GENERATION = {
@@ -76,7 +90,10 @@ slots it is the nvjet kernel at 8 us and no copy (docs/performance.md)."""
 
 class StaticGreedyDecoder:
     """Reusable greedy decoding for one model: the cache is allocated once for ``batch_size`` rows and
-    ``max_cache_len`` positions (prompt + new tokens), and reset, not reallocated, between calls."""
+    ``max_cache_len`` positions (prompt + new tokens), and reset, not reallocated, between calls. A call with fewer
+    rows is padded up to ``batch_size`` with copies of its last row (rows never mix, so the real rows' tokens are
+    those of the batch alone) and the copies' outputs are dropped: one cache and one compiled step serve a dataset's
+    smaller last batch too."""
 
     def __init__(
         self,
@@ -92,7 +109,7 @@ class StaticGreedyDecoder:
         """
         Args:
             model: a causal LM whose family supports transformers' ``StaticCache``.
-            batch_size: rows per call (a call with another batch size is refused).
+            batch_size: rows of the cache; a call may have fewer (a larger batch is refused).
             max_cache_len: prompt length + new tokens, at least.
             compile: compile the decode step (False runs the same loop eagerly, for tests).
             backend: ``torch.compile`` backend (``inductor``; ``eager`` for quick CPU checks).
@@ -111,11 +128,33 @@ class StaticGreedyDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # sliding-window layers that count their tokens in a Python int (transformers 5.2x's StaticSlidingWindowLayer)
+        self._sliding = [layer for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
+        self._mask_builders = self._sliding_mask_builders() if compile and self._sliding else None
         step: Callable = self._step
-        self.step = torch.compile(step, backend=backend, mode=mode) if compile else step
+        self.step = torch.compile(step, backend=backend, mode=mode, dynamic=False) if compile else step
+
+    def _sliding_mask_builders(self) -> dict[str, Callable]:
+        """The mask builder of each layer type of a model with sliding-window layers (decode steps get their masks
+        as the dict the model's forward accepts in place of a mask)."""
+        config = self.model.config.get_text_config()
+        types = set(getattr(config, "layer_types", None) or ())
+        unknown = types - set(MASK_BUILDERS)
+        if unknown or not types or getattr(config, "use_bidirectional_attention", False):
+            raise ValueError(
+                f"the compiled decoder builds the decode masks of sliding-window models for the layer types "
+                f"{sorted(MASK_BUILDERS)} with causal attention; this model has {sorted(types)}"
+                f"{' with bidirectional attention' if getattr(config, 'use_bidirectional_attention', False) else ''}; "
+                "use compile=False or method.generate"
+            )
+        return {name: MASK_BUILDERS[name] for name in sorted(types)}
 
     def _step(
-        self, tokens: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_position: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor],
     ) -> torch.Tensor:
         logits = self.model(
             input_ids=tokens,
@@ -126,6 +165,23 @@ class StaticGreedyDecoder:
             **{self._cache_kw: self.cache},
         ).logits
         return logits[:, -1].argmax(-1, keepdim=True)
+
+    def _decode_step(
+        self, token: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One decode step through the compiled step; a cache with sliding layers gets its masks built here."""
+        if self._mask_builders is None:
+            return self.step(token, position_ids, cache_position, mask)
+        embeds = torch.empty(token.shape[0], 1, 0, dtype=self.model.dtype, device=token.device)  # shape, dtype, device
+        config = self.model.config.get_text_config()
+        masks = {
+            name: build(
+                config=config, inputs_embeds=embeds, attention_mask=mask, cache=self.cache, position_ids=position_ids
+            )
+            for name, build in self._mask_builders.items()
+        }
+        with _steady_sliding_counts(self._sliding):
+            return self.step(token, position_ids, cache_position, masks)
 
     def _eos_ids(self, device: torch.device) -> torch.Tensor | None:
         """The model's EOS ids now (generation_config may change between calls), as a tensor, or None."""
@@ -152,14 +208,18 @@ class StaticGreedyDecoder:
                 f"the model's generation_config sets {', '.join(changes)}, which change greedy decoding and this "
                 "decoder only takes the argmax; reset them on model.generation_config or use method.generate"
             )
-        batch, length = enc["input_ids"].shape
-        if batch != self.batch_size:
-            raise ValueError(f"this decoder holds a cache for {self.batch_size} rows, got a batch of {batch}")
+        rows, length = enc["input_ids"].shape
+        if rows > self.batch_size:
+            raise ValueError(
+                f"this decoder holds a cache for {self.batch_size} rows, got a batch of {rows}; "
+                f"build one with batch_size >= {rows}"
+            )
         if length + max_new_tokens > self.max_cache_len:
             raise ValueError(
                 f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len={self.max_cache_len}; "
                 "use a larger max_cache_len (static_decoding in seka predict)"
             )
+        enc, batch = pad_rows(enc, self.batch_size), self.batch_size
         device = enc["input_ids"].device
         self.cache.reset()
         # the prompt pass's mask: the prompt's padding, then zeros for the cache positions after it; without padding,
@@ -189,18 +249,48 @@ class StaticGreedyDecoder:
         with gqa_decoding(self.model) if self.grouped_decode else nullcontext():
             for i in range(1, max_new_tokens):
                 cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
-                token = self.step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse their outputs
+                token = self._decode_step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse outputs
                 if done is not None:
                     token = torch.where(done, torch.full_like(token, pad_token_id), token)
                     done = done | torch.isin(token, eos)
                 out[:, i : i + 1] = token
-        return out
+        return out[:rows]
+
+
+def pad_rows(enc: Encoded, rows: int) -> Encoded:
+    """``enc`` with ``rows`` rows: its own, then copies of its last row (valid inputs for every method, padded or
+    not as that row is, so the batch's kernels and the real rows' results stay those of ``enc`` alone)."""
+    have = enc["input_ids"].shape[0]
+    if have == rows:
+        return enc
+    return {key: torch.cat([value, value[-1:].expand(rows - have, *value.shape[1:])]) for key, value in enc.items()}
+
+
+@contextmanager
+def _steady_sliding_counts(layers: list) -> Iterator[None]:
+    """Within the block, each sliding-window layer's Python token count reads only whether the layer is full (its
+    window length) or not (0), the one thing the cache update of a one-token step branches on; on exit it is the real
+    count plus the step's token. Inside the compiled step the count is then the same at every step and in every call,
+    so the step is neither recompiled nor re-recorded as a CUDA graph (the masks, which need the real count, are built
+    before the block)."""
+    counts = [layer.cumulative_length_int for layer in layers]
+    for layer, count in zip(layers, counts, strict=True):
+        layer.cumulative_length_int = layer.max_cache_len if count >= layer.max_cache_len else 0
+    try:
+        yield
+    finally:
+        for layer, count in zip(layers, counts, strict=True):
+            layer.cumulative_length_int = count + 1
 
 
 class StaticDecoding(HighlightMethod):
     """``method`` with its ``generate`` served by :class:`StaticGreedyDecoder`; scoring, prompt logits and settings
-    stay the method's. One decoder per batch size, each with ``max_length`` cache positions, so one compiled decode
-    step serves every batch whatever its prompt length (``seka predict --model.static_decoding N``)."""
+    stay the method's (``seka predict --model.static_decoding N``).
+
+    One decoder per model, with ``max_length`` cache positions and the rows of the largest batch seen so far: one
+    cache and one compiled decode step serve every batch whatever its prompt length, and a smaller batch (a dataset's
+    last) is padded up to the decoder's rows. A batch larger than every earlier one replaces the decoder by one of its
+    size (once, as batches come largest first; the old cache is freed) rather than splitting the batch."""
 
     def __init__(
         self,
@@ -221,7 +311,7 @@ class StaticDecoding(HighlightMethod):
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
         self._options = {"compile": compile, "backend": backend, "mode": mode}
-        self._decoders: dict[tuple[int, int], StaticGreedyDecoder] = {}
+        self._decoders: dict[int, StaticGreedyDecoder] = {}
 
     def setup(self, model: nn.Module, tokenizer) -> None:
         self.method.setup(model, tokenizer)
@@ -233,12 +323,15 @@ class StaticDecoding(HighlightMethod):
         return self.method.prompt_logits(model, enc)
 
     def generate(self, model: nn.Module, enc: Encoded, *, max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
-        key = (id(model), enc["input_ids"].shape[0])
-        if key not in self._decoders:
-            self._decoders[key] = StaticGreedyDecoder(
-                model, batch_size=key[1], max_cache_len=self.max_length, **self._options
-            )
-        return self._decoders[key].generate(self.method, enc, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+        rows = enc["input_ids"].shape[0]
+        decoder = self._decoders.get(id(model))
+        if decoder is None or decoder.batch_size < rows:
+            if decoder is not None:
+                log.info("static decoding: a batch of %d rows, larger than the decoder's %d", rows, decoder.batch_size)
+                del self._decoders[id(model)], decoder  # free the old cache before allocating the new one
+            decoder = StaticGreedyDecoder(model, batch_size=rows, max_cache_len=self.max_length, **self._options)
+            self._decoders[id(model)] = decoder
+        return decoder.generate(self.method, enc, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
 
     def describe(self) -> dict:
         return {**self.method.describe(), "static_decoding": {"max_length": self.max_length, **self._options}}

@@ -42,6 +42,19 @@ def plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["seka"])
 
 
+@pytest.fixture
+def configs_copy(tmp_path, monkeypatch) -> None:
+    """A copy of the repository's configs in tmp_path, made the working directory: the runner reads configs/ and the
+    select stage rewrites it there, not in the repository."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+
+
+def smollm2_settings(*args: str) -> run.Settings:
+    """The runner's settings for SmolLM2 alone with its reported runs under ./results, plus ``args``."""
+    return run.parse_args(["--models", "smollm2-135m", "--results", "results", *args])[0]
+
+
 def dry_run(capsys, *args: str) -> list[str]:
     assert run.main(["--dry-run", *args]) == 0
     return capsys.readouterr().out.splitlines()
@@ -177,10 +190,8 @@ def test_bad_options_are_refused(argv, message, in_repo, capsys):
 @pytest.mark.parametrize("variant", ["", "p95", "chat95"])
 @pytest.mark.parametrize("stages", [["build", "final"], ["build", "dev", "final"], ["build", "dev", "select", "final"]])
 @pytest.mark.parametrize("banks", [None, [], ["p95"]])
-def test_every_dependency_is_a_planned_job(variant, stages, banks, tmp_path, monkeypatch):
+def test_every_dependency_is_a_planned_job(variant, stages, banks, tmp_path, configs_copy):
     """Whatever the stages, --banks and the bank the tuned configs name, a job only waits for jobs in the plan."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
     settings, _ = run.parse_args(
         ["--models", "smollm2-135m", "--stages", *stages] + ([] if banks is None else ["--banks", *banks])
     )
@@ -196,9 +207,7 @@ def test_every_dependency_is_a_planned_job(variant, stages, banks, tmp_path, mon
         assert f"outputs/results/banks/{variant}/smollm2-135m.safetensors" in seka.argv
 
 
-def test_a_config_naming_a_variant_the_model_lacks_is_refused(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
+def test_a_config_naming_a_variant_the_model_lacks_is_refused(tmp_path, configs_copy):
     settings, _ = run.parse_args(["--models", "gemma3-270m", "--stages", "final"])
     for method, text in tuned_configs(settings, run.MODELS["gemma3-270m"], "last6", 4.0, "chat95").items():
         (tmp_path / "configs" / "methods" / "gemma3-270m" / f"{method}.yaml").write_text(text)
@@ -273,11 +282,8 @@ def write_dev_run(folder: Path, metric: str, scores: list[float]) -> None:
     (folder / "metric_result.json").write_text("{}")
 
 
-def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--results", "results", "--banks", "--methods", "seka"]
-    settings, _ = run.parse_args(argv)
+def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, configs_copy):
+    settings = smollm2_settings("--gains", "2", "8", "--banks", "--methods", "seka")
     shipped_adaseka = (tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text()
     efficacy = {"all": (6, 7), "last20": (8, 9), "last15": (9, 10), "last10": (5, 6)}  # wins of 10 at gains 2, 8
     for layers, wins in efficacy.items():
@@ -310,24 +316,10 @@ def test_select_stage_writes_the_chosen_configs_and_the_dev_table(tmp_path, monk
     assert "adaseka" not in table
 
 
-def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_path, monkeypatch, capsys):
+def test_a_bank_variant_can_win_and_the_configs_and_finals_name_its_bank(tmp_path, configs_copy, capsys):
     """The grid spans the bank variants: a chat95 candidate that wins is written with its bank, the dev table says
     which bank, and a later final stage (without select) passes that bank to the ablations."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    argv = [
-        "--models",
-        "smollm2-135m",
-        "--gains",
-        "8",
-        "--results",
-        "results",
-        "--banks",
-        "chat95",
-        "--methods",
-        "seka",
-    ]
-    settings, _ = run.parse_args(argv)
+    settings = smollm2_settings("--gains", "8", "--banks", "chat95", "--methods", "seka")
     assert [c.name for c in run.grid(settings, SMOLLM2)][3:6] == ["last10-g8", "chat95-all-g8", "chat95-last20-g8"]
     wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 5, "chat95-last15-g8": 10, "none": 5}
     wins |= {"chat95-all-g8": 6, "chat95-last20-g8": 8, "chat95-last10-g8": 6}
@@ -373,9 +365,7 @@ def write_counterfact_grid(settings) -> None:
         write_dev_run(dev, "efficacy_score", [1.0] * won + [0.0] * (10 - won))
 
 
-def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
+def test_guard_rounds_run_until_the_choice_is_settled(configs_copy):
     argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks", "--methods", "seka"]
     settings, _ = run.parse_args(argv)
     write_counterfact_grid(settings)
@@ -408,26 +398,10 @@ def test_guard_rounds_run_until_the_choice_is_settled(tmp_path, monkeypatch):
     assert [job.name for job in second[-1].action()] == ["dev:smollm2-135m:guards"]
 
 
-def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_path, monkeypatch):
+def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_path, configs_copy):
     """--guards pronchange: guard rounds run PronChange only, the rule ignores lost in the middle, and the dev table
     names the guard it did not apply."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    argv = [
-        "--models",
-        "smollm2-135m",
-        "--gains",
-        "2",
-        "8",
-        "--results",
-        "results",
-        "--guards",
-        "pronchange",
-        "--banks",
-        "--methods",
-        "seka",
-    ]
-    settings, _ = run.parse_args(argv)
+    settings = smollm2_settings("--gains", "2", "8", "--guards", "pronchange", "--banks", "--methods", "seka")
     write_counterfact_grid(settings)
     first = run.guard_round(settings, SMOLLM2, 0)
     names = [job.name.removeprefix("dev:smollm2-135m:") for job in first]
@@ -501,14 +475,12 @@ def write_guards(settings, name: str, *, passes: bool = True) -> None:
     write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", pron)
 
 
-def test_adaseka_gets_its_own_guarded_choice_and_dev_table_entry(tmp_path, monkeypatch):
+def test_adaseka_gets_its_own_guarded_choice_and_dev_table_entry(tmp_path, configs_copy):
     """Both grids go through the same guard rounds and rule; adaseka.yaml gets AdaSEKA's own choice (not SEKA's
     layers and gain), the dev table records it under 'adaseka' beside SEKA's unchanged fields."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    argv = ["--models", "smollm2-135m", "--gains", "2", "8", "--guard-top", "2", "--banks", "--results", "results"]
+    argv = ["--gains", "2", "8", "--guard-top", "2", "--banks"]
     argv += ["--methods", "seka", "adaseka", "--adaseka-layers", "last15", "last10", "--adaseka-gains", "0.5", "2", "8"]
-    settings, _ = run.parse_args(argv)
+    settings = smollm2_settings(*argv)
     write_counterfact_grid(settings)  # SEKA's best: last15-g8, 10/10
     for name, won in ADASEKA_WINS.items():
         dev = run.dev_dir(settings, SMOLLM2, "counterfact", f"adaseka-{name}")
@@ -568,7 +540,7 @@ def test_adaseka_gets_its_own_guarded_choice_and_dev_table_entry(tmp_path, monke
     seka_text, seka_fields = (methods / "seka.yaml").read_text(), {k: table[k] for k in [*seka_keys, "chosen"]}
     argv[argv.index("--methods") : argv.index("--adaseka-layers") + 3] = ["--methods", "adaseka", "--adaseka-layers"]
     argv.insert(argv.index("--adaseka-layers") + 1, "last15")  # AdaSEKA alone, at last15 only: adaseka-last15-g2
-    only, _ = run.parse_args(argv)
+    only = smollm2_settings(*argv)
     assert only.tuned_grids() == ["adaseka"] and only.adaseka_layers == ["last15"]
     assert run.write_selection(only, SMOLLM2) == []
     again = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
@@ -580,26 +552,11 @@ def test_adaseka_gets_its_own_guarded_choice_and_dev_table_entry(tmp_path, monke
     )
 
 
-def test_an_adaseka_grid_without_admissible_candidates_names_its_options(tmp_path, monkeypatch):
+def test_an_adaseka_grid_without_admissible_candidates_names_its_options(tmp_path, configs_copy):
     """When every AdaSEKA candidate fails a guard, SEKA's choice is still written, the table shows AdaSEKA's reasons
     and no choice, and the error names AdaSEKA's grid options; adaseka.yaml is left as it was."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
-    argv = [
-        "--models",
-        "smollm2-135m",
-        "--gains",
-        "2",
-        "8",
-        "--banks",
-        "--results",
-        "results",
-        "--guards",
-        "pronchange",
-    ]
-    settings, _ = run.parse_args(
-        [*argv, "--methods", "seka", "adaseka", "--adaseka-layers", "last10", "--adaseka-gains", "8"]
-    )
+    argv = ["--gains", "2", "8", "--banks", "--guards", "pronchange", "--methods", "seka", "adaseka"]
+    settings = smollm2_settings(*argv, "--adaseka-layers", "last10", "--adaseka-gains", "8")
     write_counterfact_grid(settings)
     write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", "adaseka-last10-g8"), "efficacy_score", [1.0, 0.0])
     for name in ("none", "last15-g8"):
@@ -737,19 +694,15 @@ run.execute([run.Job("sleeper", (sys.executable, "-c", code))], settings, worker
             time.sleep(0.05)
 
 
-def test_final_without_tuned_configs_is_refused_before_running(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
+def test_final_without_tuned_configs_is_refused_before_running(tmp_path, configs_copy):
     for tuned in (tmp_path / "configs" / "methods").glob("*/seka.yaml"):
         tuned.unlink()
-    monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"configs/methods/gemma3-270m/seka.yaml do not exist; .* select"):
         run.main(["--models", "gemma3-270m", "--stages", "final", "--methods", "none", "seka", "--out", "out"])
     assert not (tmp_path / "out").exists()
 
 
-def test_results_without_predictions_are_refused_not_skipped(tmp_path, monkeypatch):
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    monkeypatch.chdir(tmp_path)
+def test_results_without_predictions_are_refused_not_skipped(tmp_path, configs_copy):
     old = tmp_path / "results" / "counterfact" / "smollm2-135m" / "none"
     old.mkdir(parents=True)
     (old / "metric_result.json").write_text("{}")

@@ -184,8 +184,8 @@ def length_row_scales(
     """``s = min(1, (length_reference / n) ** length_power)`` for each flat row of ``flat_rows`` (indices into
     ``[B * T]``), where ``n`` is the number of highlighted tokens of its batch row.
 
-    Long highlights degrade generation at a gain tuned on short ones; scaling by the highlight length keeps the
-    summed edit of a long highlight near that of a ``length_reference``-token one. Computed on the mask's device
+    Long highlights degrade generation at a gain tuned on short ones; at power 1 the summed edit of a long
+    highlight stays that of a ``length_reference``-token one (issue 15, item 8). Computed on the mask's device
     without a host sync; a selected row's batch row has ``n >= 1``, so there is no division by zero.
     """
     counts = highlight_mask.sum(dim=1)[flat_rows // highlight_mask.shape[1]]  # [M], each >= 1

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.layers import LayerSpec, check_layer_mapping, check_layer_spec, select_bank_layers
-from seka_lightning.steering import FusedGains, KeySteerer
+from seka_lightning.steering import FusedGains, KeySteerer, check_length_scaling
 
 Encoded = dict[str, torch.Tensor]
 
@@ -93,6 +93,8 @@ class KeySteeringMethod(HighlightMethod):
         gain_neg: float | None = None,
         layers: LayerSpec = "all",
         layer_mapping: str = "by_id",
+        length_reference: int | None = None,
+        length_power: float = 1.0,
     ) -> None:
         """
         Args:
@@ -101,6 +103,10 @@ class KeySteeringMethod(HighlightMethod):
             gain_neg: g- (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive projector only.
             layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
             layer_mapping: ``by_id`` or ``positional`` (the reference's pairing).
+            length_reference: with it, a row with ``n`` highlighted tokens gets ``k + s k G`` with
+                ``s = min(1, (length_reference / n) ** length_power)``, so long highlights are edited less
+                (opt-in; None = every row at full strength, as SPEC §4).
+            length_power: the exponent of that strength (finite, > 0).
         """
         if not math.isfinite(gain_pos):
             raise ValueError(f"gain_pos must be a finite number, got {gain_pos}")
@@ -108,9 +114,11 @@ class KeySteeringMethod(HighlightMethod):
             raise ValueError(f"gain_neg must be a finite number or None, got {gain_neg}")
         check_layer_spec(layers)
         check_layer_mapping(layer_mapping)
+        check_length_scaling(length_reference, length_power)
         self.bank_path = bank
         self.gain_pos, self.gain_neg = gain_pos, gain_neg
         self.layers, self.layer_mapping = layers, layer_mapping
+        self.length_reference, self.length_power = length_reference, length_power
         self.bank: ProjectionBank | None = None  # loaded by setup()
         self._fused: FusedGains | None = None
         self._layout: ModelLayout | None = None
@@ -153,6 +161,8 @@ class KeySteeringMethod(HighlightMethod):
             layer_mapping=self.layer_mapping,
             fused=self._fused,
             layout=self._layout,
+            length_reference=self.length_reference,
+            length_power=self.length_power,
         )
         try:
             yield
@@ -160,7 +170,8 @@ class KeySteeringMethod(HighlightMethod):
             steerer.remove()
 
     def describe(self) -> dict:
-        return {
+        """The settings; the length scaling only when it is on, so default runs record what they always did."""
+        described = {
             "method": self.name,
             "bank": self.bank_path,
             "gain_pos": self.gain_pos,
@@ -168,6 +179,9 @@ class KeySteeringMethod(HighlightMethod):
             "layers": self.layers,
             "layer_mapping": self.layer_mapping,
         }
+        if self.length_reference is not None:
+            described |= {"length_reference": self.length_reference, "length_power": self.length_power}
+        return described
 
 
 class SekaMethod(KeySteeringMethod):
@@ -184,6 +198,8 @@ class SekaMethod(KeySteeringMethod):
         gain_neg: float | None = None,
         layers: str = "all",
         layer_mapping: str = "by_id",
+        length_reference: int | None = None,
+        length_power: float = 1.0,
     ) -> None:
         """
         Args:
@@ -193,8 +209,19 @@ class SekaMethod(KeySteeringMethod):
             gain_neg: g- (with a negative bank the edit is ``(g+P+ + g-P-) / 2``); None = positive projector only.
             layers: ``all`` (the bank's layers), ``lastN``, ``firstN`` or comma-separated ids.
             layer_mapping: ``by_id`` or ``positional`` (the reference's pairing).
+            length_reference: opt-in: rows with more highlighted tokens are edited by
+                ``min(1, (length_reference / n) ** length_power)`` of ``k G`` (:class:`KeySteeringMethod`).
+            length_power: the exponent of that strength (finite, > 0).
         """
-        super().__init__(bank, gain_pos=gain_pos, gain_neg=gain_neg, layers=layers, layer_mapping=layer_mapping)
+        super().__init__(
+            bank,
+            gain_pos=gain_pos,
+            gain_neg=gain_neg,
+            layers=layers,
+            layer_mapping=layer_mapping,
+            length_reference=length_reference,
+            length_power=length_power,
+        )
         self.neg_path = neg
 
     def load_bank(self, model: nn.Module | None) -> ProjectionBank:

@@ -11,6 +11,7 @@ block on a model that is already steered is refused rather than stacked.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 import weakref
@@ -145,6 +146,72 @@ class FusedGains:
         return cls(gains=gains.to(device), nonzero=nonzero)
 
 
+def check_length_scaling(length_reference: int | None, length_power: float) -> None:
+    """Refuse a ``length_reference`` that is not an integer >= 1 or a ``length_power`` that is not finite and > 0."""
+    if length_reference is not None and (
+        isinstance(length_reference, bool) or not isinstance(length_reference, int) or length_reference < 1
+    ):
+        raise ValueError(
+            f"length_reference must be an integer >= 1 (the highlight length, in tokens, up to which the edit keeps "
+            f"its full strength), got {length_reference!r}; pass e.g. 8, or None to edit every row at full strength"
+        )
+    if (
+        isinstance(length_power, bool)
+        or not isinstance(length_power, (int, float))
+        or not math.isfinite(length_power)
+        or length_power <= 0
+    ):
+        raise ValueError(
+            f"length_power must be a finite number > 0, got {length_power!r}; pass e.g. 1 (the edit of a row with "
+            "n > length_reference highlighted tokens is scaled by length_reference / n) or 0.5 (its square root)"
+        )
+
+
+@dataclass
+class RowScales:
+    """Per selected row ``[M]``: the edit's strength ``s`` (float32) and whether the row is at full strength (bool)."""
+
+    scale: torch.Tensor
+    full: torch.Tensor
+
+    def to(self, device: torch.device) -> RowScales:
+        return RowScales(scale=self.scale.to(device), full=self.full.to(device))
+
+
+def length_row_scales(
+    highlight_mask: torch.Tensor, flat_rows: torch.Tensor, *, length_reference: int, length_power: float
+) -> RowScales:
+    """``s = min(1, (length_reference / n) ** length_power)`` for each flat row of ``flat_rows`` (indices into
+    ``[B * T]``), where ``n`` is the number of highlighted tokens of its batch row.
+
+    Long highlights degrade generation at a gain tuned on short ones; at power 1 the summed edit of a long
+    highlight stays that of a ``length_reference``-token one (issue 15, item 8). Computed on the mask's device
+    without a host sync; a selected row's batch row has ``n >= 1``, so there is no division by zero.
+    """
+    counts = highlight_mask.sum(dim=1)[flat_rows // highlight_mask.shape[1]]  # [M], each >= 1
+    ratio = length_reference / counts.to(torch.float32)
+    scale = ratio.pow(length_power).clamp(max=1.0)
+    return RowScales(scale=scale, full=counts <= length_reference)
+
+
+def scaled_edit(
+    picked: torch.Tensor, gains: torch.Tensor, row_scales: RowScales, *, split: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``k + s k G`` for keys ``picked`` ``[H, M, d]`` and per-row strengths ``s`` ``[M]``, rounded once to the keys'
+    dtype from float32 products.
+
+    The strength multiplies the keys, ``k + (s k) G``, inside today's ``baddbmm``: a row at ``s = 1`` is then
+    computed by exactly the unscaled expression and comes out bit-identical. Half-precision keys with ``split``
+    gains take the unscaled split product on full-strength rows (bit-identical too) and the float32 one elsewhere.
+    """
+    wide = picked.to(torch.float32)
+    edited = torch.baddbmm(wide, wide * row_scales.scale[None, :, None], gains).to(picked.dtype)
+    if split is not None and picked.dtype == split.dtype:
+        full = torch.baddbmm(picked, torch.cat([picked, picked], dim=-1), split)
+        edited = torch.where(row_scales.full[None, :, None], full, edited)
+    return edited
+
+
 def make_key_edit_hook(
     sites: LayerSites,
     layout: ModelLayout,
@@ -153,10 +220,14 @@ def make_key_edit_hook(
     shape: tuple[int, int],
     split: torch.Tensor | None = None,
     claim: ModelClaim | None = None,
+    *,
+    row_scales: RowScales | None = None,
 ) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
     """A forward hook for ``sites.key_module`` that adds ``k G`` to the keys of the highlighted ``rows``.
 
-    With ``claim``, forwards run by any thread other than the claim's pass through unedited.
+    With ``claim``, forwards run by any thread other than the claim's pass through unedited. With ``row_scales``
+    (:func:`length_row_scales`, on the layer's device) each selected row gets ``k + s k G`` instead
+    (:func:`scaled_edit`).
 
     ``rows`` are flat indices into ``[B * T]`` of the prompt (computed once per steer block, so the hook does no
     host-device sync); ``gains`` is ``[H, d, d]`` float32 on the layer's device. Keys in float32 are edited with
@@ -193,7 +264,9 @@ def make_key_edit_hook(
             )
         flat = keys.reshape(b * t, heads, head_dim)
         picked = flat.index_select(0, rows).transpose(0, 1)  # [H, M, d]
-        if split is not None and picked.dtype == split.dtype:
+        if row_scales is not None:
+            edited = scaled_edit(picked, gains, row_scales, split=split)
+        elif split is not None and picked.dtype == split.dtype:
             edited = torch.baddbmm(picked, torch.cat([picked, picked], dim=-1), split)
         else:
             wide = picked.to(torch.float32)
@@ -236,9 +309,13 @@ class KeySteerer(AttachedHooks):
         layer_mapping: str = "by_id",
         layout: ModelLayout | None = None,
         fused: FusedGains | None = None,
+        length_reference: int | None = None,
+        length_power: float = 1.0,
     ) -> KeySteerer:
         """Attach the hooks. ``fused`` (from :meth:`FusedGains.build`, for the same bank and gains) skips
         re-fusing and re-copying the gain matrices on every call: pass it when steering many batches.
+        ``length_reference`` (with ``length_power``) weakens the edit of rows with long highlights
+        (:func:`length_row_scales`); None edits every row at full strength.
 
         The model is claimed (:func:`claim_model`) until :meth:`remove`: nested steering raises ``RuntimeError``,
         and forwards of other threads stay unedited. Gains that edit none of the selected layers warn
@@ -255,6 +332,7 @@ class KeySteerer(AttachedHooks):
             raise ValueError(
                 f"highlight_mask must be a bool tensor [B, T], got {highlight_mask.dtype} {tuple(highlight_mask.shape)}"
             )
+        check_length_scaling(length_reference, length_power)
         mapping = select_bank_layers(bank, layers, layout.num_layers, layer_mapping)
         fused = fused or FusedGains.build(bank, gain_pos=gain_pos, gain_neg=gain_neg)
         if not any(fused.nonzero[index] for index in mapping.values()):
@@ -268,7 +346,13 @@ class KeySteerer(AttachedHooks):
             flat_rows = highlight_mask.reshape(-1).nonzero().squeeze(1)  # the block's one host sync
             if flat_rows.numel() == 0:
                 return steerer
+            scales = None
+            if length_reference is not None:
+                scales = length_row_scales(
+                    highlight_mask, flat_rows, length_reference=length_reference, length_power=length_power
+                )
             rows_on: dict[torch.device, torch.Tensor] = {}
+            scales_on: dict[torch.device, RowScales | None] = {}
             for layer_id, bank_index in mapping.items():
                 if not fused.nonzero[bank_index]:  # skipped heads only, or zero gains: the edit is the identity
                     continue
@@ -276,6 +360,8 @@ class KeySteerer(AttachedHooks):
                 sites = layout.layers[layer_id]
                 device = _module_device(sites.key_module)
                 rows = rows_on.setdefault(device, flat_rows.to(device))
+                if device not in scales_on:
+                    scales_on[device] = None if scales is None else scales.to(device)
                 dtype = _module_dtype(sites.key_module)
                 split = fused.split(dtype)[bank_index].to(device) if dtype in HALF_DTYPES else None
                 hook = make_key_edit_hook(
@@ -286,6 +372,7 @@ class KeySteerer(AttachedHooks):
                     tuple(highlight_mask.shape),
                     split=split,
                     claim=steerer.claim,
+                    row_scales=scales_on[device],
                 )
                 steerer.handles.append(sites.key_module.register_forward_hook(hook))
                 steerer.layer_ids.append(layer_id)

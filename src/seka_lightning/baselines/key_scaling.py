@@ -41,6 +41,8 @@ class KeyScalingMethod(KeySteeringMethod):
         gain_pos: float = 1.0,
         layers: str = "all",
         layer_mapping: str = "by_id",
+        length_reference: int | None = None,
+        length_power: float = 1.0,
     ) -> None:
         """
         Args:
@@ -49,8 +51,19 @@ class KeyScalingMethod(KeySteeringMethod):
             gain_pos: g of ``k' = (1 + g) k`` (SEKA's g+).
             layers: ``all``, ``lastN``, ``firstN`` or comma-separated ids, as for SEKA.
             layer_mapping: ``by_id`` or ``positional``, as for SEKA (only the selected layers differ).
+            length_reference: opt-in: a row with ``n`` highlighted tokens is scaled by ``1 + s g`` with
+                ``s = min(1, (length_reference / n) ** length_power)``, as for SEKA; None = ``1 + g`` everywhere.
+            length_power: the exponent of that strength (finite, > 0).
         """
-        super().__init__(bank, gain_pos=gain_pos, gain_neg=None, layers=layers, layer_mapping=layer_mapping)
+        super().__init__(
+            bank,
+            gain_pos=gain_pos,
+            gain_neg=None,
+            layers=layers,
+            layer_mapping=layer_mapping,
+            length_reference=length_reference,
+            length_power=length_power,
+        )
 
     def load_bank(self, model: nn.Module | None) -> ProjectionBank:
         if model is None:

@@ -73,8 +73,8 @@ class RandomProjectionMethod(SekaMethod):
         Args:
             bank: projection bank whose ranks the random projectors copy (``.safetensors`` or a reference ``.pt``).
             seed: seed of the random projectors (a non-negative integer; same seed, same projectors everywhere).
-            settings: SEKA's ``neg``, ``gain_pos``, ``gain_neg``, ``layers`` and ``layer_mapping``
-                (:class:`~seka_lightning.methods.SekaMethod`).
+            settings: SEKA's ``neg``, ``gain_pos``, ``gain_neg``, ``layers``, ``layer_mapping``, ``length_reference``
+                and ``length_power`` (:class:`~seka_lightning.methods.SekaMethod`).
         """
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")

@@ -12,6 +12,28 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from seka_lightning.families import keys_view, resolve_layout
+
+
+def capture_keys(model, enc) -> list[torch.Tensor]:
+    """Every layer's keys ``[B, T, H, d]`` in one forward on ``enc``'s ids and mask, as the model computes them
+    (hooks registered after steering hooks see the edit)."""
+    layout = resolve_layout(model)
+    seen: list[torch.Tensor] = []
+    handles = [
+        s.key_module.register_forward_hook(
+            lambda m, a, out, s=s: seen.append(keys_view(out, s, layout).detach().clone())
+        )
+        for s in layout.layers
+    ]
+    try:
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tests.conftest import capture_keys
 
 from seka_lightning import ProjectionBank, encode_highlighted
 from seka_lightning.baselines.key_scaling import KeyScalingMethod
 from seka_lightning.baselines.random_projection import RandomProjectionMethod
-from seka_lightning.families import keys_view, resolve_layout
 from seka_lightning.methods import SekaMethod
 from seka_lightning.steering import RowScales, scaled_edit, split_gains
 
@@ -56,28 +56,12 @@ def two_rows(vocab_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def capture(model, enc) -> list[torch.Tensor]:
-    """Every layer's keys [B, T, H, d] in one forward (hooks registered after the steering hooks see the edit)."""
-    layout = resolve_layout(model)
-    seen: list[torch.Tensor] = []
-    handles = [
-        s.key_module.register_forward_hook(lambda m, a, out, s=s: seen.append(keys_view(out, s, layout).clone()))
-        for s in layout.layers
-    ]
-    try:
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def keys_under(method, model, enc) -> list[torch.Tensor]:
     """Every layer's keys with ``method`` active (``None``: the plain model)."""
     if method is None:
-        return capture(model, enc)
+        return capture_keys(model, enc)
     with method.active(model, enc):
-        return capture(model, enc)
+        return capture_keys(model, enc)
 
 
 def ready(cls, *args, model, **kwargs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import capture_keys
 
 from seka_lightning import ProjectionBank, encode_highlighted, steer
 from seka_lightning.families import keys_view, resolve_layout
@@ -30,24 +31,6 @@ def random_bank(
     return ProjectionBank(
         layers=layers, pos=projectors(), neg=projectors() if neg else None, metadata={"num_layers": 3}
     )
-
-
-def capture_keys(model, inputs) -> list[torch.Tensor]:
-    """Keys of every layer as the model computes them (hooks registered after the steering hooks see the edit)."""
-    layout = resolve_layout(model)
-    seen: list[torch.Tensor] = []
-    handles = [
-        s.key_module.register_forward_hook(
-            lambda m, a, out, s=s: seen.append(keys_view(out, s, layout).detach().clone())
-        )
-        for s in layout.layers
-    ]
-    try:
-        model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def model_inputs(enc):

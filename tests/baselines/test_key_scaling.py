@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import capture_keys
 
 from seka_lightning import ProjectionBank, encode_highlighted
 from seka_lightning.baselines.key_scaling import KeyScalingMethod
-from seka_lightning.families import keys_view, resolve_layout
 from seka_lightning.methods import HighlightMethod
 
 PROMPTS = [
@@ -19,22 +19,6 @@ PROMPTS = [
 ]
 GAIN = 0.75
 REPO = Path(__file__).resolve().parents[2]
-
-
-def capture_keys(model, enc) -> list[torch.Tensor]:
-    layout = resolve_layout(model)
-    seen: list[torch.Tensor] = []
-
-    def record(sites):
-        return lambda module, args, out: seen.append(keys_view(out, sites, layout).clone())
-
-    handles = [s.key_module.register_forward_hook(record(s)) for s in layout.layers]
-    try:
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
 
 
 def ready(model, tokenizer, **kwargs) -> KeyScalingMethod:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import capture_keys
 
 from seka_lightning import ProjectionBank, encode_highlighted
 from seka_lightning.baselines.random_projection import RandomProjectionMethod, projector_ranks
-from seka_lightning.families import keys_view, resolve_layout
 
 PROMPTS = [
     "Previously the keepers carried **silver lanterns** across the north harbor. What do they carry?",
@@ -74,21 +74,6 @@ def test_seeds(bank_file):
     partial = (POS_RANKS > 0) & (POS_RANKS < 16)  # a full-rank projector is the identity for every seed
     assert (a.pos - c.pos)[partial].abs().amax(dim=(-1, -2)).min() > 1e-2
     assert not torch.allclose(a.neg, c.neg)
-
-
-def capture_keys(model, enc) -> list[torch.Tensor]:
-    layout = resolve_layout(model)
-    seen: list[torch.Tensor] = []
-    handles = [
-        s.key_module.register_forward_hook(lambda m, a, out, s=s: seen.append(keys_view(out, s, layout).clone()))
-        for s in layout.layers
-    ]
-    try:
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 @pytest.mark.parametrize("gain_neg", [None, 0.5])

@@ -49,3 +49,32 @@ def test_the_command_names_the_entry_point_not_its_location():
         argv=["/some/machine/src/seka_lightning/cli.py", "predict", "-c", "configs/eval/counterfact.yaml"],
     )
     assert record["command"] == ["seka", "predict", "-c", "configs/eval/counterfact.yaml"]
+
+
+def test_a_run_records_the_git_state_it_started_with_and_any_change_by_its_end(monkeypatch):
+    """A checkout that moves during a long run (a merge, an edit) must not relabel the run: the record keeps the
+    state at the start and adds the state at the end only where it differs."""
+    from seka_lightning.provenance import run_provenance
+
+    monkeypatch.delenv(SOURCE_COMMIT_ENV, raising=False)
+    now = git_state()
+
+    def record(at_start):
+        return run_provenance(
+            pretrained="x", method={}, config={}, data={}, seeds={}, argv=["seka"], git_at_start=at_start
+        )["git"]
+
+    assert record(dict(now)) == now
+    assert record(None) == now
+    start = {"commit": "0" * 40, "dirty": False}
+    assert record(start) == {**start, "changed_during_run": {"commit": now["commit"], "dirty": now["dirty"]}}
+
+
+def test_the_benchmark_writer_takes_the_git_state_when_prediction_starts(tmp_path, monkeypatch):
+    from seka_lightning.lit import writers
+
+    writer = writers.BenchmarkWriter(str(tmp_path / "run"))
+    assert writer.git_at_start is None
+    monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})
+    writer.on_predict_start(None, None)
+    assert writer.git_at_start == {"commit": "f" * 40, "dirty": True}

@@ -44,6 +44,18 @@ def git_state(source: str | Path | None = None) -> dict[str, Any]:
     }
 
 
+def git_record(at_start: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The git state a run records: the one at its start where known, with ``changed_during_run`` (the state at the
+    end) if the commit or the dirty flag differs by the end; else the state now."""
+    now = git_state()
+    if at_start is None:
+        return now
+    record = dict(at_start)
+    if (now.get("commit"), now.get("dirty")) != (at_start.get("commit"), at_start.get("dirty")):
+        record["changed_during_run"] = {"commit": now.get("commit"), "dirty": now.get("dirty")}
+    return record
+
+
 def _git(where: Path, *args: str) -> str:
     done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, check=True, timeout=30)
     return done.stdout.strip()
@@ -111,14 +123,19 @@ def run_provenance(
     data: Mapping[str, Any],
     seeds: Mapping[str, Any],
     argv: Sequence[str] | None = None,
+    git_at_start: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to trace a result: code, command, config (files and resolved values), model weights, the
-    method's settings and input files, the data slice and the seeds."""
+    method's settings and input files, the data slice and the seeds.
+
+    ``git_at_start`` is :func:`git_state` when the run began (what the run imported); the record keeps it, and where
+    the checkout moved or changed before the end it adds ``changed_during_run`` with the state at the end. None = the
+    state now."""
     argv = list(sys.argv if argv is None else argv)
     if argv and Path(argv[0]).name in ("cli.py", "__main__.py", "seka"):
         argv[0] = "seka"  # the entry point, not where this machine keeps it
     return {
-        "git": git_state(),
+        "git": git_record(git_at_start),
         "command": argv,
         "config_files": config_files(argv),
         "config": dict(config),

@@ -19,7 +19,7 @@ from seka_lightning import files
 from seka_lightning.effect import highlight_effect, summary_line
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, summarize, write_predictions
 from seka_lightning.files import BENCHMARK_RESULTS, check_output, write_json, write_jsonl
-from seka_lightning.provenance import run_provenance
+from seka_lightning.provenance import git_state, run_provenance
 from seka_lightning.significance import BOOTSTRAP_SEED
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,13 @@ class BenchmarkWriter(BasePredictionWriter):
         """
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
+        self.git_at_start: dict | None = None
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the code this run imported: a checkout that moves during a long run must not relabel it
+        self.git_at_start = git_state()
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
@@ -138,7 +143,7 @@ class BenchmarkWriter(BasePredictionWriter):
             "data": getattr(trainer.datamodule, "seed", None),
             "bootstrap": BOOTSTRAP_SEED,
         }
-        metric_result = build_metric_result(records, results, seeds=seeds)
+        metric_result = build_metric_result(records, results, seeds=seeds, git_at_start=self.git_at_start)
         write_json(self.output_dir / METRIC_RESULT, metric_result)
         show_metrics(metric_result)
 
@@ -153,7 +158,12 @@ def scorer_disagreements(recomputed: dict[str, float], scorer: dict[str, float])
 
 
 def build_metric_result(
-    records: list[dict[str, Any]], results: dict[str, Any], *, seeds: dict[str, Any], argv: list[str] | None = None
+    records: list[dict[str, Any]],
+    results: dict[str, Any],
+    *,
+    seeds: dict[str, Any],
+    argv: list[str] | None = None,
+    git_at_start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``metric_result.json``'s content from the written ``records`` and the evaluator's ``results``.
 
@@ -179,6 +189,7 @@ def build_metric_result(
         data=results["config"].get("data", {}),
         seeds=seeds,
         argv=argv,
+        git_at_start=git_at_start,
     )
     return {
         **summary,

@@ -212,9 +212,14 @@ def expert_paths(s: Settings, model: Model) -> dict[str, str]:
     return {source: str(expert_path(s, model, source)) for source in EXPERT_SOURCES}
 
 
+def expert_step(source: str) -> str:
+    """The build step of the AdaSEKA expert built from ``source``."""
+    return f"expert-{source}"
+
+
 def expert_jobs(model: Model) -> tuple[str, ...]:
     """The build jobs of ``model``'s AdaSEKA experts."""
-    return tuple(f"build:{model.tag}:expert-{source}" for source in EXPERT_SOURCES)
+    return tuple(f"build:{model.tag}:{expert_step(source)}" for source in EXPERT_SOURCES)
 
 
 def pasta_path(s: Settings, model: Model) -> Path:
@@ -256,7 +261,7 @@ def build_jobs(s: Settings, model: Model) -> list[Job]:
     for source in EXPERT_SOURCES:
         jobs.append(
             Job(
-                f"build:{model.tag}:expert-{source}",
+                f"build:{model.tag}:{expert_step(source)}",
                 seka(
                     "fit",
                     "-c",
@@ -610,6 +615,7 @@ def write_dev_table(
     path = s.results / "dev" / f"{model.tag}.json"
     table = json.loads(path.read_text()) if path.exists() else {"model": model.pretrained}
     dev = "dev" if not s.limit else f"first {s.limit} of dev"
+    baseline_row = {metric: e.to_dict() for metric, e in baseline.items()}
     context = {
         "rule": RULE,
         "guards": guard_metrics(s),
@@ -630,7 +636,7 @@ def write_dev_table(
                 "shipped": f"configs/build/{model.tag}.yaml",
                 **{v: BANK_VARIANTS[v].description for v in s.bank_variants(model) if v},
             },
-            "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
+            "baseline": baseline_row,
             "candidates": candidate_rows(s, candidates["seka"], baseline),
             "best": best,
             "chosen": chosen,
@@ -643,7 +649,7 @@ def write_dev_table(
             "experts": expert_paths(s, model),
             "layer_options": s.adaseka_layer_options(model),
             "gains": s.adaseka_gains,
-            "baseline": {metric: e.to_dict() for metric, e in baseline.items()},
+            "baseline": baseline_row,
             "candidates": candidate_rows(s, candidates["adaseka"], baseline),
             "best": best,
             "chosen": chosen,
@@ -698,7 +704,7 @@ def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[J
         artifacts, needs = ("--model.method.bank", str(bank_path(s, model, variant))), (bank_step(variant),)
     elif method == "adaseka":
         artifacts = ("--model.method.experts", json.dumps(expert_paths(s, model)))
-        needs = tuple(f"expert-{source}" for source in EXPERT_SOURCES)
+        needs = tuple(map(expert_step, EXPERT_SOURCES))
     elif method == "pasta":
         artifacts, needs = ("--model.method.heads", str(pasta_path(s, model))), ("pasta",)
     after = tuple(f"build:{model.tag}:{n}" for n in needs) if "build" in s.stages else ()
@@ -753,7 +759,7 @@ def plan(s: Settings) -> list[Job]:
                 wanted |= set(map(bank_step, s.bank_variants(model)))
             if "final" in s.stages and "select" not in s.stages:
                 wanted.add(bank_step(configured_variant(model)))  # the bank the tuned configs name
-            wanted |= {f"expert-{src}" for src in EXPERT_SOURCES} if "adaseka" in s.methods else set()
+            wanted |= set(map(expert_step, EXPERT_SOURCES)) if "adaseka" in s.methods else set()
             jobs += [job for job in build_jobs(s, model) if job.name.split(":")[-1] in wanted]
         if "dev" in s.stages:
             jobs += dev_jobs(s, model)

@@ -130,6 +130,7 @@ class StaticGreedyDecoder:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sliding-window layers that count their tokens in a Python int (transformers 5.2x's StaticSlidingWindowLayer)
         self._sliding = [layer for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
+        self._text_config = model.config.get_text_config()
         self._mask_builders = self._sliding_mask_builders() if compile and self._sliding else None
         step: Callable = self._step
         self.step = torch.compile(step, backend=backend, mode=mode, dynamic=False) if compile else step
@@ -137,7 +138,7 @@ class StaticGreedyDecoder:
     def _sliding_mask_builders(self) -> dict[str, Callable]:
         """The mask builder of each layer type of a model with sliding-window layers (decode steps get their masks
         as the dict the model's forward accepts in place of a mask)."""
-        config = self.model.config.get_text_config()
+        config = self._text_config
         types = set(getattr(config, "layer_types", None) or ())
         unknown = types - set(MASK_BUILDERS)
         if unknown or not types or getattr(config, "use_bidirectional_attention", False):
@@ -173,10 +174,13 @@ class StaticGreedyDecoder:
         if self._mask_builders is None:
             return self.step(token, position_ids, cache_position, mask)
         embeds = torch.empty(token.shape[0], 1, 0, dtype=self.model.dtype, device=token.device)  # shape, dtype, device
-        config = self.model.config.get_text_config()
         masks = {
             name: build(
-                config=config, inputs_embeds=embeds, attention_mask=mask, cache=self.cache, position_ids=position_ids
+                config=self._text_config,
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                cache=self.cache,
+                position_ids=position_ids,
             )
             for name, build in self._mask_builders.items()
         }

@@ -379,3 +379,17 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, t
     assert static["method"]["static_decoding"]["max_length"] == 512
     read = lambda name: (tmp_path / name / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("static") == read("generate")
+
+
+def test_a_sliding_window_model_with_bidirectional_attention_is_refused_by_the_compiled_decoder(tokenizer) -> None:
+    """The compiled decoder builds Gemma-3's decode masks itself (causal builders only): a config asking for
+    bidirectional attention is refused before anything compiles, with the way out."""
+    model = _tiny_gemma3(len(tokenizer), sliding_window=16)
+    model.config.use_bidirectional_attention = True
+    with pytest.raises(
+        ValueError,
+        match=r"^the compiled decoder builds the decode masks of sliding-window models for the layer types "
+        r"\['full_attention', 'sliding_attention'\] with causal attention; this model has "
+        r"\['full_attention', 'sliding_attention'\] with bidirectional attention; use compile=False or method.generate$",
+    ):
+        StaticGreedyDecoder(model, batch_size=1, max_cache_len=64, backend="eager")

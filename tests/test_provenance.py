@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from seka_lightning.provenance import SOURCE_COMMIT_ENV, git_state
 
 
@@ -78,3 +80,26 @@ def test_the_benchmark_writer_takes_the_git_state_when_prediction_starts(tmp_pat
     monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})
     writer.on_predict_start(None, None)
     assert writer.git_at_start == {"commit": "f" * 40, "dirty": True}
+
+
+def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s(tmp_path, monkeypatch, caplog):
+    """Runs whose output is a log file still say how far they are: batches done, elapsed, time left."""
+    from types import SimpleNamespace
+
+    from seka_lightning.lit import writers
+
+    assert writers.progress_line(3, 44, 60.0) == "predict: 3/44 batches in 60 s, about 820 s left"
+    assert writers.progress_line(3, float("inf"), 60.0) == "predict: 3/? batches in 60 s"
+    with pytest.raises(ValueError, match=r"^progress_every_s must be >= 0 seconds, got -1$"):
+        writers.BenchmarkWriter(str(tmp_path / "bad"), progress_every_s=-1)
+
+    clock = iter([100.0, 110.0, 170.0, 171.0])  # start, then three batch ends
+    monkeypatch.setattr(writers.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": False})
+    writer = writers.BenchmarkWriter(str(tmp_path / "run"), progress_every_s=60)
+    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[4])
+    writer.on_predict_start(trainer, None)
+    with caplog.at_level("INFO", logger=writers.__name__):
+        for index in range(3):
+            writer.on_predict_batch_end(trainer, None, None, None, index)
+    assert [r.getMessage() for r in caplog.records] == ["predict: 2/4 batches in 70 s, about 70 s left"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,21 +116,38 @@ class BenchmarkWriter(BasePredictionWriter):
     raises after the predictions are written, so the evidence is kept.
     """
 
-    def __init__(self, output_dir: str = "outputs/eval", *, overwrite: bool = False) -> None:
+    def __init__(
+        self, output_dir: str = "outputs/eval", *, overwrite: bool = False, progress_every_s: float = 60.0
+    ) -> None:
         """
         Args:
             output_dir: folder for ``predictions.jsonl.gz`` and ``metric_result.json``.
             overwrite: replace the results of an earlier run in ``output_dir`` (checked here, before the model runs).
+            progress_every_s: log a progress line (batches done, elapsed, estimated time left) at most this often,
+                for runs whose output is a log file rather than a terminal; 0 logs every batch.
         """
         super().__init__(write_interval="epoch")
+        if not progress_every_s >= 0:
+            raise ValueError(f"progress_every_s must be >= 0 seconds, got {progress_every_s}")
         self.output_dir = Path(output_dir)
+        self.progress_every_s = progress_every_s
         self.git_at_start: dict | None = None
+        self._started = self._last_progress = 0.0
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the code this run imported: a checkout that moves during a long run must not relabel it
         self.git_at_start = git_state()
+        self._started = self._last_progress = time.monotonic()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        now = time.monotonic()
+        if now - self._last_progress < self.progress_every_s or not trainer.is_global_zero:
+            return
+        self._last_progress = now
+        log.info(progress_line(batch_idx + 1, trainer.num_predict_batches[dataloader_idx], now - self._started))
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
@@ -146,6 +164,14 @@ class BenchmarkWriter(BasePredictionWriter):
         metric_result = build_metric_result(records, results, seeds=seeds, git_at_start=self.git_at_start)
         write_json(self.output_dir / METRIC_RESULT, metric_result)
         show_metrics(metric_result)
+
+
+def progress_line(done: int, total: float, elapsed_s: float) -> str:
+    """``predict: 3/44 batches in 61 s, about 834 s left`` (no estimate while the total is unknown)."""
+    line = f"predict: {done}/{total if math.isfinite(total) else '?'} batches in {elapsed_s:.0f} s"
+    if math.isfinite(total) and done:
+        line += f", about {elapsed_s / done * (total - done):.0f} s left"
+    return line
 
 
 def scorer_disagreements(recomputed: dict[str, float], scorer: dict[str, float]) -> list[str]:

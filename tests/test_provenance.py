@@ -97,7 +97,7 @@ def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s
     monkeypatch.setattr(writers.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": False})
     writer = writers.BenchmarkWriter(str(tmp_path / "run"), progress_every_s=60)
-    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[4])
+    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[4], received_sigterm=False)
     writer.on_predict_start(trainer, None)
     with caplog.at_level("INFO", logger=writers.__name__):
         for index in range(3):

@@ -67,6 +67,9 @@ class BenchmarkEvaluator(FrozenModelModule):
         self.data_counts: dict[str, int] = {}
         self.skipped_highlight: list[Any] = []
         self._started = 0.0
+        # set by BenchmarkWriter when it resumes an interrupted run: the saved rows of the finished batches
+        self.replay: dict[int, list[dict[str, Any]]] = {}
+        self.resumed = {"batches": 0, "wall_time_s": 0.0}
 
     def on_predict_start(self) -> None:
         datamodule = self.trainer.datamodule
@@ -74,11 +77,14 @@ class BenchmarkEvaluator(FrozenModelModule):
         self.data_settings = datamodule.describe()
         self.data_counts = datamodule.counts()
         self.skipped_highlight: list[Any] = []
+        self.replay, self.resumed = {}, {"batches": 0, "wall_time_s": 0.0}
         self.method.setup(self.model, self.tokenizer)
         self._started = time.perf_counter()
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        if batch_idx in self.replay:  # finished before an interruption: its rows and metric updates are restored
+            return self.replay.pop(batch_idx)
         hp = self.hparams
         rows, skipped = evaluate_batch(
             self.method,
@@ -113,8 +119,11 @@ class BenchmarkEvaluator(FrozenModelModule):
             "model": self.hparams.pretrained,
             "config": {**{k: v for k, v in self.hparams.items() if k != "pretrained"}, "data": self.data_settings},
             "counts": {**self.data_counts, "skipped_highlight": skipped, "world_size": self.trainer.world_size},
-            "wall_time_s": time.perf_counter() - self._started,
+            "wall_time_s": self.resumed["wall_time_s"] + time.perf_counter() - self._started,
         }
+        resumed = self._total(self.resumed["batches"])
+        if resumed:
+            result["counts"]["resumed_batches"] = resumed
         if "note" in self.data_settings:
             result["note"] = self.data_settings["note"]
         return result

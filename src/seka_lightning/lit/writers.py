@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -20,7 +21,16 @@ from seka_lightning import files
 from seka_lightning.effect import highlight_effect, summary_line
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, summarize, write_predictions
 from seka_lightning.files import BENCHMARK_RESULTS, check_output, write_json, write_jsonl
-from seka_lightning.provenance import git_state, run_provenance
+from seka_lightning.lit.partial import (
+    PartialRun,
+    fingerprint,
+    load_metric_states,
+    load_partial,
+    metric_states,
+    partial_path,
+    save_partial,
+)
+from seka_lightning.provenance import git_state, input_files, run_provenance
 from seka_lightning.significance import BOOTSTRAP_SEED
 
 log = logging.getLogger(__name__)
@@ -117,7 +127,13 @@ class BenchmarkWriter(BasePredictionWriter):
     """
 
     def __init__(
-        self, output_dir: str = "outputs/eval", *, overwrite: bool = False, progress_every_s: float = 60.0
+        self,
+        output_dir: str = "outputs/eval",
+        *,
+        overwrite: bool = False,
+        progress_every_s: float = 60.0,
+        checkpoint_every_s: float | None = 120.0,
+        resume: bool = True,
     ) -> None:
         """
         Args:
@@ -125,14 +141,23 @@ class BenchmarkWriter(BasePredictionWriter):
             overwrite: replace the results of an earlier run in ``output_dir`` (checked here, before the model runs).
             progress_every_s: log a progress line (batches done, elapsed, estimated time left) at most this often,
                 for runs whose output is a log file rather than a terminal; 0 logs every batch.
+            checkpoint_every_s: save the finished batches' rows and the scorer's state to
+                ``output_dir/predict_partial.rank<r>.pt`` at most this often (0: after every batch; None: never), so
+                that the same command resumes an interrupted run (:mod:`seka_lightning.lit.partial`); the file is
+                removed once the results are written.
+            resume: continue from a partial file of a run with the same settings; False starts over (and replaces
+                it). A partial file of a run with other settings is refused either way unless ``resume`` is False.
         """
         super().__init__(write_interval="epoch")
         if not progress_every_s >= 0:
             raise ValueError(f"progress_every_s must be >= 0 seconds, got {progress_every_s}")
+        if checkpoint_every_s is not None and not checkpoint_every_s >= 0:
+            raise ValueError(f"checkpoint_every_s must be >= 0 seconds or None, got {checkpoint_every_s}")
         self.output_dir = Path(output_dir)
-        self.progress_every_s = progress_every_s
+        self.progress_every_s, self.checkpoint_every_s, self.resume = progress_every_s, checkpoint_every_s, resume
         self.git_at_start: dict | None = None
-        self._started = self._last_progress = 0.0
+        self._started = self._last_progress = self._last_checkpoint = 0.0
+        self._partial: PartialRun | None = None
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
 
@@ -141,13 +166,67 @@ class BenchmarkWriter(BasePredictionWriter):
         self.git_at_start = git_state()
         self._started = self._last_progress = time.monotonic()
 
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the evaluator's on_predict_start: its scorer exists, so a saved state can be put back into it
+        if self.checkpoint_every_s is None:
+            return
+        self._partial = PartialRun(run_fingerprint(trainer, pl_module))
+        self._last_checkpoint = time.monotonic()
+        path = partial_path(self.output_dir, trainer.global_rank)
+        if not path.exists():
+            return
+        if not self.resume:
+            log.info("resume is false: starting over; %s will be replaced", path)
+            return
+        saved = load_partial(path, self._partial.fingerprint)
+        load_metric_states(pl_module.scorer, saved.metric_states, pl_module.device)
+        pl_module.replay = dict(enumerate(saved.rows))
+        pl_module.skipped_highlight = list(saved.skipped_highlight)
+        pl_module.resumed = {"batches": len(saved.rows), "wall_time_s": saved.wall_time_s}
+        self._partial = saved
+        log.info("resuming from %s: %d of %s batches done", path, len(saved.rows), trainer.num_predict_batches[0])
+
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         now = time.monotonic()
+        stop = trainer.received_sigterm and batch_idx + 1 < trainer.num_predict_batches[dataloader_idx]
+        if self._partial is not None and batch_idx == len(self._partial.rows):  # a new batch, not a replayed one
+            self._partial.rows.append(outputs)
+            if stop or now - self._last_checkpoint >= self.checkpoint_every_s:
+                self._save_partial(trainer, pl_module)
+                self._last_checkpoint = now
+        if stop:  # Lightning's predict loop itself does not stop on SIGTERM
+            where = partial_path(self.output_dir, trainer.global_rank) if self._partial is not None else None
+            log.warning(
+                "stopped by SIGTERM after batch %d; %s",
+                batch_idx + 1,
+                f"the same command resumes from {where}" if where else "nothing is kept (checkpoint_every_s is None)",
+            )
+            raise SIGTERMException
         if now - self._last_progress < self.progress_every_s or not trainer.is_global_zero:
             return
         self._last_progress = now
         log.info(progress_line(batch_idx + 1, trainer.num_predict_batches[dataloader_idx], now - self._started))
+
+    def _save_partial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run = self._partial
+        run.skipped_highlight = list(pl_module.skipped_highlight)
+        run.metric_states = metric_states(pl_module.scorer)
+        elapsed = time.monotonic() - self._started
+        save_partial(
+            partial_path(self.output_dir, trainer.global_rank),
+            PartialRun(
+                run.fingerprint,
+                run.rows,
+                run.skipped_highlight,
+                run.metric_states,
+                pl_module.resumed["wall_time_s"] + elapsed,
+            ),
+        )
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the results are written (write_on_epoch_end ran without raising): the partial state has served
+        partial_path(self.output_dir, trainer.global_rank).unlink(missing_ok=True)
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
@@ -164,6 +243,36 @@ class BenchmarkWriter(BasePredictionWriter):
         metric_result = build_metric_result(records, results, seeds=seeds, git_at_start=self.git_at_start)
         write_json(self.output_dir / METRIC_RESULT, metric_result)
         show_metrics(metric_result)
+
+
+def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """What a predict run's rows depend on: the evaluator's settings, the method (with its files' hashes), the data
+    settings and batching, and the number of ranks (a rank's batches depend on it)."""
+    method = pl_module.method.describe()
+    datamodule = trainer.datamodule
+    return fingerprint(
+        {
+            "evaluator": {key: value for key, value in pl_module.hparams.items() if key != "method"},
+            "method": method,
+            "method_files": input_files(method),
+            "data": datamodule.describe(),
+            "data_settings": plain_attributes(datamodule),  # batch_size, max_new_tokens, ...
+            "scorer": plain_attributes(pl_module.scorer),
+            "batches": list(trainer.num_predict_batches),
+            "world_size": trainer.world_size,
+        }
+    )
+
+
+def plain_attributes(obj: Any) -> dict[str, Any]:
+    """The public attributes of ``obj`` that are plain values (numbers, strings, None, and lists / tuples of them)."""
+    plain = (str, int, float, bool, type(None))
+    return {
+        key: value
+        for key, value in vars(obj).items()
+        if not key.startswith("_")
+        and (isinstance(value, plain) or (isinstance(value, list | tuple) and all(isinstance(v, plain) for v in value)))
+    }
 
 
 def progress_line(done: int, total: float, elapsed_s: float) -> str:

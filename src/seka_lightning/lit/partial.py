@@ -94,7 +94,7 @@ def load_partial(path: Path, expected: str) -> PartialRun:
         "that wrote it"
     )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # plain data and tensors only
     except Exception as error:  # truncated or not a torch file
         raise ValueError(f"cannot read the partial predict state {path} ({error}); {way_out}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections.abc import Iterator
@@ -147,6 +148,23 @@ def write_qa_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
                 "answer_2": a2,
             }
             handle.write(json.dumps(pair) + "\n")
+    return path
+
+
+@pytest.fixture
+def litm_oracle(tmp_path: Path) -> Path:
+    """A lost-in-the-middle source (``nq-open-oracle.jsonl.gz`` layout) of 12 questions, one gold passage each."""
+    records = [
+        {
+            "question": f"question {i}",
+            "answers": [f"answer{i}"],
+            "ctxs": [{"title": f"T{i}", "text": f"Passage {i} says answer{i}.", "hasanswer": True, "isgold": True}],
+            "nq_annotated_gold": {"title": f"T{i}"},
+        }
+        for i in range(12)
+    ]
+    path = tmp_path / "oracle.jsonl.gz"
+    path.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in records).encode()))
     return path
 
 

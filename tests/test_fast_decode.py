@@ -330,24 +330,11 @@ def test_the_compiled_step_is_not_recompiled_across_steps_and_prompt_lengths(
     assert counters["stats"]["unique_graphs"] - before == graphs, counters["stats"]
 
 
-def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, tmp_path: Path) -> None:
+def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, litm_oracle, tmp_path: Path) -> None:
     """`seka predict --model.static_decoding N` on a generation benchmark: the same predictions and metrics."""
-    import gzip
     import json
 
     from seka_lightning.cli import run_lightning
-
-    records = [
-        {
-            "question": f"question {i}",
-            "answers": [f"answer{i}"],
-            "ctxs": [{"title": f"T{i}", "text": f"Passage {i} says answer{i}.", "hasanswer": True, "isgold": True}],
-            "nq_annotated_gold": {"title": f"T{i}"},
-        }
-        for i in range(12)
-    ]
-    oracle = tmp_path / "oracle.jsonl.gz"
-    oracle.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in records).encode()))
 
     def predict(out: str, *extra: str) -> dict:
         run_lightning(
@@ -358,7 +345,7 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, t
                 "--model.method", "seka_lightning.methods.HighlightMethod",
                 *extra,
                 "--data", "seka_lightning.benchmarks.LostInTheMiddleDataModule",
-                "--data.path", str(oracle),
+                "--data.path", str(litm_oracle),
                 "--data.num_documents", "4",
                 "--data.gold_positions", "[0, 3]",
                 "--data.example_subset", "0:3",

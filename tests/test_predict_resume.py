@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -11,22 +10,6 @@ import pytest
 from seka_lightning.cli import run_lightning
 from seka_lightning.lit import evaluator as evaluator_module
 from seka_lightning.lit.partial import partial_path
-
-
-@pytest.fixture
-def oracle(tmp_path: Path) -> Path:
-    records = [
-        {
-            "question": f"question {i}",
-            "answers": [f"answer{i}"],
-            "ctxs": [{"title": f"T{i}", "text": f"Passage {i} says answer{i}.", "hasanswer": True, "isgold": True}],
-            "nq_annotated_gold": {"title": f"T{i}"},
-        }
-        for i in range(12)
-    ]
-    path = tmp_path / "oracle.jsonl.gz"
-    path.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in records).encode()))
-    return path
 
 
 def predict(model_dir: Path, oracle: Path, out: Path, *extra: str) -> None:
@@ -70,19 +53,19 @@ def counting(monkeypatch, fail_at: int | None = None) -> list[int]:
 
 
 def test_an_interrupted_predict_resumes_and_writes_the_files_of_an_uninterrupted_run(
-    tiny_model_dir, oracle, tmp_path, monkeypatch
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch
 ):
-    predict(tiny_model_dir, oracle, tmp_path / "whole")
+    predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
 
     with pytest.raises(RuntimeError, match="interrupted"):
         counting(monkeypatch, fail_at=3)
-        predict(tiny_model_dir, oracle, tmp_path / "cut")
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
     partial = partial_path(tmp_path / "cut", 0)
     assert partial.exists() and not (tmp_path / "cut" / "metric_result.json").exists()
 
     monkeypatch.undo()
     calls = counting(monkeypatch)
-    predict(tiny_model_dir, oracle, tmp_path / "cut")
+    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
     assert len(calls) == 1  # batches 0 and 1 were replayed from the partial state, only batch 2 ran
     assert not partial.exists()
     read = lambda run, name: (tmp_path / run / name).read_bytes()  # noqa: E731
@@ -94,37 +77,37 @@ def test_an_interrupted_predict_resumes_and_writes_the_files_of_an_uninterrupted
 
 
 def test_a_partial_state_of_other_settings_or_a_corrupt_one_is_refused_and_kept(
-    tiny_model_dir, oracle, tmp_path, monkeypatch
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="interrupted"):
         counting(monkeypatch, fail_at=2)
-        predict(tiny_model_dir, oracle, out)
+        predict(tiny_model_dir, litm_oracle, out)
     partial = partial_path(out, 0)
     saved = partial.read_bytes()
     monkeypatch.undo()
 
     with pytest.raises(ValueError, match=r"was written by a predict run with other settings; delete .*predict_partial"):
-        predict(tiny_model_dir, oracle, out, "--data.max_new_tokens", "5")
+        predict(tiny_model_dir, litm_oracle, out, "--data.max_new_tokens", "5")
     assert partial.read_bytes() == saved  # refused, nothing destroyed
 
     partial.write_bytes(saved[: len(saved) // 2])
     with pytest.raises(ValueError, match=r"^cannot read the partial predict state .*; delete .* to start the run over"):
-        predict(tiny_model_dir, oracle, out)
+        predict(tiny_model_dir, litm_oracle, out)
 
-    predict(tiny_model_dir, oracle, out, "--trainer.callbacks.resume", "false")  # start over, as asked
+    predict(tiny_model_dir, litm_oracle, out, "--trainer.callbacks.resume", "false")  # start over, as asked
     assert (out / "metric_result.json").exists() and not partial.exists()
 
 
 def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resumes(
-    tiny_model_dir, oracle, tmp_path, monkeypatch
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch
 ):
     """Lightning's predict loop runs on after SIGTERM (and exits 0); the writer saves the finished batches, even with
     no periodic save due, and stops the run, which the same command then completes."""
     import os
     import signal
 
-    predict(tiny_model_dir, oracle, tmp_path / "whole")
+    predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
     calls: list[int] = []
     real = evaluator_module.evaluate_batch
 
@@ -136,13 +119,13 @@ def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resume
 
     monkeypatch.setattr(evaluator_module, "evaluate_batch", terminated_during_the_second_batch)
     with pytest.raises(SystemExit) as stopped:
-        predict(tiny_model_dir, oracle, tmp_path / "cut", "--trainer.callbacks.checkpoint_every_s", "1000")
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut", "--trainer.callbacks.checkpoint_every_s", "1000")
     assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 2
     assert partial_path(tmp_path / "cut", 0).exists() and not (tmp_path / "cut" / "metric_result.json").exists()
 
     monkeypatch.undo()
     resumed_calls = counting(monkeypatch)
-    predict(tiny_model_dir, oracle, tmp_path / "cut")
+    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
     assert len(resumed_calls) == 1
     read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("cut") == read("whole")

@@ -282,6 +282,20 @@ def test_a_larger_batch_than_any_before_replaces_the_decoder_once(setup) -> None
     assert decoder.batch_size == 2
 
 
+def test_reserved_rows_size_the_decoder_whichever_batch_comes_first(setup) -> None:
+    """A run resumed at its short last batch builds the decoder of an uninterrupted run (the batch size's rows)."""
+    model, seka, enc = setup
+    wrapped = StaticDecoding(seka, max_length=128, compile=False)
+    wrapped.reserve_rows(3)
+    part = {key: value[:1] for key, value in enc.items()}
+    reference = seka.generate(model, part, max_new_tokens=NEW, pad_token_id=0)
+    assert torch.equal(wrapped.generate(model, part, max_new_tokens=NEW, pad_token_id=0), reference)
+    (decoder,) = wrapped._decoders.values()
+    assert decoder.batch_size == 3
+    with pytest.raises(ValueError, match=r"^rows must be >= 1, got 0$"):
+        wrapped.reserve_rows(0)
+
+
 def _tiny_gemma3(vocab_size: int, *, sliding_window: int):
     """A random Gemma-3 with sliding-window layers around a full one (no EOS, so every step decodes)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

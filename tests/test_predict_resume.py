@@ -90,6 +90,9 @@ def test_a_partial_state_of_other_settings_or_a_corrupt_one_is_refused_and_kept(
     with pytest.raises(ValueError, match=r"was written by a predict run with other settings; delete .*predict_partial"):
         predict(tiny_model_dir, litm_oracle, out, "--data.max_new_tokens", "5")
     assert partial.read_bytes() == saved  # refused, nothing destroyed
+    with pytest.raises(ValueError, match=r"was written by a predict run with other settings"):
+        predict(tiny_model_dir, litm_oracle, out, "--trainer.precision", "bf16-mixed")  # autocast changes the rows
+    assert partial.read_bytes() == saved
 
     partial.write_bytes(saved[: len(saved) // 2])
     with pytest.raises(ValueError, match=r"^cannot read the partial predict state .*; delete .* to start the run over"):

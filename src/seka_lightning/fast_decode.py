@@ -316,6 +316,14 @@ class StaticDecoding(HighlightMethod):
         self.name, self.uses_highlight = method.name, method.uses_highlight
         self._options = {"compile": compile, "backend": backend, "mode": mode}
         self._decoders: dict[int, StaticGreedyDecoder] = {}
+        self._reserved_rows = 1
+
+    def reserve_rows(self, rows: int) -> None:
+        """Build the decoder with at least ``rows`` rows (the run's batch size), whichever batch comes first: a run
+        resumed at its short last batch then decodes with the rows of an uninterrupted run."""
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self._reserved_rows = rows
 
     def setup(self, model: nn.Module, tokenizer) -> None:
         self.method.setup(model, tokenizer)
@@ -333,7 +341,9 @@ class StaticDecoding(HighlightMethod):
             if decoder is not None:
                 log.info("static decoding: a batch of %d rows, larger than the decoder's %d", rows, decoder.batch_size)
                 del self._decoders[id(model)], decoder  # free the old cache before allocating the new one
-            decoder = StaticGreedyDecoder(model, batch_size=rows, max_cache_len=self.max_length, **self._options)
+            decoder = StaticGreedyDecoder(
+                model, batch_size=max(rows, self._reserved_rows), max_cache_len=self.max_length, **self._options
+            )
             self._decoders[id(model)] = decoder
         return decoder.generate(self.method, enc, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
 

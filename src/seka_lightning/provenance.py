@@ -126,7 +126,7 @@ def run_provenance(
     git_at_start: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to trace a result: code, command, config (files and resolved values), model weights, the
-    method's settings and input files, the data slice and the seeds.
+    method's settings and input files, the data slice, the seeds and the library versions.
 
     ``git_at_start`` is :func:`git_state` when the run began (what the run imported); the record keeps it, and where
     the checkout moved or changed before the end it adds ``changed_during_run`` with the state at the end. None = the
@@ -144,4 +144,19 @@ def run_provenance(
         "method_files": input_files(dict(method)),
         "data": dict(data),
         "seeds": {**seeds, "global": os.environ.get("PL_GLOBAL_SEED")},
+        "versions": library_versions(),
     }
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python's and the installed versions of the packages a result's numbers depend on (None = not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    packages = ("torch", "transformers", "lightning", "torchmetrics", "seka-lightning")
+    return {"python": sys.version.split()[0], **{name: installed(name) for name in packages}}

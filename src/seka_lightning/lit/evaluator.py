@@ -78,6 +78,8 @@ class BenchmarkEvaluator(FrozenModelModule):
         self.data_counts = datamodule.counts()
         self.skipped_highlight: list[Any] = []
         self.replay, self.resumed = {}, {"batches": 0, "wall_time_s": 0.0}
+        if hasattr(self.method, "reserve_rows"):  # static decoding: one decoder of the batch size, from any batch
+            self.method.reserve_rows(min(datamodule.batch_size, max(1, len(datamodule.examples))))
         self.method.setup(self.model, self.tokenizer)
         self._started = time.perf_counter()
 

@@ -30,7 +30,7 @@ from seka_lightning.lit.partial import (
     partial_path,
     save_partial,
 )
-from seka_lightning.provenance import git_state, input_files, run_provenance
+from seka_lightning.provenance import git_state, input_files, library_versions, run_provenance, weights_hash
 from seka_lightning.significance import BOOTSTRAP_SEED
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class BenchmarkWriter(BasePredictionWriter):
         # after the evaluator's on_predict_start: its scorer exists, so a saved state can be put back into it
         if self.checkpoint_every_s is None:
             return
-        self._partial = PartialRun(run_fingerprint(trainer, pl_module))
+        self._partial = PartialRun(run_fingerprint(trainer, pl_module, self.git_at_start))
         self._last_checkpoint = time.monotonic()
         path = partial_path(self.output_dir, trainer.global_rank)
         if not path.exists():
@@ -189,7 +189,7 @@ class BenchmarkWriter(BasePredictionWriter):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         now = time.monotonic()
-        stop = trainer.received_sigterm and batch_idx + 1 < trainer.num_predict_batches[dataloader_idx]
+        stop = trainer.received_sigterm  # also on the last batch: every rank stops at its next batch end
         if self._partial is not None and batch_idx == len(self._partial.rows):  # a new batch, not a replayed one
             self._partial.rows.append(outputs)
             if stop or now - self._last_checkpoint >= self.checkpoint_every_s:
@@ -224,10 +224,6 @@ class BenchmarkWriter(BasePredictionWriter):
             ),
         )
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the results are written (write_on_epoch_end ran without raising): the partial state has served
-        partial_path(self.output_dir, trainer.global_rank).unlink(missing_ok=True)
-
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
         records = merge_rank_parts(
@@ -242,20 +238,30 @@ class BenchmarkWriter(BasePredictionWriter):
         }
         metric_result = build_metric_result(records, results, seeds=seeds, git_at_start=self.git_at_start)
         write_json(self.output_dir / METRIC_RESULT, metric_result)
+        # the results are written: every rank's partial state has served (rank 0 reads the ranks' parts from this
+        # folder, so it sees their partial files too; those of a run with more ranks go as well)
+        for stale in self.output_dir.glob(partial_path(self.output_dir, 0).name.replace("rank0", "rank*")):
+            stale.unlink(missing_ok=True)
         show_metrics(metric_result)
 
 
-def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
-    """What a predict run's rows depend on: the evaluator's settings, the method (with its files' hashes), the data
-    settings and batching, and the number of ranks (a rank's batches depend on it)."""
+def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_start: dict | None) -> str:
+    """What a predict run's rows depend on: the code (git state, library versions), the model's weights, the
+    evaluator's settings and the trainer's precision and accelerator, the method (with its files' hashes), the data
+    (settings, files' hashes, batching), and the number of ranks (a rank's batches depend on it)."""
     method = pl_module.method.describe()
     datamodule = trainer.datamodule
+    hparams = {key: value for key, value in pl_module.hparams.items() if key != "method"}
     return fingerprint(
         {
-            "evaluator": {key: value for key, value in pl_module.hparams.items() if key != "method"},
+            "code": {"git": git_at_start, "versions": library_versions()},
+            "weights": weights_hash(str(hparams.get("pretrained"))),
+            "evaluator": hparams,
+            "trainer": {"precision": trainer.precision, "accelerator": type(trainer.accelerator).__name__},
             "method": method,
             "method_files": input_files(method),
             "data": datamodule.describe(),
+            "data_files": input_files(datamodule.describe()),
             "data_settings": plain_attributes(datamodule),  # batch_size, max_new_tokens, ...
             "scorer": plain_attributes(pl_module.scorer),
             "batches": list(trainer.num_predict_batches),

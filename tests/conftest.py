@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -44,6 +47,21 @@ WORDS = (
     "stone iron velvet crystal ember azure scarlet harbor market bridge castle forest desert valley mountain "
     "question context answer what where when who how many which does do is are was were by with from into"
 ).split()
+
+
+def printed_predict_config(*args: str) -> dict:
+    """``seka predict -c configs/eval/counterfact.yaml ARGS --print_config`` in a fresh process (nothing imported
+    beforehand, as for a user), parsed."""
+    argv = [
+        sys.executable,
+        "-m",
+        "seka_lightning.cli",
+        "predict",
+        "-c",
+        str(REPO / "configs" / "eval" / "counterfact.yaml"),
+    ]
+    out = subprocess.run([*argv, *args, "--print_config"], capture_output=True, text=True, check=True).stdout
+    return yaml.safe_load(out)
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:

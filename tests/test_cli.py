@@ -5,14 +5,13 @@ pick the frozen-model DDP strategy."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from tests.conftest import printed_predict_config
 
 from seka_lightning import __version__
 from seka_lightning.cli import LIGHTNING_COMMANDS, PLAIN_COMMANDS, main, requested_devices, run_lightning
@@ -89,29 +88,10 @@ def test_generate_reports_a_missing_bank_before_loading(tmp_path, monkeypatch):
 
 def test_short_class_names_resolve_in_a_fresh_process():
     """Every configurable class is importable at CLI start (a fresh process has imported nothing else)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seka_lightning.cli",
-            "predict",
-            "-c",
-            str(CONFIGS / "eval/counterfact.yaml"),
-            "--model",
-            "BenchmarkEvaluator",
-            "--model.method",
-            "RandomProjectionMethod",
-            "--model.method.bank",
-            "b.safetensors",
-            "--data",
-            "PronChangeDataModule",
-            "--print_config",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    config = yaml.safe_load(out)
+    config = printed_predict_config(
+        "--model", "BenchmarkEvaluator", "--model.method", "RandomProjectionMethod",
+        "--model.method.bank", "b.safetensors", "--data", "PronChangeDataModule",
+    )  # fmt: skip
     assert config["model"]["class_path"] == "seka_lightning.lit.evaluator.BenchmarkEvaluator"
     method = config["model"]["init_args"]["method"]["class_path"]
     assert method == "seka_lightning.baselines.random_projection.RandomProjectionMethod"
@@ -120,25 +100,8 @@ def test_short_class_names_resolve_in_a_fresh_process():
 
 def test_adaseka_method_resolves_by_its_short_name_in_a_fresh_process():
     """The AdaSEKA package is imported at CLI start too, so ``--model.method AdaSekaMethod`` resolves."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seka_lightning.cli",
-            "predict",
-            "-c",
-            str(CONFIGS / "eval/counterfact.yaml"),
-            "--model.method",
-            "AdaSekaMethod",
-            "--model.method.experts",
-            "experts.json",
-            "--print_config",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    method = yaml.safe_load(out)["model"]["init_args"]["method"]["class_path"]
+    config = printed_predict_config("--model.method", "AdaSekaMethod", "--model.method.experts", "experts.json")
+    method = config["model"]["init_args"]["method"]["class_path"]
     assert method == "seka_lightning.adaseka.method.AdaSekaMethod"
 
 

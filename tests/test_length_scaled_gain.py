@@ -5,14 +5,11 @@ default (None) are bit-identical to plain SEKA, bad values are refused, and the 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from tests.conftest import capture_keys
+from tests.conftest import capture_keys, printed_predict_config
 
 from seka_lightning import ProjectionBank, encode_highlighted
 from seka_lightning.baselines.key_scaling import KeyScalingMethod
@@ -217,28 +214,9 @@ def test_random_ablation_takes_the_length_scaling(tiny_model, tokenizer, bank):
 
 def test_the_cli_takes_both_options():
     """``--model.method.length_reference`` / ``length_power`` reach the method's init args (jsonargparse)."""
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seka_lightning.cli",
-            "predict",
-            "-c",
-            str(configs / "eval/counterfact.yaml"),
-            "--model.method",
-            "SekaMethod",
-            "--model.method.bank",
-            "b.safetensors",
-            "--model.method.length_reference",
-            "8",
-            "--model.method.length_power",
-            "0.5",
-            "--print_config",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    init_args = yaml.safe_load(out)["model"]["init_args"]["method"]["init_args"]
+    config = printed_predict_config(
+        "--model.method", "SekaMethod", "--model.method.bank", "b.safetensors",
+        "--model.method.length_reference", "8", "--model.method.length_power", "0.5",
+    )  # fmt: skip
+    init_args = config["model"]["init_args"]["method"]["init_args"]
     assert (init_args["length_reference"], init_args["length_power"]) == (8, 0.5)

@@ -35,9 +35,17 @@ class PartialRun:
     wall_time_s: float = 0.0
 
 
+PREFIX = "predict_partial.rank"
+
+
 def partial_path(output_dir: Path, rank: int) -> Path:
     """The rank's partial file in the writer's output folder."""
-    return output_dir / f"predict_partial.rank{rank}.pt"
+    return output_dir / f"{PREFIX}{rank}.pt"
+
+
+def partial_files(output_dir: Path) -> list[Path]:
+    """Every rank's partial file in ``output_dir`` (of this run's ranks, or of an earlier run with more)."""
+    return sorted(output_dir.glob(f"{PREFIX}*.pt"))
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

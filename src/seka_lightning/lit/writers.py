@@ -27,6 +27,7 @@ from seka_lightning.lit.partial import (
     load_metric_states,
     load_partial,
     metric_states,
+    partial_files,
     partial_path,
     save_partial,
 )
@@ -212,17 +213,8 @@ class BenchmarkWriter(BasePredictionWriter):
         run = self._partial
         run.skipped_highlight = list(pl_module.skipped_highlight)
         run.metric_states = metric_states(pl_module.scorer)
-        elapsed = time.monotonic() - self._started
-        save_partial(
-            partial_path(self.output_dir, trainer.global_rank),
-            PartialRun(
-                run.fingerprint,
-                run.rows,
-                run.skipped_highlight,
-                run.metric_states,
-                pl_module.resumed["wall_time_s"] + elapsed,
-            ),
-        )
+        run.wall_time_s = pl_module.resumed["wall_time_s"] + time.monotonic() - self._started
+        save_partial(partial_path(self.output_dir, trainer.global_rank), run)
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
@@ -240,8 +232,8 @@ class BenchmarkWriter(BasePredictionWriter):
         write_json(self.output_dir / METRIC_RESULT, metric_result)
         # the results are written: every rank's partial state has served (rank 0 reads the ranks' parts from this
         # folder, so it sees their partial files too; those of a run with more ranks go as well)
-        for stale in self.output_dir.glob(partial_path(self.output_dir, 0).name.replace("rank0", "rank*")):
-            stale.unlink(missing_ok=True)
+        for served in partial_files(self.output_dir):
+            served.unlink(missing_ok=True)
         show_metrics(metric_result)
 
 

@@ -132,3 +132,24 @@ def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resume
     assert len(resumed_calls) == 1
     read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("cut") == read("whole")
+
+
+def test_the_weights_are_hashed_once_per_run_for_the_fingerprint_and_the_provenance(
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch
+):
+    from seka_lightning import provenance
+    from seka_lightning.lit import writers
+    from seka_lightning.provenance import weights_hash
+
+    calls: list[str] = []
+
+    def counted(pretrained: str) -> dict:
+        calls.append(pretrained)
+        return weights_hash(pretrained)
+
+    for module in (writers, provenance):  # every place a run could hash the weights
+        monkeypatch.setattr(module, "weights_hash", counted)
+    predict(tiny_model_dir, litm_oracle, tmp_path / "run")
+    assert calls == [str(tiny_model_dir)]
+    recorded = json.loads((tmp_path / "run" / "metric_result.json").read_text())["provenance"]["model"]
+    assert recorded == {"id": str(tiny_model_dir), **weights_hash(str(tiny_model_dir))}

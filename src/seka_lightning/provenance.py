@@ -124,13 +124,15 @@ def run_provenance(
     seeds: Mapping[str, Any],
     argv: Sequence[str] | None = None,
     git_at_start: Mapping[str, Any] | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to trace a result: code, command, config (files and resolved values), model weights, the
     method's settings and input files, the data slice, the seeds and the library versions.
 
     ``git_at_start`` is :func:`git_state` when the run began (what the run imported); the record keeps it, and where
     the checkout moved or changed before the end it adds ``changed_during_run`` with the state at the end. None = the
-    state now."""
+    state now. ``weights`` is :func:`weights_hash` of ``pretrained`` where the caller took it already (None = take it
+    now)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and Path(argv[0]).name in ("cli.py", "__main__.py", "seka"):
         argv[0] = "seka"  # the entry point, not where this machine keeps it
@@ -139,7 +141,7 @@ def run_provenance(
         "command": argv,
         "config_files": config_files(argv),
         "config": dict(config),
-        "model": {"id": pretrained, **weights_hash(pretrained)},
+        "model": {"id": pretrained, **(weights if weights is not None else weights_hash(pretrained))},
         "method": dict(method),
         "method_files": input_files(dict(method)),
         "data": dict(data),

@@ -157,6 +157,7 @@ class BenchmarkWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.progress_every_s, self.checkpoint_every_s, self.resume = progress_every_s, checkpoint_every_s, resume
         self.git_at_start: dict | None = None
+        self._weights: dict | None = None  # the model's weights hash, taken once per run (fingerprint, provenance)
         self._started = self._last_progress = self._last_checkpoint = 0.0
         self._partial: PartialRun | None = None
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
@@ -165,13 +166,16 @@ class BenchmarkWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the code this run imported: a checkout that moves during a long run must not relabel it
         self.git_at_start = git_state()
+        self._weights = None
         self._started = self._last_progress = time.monotonic()
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after the evaluator's on_predict_start: its scorer exists, so a saved state can be put back into it
         if self.checkpoint_every_s is None:
             return
-        self._partial = PartialRun(run_fingerprint(trainer, pl_module, self.git_at_start))
+        self._partial = PartialRun(
+            run_fingerprint(trainer, pl_module, self.git_at_start, self.weights(pl_module.hparams.pretrained))
+        )
         self._last_checkpoint = time.monotonic()
         path = partial_path(self.output_dir, trainer.global_rank)
         if not path.exists():
@@ -209,6 +213,12 @@ class BenchmarkWriter(BasePredictionWriter):
         self._last_progress = now
         log.info(progress_line(batch_idx + 1, trainer.num_predict_batches[dataloader_idx], now - self._started))
 
+    def weights(self, pretrained: str) -> dict:
+        """:func:`weights_hash` of the run's model, computed once (a local model's files are read only once)."""
+        if self._weights is None:
+            self._weights = weights_hash(str(pretrained))
+        return self._weights
+
     def _save_partial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run = self._partial
         run.skipped_highlight = list(pl_module.skipped_highlight)
@@ -228,7 +238,9 @@ class BenchmarkWriter(BasePredictionWriter):
             "data": getattr(trainer.datamodule, "seed", None),
             "bootstrap": BOOTSTRAP_SEED,
         }
-        metric_result = build_metric_result(records, results, seeds=seeds, git_at_start=self.git_at_start)
+        metric_result = build_metric_result(
+            records, results, seeds=seeds, git_at_start=self.git_at_start, weights=self.weights(results["model"])
+        )
         write_json(self.output_dir / METRIC_RESULT, metric_result)
         # the results are written: every rank's partial state has served (rank 0 reads the ranks' parts from this
         # folder, so it sees their partial files too; those of a run with more ranks go as well)
@@ -237,7 +249,7 @@ class BenchmarkWriter(BasePredictionWriter):
         show_metrics(metric_result)
 
 
-def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_start: dict | None) -> str:
+def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_start: dict | None, weights: dict) -> str:
     """What a predict run's rows depend on: the code (git state, library versions), the model's weights, the
     evaluator's settings and the trainer's precision and accelerator, the method (with its files' hashes), the data
     (settings, files' hashes, batching), and the number of ranks (a rank's batches depend on it)."""
@@ -247,7 +259,7 @@ def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_sta
     return fingerprint(
         {
             "code": {"git": git_at_start, "versions": library_versions()},
-            "weights": weights_hash(str(hparams.get("pretrained"))),
+            "weights": weights,
             "evaluator": hparams,
             "trainer": {"precision": trainer.precision, "accelerator": type(trainer.accelerator).__name__},
             "method": method,
@@ -297,6 +309,7 @@ def build_metric_result(
     seeds: dict[str, Any],
     argv: list[str] | None = None,
     git_at_start: dict[str, Any] | None = None,
+    weights: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``metric_result.json``'s content from the written ``records`` and the evaluator's ``results``.
 
@@ -323,6 +336,7 @@ def build_metric_result(
         seeds=seeds,
         argv=argv,
         git_at_start=git_at_start,
+        weights=weights,
     )
     return {
         **summary,

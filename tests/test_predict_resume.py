@@ -153,3 +153,38 @@ def test_the_weights_are_hashed_once_per_run_for_the_fingerprint_and_the_provena
     assert calls == [str(tiny_model_dir)]
     recorded = json.loads((tmp_path / "run" / "metric_result.json").read_text())["provenance"]["model"]
     assert recorded == {"id": str(tiny_model_dir), **weights_hash(str(tiny_model_dir))}
+
+
+def test_bad_partial_states_and_settings_are_refused_with_the_way_out(tmp_path):
+    import torch
+    from torchmetrics import MeanMetric, SumMetric
+
+    from seka_lightning.lit.partial import PartialRun, load_metric_states, load_partial, metric_states, save_partial
+    from seka_lightning.lit.writers import BenchmarkWriter
+
+    with pytest.raises(ValueError, match=r"^checkpoint_every_s must be >= 0 seconds or None, got -1$"):
+        BenchmarkWriter(str(tmp_path / "run"), checkpoint_every_s=-1)
+
+    other = tmp_path / "other.pt"
+    torch.save({"format": 99}, other)
+    with pytest.raises(
+        ValueError, match=r"^.*other\.pt is not a partial predict state of format 1; delete .*other\.pt"
+    ):
+        load_partial(other, "fingerprint")
+
+    class Scorer(torch.nn.Module):
+        def __init__(self, metric) -> None:
+            super().__init__()
+            self.metric = metric
+
+    saved = Scorer(SumMetric())
+    saved.metric.update(torch.tensor(3.0))
+    path = tmp_path / "partial.pt"
+    save_partial(path, PartialRun("fingerprint", rows=[[{"uid": 0}]], metric_states=metric_states(saved)))
+    restored = Scorer(SumMetric())
+    load_metric_states(restored, load_partial(path, "fingerprint").metric_states, torch.device("cpu"))
+    assert restored.metric.compute() == 3.0
+    with pytest.raises(
+        ValueError, match=r"^the saved scorer states \(\['metric'\]\) do not match this scorer's metrics"
+    ):
+        load_metric_states(Scorer(MeanMetric()), metric_states(saved), torch.device("cpu"))

@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "peak memory, and MFU: the model FLOPs the build needs per second over a bf16 matmul peak measured in the same "
         "run), a naive builder, and optionally `seka fit` over DDP. The 8B measurement on one GPU: python -m bench "
         "building --shape qwen3-8b --batch-sizes 16 32 64 --out OUT/building (add --length-window 16 for length "
-        "bucketing). A CPU smoke run: python -m bench "
+        "bucketing, or --pack-tokens 512 to pack the texts without padding). A CPU smoke run: python -m bench "
         "building --shape tiny --device cpu --batch-sizes 2 --sizes 4 8 --naive-sizes 2 4 --out OUT/smoke",
     )
     build.add_argument("--out", required=True, help="folder for building.json, building.details.json, building.md")
@@ -129,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="bucket texts by length within runs of this many batches (--data.length_window; default: data order)",
+    )
+    build.add_argument(
+        "--pack-tokens",
+        type=int,
+        default=None,
+        help="pack each pass's texts into rows of this many tokens (--model.pack_tokens; default: a padded row per text)",
     )
     _common(build, build_defaults)
     return parser

@@ -44,7 +44,7 @@ from bench.report import (
     times,
 )
 from bench.shapes import get_shape, offline_tokenizer, random_model, save_checkpoint
-from seka_lightning.capture import collect_triplet_keys
+from seka_lightning.capture import check_pack_tokens, collect_triplet_keys
 from seka_lightning.data.triplets import (
     Triplet,
     answer_token_indices,
@@ -83,6 +83,7 @@ class BuildingSettings:
     accelerator: str = "auto"
     matmul_size: int | None = None  # the peak probe's matmul size: 8192 on a GPU, 256 on a CPU
     length_window: int | None = None  # streaming and seka fit: bucket texts by length within this many batches
+    pack_tokens: int | None = None  # streaming and seka fit: pack each pass's texts into rows of this many tokens
 
     def __post_init__(self) -> None:
         get_shape(self.shape)
@@ -101,6 +102,7 @@ class BuildingSettings:
         if self.matmul_size is not None and self.matmul_size < 1:
             raise ValueError(f"matmul_size must be >= 1 or None (8192 on a GPU, 256 on a CPU), got {self.matmul_size}")
         check_length_window(self.length_window)
+        check_pack_tokens(self.pack_tokens)
         if self.ddp_batch_size < 1:
             raise ValueError(f"ddp_batch_size must be >= 1, got {self.ddp_batch_size}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -160,20 +162,28 @@ def streaming_build(
     *,
     batch_size: int,
     device: torch.device,
-    passes: list[tuple[int, ...]] | None = None,
+    passes: list[tuple[tuple[int, ...], int]] | None = None,
+    pack_tokens: int | None = None,
 ) -> KeySums:
     """The ``seka fit`` training step over ``triplets``, without Lightning: batched capture into float64 sums.
-    With ``passes``, the token counts of the texts of each forward pass are appended to it."""
+    With ``passes``, the token counts of the texts of each forward pass and its ``rows x width`` are appended to it;
+    ``pack_tokens`` packs each pass's texts into rows of that many tokens (``seka fit --model.pack_tokens``)."""
     layer_ids = list(range(layout.num_layers))
     stats = KeyStatistics(len(layer_ids), layout.num_kv_heads, layout.head_dim).to(device)
     for start in range(0, len(triplets), batch_size):
         keys = collect_triplet_keys(
-            model, tokenizer, layout, layer_ids, triplets[start : start + batch_size], device=device
+            model,
+            tokenizer,
+            layout,
+            layer_ids,
+            triplets[start : start + batch_size],
+            device=device,
+            pack_tokens=pack_tokens,
         )
         if keys is not None:
             stats.update(keys.neutral, keys.positive, keys.negative)
             if passes is not None:
-                passes.append(keys.lengths)
+                passes.append((keys.lengths, keys.slots))
     return stats.compute()
 
 
@@ -268,13 +278,13 @@ def _measure(
 
 
 def utilisation(
-    record: dict, cost: BuildCost, passes: list[tuple[int, ...]], peak_flops_per_s: float
+    record: dict, cost: BuildCost, passes: list[tuple[tuple[int, ...], int]], peak_flops_per_s: float
 ) -> dict[str, Any]:
-    """The work of a timed build (``passes``: the token counts of each pass's texts) and its model FLOPs
+    """The work of a timed build (``passes``: the token counts of each pass's texts, and its token slots) and its model FLOPs
     utilisation: the FLOPs it needed (:class:`BuildCost`) per second of the build over the measured matmul peak.
     ``padding_fraction`` is the share of the padded ``rows x width`` token slots of the passes that were padding."""
-    lengths = [n for lengths in passes for n in lengths]
-    padded = sum(len(lengths) * max(lengths) for lengths in passes)
+    lengths = [n for lengths, _ in passes for n in lengths]
+    padded = sum(slots for _, slots in passes)
     flops = cost.flops(lengths)
     achieved = flops / record["seconds"]
     return {
@@ -417,6 +427,7 @@ def fit_command(
         "--trainer.callbacks",
         json.dumps(callbacks),
         *(["--data.length_window", str(settings.length_window)] if settings.length_window else []),
+        *(["--model.pack_tokens", str(settings.pack_tokens)] if settings.pack_tokens else []),
     ]
 
 
@@ -536,7 +547,7 @@ def in_process_records(
     streaming_build(model, tokenizer, layout, triplets[:first], batch_size=first, device=device)
     for batch_size in settings.batch_sizes:
         for size in settings.sizes:
-            passes: list[tuple[int, ...]] = []
+            passes: list[tuple[tuple[int, ...], int]] = []
             ordered = list(iter_bucketed(triplets[:size], batch_size=batch_size, window=settings.length_window))
             run = partial(
                 streaming_build,
@@ -547,10 +558,13 @@ def in_process_records(
                 batch_size=batch_size,
                 device=device,
                 passes=passes,
+                pack_tokens=settings.pack_tokens,
             )
             record = _measure("streaming", batch_size, size, run, device)[0]
             usage = utilisation(record, cost, passes, peak_flops_per_s)
-            records.append({**record, "length_window": settings.length_window, **usage})
+            records.append(
+                {**record, "length_window": settings.length_window, "pack_tokens": settings.pack_tokens, **usage}
+            )
     naive_sums = None
     for size in settings.naive_sizes:
         run = partial(naive_build, model, tokenizer, layout, triplets[:size], device=device)
@@ -676,6 +690,7 @@ def building_table(details: dict[str, Any]) -> str:
         ("examples/s", "examples_per_s", lambda v: f"{v:.1f}"),
         ("MFU", "mfu", lambda v: f"{v:.3f}"),
         ("padding", "padding_fraction", lambda v: f"{v:.2f}"),
+        ("pack tokens", "pack_tokens", plain),
         ("peak GiB", "peak_mem_bytes", gib),
         ("above model GiB", "peak_mem_over_start_bytes", gib),
         ("x 1 device", "scaling_vs_1_device", times),

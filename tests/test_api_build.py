@@ -61,6 +61,19 @@ def test_bucketed_build_bank_equals_bucketed_seka_fit_exactly(tiny_model_dir, qa
         assert torch.equal(bank.statistics.tensors()[name], tensor), name
 
 
+def test_packed_build_bank_equals_packed_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path):
+    """``--model.pack_tokens`` packs each batch the same way as ``build_bank(pack_tokens=...)``: the same sums, bit
+    for bit, and the setting in the bank's metadata."""
+    out = tmp_path / "fit.safetensors"
+    fitted = seka_fit(tiny_model_dir, qa_file, out, "--model.pack_tokens", "160", max_samples=12, min_diff=0.05)
+    model, tokenizer = load_model(str(tiny_model_dir), dtype="float64")
+    bank = build_bank(model, tokenizer, read_jsonl(qa_file)[:12], min_diff=0.05, batch_size=5, pack_tokens=160)
+    assert fitted.metadata["pack_tokens"] == bank.metadata["pack_tokens"] == 160
+    fit_sums, _ = KeySums.load(stats_path_for(out))
+    for name, tensor in fit_sums.tensors().items():
+        assert torch.equal(bank.statistics.tensors()[name], tensor), name
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
 def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path, chat):
     """Same data, layers, batch size and settings (chat-template building texts too): the same float64 sums and the

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.capture import collect_triplet_keys
+from seka_lightning.capture import check_pack_tokens, collect_triplet_keys
 from seka_lightning.data.triplets import (
     PAIR_FIELDS,
     ChatTriplet,
@@ -64,9 +64,11 @@ def accumulate_triplets(
     positive_only: bool = False,
     attention_ratio: float | None = None,
     chat: bool = False,
+    pack_tokens: int | None = None,
 ) -> TripletCounts:
     """Add the answer-token keys of one batch of triplets to ``stats``; the building step of ``seka fit``.
-    ``chat`` wraps each text as a user message in the tokenizer's chat template first (:class:`ChatTriplet`)."""
+    ``chat`` wraps each text as a user message in the tokenizer's chat template first (:class:`ChatTriplet`);
+    ``pack_tokens`` packs the texts into rows of that many tokens (see ``collect_triplet_keys``)."""
     if not batch:
         return TripletCounts(kept=0, skipped=0, filtered=0)
     keys = collect_triplet_keys(
@@ -78,6 +80,7 @@ def accumulate_triplets(
         device=device,
         positive_only=positive_only,
         attention_ratio=attention_ratio,
+        pack_tokens=pack_tokens,
     )
     if keys is None:
         return TripletCounts(kept=0, skipped=len(batch), filtered=0)
@@ -204,6 +207,7 @@ def build_statistics(
     attention_ratio: float | None = None,
     length_window: int | None = None,
     chat: bool = False,
+    pack_tokens: int | None = None,
 ) -> BankStatistics:
     """Stream synthetic-QA ``pairs`` (dicts with ``context_1/2``, ``question_1/2``, ``answer_1/2``; a generator is
     fine, memory stays one batch) through ``model`` and return the float64 key statistics of SPEC §3.
@@ -211,11 +215,15 @@ def build_statistics(
     ``batch_size`` triplets (two per pair) go through the model per pass; ``positive_only`` and ``attention_ratio``
     are the AdaSEKA expert settings of ``seka fit`` (see ``ProjectionBuilder``); ``length_window`` batches texts of
     similar length together (``seka fit``'s ``--data.length_window``; off by default, see ``iter_bucketed``);
-    ``chat`` builds from the texts wrapped as user messages in the tokenizer's chat template (for instruct models).
+    ``chat`` builds from the texts wrapped as user messages in the tokenizer's chat template (for instruct models);
+    ``pack_tokens`` packs each pass's texts into rows of that many tokens instead of one padded row per text
+    (``seka fit``'s ``--model.pack_tokens``; causal models; the same statistics with far less padding, up to the
+    rounding of other matmul shapes in bf16/fp16).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_length_window(length_window)
+    check_pack_tokens(pack_tokens)
     if attention_ratio is not None and not attention_ratio > 0:
         raise ValueError(f"attention_ratio must be > 0 (the reference uses 1.2) or None, got {attention_ratio}")
     if chat:
@@ -238,6 +246,7 @@ def build_statistics(
             positive_only=positive_only,
             attention_ratio=attention_ratio,
             chat=chat,
+            pack_tokens=pack_tokens,
         )
         kept, skipped, filtered = kept + counts.kept, skipped + counts.skipped, filtered + counts.filtered
     if kept == 0:
@@ -256,6 +265,7 @@ def build_statistics(
         "attention_ratio": attention_ratio,
         "triplets_filtered_attention": filtered,
         "chat": chat,
+        "pack_tokens": pack_tokens,
         "data_fingerprint": digest.hexdigest(),
         "seka_lightning_version": __version__,
         "model_dtype": _model_dtype(model),
@@ -279,11 +289,13 @@ def build_bank(
     attention_ratio: float | None = None,
     length_window: int | None = None,
     chat: bool = False,
+    pack_tokens: int | None = None,
 ) -> ProjectionBank:
     """Build a SEKA bank (an AdaSEKA expert with ``positive_only``) for a loaded ``model`` from QA ``pairs``: the
     bank ``seka fit`` writes for the same data and settings. The statistics stay attached (``bank.statistics``), so
     ``bank.save_pretrained`` writes them too and other ``top_pct``/``min_diff`` can be derived without the model.
-    ``chat`` builds from chat-template-wrapped texts (see :func:`build_statistics`)."""
+    ``chat`` builds from chat-template-wrapped texts and ``pack_tokens`` packs the texts of each pass into rows of
+    that many tokens (see :func:`build_statistics`)."""
     validate_hyperparameters(top_pct, min_diff, head_filter)
     statistics = build_statistics(
         model,
@@ -295,5 +307,6 @@ def build_bank(
         attention_ratio=attention_ratio,
         length_window=length_window,
         chat=chat,
+        pack_tokens=pack_tokens,
     )
     return statistics.to_bank(top_pct=top_pct, min_diff=min_diff, head_filter=head_filter, positive_only=positive_only)

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seka_lightning.data.triplets import Triplet, answer_token_indices
 from seka_lightning.families import LayerSites, ModelLayout, keys_view
+from seka_lightning.models import model_id
 
 
 class _StopForward(Exception):
@@ -36,9 +37,11 @@ def _make_capture_hook(sites: LayerSites, layout: ModelLayout, rows: torch.Tenso
     return hook
 
 
-def _make_attention_hook(layer_id: int, last: torch.Tensor, answer: torch.Tensor, out: list, *, stop: bool):
-    """Adds ``Σ_heads Σ_answer-tokens attn[b, head, last_b, token]`` per row ``b`` to ``out`` (a ``[B]`` tensor)."""
-    batch = torch.arange(last.shape[0], device=last.device)
+def _make_attention_hook(
+    layer_id: int, text_rows: torch.Tensor, last: torch.Tensor, answer: torch.Tensor, out: list, *, stop: bool
+):
+    """Adds ``Σ_heads Σ_answer-tokens attn[row_i, head, last_i, token]`` per text ``i`` (in row ``text_rows[i]``,
+    its last token at ``last[i]``, its answer tokens the ``True`` entries of ``answer[i]``) to ``out`` (``[N]``)."""
 
     def hook(module: nn.Module, args: tuple, output: tuple) -> None:
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
@@ -47,7 +50,7 @@ def _make_attention_hook(layer_id: int, last: torch.Tensor, answer: torch.Tensor
                 f"layer {layer_id}: the attention module returned no weights; the attention filter needs eager "
                 "attention (capture_keys_and_attention switches to it)"
             )
-        from_last = weights[batch.to(weights.device), :, last.to(weights.device)].sum(1)  # [B, T]: over query heads
+        from_last = weights[text_rows.to(weights.device), :, last.to(weights.device)].sum(1)  # [N, T]: over heads
         out.append((from_last.to(answer.device, torch.float64) * answer).sum(-1))  # [B]
         if stop:
             raise _StopForward
@@ -78,9 +81,11 @@ def capture_keys(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Keys of the flat token ``rows`` (indices into ``[B * T]``) at ``layer_ids``: ``[L, M, H, d]``."""
-    keys, _ = _capture(model, layout, layer_ids, input_ids, attention_mask, rows, attention=None)
+    """Keys of the flat token ``rows`` (indices into ``[B * T]``) at ``layer_ids``: ``[L, M, H, d]``. With
+    ``position_ids`` that restart inside a row, the texts packed in it attend only within themselves."""
+    keys, _ = _capture(model, layout, layer_ids, input_ids, attention_mask, rows, position_ids, attention=None)
     return keys
 
 
@@ -92,15 +97,17 @@ def capture_keys_and_attention(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
+    text_rows: torch.Tensor,
     last: torch.Tensor,
     answer: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys as :func:`capture_keys`, and per row the attention mass ``[B]`` (float64) from token ``last[b]`` to the
-    tokens of the bool mask ``answer`` ``[B, T]``, summed over all query heads of ``layer_ids`` (eager pass)."""
+    """Keys as :func:`capture_keys`, and per text ``i`` the attention mass ``[N]`` (float64) from token ``last[i]``
+    of row ``text_rows[i]`` to the tokens of the bool mask ``answer[i]`` (``[N, T]``), summed over all query heads
+    of ``layer_ids`` (eager pass)."""
+    attention = (text_rows, last, answer.to(torch.float64))
     with eager_attention(model):
-        return _capture(
-            model, layout, layer_ids, input_ids, attention_mask, rows, attention=(last, answer.to(torch.float64))
-        )
+        return _capture(model, layout, layer_ids, input_ids, attention_mask, rows, position_ids, attention=attention)
 
 
 def _capture(
@@ -110,8 +117,9 @@ def _capture(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
+    position_ids: torch.Tensor | None,
     *,
-    attention: tuple[torch.Tensor, torch.Tensor] | None,
+    attention: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     captured: list[torch.Tensor] = []
     masses: list[torch.Tensor] = []
@@ -129,7 +137,7 @@ def _capture(
             if attention is not None:
                 hook = _make_attention_hook(layer, *attention, masses, stop=layer == last)
                 handles.append(sites.attention.register_forward_hook(hook))
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -146,7 +154,8 @@ class TripletKeys:
 
     ``negative`` is None for positive-only (AdaSEKA expert) collection, which never runs the negative text;
     ``skipped_attention`` counts triplets removed by the attention-ratio filter; ``lengths`` are the token counts
-    of the texts the pass ran (padding excluded), for measuring the work done.
+    of the texts the pass ran (padding excluded) and ``slots`` the pass's ``rows x width``, for measuring the work
+    done.
     """
 
     neutral: torch.Tensor
@@ -157,6 +166,7 @@ class TripletKeys:
     skipped_count_mismatch: int
     skipped_attention: int = 0
     lengths: tuple[int, ...] = ()
+    slots: int = 0
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -179,10 +189,27 @@ def is_causal(model: nn.Module) -> bool:
     return True
 
 
-def _right_padded(
-    ids: list[list[int]], pad_id: int, device: torch.device, *, with_mask: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``[B, T]`` token ids padded on the right, and their attention mask only if ``with_mask``. A causal model needs
+@dataclass
+class _Pass:
+    """The token layout of one forward pass over texts: ``[R, W]`` ids (and mask / positions when needed), and
+    where each text starts (``row``, ``offset``)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    starts: list[tuple[int, int]]
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.input_ids.numel()
+
+
+def _right_padded(ids: list[list[int]], pad_id: int, device: torch.device, *, with_mask: bool) -> _Pass:
+    """One row per text, padded on the right; the attention mask only if ``with_mask``. A causal model needs
     none: a token never sees the padding after it, so the keys of real tokens (and their attention) are those of the
     unpadded text, and a mask would cost a host-device sync per pass (transformers checks it to choose SDPA's causal
     path). A model with bidirectional attention does need it."""
@@ -192,7 +219,62 @@ def _right_padded(
     for i, row in enumerate(ids):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
-    return to_device(input_ids, device), to_device(mask, device) if with_mask else None
+    mask = to_device(mask, device) if with_mask else None
+    return _Pass(to_device(input_ids, device), mask, None, [(i, 0) for i in range(len(ids))])
+
+
+def _first_fit(lengths: list[int], width: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """First fit in decreasing length into rows of ``width`` tokens: tokens used per row, and each text's
+    ``(row, offset)``."""
+    filled: list[int] = []
+    starts: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(filled) if used + lengths[i] <= width), len(filled))
+        if row == len(filled):
+            filled.append(0)
+        starts[i] = (row, filled[row])
+        filled[row] += lengths[i]
+    return filled, starts
+
+
+def _packed(ids: list[list[int]], pad_id: int, device: torch.device, *, pack_tokens: int) -> _Pass:
+    """The texts packed into as few rows of at most ``max(pack_tokens, longest text)`` tokens as the tokens need,
+    first fit in decreasing length, with positions restarting at 0 for each text. The rows are made as even as
+    first fit allows (the narrowest width that still needs no extra row), so the last row is not mostly padding.
+
+    transformers reads restarting ``position_ids`` (and no attention mask) as packed sequences and masks attention to
+    causal within each text, so every text's keys are those of the text run alone (up to the rounding of another
+    matmul shape), with far less padding than one row per text. The padding after a row's last text continues that
+    text's positions (it attends to it, but nothing attends to it). Reading the positions costs transformers one
+    host-device sync per pass."""
+    lengths = [len(row) for row in ids]
+    longest, total = max(lengths), sum(lengths)
+    widest = max(pack_tokens, longest)
+    rows = -(-total // widest)
+    width = max(longest, -(-total // rows))
+    filled, starts = _first_fit(lengths, width)
+    while len(filled) > rows and width < widest:  # a few percent wider at a time until the rows suffice
+        width = min(widest, width + max(1, width // 50))
+        filled, starts = _first_fit(lengths, width)
+    width = max(filled)
+    input_ids = torch.full((len(filled), width), pad_id, dtype=torch.long)
+    positions = torch.arange(width, dtype=torch.long).repeat(len(filled), 1)
+    for i in sorted(range(len(ids)), key=starts.__getitem__):  # left to right: a text restarts the count
+        row, offset = starts[i]
+        input_ids[row, offset : offset + lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
+        positions[row, offset:] = torch.arange(width - offset, dtype=torch.long)
+    return _Pass(to_device(input_ids, device), None, to_device(positions, device), starts)
+
+
+def check_pack_tokens(pack_tokens: int | None) -> None:
+    """Raise ``ValueError`` unless ``pack_tokens`` is None (one padded row per text) or a row width >= 1."""
+    if pack_tokens is not None and (
+        isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int) or pack_tokens < 1
+    ):
+        raise ValueError(
+            f"pack_tokens must be a row width in tokens >= 1 (e.g. 512), or None for one padded row per text; "
+            f"got {pack_tokens!r}"
+        )
 
 
 def attention_kept(neutral: torch.Tensor, positive: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -214,15 +296,25 @@ def collect_triplet_keys(
     device: torch.device,
     positive_only: bool = False,
     attention_ratio: float | None = None,
+    pack_tokens: int | None = None,
 ) -> TripletKeys | None:
     """Run the neutral, positive and (unless ``positive_only``) negative texts of ``triplets`` and return the keys of
-    their answer tokens. All texts go through the model in one right-padded pass (``kinds x B`` rows, padded to the
-    longest text of any kind; size ``batch_size`` for that): the rows do not interact, right padding keeps positions
-    identical to unpadded runs, and one pass instead of three cuts the per-pass Python and kernel-launch overhead
-    that dominates on short texts. With ``attention_ratio``, triplets whose last-token attention to the answer
-    (summed over the heads of ``layer_ids``) does not grow by that ratio from H to H+ are dropped (the pass then runs
-    eager attention, which holds ``[rows, heads, T, T]`` weights per layer). ``None`` when no triplet of the batch
-    has its answer in every text it needs."""
+    their answer tokens. All texts go through the model in one pass: by default one right-padded row per text
+    (``kinds x B`` rows, padded to the longest text of any kind; size ``batch_size`` for that); with
+    ``pack_tokens``, packed into rows of that many tokens, each text attending only to itself (causal models only;
+    see :func:`_packed`), which removes most of the padding. The texts do not interact either way, right padding
+    keeps positions identical to unpadded runs, and one pass instead of three cuts the per-pass Python and
+    kernel-launch overhead that dominates on short texts. With ``attention_ratio``, triplets whose last-token
+    attention to the answer (summed over the heads of ``layer_ids``) does not grow by that ratio from H to H+ are
+    dropped (the pass then runs eager attention, which holds ``[rows, heads, W, W]`` weights per layer). ``None``
+    when no triplet of the batch has its answer in every text it needs."""
+    check_pack_tokens(pack_tokens)
+    causal = is_causal(model)
+    if pack_tokens is not None and not causal:
+        raise ValueError(
+            f"pack_tokens={pack_tokens} packs texts into shared rows, which only a causal model keeps apart; "
+            f"{model_id(model)} attends bidirectionally, so set pack_tokens to None"
+        )
     texts = [triplet.texts() for triplet in triplets]
     kinds = 2 if positive_only else 3
     columns = list(zip(*texts, strict=True))[:kinds]  # kinds lists of B texts
@@ -245,25 +337,41 @@ def collect_triplet_keys(
     if not kept:
         return None
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # masked
-    ids = [encoded[k]["input_ids"][b] for k in range(kinds) for b in kept]  # kind-major: row k * B' + i
-    input_ids, attention_mask = _right_padded(ids, pad_id, device, with_mask=not is_causal(model))
-    width, count = input_ids.shape[1], len(kept)
+    ids = [encoded[k]["input_ids"][b] for k in range(kinds) for b in kept]  # kind-major: text k * B' + i
+    if pack_tokens is None:
+        run = _right_padded(ids, pad_id, device, with_mask=not causal)
+    else:
+        run = _packed(ids, pad_id, device, pack_tokens=pack_tokens)
+    count = len(kept)
     # answer-token rows, kind-major; every kept triplet has as many answer tokens in each text, so the keys split
     # into ``kinds`` equal blocks aligned row for row
+    answer_tokens = [found[k] for k in range(kinds) for found in indices]  # per text, in the order of ``ids``
     flat = [
-        (k * count + i) * width + token for k in range(kinds) for i, found in enumerate(indices) for token in found[k]
+        row * run.width + offset + token
+        for (row, offset), tokens in zip(run.starts, answer_tokens, strict=True)
+        for token in tokens
     ]
     rows = to_device(torch.tensor(flat), device)
     if attention_ratio is None:
-        keys = capture_keys(model, layout, layer_ids, input_ids, attention_mask, rows)
+        keys = capture_keys(model, layout, layer_ids, run.input_ids, run.attention_mask, rows, run.position_ids)
     else:
-        last = to_device(torch.tensor([len(row) - 1 for row in ids]), device)
-        answer = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for k in range(kinds):
-            for i, found in enumerate(indices):
-                answer[k * count + i, found[k]] = True
+        text_rows = to_device(torch.tensor([row for row, _ in run.starts]), device)
+        ends = [offset + len(text) - 1 for (_, offset), text in zip(run.starts, ids, strict=True)]
+        last = to_device(torch.tensor(ends), device)
+        answer = torch.zeros((len(ids), run.width), dtype=torch.bool)
+        for i, ((_, offset), tokens) in enumerate(zip(run.starts, answer_tokens, strict=True)):
+            answer[i, [offset + token for token in tokens]] = True
         keys, mass = capture_keys_and_attention(
-            model, layout, layer_ids, input_ids, attention_mask, rows, last, to_device(answer, device)
+            model,
+            layout,
+            layer_ids,
+            run.input_ids,
+            run.attention_mask,
+            rows,
+            text_rows,
+            last,
+            to_device(answer, device),
+            run.position_ids,
         )
     keys = list(keys.chunk(kinds, dim=1))  # kinds x [L, M, H, d]
     filtered = 0
@@ -282,4 +390,5 @@ def collect_triplet_keys(
         skipped_count_mismatch=mismatch,
         skipped_attention=filtered,
         lengths=tuple(len(row) for row in ids),
+        slots=run.slots,
     )

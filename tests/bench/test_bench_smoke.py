@@ -21,6 +21,7 @@ from bench.building import (
     steady_rate,
     streaming_build,
     sums_difference,
+    utilisation,
 )
 from bench.generation import (
     RECORD_KEYS,
@@ -270,15 +271,37 @@ def test_building_writes_records_and_comparisons(tmp_path: Path, qa_file: Path) 
     assert written["mfu"] == {"4": records[1]["mfu"], "8": records[3]["mfu"]}
 
 
-def test_fit_command_passes_the_length_window_only_when_set(tmp_path: Path) -> None:
-    def command(window: int | None) -> list[str]:
-        settings = BuildingSettings(shape="tiny", length_window=window)
+def test_fit_command_passes_the_length_window_and_packing_only_when_set(tmp_path: Path) -> None:
+    def command(window: int | None, pack: int | None = None) -> list[str]:
+        settings = BuildingSettings(shape="tiny", length_window=window, pack_tokens=pack)
         return fit_command(settings, checkpoint=tmp_path, pairs=4, devices=1, run_dir=tmp_path, accelerator="cpu")
 
     assert command(16)[-2:] == ["--data.length_window", "16"]
-    assert "--data.length_window" not in command(None)
+    assert command(None, 512)[-2:] == ["--model.pack_tokens", "512"]
+    assert "--data.length_window" not in command(None) and "--model.pack_tokens" not in command(None)
     with pytest.raises(ValueError, match="length_window must be a number of batches >= 1"):
         BuildingSettings(shape="tiny", length_window=0)
+    with pytest.raises(ValueError, match="pack_tokens must be a row width in tokens >= 1"):
+        BuildingSettings(shape="tiny", pack_tokens=0)
+
+
+def test_packed_streaming_build_pads_less_for_the_same_work_and_sums(qa_file: Path) -> None:
+    shape = get_shape("tiny")
+    triplets = list(iter_triplets(read_pairs(qa_file)))[:12]
+    tokenizer = offline_tokenizer([t for tr in triplets for t in tr.texts()], vocab_size=shape.vocab_size)
+    model = random_model(shape, device=CPU, dtype=torch.float64)
+    layout = resolve_layout(model)
+    cost = BuildCost.of(model, list(range(layout.num_layers)))
+    usage, sums = [], []
+    for pack in (None, 256):
+        passes: list = []
+        sums.append(streaming_build(model, tokenizer, layout, triplets, batch_size=6, device=CPU, passes=passes,
+                                    pack_tokens=pack))  # fmt: skip
+        usage.append(utilisation({"seconds": 1.0}, cost, passes, peak_flops_per_s=1.0))
+    padded, packed = usage
+    assert packed["tokens"] == padded["tokens"] and packed["model_flops"] == padded["model_flops"]
+    assert 0 <= packed["padding_fraction"] < padded["padding_fraction"] / 2
+    assert sums_difference(sums[1], sums[0]) < 1e-12
 
 
 def test_build_cost_matches_a_hand_count() -> None:

@@ -120,6 +120,8 @@ def test_resume_with_other_statistics_settings_is_refused_naming_each(tiny_model
             "0,1",
             "--data.length_window",
             "2",
+            "--model.pack_tokens",
+            "256",
             "--ckpt_path",
             str(first_build),
         )
@@ -128,6 +130,7 @@ def test_resume_with_other_statistics_settings_is_refused_naming_each(tiny_model
     assert "data.batch_size: checkpoint 5, command line 3" in message
     assert "model.layers: checkpoint [0, 1, 2], command line [0, 1]" in message
     assert "data.length_window: checkpoint None, command line 2" in message
+    assert "model.pack_tokens: checkpoint None, command line 256" in message
     assert "model.dtype" not in message and "data.fingerprint" not in message
     assert "start a new build without --ckpt_path" in message
     assert not out.exists()

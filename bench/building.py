@@ -542,9 +542,14 @@ def in_process_records(
     layout = resolve_layout(model)
     cost = BuildCost.of(model, list(range(layout.num_layers)))
     records = []
-    # one untimed batch so kernel selection and allocator growth stay out of the numbers
+    # one untimed batch per batch size, packed as the timed runs, so kernel selection (packed passes run SDPA with a
+    # mask, another kernel) and allocator growth stay out of the numbers
     first = settings.batch_sizes[0]
-    streaming_build(model, tokenizer, layout, triplets[:first], batch_size=first, device=device)
+    for batch_size in settings.batch_sizes:
+        streaming_build(
+            model, tokenizer, layout, triplets[:batch_size], batch_size=batch_size, device=device,
+            pack_tokens=settings.pack_tokens,
+        )  # fmt: skip
     for batch_size in settings.batch_sizes:
         for size in settings.sizes:
             passes: list[tuple[tuple[int, ...], int]] = []

@@ -84,6 +84,8 @@ def test_build_bank_equals_seka_fit_exactly(tiny_model_dir, qa_file, tmp_path, c
     pairs = read_jsonl(qa_file)[:12]
     bank = build_bank(model, tokenizer, iter(pairs), top_pct=0.7, min_diff=0.05, batch_size=5, chat=chat)
     assert bank.metadata["chat"] is chat and fitted.metadata["chat"] is chat
+    # unpacked builds record nothing about packing: their files stay byte-equal to builds made before it existed
+    assert "pack_tokens" not in bank.metadata and "pack_tokens" not in fitted.metadata
 
     fit_sums, fit_meta = KeySums.load(stats_path_for(tmp_path / "fit.safetensors"))
     for name, tensor in fit_sums.tensors().items():

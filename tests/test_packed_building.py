@@ -91,7 +91,7 @@ def test_packed_bank_equals_the_padded_bank(tokenizer, qa_file):
     pairs = read_pairs(qa_file)
     padded = build_bank(model, tokenizer, pairs, batch_size=8)
     packed = build_bank(model, tokenizer, pairs, batch_size=8, pack_tokens=128)
-    assert packed.metadata["pack_tokens"] == 128 and padded.metadata["pack_tokens"] is None
+    assert packed.metadata["pack_tokens"] == 128 and "pack_tokens" not in padded.metadata
     for name, value in padded.statistics.tensors().items():
         torch.testing.assert_close(packed.statistics.tensors()[name], value, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(packed.pos, padded.pos, rtol=0, atol=1e-9)

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.capture import check_pack_tokens, collect_triplet_keys
+from seka_lightning.capture import check_pack_tokens, collect_triplet_keys, packing_metadata
 from seka_lightning.data.triplets import (
     PAIR_FIELDS,
     ChatTriplet,
@@ -265,10 +265,10 @@ def build_statistics(
         "attention_ratio": attention_ratio,
         "triplets_filtered_attention": filtered,
         "chat": chat,
-        "pack_tokens": pack_tokens,
         "data_fingerprint": digest.hexdigest(),
         "seka_lightning_version": __version__,
         "model_dtype": _model_dtype(model),
+        **packing_metadata(pack_tokens),
     }
     sums = KeySums(**{name: value.detach().cpu() for name, value in stats.compute().tensors().items()})
     log.info("collected key statistics of %d triplets (%d skipped) on layers %s", kept, skipped, layer_ids)

@@ -266,6 +266,12 @@ def _packed(ids: list[list[int]], pad_id: int, device: torch.device, *, pack_tok
     return _Pass(to_device(input_ids, device), None, to_device(positions, device), starts)
 
 
+def packing_metadata(pack_tokens: int | None) -> dict[str, int]:
+    """The bank metadata entry of a packed build; none for the default padded rows, so a default build writes the
+    same bank file (the same SHA-256, which results name) as builds made before packing existed."""
+    return {} if pack_tokens is None else {"pack_tokens": pack_tokens}
+
+
 def check_pack_tokens(pack_tokens: int | None) -> None:
     """Raise ``ValueError`` unless ``pack_tokens`` is None (one padded row per text) or a row width >= 1."""
     if pack_tokens is not None and (

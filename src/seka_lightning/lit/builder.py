@@ -14,7 +14,7 @@ from torchmetrics import Metric
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank, stats_path_for
 from seka_lightning.build import accumulate_triplets, no_statistics_error
-from seka_lightning.capture import check_pack_tokens
+from seka_lightning.capture import check_pack_tokens, packing_metadata
 from seka_lightning.data.triplets import Triplet, check_chat_template
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import BANK, STATISTICS, check_output
@@ -298,10 +298,10 @@ class ProjectionBuilder(FrozenModelModule):
             "attention_ratio": hp.attention_ratio,
             "triplets_filtered_attention": filtered,
             "chat": hp.chat,
-            "pack_tokens": hp.pack_tokens,
             "data_fingerprint": self._data_fingerprint(),
             "seka_lightning_version": __version__,
             "model_dtype": hp.dtype,
+            **packing_metadata(hp.pack_tokens),
         }
         bank = ProjectionBank.from_statistics(
             sums,

@@ -224,12 +224,17 @@ def test_building_settings_need_two_increasing_sizes() -> None:
         BuildingSettings(sizes=[64, 32])
 
 
-def test_naive_builder_gives_the_streaming_sums(qa_file: Path) -> None:
+def _tiny_builder_inputs(qa_file: Path, dtype: torch.dtype):
+    """12 triplets of ``qa_file``, a tokenizer trained on their texts, and a tiny random model with its layout."""
     shape = get_shape("tiny")
     triplets = list(iter_triplets(read_pairs(qa_file)))[:12]
     tokenizer = offline_tokenizer([t for tr in triplets for t in tr.texts()], vocab_size=shape.vocab_size)
-    model = random_model(shape, device=CPU, dtype=torch.float32)
-    layout = resolve_layout(model)
+    model = random_model(shape, device=CPU, dtype=dtype)
+    return triplets, tokenizer, model, resolve_layout(model)
+
+
+def test_naive_builder_gives_the_streaming_sums(qa_file: Path) -> None:
+    triplets, tokenizer, model, layout = _tiny_builder_inputs(qa_file, torch.float32)
     streamed = streaming_build(model, tokenizer, layout, triplets, batch_size=5, device=CPU)
     naive = naive_build(model, tokenizer, layout, triplets, device=CPU)
     assert int(naive.count) == int(streamed.count) > 0
@@ -286,11 +291,7 @@ def test_fit_command_passes_the_length_window_and_packing_only_when_set(tmp_path
 
 
 def test_packed_streaming_build_pads_less_for_the_same_work_and_sums(qa_file: Path) -> None:
-    shape = get_shape("tiny")
-    triplets = list(iter_triplets(read_pairs(qa_file)))[:12]
-    tokenizer = offline_tokenizer([t for tr in triplets for t in tr.texts()], vocab_size=shape.vocab_size)
-    model = random_model(shape, device=CPU, dtype=torch.float64)
-    layout = resolve_layout(model)
+    triplets, tokenizer, model, layout = _tiny_builder_inputs(qa_file, torch.float64)
     cost = BuildCost.of(model, list(range(layout.num_layers)))
     usage, sums = [], []
     for pack in (None, 256):

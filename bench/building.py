@@ -576,9 +576,10 @@ def in_process_records(
         record, naive_sums = _measure("naive", 1, size, run, device)
         records.append(record)
     subset = triplets[: settings.naive_sizes[-1]]
-    difference = sums_difference(
-        streaming_build(model, tokenizer, layout, subset, batch_size=first, device=device), naive_sums
-    )
+    streamed = streaming_build(
+        model, tokenizer, layout, subset, batch_size=first, device=device, pack_tokens=settings.pack_tokens
+    )  # the builder the timed records ran, packed or not
+    difference = sums_difference(streamed, naive_sums)
     if checkpoint is not None:
         started = time.perf_counter()
         save_checkpoint(model, tokenizer, checkpoint)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.conftest import tiny_llama
 from tests.test_early_exit import _gemma3
+from transformers import OPTConfig, OPTForCausalLM
 
 from seka_lightning.build import build_bank, build_statistics
 from seka_lightning.capture import _packed, capture_keys, collect_triplet_keys
@@ -37,6 +38,8 @@ def test_packing_places_every_text_once_without_overlap_and_restarts_positions()
     for text, (row, offset) in zip(ids, run.starts, strict=True):
         assert run.input_ids[row, offset : offset + len(text)].tolist() == text
         assert run.position_ids[row, offset : offset + len(text)].tolist() == list(range(len(text)))
+    # padding is position 0 (a text of its own): no position goes past the longest text's
+    assert run.position_ids[run.input_ids == -1].eq(0).all() and run.position_ids.max() == max(lengths) - 1
     # a text longer than pack_tokens widens the rows to it instead of being cut
     wide = _packed(ids, -1, CPU, pack_tokens=8)
     assert wide.width == 12 and all(offset + n <= 12 for (_, offset), n in zip(wide.starts, lengths, strict=True))
@@ -102,6 +105,27 @@ def test_packed_bank_equals_the_padded_bank(tokenizer, qa_file):
 def test_bad_pack_tokens_is_refused_with_the_fix(bad, tokenizer, qa_file):
     with pytest.raises(ValueError, match=r"pack_tokens must be a row width in tokens >= 1 \(e\.g\. 512\), or None"):
         build_statistics(tiny_llama(len(tokenizer)), tokenizer, read_pairs(qa_file), pack_tokens=bad)
+
+
+def test_packing_with_flash_attention_is_refused_before_any_pass(tokenizer, qa_file):
+    """transformers builds no per-text mask for flash attention over several rows: the texts would mix."""
+    model = tiny_llama(len(tokenizer))
+    model.config._attn_implementation = "flash_attention_2"  # only read by the check; nothing runs
+    with pytest.raises(ValueError, match="'flash_attention_2' attention does not build for several rows; load"):
+        build_statistics(model, tokenizer, read_pairs(qa_file), pack_tokens=64)
+
+
+def test_packing_a_model_discovered_by_structure_is_refused(tokenizer, qa_file):
+    """OPT is found by structure, not by the family table, and its forward does not hand the restarting positions to
+    the mask: packed, its texts would attend to each other."""
+    config = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=32, pad_token_id=0, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = OPTForCausalLM(config).eval()
+    assert resolve_layout(model).family == "discovered"
+    with pytest.raises(ValueError, match="was discovered by structure, so its packed texts might attend to each other"):
+        build_statistics(model, tokenizer, read_pairs(qa_file), pack_tokens=64)
 
 
 def test_packing_a_bidirectional_model_is_refused(tokenizer, qa_file):

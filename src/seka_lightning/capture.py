@@ -244,9 +244,9 @@ def _packed(ids: list[list[int]], pad_id: int, device: torch.device, *, pack_tok
 
     transformers reads restarting ``position_ids`` (and no attention mask) as packed sequences and masks attention to
     causal within each text, so every text's keys are those of the text run alone (up to the rounding of another
-    matmul shape), with far less padding than one row per text. The padding after a row's last text continues that
-    text's positions (it attends to it, but nothing attends to it). Reading the positions costs transformers one
-    host-device sync per pass."""
+    matmul shape), with far less padding than one row per text. Padding tokens get position 0, so each is a text of
+    its own and no position exceeds the longest text's (rotary scalings such as Phi-3's ``longrope`` change with the
+    largest position). Reading the positions costs transformers one host-device sync per mask."""
     lengths = [len(row) for row in ids]
     longest, total = max(lengths), sum(lengths)
     widest = max(pack_tokens, longest)
@@ -258,11 +258,10 @@ def _packed(ids: list[list[int]], pad_id: int, device: torch.device, *, pack_tok
         filled, starts = _first_fit(lengths, width)
     width = max(filled)
     input_ids = torch.full((len(filled), width), pad_id, dtype=torch.long)
-    positions = torch.arange(width, dtype=torch.long).repeat(len(filled), 1)
-    for i in sorted(range(len(ids)), key=starts.__getitem__):  # left to right: a text restarts the count
-        row, offset = starts[i]
+    positions = torch.zeros((len(filled), width), dtype=torch.long)  # padding: 0, each a text of its own
+    for i, (row, offset) in enumerate(starts):
         input_ids[row, offset : offset + lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
-        positions[row, offset:] = torch.arange(width - offset, dtype=torch.long)
+        positions[row, offset : offset + lengths[i]] = torch.arange(lengths[i], dtype=torch.long)
     return _Pass(to_device(input_ids, device), None, to_device(positions, device), starts)
 
 
@@ -270,6 +269,40 @@ def packing_metadata(pack_tokens: int | None) -> dict[str, int]:
     """The bank metadata entry of a packed build; none for the default padded rows, so a default build writes the
     same bank file (the same SHA-256, which results name) as builds made before packing existed."""
     return {} if pack_tokens is None else {"pack_tokens": pack_tokens}
+
+
+PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")  # those for which transformers masks packed rows apart
+
+
+def check_packable(model: nn.Module, layout: ModelLayout, pack_tokens: int | None) -> None:
+    """Raise ``ValueError`` naming the fix unless ``model`` keeps texts packed in one row apart (see :func:`_packed`):
+    a causal model of a family in ``seka_lightning.families.FAMILIES`` (whose forward hands the restarting
+    positions to transformers' mask builder; models discovered by structure may not, e.g. OPT and BART do not) with
+    an attention implementation whose mask transformers builds per packed text (flash attention gets no mask for
+    several rows). Nothing to check when ``pack_tokens`` is None."""
+    check_pack_tokens(pack_tokens)
+    if pack_tokens is None:
+        return
+    name = model_id(model)
+    fix = "or set pack_tokens to None (one padded row per text)"
+    if not is_causal(model):
+        raise ValueError(
+            f"pack_tokens={pack_tokens} packs texts into shared rows, which only a causal model keeps apart; "
+            f"{name} attends bidirectionally, so set pack_tokens to None"
+        )
+    if layout.family == "discovered":
+        raise ValueError(
+            f"pack_tokens={pack_tokens} needs a model family listed in seka_lightning.families.FAMILIES (their "
+            f"forward passes the restarting positions to the attention mask); {name} was discovered by structure, "
+            f"so its packed texts might attend to each other: add its model type to the table after checking, {fix}"
+        )
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation not in PACKABLE_ATTENTION:
+        raise ValueError(
+            f"pack_tokens={pack_tokens} keeps packed texts apart through transformers' packed-sequence masks, which "
+            f"{implementation!r} attention does not build for several rows; load {name} with attn_implementation "
+            f"one of {list(PACKABLE_ATTENTION)}, {fix}"
+        )
 
 
 def check_pack_tokens(pack_tokens: int | None) -> None:
@@ -314,13 +347,7 @@ def collect_triplet_keys(
     attention to the answer (summed over the heads of ``layer_ids``) does not grow by that ratio from H to H+ are
     dropped (the pass then runs eager attention, which holds ``[rows, heads, W, W]`` weights per layer). ``None``
     when no triplet of the batch has its answer in every text it needs."""
-    check_pack_tokens(pack_tokens)
-    causal = is_causal(model)
-    if pack_tokens is not None and not causal:
-        raise ValueError(
-            f"pack_tokens={pack_tokens} packs texts into shared rows, which only a causal model keeps apart; "
-            f"{model_id(model)} attends bidirectionally, so set pack_tokens to None"
-        )
+    check_packable(model, layout, pack_tokens)
     texts = [triplet.texts() for triplet in triplets]
     kinds = 2 if positive_only else 3
     columns = list(zip(*texts, strict=True))[:kinds]  # kinds lists of B texts
@@ -345,7 +372,7 @@ def collect_triplet_keys(
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # masked
     ids = [encoded[k]["input_ids"][b] for k in range(kinds) for b in kept]  # kind-major: text k * B' + i
     if pack_tokens is None:
-        run = _right_padded(ids, pad_id, device, with_mask=not causal)
+        run = _right_padded(ids, pad_id, device, with_mask=not is_causal(model))
     else:
         run = _packed(ids, pad_id, device, pack_tokens=pack_tokens)
     count = len(kept)

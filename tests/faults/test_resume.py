@@ -170,9 +170,10 @@ def test_resume_with_chat_building_texts_on_a_plain_build_is_refused(tiny_model_
 
 
 def test_a_record_from_before_the_chat_setting_resumes_as_plain_text(tiny_model_dir, qa_file, tmp_path, first_build):
-    """A record written before ``model.chat`` existed was a plain-text build: it resumes without chat, not with."""
+    """A record written before ``model.chat`` and ``model.pack_tokens`` existed was a plain-text build with padded
+    rows: it resumes without chat and packing, not with."""
     old = torch.load(first_build, weights_only=True)
-    del old["seka_build"]["model.chat"]
+    del old["seka_build"]["model.chat"], old["seka_build"]["model.pack_tokens"]
     torch.save(old, tmp_path / "old.ckpt")
     with pytest.raises(ValueError, match="model.chat: checkpoint False, command line True"):
         fit(

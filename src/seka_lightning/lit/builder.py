@@ -14,7 +14,7 @@ from torchmetrics import Metric
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank, stats_path_for
 from seka_lightning.build import accumulate_triplets, no_statistics_error
-from seka_lightning.capture import check_pack_tokens, packing_metadata
+from seka_lightning.capture import check_pack_tokens, check_packable, packing_metadata
 from seka_lightning.data.triplets import Triplet, check_chat_template
 from seka_lightning.families import resolve_layout
 from seka_lightning.files import BANK, STATISTICS, check_output
@@ -146,6 +146,7 @@ class ProjectionBuilder(FrozenModelModule):
         if chat:
             check_chat_template(self.tokenizer, pretrained)
         self.layout = resolve_layout(self.model)
+        check_packable(self.model, self.layout, pack_tokens)  # once the model is known, before any batch
         self.layer_ids = parse_layers(layers, self.layout.num_layers)
         self.stats = KeyStatistics(len(self.layer_ids), self.layout.num_kv_heads, self.layout.head_dim)
         # the triplet counts resume with the sums (persistent states), so the metadata stays exact

@@ -1,5 +1,7 @@
 """SIGTERM or SIGINT during `seka fit` saves a resumable checkpoint and exits non-zero, on one process and when the
-signal reaches any one of two DDP ranks; resuming gives the bank of an uninterrupted build."""
+signal reaches any one of two DDP ranks; resuming gives the bank of an uninterrupted build. During a two-rank
+`seka predict`, a signal to one rank stops both with their partial files, also when it comes during the extra last
+batch of the rank that has one, and resuming gives the files of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import torch
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.cli import run_lightning
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS
 from seka_lightning.lit.builder import stats_path_for
+from seka_lightning.lit.partial import partial_files, partial_path
 from seka_lightning.stats import KeySums
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,12 +86,12 @@ def start(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
 
 
 def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 240) -> int:
-    """The pid written to ``path`` once the build reached its throttled batches (fails if a process ended first)."""
+    """The pid written to ``path`` once the run reached its throttled batches (fails if a process ended first)."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
             output = finish(procs, 1)
-            pytest.fail(f"the build never reached batch 2: {output[-3000:]}")
+            pytest.fail(f"the run never reached its throttled batch: {output[-3000:]}")
         time.sleep(0.05)
     time.sleep(0.05)  # the pid is written before the file is closed
     return int(path.read_text())
@@ -210,3 +214,122 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_resumable_checkpoint(
     output = finish(resumed, 240)
     assert [p.returncode for p in resumed] == [0, 0], output[-3000:]
     assert_same_build(reference_build(qa_file), out, exact=False)
+
+
+def predict_args(
+    model_dir: Path, oracle: Path, out: Path, *, throttle: Path | None = None, hold_rank: int = 0, ready_after: int = 1
+) -> list[str]:
+    """5 lost-in-the-middle prompts in batches of 1 on two CPU ranks: rank 0 has batches 0, 2, 4 and rank 1 has
+    batches 1, 3. No periodic save: what a stopped run keeps is what it saved when it stopped. With ``throttle``,
+    rank ``hold_rank`` waits after its batch ``ready_after`` until the test has signalled it."""
+    callbacks = [
+        {
+            "class_path": "seka_lightning.lit.writers.BenchmarkWriter",
+            "init_args": {"output_dir": str(out), "checkpoint_every_s": 1000},
+        }
+    ]
+    if throttle is not None:
+        callbacks.append(
+            {
+                "class_path": "throttle.Throttle",
+                "init_args": {"folder": str(throttle), "ready_after": ready_after, "hold_rank": hold_rank},
+            }
+        )
+    return [
+        "predict",
+        "--model", "seka_lightning.lit.evaluator.BenchmarkEvaluator",
+        "--model.pretrained", str(model_dir),
+        "--model.method", "seka_lightning.methods.HighlightMethod",
+        "--data", "seka_lightning.benchmarks.LostInTheMiddleDataModule",
+        "--data.path", str(oracle),
+        "--data.num_documents", "4",
+        "--data.gold_positions", "[0]",
+        "--data.example_subset", "0:5",
+        "--data.max_new_tokens", "4",
+        "--data.batch_size", "1",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks", json.dumps(callbacks),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_predict(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted two-rank predict run of an oracle file, run once per file content for this module's tests."""
+    written: dict[bytes, Path] = {}
+
+    def run(oracle: Path) -> Path:
+        content = oracle.read_bytes()
+        if content not in written:
+            folder = tmp_path_factory.mktemp("uninterrupted_predict")
+            (folder / oracle.name).write_bytes(content)
+            ranks = start_ranks(predict_args(tiny_model_dir, folder / oracle.name, folder / "out"), folder)
+            output = finish(ranks, 240)
+            assert [p.returncode for p in ranks] == [0, 0], output[-3000:]
+            written[content] = folder / "out"
+        return written[content]
+
+    return run
+
+
+def signal_one_rank(args: list[str], cwd: Path, rank: int, signum: int) -> tuple[list[subprocess.Popen], str]:
+    """Start two ranks, signal ``rank`` where its throttle holds it, and wait for both (failing if either runs on
+    longer than ``STOP_WITHIN_S``); the ranks and their output."""
+    ranks = start_ranks(args, cwd)
+    pid = wait_for(cwd / f"ready.{rank}", ranks)
+    assert pid == ranks[rank].pid
+    os.kill(pid, signum)
+    (cwd / "sent").write_text("")
+    return ranks, finish(ranks, STOP_WITHIN_S)
+
+
+def saved_batches(out: Path) -> list[int]:
+    """The number of finished batches in each rank's partial file."""
+    return [len(torch.load(partial_path(out, rank), weights_only=True)["rows"]) for rank in range(2)]
+
+
+def assert_resumes_to_the_uninterrupted_files(args: list[str], cwd: Path, out: Path, whole: Path, resumed: int) -> None:
+    ranks = start_ranks(args, cwd)
+    output = finish(ranks, 240)
+    assert [p.returncode for p in ranks] == [0, 0], output[-3000:]
+    assert partial_files(out) == []
+    assert (out / PREDICTIONS).read_bytes() == (whole / PREDICTIONS).read_bytes()
+    run, reference = (json.loads((folder / METRIC_RESULT).read_text()) for folder in (out, whole))
+    assert run["counts"].pop("resumed_batches") == resumed and "resumed_batches" not in reference["counts"]
+    for result in (run, reference):  # where and when each ran; the reference read a copy of the oracle file
+        del result["provenance"], result["wall_time_s"], result["config"]["data"]["path"]
+    assert run == reference
+
+
+def test_sigterm_to_one_ddp_rank_stops_predict_on_both_at_an_agreed_batch_and_the_run_resumes(
+    tiny_model_dir, litm_oracle, tmp_path, reference_predict
+):
+    out = tmp_path / "out"
+    args = predict_args(tiny_model_dir, litm_oracle, out, throttle=tmp_path, hold_rank=1, ready_after=1)
+    ranks, output = signal_one_rank(args, tmp_path, 1, signal.SIGTERM)
+
+    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, output[-3000:]
+    assert output.count("stopped by SIGTERM after batch 2; the same command resumes from") == 2
+    assert saved_batches(out) == [2, 2]  # both stopped at the next batch end every rank has (rank 1's last)
+    assert not (out / METRIC_RESULT).exists() and not (out / PREDICTIONS).exists()
+    whole = reference_predict(litm_oracle)
+    assert_resumes_to_the_uninterrupted_files(predict_args(tiny_model_dir, litm_oracle, out), tmp_path, out, whole, 4)
+
+
+def test_a_signal_during_the_extra_last_batch_of_one_ddp_rank_stops_both_at_the_epoch_end(
+    tiny_model_dir, litm_oracle, tmp_path, reference_predict
+):
+    """Rank 0's third batch has no counterpart on rank 1, which meanwhile waits at the epoch end: the ranks agree
+    there, before the metric reduction, instead of rank 1 reducing alone while rank 0 exits."""
+    out = tmp_path / "out"
+    args = predict_args(tiny_model_dir, litm_oracle, out, throttle=tmp_path, hold_rank=0, ready_after=3)
+    ranks, output = signal_one_rank(args, tmp_path, 0, signal.SIGINT)
+
+    assert [p.returncode for p in ranks] == [128 + signal.SIGINT] * 2, output[-3000:]
+    assert output.count("stopped by SIGINT after its last batch; the same command resumes from") == 2
+    assert saved_batches(out) == [3, 2]
+    assert not (out / METRIC_RESULT).exists() and not (out / PREDICTIONS).exists()
+    whole = reference_predict(litm_oracle)
+    assert_resumes_to_the_uninterrupted_files(predict_args(tiny_model_dir, litm_oracle, out), tmp_path, out, whole, 5)

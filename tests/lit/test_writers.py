@@ -126,3 +126,39 @@ def test_bank_file_hash_and_model_hash_sources(tmp_path):
         "sha256": None,
         "reason": "a hub id: the weights come from the Hugging Face cache; pass a local folder to record a hash",
     }
+
+
+def test_under_ddp_a_signal_only_sets_a_flag_and_the_writer_puts_back_the_handlers_it_replaced(tmp_path):
+    """Lightning's SIGTERM handler runs a collective; the writer's records the signal only. A signal after the ranks'
+    last agreement still makes the run exit ``128 + signum``; the teardown restores the handlers it replaced, and
+    leaves alone handlers that Lightning's own teardown has already put back."""
+    import signal
+
+    from seka_lightning.lit.callbacks import BuildStopped
+
+    trainer = SimpleNamespace(world_size=2)
+    writer = BenchmarkWriter(str(tmp_path / "out"))
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def lightnings(signum, frame) -> None:
+        raise AssertionError("the replaced handler must not run")
+
+    try:
+        signal.signal(signal.SIGTERM, lightnings)
+        writer.on_predict_start(trainer, None)
+        assert signal.getsignal(signal.SIGTERM) is not lightnings
+        signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: recorded (a second signal would stop at once)
+        with pytest.raises(BuildStopped) as stopped:
+            writer.on_predict_end(trainer, None)
+        assert stopped.value.code == 128 + signal.SIGINT
+        writer.teardown(trainer, None, "predict")
+        assert signal.getsignal(signal.SIGTERM) is lightnings
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+
+        writer.on_predict_start(trainer, None)
+        signal.signal(signal.SIGTERM, before[signal.SIGTERM])  # as Lightning's teardown does before the callbacks'
+        writer.teardown(trainer, None, "predict")
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

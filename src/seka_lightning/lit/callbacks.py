@@ -4,7 +4,9 @@ of the bank a build wrote.
 A statistics build stops on SIGTERM or SIGINT in three steps: the signal only sets a flag (:class:`StopSignal`), the
 ranks agree on the flags at batch boundaries (:func:`agree_to_stop`, one all-reduce), and every rank then raises
 :class:`BuildStopped` at the same batch, so :class:`BatchCheckpoint` saves a resumable checkpoint with all ranks
-present and the process exits with ``128 + signum``.
+present and the process exits with ``128 + signum``. ``seka predict`` under DDP stops with the same pieces
+(:class:`~seka_lightning.lit.writers.BenchmarkWriter`), agreeing only at the batch ends every rank reaches
+(:func:`fewest_over_ranks`) and at the epoch end.
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ class StopSignal:
             self._previous[signum] = signal.signal(signum, self._record)
 
     def restore(self) -> None:
-        """Put back the handlers that :meth:`install` replaced."""
+        """Put back the handlers that :meth:`install` replaced, where this one is still installed (Lightning's
+        teardown may already have put back the handlers from before the run)."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) == self._record:
+                signal.signal(signum, handler)
         self._previous = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
@@ -85,6 +89,16 @@ def agree_to_stop(trainer: L.Trainer, signum: int | None) -> int | None:
     flag = torch.tensor([signum or 0], device=trainer.strategy.root_device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item()) or None
+
+
+def fewest_over_ranks(trainer: L.Trainer, count: float) -> float:
+    """The smallest of the ranks' ``count`` (``inf`` allowed), the same on every rank: under DDP one all-reduce that
+    every rank must enter; on one process ``count`` itself."""
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return count
+    smallest = torch.tensor([count], dtype=torch.float64, device=trainer.strategy.root_device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return float(smallest.item())
 
 
 class BatchCheckpoint(L.Callback):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -21,6 +22,7 @@ from seka_lightning import files
 from seka_lightning.effect import highlight_effect, summary_line
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, summarize, write_predictions
 from seka_lightning.files import BENCHMARK_RESULTS, check_output, write_json, write_jsonl
+from seka_lightning.lit.callbacks import BuildStopped, StopSignal, agree_to_stop, fewest_over_ranks
 from seka_lightning.lit.partial import (
     PartialRun,
     fingerprint,
@@ -125,6 +127,12 @@ class BenchmarkWriter(BasePredictionWriter):
     id counts ``n``, the method, model, config and counts, and the run's ``provenance``. The scorer's own
     (torchmetrics, DDP-reduced) values must agree with the recomputation; a disagreement is a scorer bug and
     raises after the predictions are written, so the evidence is kept.
+
+    SIGTERM (and under DDP SIGINT) stops the run: every rank saves its partial file and the process exits
+    ``128 + signum``. On one process it stops at the next batch end. Under DDP the signal only sets a flag
+    (:class:`StopSignal`) and the ranks agree on the flags (:func:`agree_to_stop`) where every rank arrives: at the
+    batch ends up to the smallest rank's batch count (a rank may have one batch more than another) and at the epoch
+    end, before the metric reduction; a signal after that still makes the run exit ``128 + signum`` once written.
     """
 
     def __init__(
@@ -160,6 +168,8 @@ class BenchmarkWriter(BasePredictionWriter):
         self._weights: dict | None = None  # the model's weights hash, taken once per run (fingerprint, provenance)
         self._started = self._last_progress = self._last_checkpoint = 0.0
         self._partial: PartialRun | None = None
+        self.stop_signal: StopSignal | None = None  # under DDP, from the start of the run to its teardown
+        self._common_batches, self._batch_ends = 0.0, 0  # batch ends every rank reaches; this rank's so far
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
 
@@ -168,8 +178,16 @@ class BenchmarkWriter(BasePredictionWriter):
         self.git_at_start = git_state()
         self._weights = None
         self._started = self._last_progress = time.monotonic()
+        self.stop_signal = None
+        if trainer.world_size > 1:  # here, after Lightning has registered its SIGTERM handler, which this replaces
+            self.stop_signal = StopSignal()
+            self.stop_signal.install()
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batch_ends = 0
+        if self.stop_signal is not None:
+            common = fewest_over_ranks(trainer, sum(trainer.num_predict_batches))
+            self._common_batches = common if math.isfinite(common) else 0  # unknown lengths: agree at the end only
         # after the evaluator's on_predict_start: its scorer exists, so a saved state can be put back into it
         if self.checkpoint_every_s is None:
             return
@@ -194,24 +212,55 @@ class BenchmarkWriter(BasePredictionWriter):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         now = time.monotonic()
-        stop = trainer.received_sigterm  # also on the last batch: every rank stops at its next batch end
+        self._batch_ends += 1
+        signum = self._agreed_stop(trainer)
         if self._partial is not None and batch_idx == len(self._partial.rows):  # a new batch, not a replayed one
             self._partial.rows.append(outputs)
-            if stop or now - self._last_checkpoint >= self.checkpoint_every_s:
+            if signum is None and now - self._last_checkpoint >= self.checkpoint_every_s:
                 self._save_partial(trainer, pl_module)
                 self._last_checkpoint = now
-        if stop:  # Lightning's predict loop itself does not stop on SIGTERM
-            where = partial_path(self.output_dir, trainer.global_rank) if self._partial is not None else None
-            log.warning(
-                "stopped by SIGTERM after batch %d; %s",
-                batch_idx + 1,
-                f"the same command resumes from {where}" if where else "nothing is kept (checkpoint_every_s is None)",
-            )
-            raise SIGTERMException
+        if signum is not None:  # Lightning's predict loop itself does not stop on SIGTERM
+            self._stop(trainer, pl_module, signum, f"after batch {batch_idx + 1}")
         if now - self._last_progress < self.progress_every_s or not trainer.is_global_zero:
             return
         self._last_progress = now
         log.info(progress_line(batch_idx + 1, trainer.num_predict_batches[dataloader_idx], now - self._started))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stop_signal is not None and self.stop_signal.signum is not None:
+            log.warning(
+                "received %s after the ranks' last agreement, so the results are written; exiting non-zero",
+                signal.Signals(self.stop_signal.signum).name,
+            )
+            raise BuildStopped(self.stop_signal.signum)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.stop_signal is not None:
+            self.stop_signal.restore()
+
+    def _agreed_stop(self, trainer: L.Trainer) -> int | None:
+        """The signal to stop for at this batch end (the same on every rank under DDP); None = carry on."""
+        if self.stop_signal is None:  # one process: Lightning's handler records SIGTERM, also on the last batch
+            return signal.SIGTERM if trainer.received_sigterm else None
+        if self._batch_ends > self._common_batches:
+            return None  # a batch another rank does not have: the ranks agree at the epoch end instead
+        return agree_to_stop(trainer, self.stop_signal.signum)
+
+    def _stop(self, trainer: L.Trainer, pl_module: L.LightningModule, signum: int, when: str) -> NoReturn:
+        """Save this rank's finished batches and stop the run (every rank at the same agreed point)."""
+        where = None
+        if self._partial is not None:
+            self._save_partial(trainer, pl_module)
+            where = partial_path(self.output_dir, trainer.global_rank)
+        log.warning(
+            "stopped by %s %s; %s",
+            signal.Signals(signum).name,
+            when,
+            f"the same command resumes from {where}" if where else "nothing is kept (checkpoint_every_s is None)",
+        )
+        if self.stop_signal is None:
+            raise SIGTERMException  # Lightning's own exits 0; the CLI turns it into 143
+        raise BuildStopped(signum)
 
     def weights(self, pretrained: str) -> dict:
         """:func:`weights_hash` of the run's model, computed once (a local model's files are read only once)."""
@@ -227,6 +276,10 @@ class BenchmarkWriter(BasePredictionWriter):
         save_partial(partial_path(self.output_dir, trainer.global_rank), run)
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
+        if self.stop_signal is not None:  # a signal during a batch that not every rank has is honoured here
+            signum = agree_to_stop(trainer, self.stop_signal.signum)
+            if signum is not None:
+                self._stop(trainer, pl_module, signum, "after its last batch")
         results = pl_module.results()  # collective: every rank takes part in the metric reduction
         records = merge_rank_parts(
             trainer, predictions, self.output_dir / PREDICTIONS, key="uid", write=write_predictions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_the_benchmark_writer_takes_the_git_state_when_prediction_starts(tmp_pat
     writer = writers.BenchmarkWriter(str(tmp_path / "run"))
     assert writer.git_at_start is None
     monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})
-    writer.on_predict_start(None, None)
+    writer.on_predict_start(SimpleNamespace(world_size=1), None)
     assert writer.git_at_start == {"commit": "f" * 40, "dirty": True}
 
 
@@ -97,7 +98,7 @@ def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s
     monkeypatch.setattr(writers.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": False})
     writer = writers.BenchmarkWriter(str(tmp_path / "run"), progress_every_s=60)
-    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[4], received_sigterm=False)
+    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[4], received_sigterm=False, world_size=1)
     writer.on_predict_start(trainer, None)
     with caplog.at_level("INFO", logger=writers.__name__):
         for index in range(3):

@@ -136,7 +136,7 @@ def test_under_ddp_a_signal_only_sets_a_flag_and_the_writer_puts_back_the_handle
 
     from seka_lightning.lit.callbacks import BuildStopped
 
-    trainer = SimpleNamespace(world_size=2)
+    trainer = SimpleNamespace(world_size=2, received_sigterm=False)
     writer = BenchmarkWriter(str(tmp_path / "out"))
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
@@ -159,6 +159,13 @@ def test_under_ddp_a_signal_only_sets_a_flag_and_the_writer_puts_back_the_handle
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])  # as Lightning's teardown does before the callbacks'
         writer.teardown(trainer, None, "predict")
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+
+        # a SIGTERM that Lightning's handler took before the writer's was installed is not lost
+        writer.on_predict_start(SimpleNamespace(world_size=2, received_sigterm=True), None)
+        with pytest.raises(BuildStopped) as stopped:
+            writer.on_predict_end(trainer, None)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        writer.teardown(trainer, None, "predict")
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)

@@ -174,14 +174,16 @@ class BenchmarkWriter(BasePredictionWriter):
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stop_signal = None
+        if trainer.world_size > 1:  # first, and after Lightning has registered its SIGTERM handler, which this replaces
+            self.stop_signal = StopSignal()
+            self.stop_signal.install()
+            if trainer.received_sigterm:  # a signal that reached Lightning's handler before this one took over
+                self.stop_signal.signum = signal.SIGTERM
         # the code this run imported: a checkout that moves during a long run must not relabel it
         self.git_at_start = git_state()
         self._weights = None
         self._started = self._last_progress = time.monotonic()
-        self.stop_signal = None
-        if trainer.world_size > 1:  # here, after Lightning has registered its SIGTERM handler, which this replaces
-            self.stop_signal = StopSignal()
-            self.stop_signal.install()
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._batch_ends = 0

@@ -49,6 +49,30 @@ WORDS = (
 ).split()
 
 
+def tiny_litm_predict_args(
+    model_dir: Path, oracle: Path, *, gold_positions: str, example_subset: str, batch_size: int
+) -> list[str]:
+    """``seka predict`` arguments for a tiny lost-in-the-middle run on the CPU: the oracle file's questions
+    ``example_subset`` with 4 documents, the gold one at each of ``gold_positions``, 4 new tokens, SEKA's plain
+    highlight method, no logger or progress bar (add callbacks and devices)."""
+    return [
+        "predict",
+        "--model", "seka_lightning.lit.evaluator.BenchmarkEvaluator",
+        "--model.pretrained", str(model_dir),
+        "--model.method", "seka_lightning.methods.HighlightMethod",
+        "--data", "seka_lightning.benchmarks.LostInTheMiddleDataModule",
+        "--data.path", str(oracle),
+        "--data.num_documents", "4",
+        "--data.gold_positions", gold_positions,
+        "--data.example_subset", example_subset,
+        "--data.max_new_tokens", "4",
+        "--data.batch_size", str(batch_size),
+        "--trainer.accelerator", "cpu",
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
 def printed_predict_config(*args: str) -> dict:
     """``seka predict -c configs/eval/counterfact.yaml ARGS --print_config`` in a fresh process (nothing imported
     beforehand, as for a user), parsed."""

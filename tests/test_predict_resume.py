@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.conftest import tiny_litm_predict_args
 
 from seka_lightning.cli import run_lightning
 from seka_lightning.lit import evaluator as evaluator_module
@@ -15,20 +16,8 @@ from seka_lightning.lit.partial import partial_path
 def predict(model_dir: Path, oracle: Path, out: Path, *extra: str) -> None:
     run_lightning(
         [
-            "predict",
-            "--model", "seka_lightning.lit.evaluator.BenchmarkEvaluator",
-            "--model.pretrained", str(model_dir),
-            "--model.method", "seka_lightning.methods.HighlightMethod",
-            "--data", "seka_lightning.benchmarks.LostInTheMiddleDataModule",
-            "--data.path", str(oracle),
-            "--data.num_documents", "4",
-            "--data.gold_positions", "[0, 3]",
-            "--data.example_subset", "0:3",
-            "--data.max_new_tokens", "4",
-            "--data.batch_size", "2",  # 6 prompts: 3 batches
-            "--trainer.accelerator", "cpu",
-            "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
+            # 6 prompts: 3 batches
+            *tiny_litm_predict_args(model_dir, oracle, gold_positions="[0, 3]", example_subset="0:3", batch_size=2),
             "--trainer.callbacks+", "seka_lightning.lit.writers.BenchmarkWriter",
             "--trainer.callbacks.output_dir", str(out),
             "--trainer.callbacks.checkpoint_every_s", "0",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import tiny_litm_predict_args
 
 from seka_lightning.bank import ProjectionBank
 from seka_lightning.cli import run_lightning
@@ -236,21 +237,8 @@ def predict_args(
             }
         )
     return [
-        "predict",
-        "--model", "seka_lightning.lit.evaluator.BenchmarkEvaluator",
-        "--model.pretrained", str(model_dir),
-        "--model.method", "seka_lightning.methods.HighlightMethod",
-        "--data", "seka_lightning.benchmarks.LostInTheMiddleDataModule",
-        "--data.path", str(oracle),
-        "--data.num_documents", "4",
-        "--data.gold_positions", "[0]",
-        "--data.example_subset", "0:5",
-        "--data.max_new_tokens", "4",
-        "--data.batch_size", "1",
-        "--trainer.accelerator", "cpu",
+        *tiny_litm_predict_args(model_dir, oracle, gold_positions="[0]", example_subset="0:5", batch_size=1),
         "--trainer.devices", "2",
-        "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks", json.dumps(callbacks),
     ]  # fmt: skip
 

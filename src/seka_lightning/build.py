@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from seka_lightning import __version__
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.capture import check_pack_tokens, check_packable, collect_triplet_keys, packing_metadata
+from seka_lightning.capture import collect_triplet_keys, packing_metadata
 from seka_lightning.data.triplets import (
     PAIR_FIELDS,
     ChatTriplet,
@@ -223,13 +223,11 @@ def build_statistics(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_length_window(length_window)
-    check_pack_tokens(pack_tokens)
     if attention_ratio is not None and not attention_ratio > 0:
         raise ValueError(f"attention_ratio must be > 0 (the reference uses 1.2) or None, got {attention_ratio}")
     if chat:
         check_chat_template(tokenizer, model_id(model))
     layout = resolve_layout(model)
-    check_packable(model, layout, pack_tokens)  # before any pass
     layer_ids = parse_layers(layers, layout.num_layers)
     device = _input_device(model)
     stats = KeyStatistics(len(layer_ids), layout.num_kv_heads, layout.head_dim).to(device)

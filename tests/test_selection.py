@@ -187,3 +187,20 @@ def test_candidate_names_are_distinct_per_bank_and_method():
         candidate_name("last15", 0.25, method="adaseka"),
     ]
     assert names == ["last15-g4", "chat95-last15-g4", "adaseka-last15-g0.5", "adaseka-last15-g0.25"]
+
+
+def test_length_adaptive_twins_are_named_apart_and_lose_ties_to_full_strength():
+    """A length-adaptive grid point is named after its schedule and carries its method options; with the same dev
+    numbers its full-strength twin (earlier in the grid) is chosen, and once that twin fails a guard, the
+    length-adaptive point is."""
+    full = cand("last10", 8, 0.83)
+    twin = Candidate("last10", 8.0, full.metrics, length_reference=8, length_power=0.5)
+    assert twin.name == "last10-g8-lref8-p0.5"
+    assert candidate_name("last10", 8, "chat95", length_reference=8, length_power=1) == "chat95-last10-g8-lref8-p1"
+    assert twin.length_settings() == {"length_reference": 8, "length_power": 0.5}
+    assert full.length_settings() == {}
+    assert select([full, twin], BASELINE).chosen is full
+    failing = cand("last10", 8, 0.83, em=0.02)  # lost in the middle below the guard floor 0.1875
+    selection = select([failing, twin], BASELINE)
+    assert selection.chosen is twin
+    assert selection.rejected == {failing.name: ["exact_match_inside: 0.0200 < unsteered - SE = 0.1875"], twin.name: []}

@@ -7,9 +7,10 @@
 Stages, per model (each command's log in OUT/logs/; outputs that exist are skipped, so a re-run resumes):
   build   the SEKA bank (configs/build/<model>.yaml), the AdaSEKA expert banks (configs/adaseka/build/*.yaml) and
           the PASTA head set (`seka pasta-profile`) under OUT;
-  dev     CounterFact dev (4500:5000) for unsteered, every bank x layers x gain of SEKA and (when --methods names
-          adaseka) every layers x gain of AdaSEKA (--adaseka-layers, --adaseka-gains), then the generation guards
-          (lost in the middle and PronChange dev splits) for unsteered and each grid's best candidates;
+  dev     CounterFact dev (4500:5000) for unsteered, every bank x layers x gain x strength schedule
+          (--length-scaling) of SEKA and (when --methods names adaseka) every layers x gain of AdaSEKA
+          (--adaseka-layers, --adaseka-gains), then the generation guards (lost in the middle and PronChange dev
+          splits) for unsteered and each grid's best candidates;
   select  the rule of seka_lightning.selection on each grid's dev runs; writes configs/methods/<model>/{seka,
           key_scaling,random}.yaml (SEKA's choice), adaseka.yaml (AdaSEKA's own choice) and
           docs/results/dev/<model>.json (AdaSEKA's grid under its "adaseka" key).
@@ -53,6 +54,7 @@ from seka_lightning.selection import (
     guards_needed,
     select,
 )
+from seka_lightning.steering import check_length_scaling
 
 log = logging.getLogger("results")
 
@@ -167,6 +169,8 @@ class Settings:
     banks: list[str] | None = None
     adaseka_gains: list[float] = field(default_factory=lambda: list(ADASEKA_GAINS))
     adaseka_layers: list[str] | None = None
+    # SEKA's strength schedules in the grid: None (full strength) and/or (length_reference, length_power)
+    length_scalings: list[tuple[int, float] | None] = field(default_factory=lambda: [None])
 
     def adaseka_layer_options(self, model: Model) -> list[str]:
         """The layer choices of ``model``'s AdaSEKA grid: its lastN grid, or the part of it --adaseka-layers names."""
@@ -399,6 +403,9 @@ def dev_dir(s: Settings, model: Model, benchmark: str, name: str) -> Path:
 
 def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...]:
     layers, gain = candidate.layers, candidate.gain
+    length = [
+        arg for key, value in candidate.length_settings().items() for arg in (f"--model.method.{key}", f"{value:g}")
+    ]
     return (
         "--model.method",
         "SekaMethod",
@@ -408,6 +415,7 @@ def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...
         f"{gain:g}",
         "--model.method.layers",
         layers,
+        *length,
     )
 
 
@@ -462,17 +470,24 @@ def dev_jobs(s: Settings, model: Model) -> list[Job]:
 
 
 def grid(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
-    """A dev grid, in order (no estimates): SEKA's every bank variant x layer choice x gain, or AdaSEKA's every
-    layer choice x gain (its four experts in each)."""
+    """A dev grid, in order (no estimates): SEKA's every bank variant x layer choice x gain x strength schedule
+    (--length-scaling; each length-adaptive point right after its full-strength one, so a tie goes to full strength),
+    or AdaSEKA's every layer choice x gain (its four experts in each)."""
     if method == "adaseka":
         layer_options = s.adaseka_layer_options(model)
         return [Candidate(layers, gain, method="adaseka") for layers in layer_options for gain in s.adaseka_gains]
     return [
-        Candidate(layers, gain, bank=bank)
+        Candidate(layers, gain, bank=bank, **length_options(scaling))
         for bank in s.bank_variants(model)
         for layers in model.layer_grid
         for gain in s.gains
+        for scaling in s.length_scalings
     ]
+
+
+def length_options(scaling: tuple[int, float] | None) -> dict[str, int | float]:
+    """A strength schedule of --length-scaling as Candidate fields (none: full strength)."""
+    return {} if scaling is None else {"length_reference": scaling[0], "length_power": scaling[1]}
 
 
 def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
@@ -562,7 +577,7 @@ def write_selection(s: Settings, model: Model) -> list[Job]:
         chosen = selections[tuned].chosen
         log.info("%s: %s chose %s (best admissible %s)", model.tag, tuned, chosen.name, selections[tuned].best.name)
         if tuned == "seka":
-            texts = seka_configs(s, model, chosen.layers, chosen.gain, chosen.bank)
+            texts = seka_configs(s, model, chosen.layers, chosen.gain, chosen.bank, chosen.length_settings())
         else:
             texts = {"adaseka": adaseka_config(s, model, chosen.layers, chosen.gain)}
         for method, text in texts.items():
@@ -585,6 +600,7 @@ def candidate_rows(s: Settings, candidates: list[Candidate], baseline: dict[str,
                 **({} if c.method else {"bank": c.bank or "shipped"}),
                 "layers": c.layers,
                 "gain": c.gain,
+                **c.length_settings(),
                 "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
                 "admissible": not rejected,
                 "rejected": rejected,
@@ -599,7 +615,8 @@ def choice(selection: Selection | None) -> tuple[str | None, dict | None]:
         return None, None
     chosen = selection.chosen
     bank = {} if chosen.method else {"bank": chosen.bank or "shipped"}
-    return selection.best.name, {"name": chosen.name, **bank, "layers": chosen.layers, "gain": chosen.gain}
+    settings = {"layers": chosen.layers, "gain": chosen.gain, **chosen.length_settings()}
+    return selection.best.name, {"name": chosen.name, **bank, **settings}
 
 
 def write_dev_table(
@@ -636,6 +653,11 @@ def write_dev_table(
                 "shipped": f"configs/build/{model.tag}.yaml",
                 **{v: BANK_VARIANTS[v].description for v in s.bank_variants(model) if v},
             },
+            **(
+                {"length_scalings": [length_options(x) or "full" for x in s.length_scalings]}
+                if s.length_scalings != [None]
+                else {}
+            ),
             "baseline": baseline_row,
             "candidates": candidate_rows(s, candidates["seka"], baseline),
             "best": best,
@@ -666,10 +688,13 @@ def config_text(model: Model, method: dict) -> str:
     return header + yaml.safe_dump({"model": {"init_args": {"method": method}}}, sort_keys=False)
 
 
-def seka_configs(s: Settings, model: Model, layers: str, gain: float, variant: str = "") -> dict[str, str]:
-    """The YAML fragments of SEKA and its ablations (same bank, layers and gain)."""
+def seka_configs(
+    s: Settings, model: Model, layers: str, gain: float, variant: str = "", length: dict | None = None
+) -> dict[str, str]:
+    """The YAML fragments of SEKA and its ablations (same bank, layers, gain and strength schedule: ``length``, the
+    ``length_reference`` / ``length_power`` options, or None for full strength)."""
     bank = str(bank_path(s, model, variant))
-    settings = {"gain_pos": gain, "layers": layers}
+    settings = {"gain_pos": gain, "layers": layers, **(length or {})}
     methods = {
         "seka": {"class_path": "SekaMethod", "init_args": {"bank": bank, **settings}},
         "key_scaling": {"class_path": "KeyScalingMethod", "init_args": {"bank": bank, **settings}},
@@ -1005,6 +1030,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         choices=list(GUARD_BENCHMARKS),
         help="the guard benchmarks the rule applies (default both; the dev table records any left out)",
     )
+    parser.add_argument(
+        "--length-scaling",
+        nargs="+",
+        default=["none"],
+        metavar="none|R:P",
+        help="SEKA's strength schedules in the dev grid: none (full strength) and/or R:P, the length-adaptive "
+        "strength (a row with n > R highlighted tokens gets (R / n)^P of the edit), e.g. none 8:0.5",
+    )
     parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")
     parser.add_argument(
         "--batch-size",
@@ -1055,6 +1088,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         if benchmark not in GENERATION or not value.isdigit() or int(value) < 1:
             parser.error(f"--static-decoding takes BENCHMARK=N with BENCHMARK in {GENERATION} and N >= 1, got {item!r}")
         static_decoding[benchmark] = int(value)
+    length_scalings: list[tuple[int, float] | None] = []
+    for item in args.length_scaling:
+        reference, colon, power = item.partition(":")
+        usage = f"--length-scaling takes none or R:P (an integer R >= 1, a power P > 0), got {item!r}"
+        scaling: tuple[int, float] | None = None
+        if item != "none":
+            if not colon:
+                parser.error(usage)
+            try:
+                scaling = (int(reference), float(power))
+                check_length_scaling(*scaling)
+            except ValueError as error:
+                parser.error(f"{usage}: {error}")
+        if scaling in length_scalings:
+            parser.error(f"--length-scaling names {item!r} twice")
+        length_scalings.append(scaling)
     settings = Settings(
         models=[MODELS[m] for m in args.models],
         stages=[stage for stage in STAGES if stage in args.stages],
@@ -1075,6 +1124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         banks=args.banks,
         adaseka_gains=args.adaseka_gains,
         adaseka_layers=args.adaseka_layers,
+        length_scalings=length_scalings,
     )
     return settings, args
 

@@ -58,24 +58,50 @@ class Estimate:
 class Candidate:
     """One grid point: a layer selection and gain, with its dev estimates ``{metric: Estimate}``; SEKA's on the bank
     variant ``bank`` (empty: the model's shipped build config), or another method's grid (``method``, e.g.
-    ``adaseka``, which the rule picks from separately)."""
+    ``adaseka``, which the rule picks from separately). ``length_reference`` / ``length_power``: SEKA's opt-in
+    length-adaptive strength (a row with n highlighted tokens gets ``min(1, (length_reference / n) ** length_power)``
+    of the edit); None: full strength on every row."""
 
     layers: str
     gain: float
     metrics: Mapping[str, Estimate] = field(default_factory=dict)
     bank: str = ""
     method: str = ""
+    length_reference: int | None = None
+    length_power: float = 1.0
 
     @property
     def name(self) -> str:
-        return candidate_name(self.layers, self.gain, self.bank, method=self.method)
+        return candidate_name(
+            self.layers,
+            self.gain,
+            self.bank,
+            method=self.method,
+            length_reference=self.length_reference,
+            length_power=self.length_power,
+        )
+
+    def length_settings(self) -> dict[str, int | float]:
+        """The method options of the length-adaptive strength (empty at full strength)."""
+        if self.length_reference is None:
+            return {}
+        return {"length_reference": self.length_reference, "length_power": self.length_power}
 
 
-def candidate_name(layers: str, gain: float, bank: str = "", *, method: str = "") -> str:
+def candidate_name(
+    layers: str,
+    gain: float,
+    bank: str = "",
+    *,
+    method: str = "",
+    length_reference: int | None = None,
+    length_power: float = 1.0,
+) -> str:
     """A folder-safe name for a grid point, e.g. ``last15-g4``, ``chat95-last15-g4`` on the bank variant ``chat95``,
-    or ``adaseka-last15-g0.5`` in AdaSEKA's grid."""
+    ``last15-g4-lref8-p0.5`` with the length-adaptive strength, or ``adaseka-last15-g0.5`` in AdaSEKA's grid."""
     prefix = "".join(f"{part}-" for part in (method, bank) if part)
-    return f"{prefix}{layers}-g{gain:g}"
+    suffix = "" if length_reference is None else f"-lref{length_reference}-p{length_power:g}"
+    return f"{prefix}{layers}-g{gain:g}{suffix}"
 
 
 @dataclass(frozen=True)

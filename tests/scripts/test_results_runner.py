@@ -179,6 +179,11 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
             "--adaseka-layers last10: not a layer option of gemma3-270m (its options: all last12 last9 last6)",
         ),
         (["--adaseka-gains", "0.5", "0"], "--adaseka-gains must all be > 0, got [0.5, 0.0]"),
+        (["--length-scaling", "8"], "--length-scaling takes none or R:P (an integer R >= 1, a power P > 0), got '8'"),
+        (["--length-scaling", "0:1"], "got '0:1': length_reference must be an integer >= 1"),
+        (["--length-scaling", "8:-1"], "got '8:-1': length_power must be a finite number > 0"),
+        (["--length-scaling", "8:x"], "--length-scaling takes none or R:P"),
+        (["--length-scaling", "none", "none"], "--length-scaling names 'none' twice"),
     ],
 )
 def test_bad_options_are_refused(argv, message, in_repo, capsys):
@@ -736,3 +741,41 @@ def test_counterfact_test_slice_and_limits(in_repo):
             subset,
         )
     assert run.data_args(settings, "biasbios", "test")[2:] == ("--data.example_subset", "0:5")
+
+
+def test_length_adaptive_strength_in_the_grid_dev_commands_dev_table_and_configs(tmp_path, configs_copy, capsys):
+    """--length-scaling adds each grid point's length-adaptive twin right after it: its dev runs pass the options,
+    and when the full-strength point fails a guard the twin is chosen, recorded in the dev table and written into the
+    configs of SEKA and of both ablations (which share SEKA's strength)."""
+    argv = ("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", "8:0.5")
+    settings = smollm2_settings(*argv)
+    assert [c.name for c in run.grid(settings, SMOLLM2)][:3] == ["all-g8", "all-g8-lref8-p0.5", "last20-g8"]
+    lines = dry_run(capsys, "--models", "smollm2-135m", "--stages", "dev", "--out", "o", *argv)
+    twin = [line for line in lines if "o/dev/smollm2-135m/counterfact/last10-g8-lref8-p0.5" in line]
+    assert len(twin) == 1
+    assert "--model.method.layers last10 --model.method.length_reference 8 --model.method.length_power 0.5" in twin[0]
+    wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 9, "none": 5}
+    wins |= {f"{name}-lref8-p0.5": won for name, won in wins.items() if name != "none"}
+    for name, won in wins.items():
+        scores = [1.0] * won + [0.0] * (10 - won)
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", name), "efficacy_score", scores)
+    for name, em in {"none": 0.5, "last10-g8": 0.0, "last10-g8-lref8-p0.5": 0.5}.items():
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [em, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["length_scalings"] == ["full", {"length_reference": 8, "length_power": 0.5}]
+    assert table["chosen"] == {
+        "name": "last10-g8-lref8-p0.5",
+        "bank": "shipped",
+        "layers": "last10",
+        "gain": 8.0,
+        "length_reference": 8,
+        "length_power": 0.5,
+    }
+    rows = {row["name"]: row for row in table["candidates"]}
+    assert rows["last10-g8"]["rejected"] == ["exact_match_inside: 0.2500 < unsteered - SE = 0.5000"]
+    for method in ("seka", "key_scaling", "random"):
+        config = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").read_text())
+        init_args = config["model"]["init_args"]["method"]["init_args"]
+        assert (init_args["length_reference"], init_args["length_power"], init_args["gain_pos"]) == (8, 0.5, 8.0)

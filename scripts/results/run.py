@@ -404,7 +404,7 @@ def dev_dir(s: Settings, model: Model, benchmark: str, name: str) -> Path:
 def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...]:
     layers, gain = candidate.layers, candidate.gain
     length = [
-        arg for key, value in candidate.length_settings().items() for arg in (f"--model.method.{key}", f"{value:g}")
+        arg for key, value in candidate.length_settings().items() for arg in (f"--model.method.{key}", str(value))
     ]
     return (
         "--model.method",
@@ -1101,9 +1101,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
                 check_length_scaling(*scaling)
             except ValueError as error:
                 parser.error(f"{usage}: {error}")
+            if float(f"{scaling[1]:g}") != scaling[1]:  # the run folders name the power with 6 significant digits
+                parser.error(f"{usage}: give the power with at most 6 significant digits")
         if scaling in length_scalings:
             parser.error(f"--length-scaling names {item!r} twice")
         length_scalings.append(scaling)
+    length_scalings.sort(key=lambda scaling: scaling is not None)  # full strength first: a tie goes to it
     settings = Settings(
         models=[MODELS[m] for m in args.models],
         stages=[stage for stage in STAGES if stage in args.stages],

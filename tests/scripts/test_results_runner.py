@@ -184,6 +184,7 @@ def test_dry_run_build_and_dev_plan(capsys, in_repo):
         (["--length-scaling", "8:-1"], "got '8:-1': length_power must be a finite number > 0"),
         (["--length-scaling", "8:x"], "--length-scaling takes none or R:P"),
         (["--length-scaling", "none", "none"], "--length-scaling names 'none' twice"),
+        (["--length-scaling", "8:0.1234567"], "give the power with at most 6 significant digits"),
     ],
 )
 def test_bad_options_are_refused(argv, message, in_repo, capsys):
@@ -747,8 +748,9 @@ def test_length_adaptive_strength_in_the_grid_dev_commands_dev_table_and_configs
     """--length-scaling adds each grid point's length-adaptive twin right after it: its dev runs pass the options,
     and when the full-strength point fails a guard the twin is chosen, recorded in the dev table and written into the
     configs of SEKA and of both ablations (which share SEKA's strength)."""
-    argv = ("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", "8:0.5")
+    argv = ("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "8:0.5", "none")
     settings = smollm2_settings(*argv)
+    assert settings.length_scalings == [None, (8, 0.5)]  # full strength first, whatever the order given
     assert [c.name for c in run.grid(settings, SMOLLM2)][:3] == ["all-g8", "all-g8-lref8-p0.5", "last20-g8"]
     lines = dry_run(capsys, "--models", "smollm2-135m", "--stages", "dev", "--out", "o", *argv)
     twin = [line for line in lines if "o/dev/smollm2-135m/counterfact/last10-g8-lref8-p0.5" in line]

@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.generation import ModelCost, generation_floor, measure_ceilings, random_prompts, resolve_device
+from bench.report import synchronize
 from bench.shapes import SHAPES, get_shape, random_model
 from seka_lightning.fast_decode import StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dict:
     """Time and profile unsteered decoding as ``args`` say; write and return the result."""
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
     shape = get_shape(args.shape)
     model = random_model(shape, device=device, dtype=dtype, seed=0)
     enc = random_prompts(
@@ -117,15 +119,11 @@ def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dic
     )
     method = HighlightMethod()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def run(new_tokens: int) -> float:
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         decoder.generate(method, enc, max_new_tokens=new_tokens, pad_token_id=0)
-        sync()
+        synchronize(device)
         return time.perf_counter() - start
 
     compile_start = time.perf_counter()
@@ -137,7 +135,6 @@ def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dic
     steps = args.new_tokens - 1
     per_step = (full - prompt_only) / steps
     cost = ModelCost.of(model, shape)
-    on_gpu = device.type == "cuda"
     ceilings = measure_ceilings(
         device, dtype, copy_bytes=2**31 if on_gpu else 2**22, matmul_size=8192 if on_gpu else 64
     )
@@ -147,13 +144,11 @@ def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dic
     step_floor = floor["decode_s"] / steps
     with profile(activities=[ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]) as prof:
         run(args.new_tokens)
-    use_device = on_gpu
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if use_device else e.self_cpu_time_total) > 0]
 
     def self_us(event) -> float:
-        return event.self_device_time_total if use_device else event.self_cpu_time_total
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
 
-    events.sort(key=self_us, reverse=True)
+    events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=self_us, reverse=True)
     total_us = sum(self_us(e) for e in events)
     by_kind: dict[str, dict[str, float]] = {}
     for event in events:
@@ -172,7 +167,7 @@ def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dic
     result = {
         "settings": vars(args) | {"dtype": str(dtype).removeprefix("torch."), "method": "none", "inductor": inductor},
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if use_device else "cpu",
+        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
         "compile_s": compile_s,
         "call_s_median": full,
         "prompt_only_call_s_median": prompt_only,

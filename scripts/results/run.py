@@ -10,7 +10,8 @@ Stages, per model (each command's log in OUT/logs/; outputs that exist are skipp
   dev     CounterFact dev (4500:5000) for unsteered, every bank x layers x gain x strength schedule
           (--length-scaling) of SEKA and (when --methods names adaseka) every layers x gain of AdaSEKA
           (--adaseka-layers, --adaseka-gains), then the generation guards (lost in the middle and PronChange dev
-          splits) for unsteered and each grid's best candidates;
+          splits) for unsteered and each grid's best candidates; a length-adaptive twin whose reference reaches the
+          longest CounterFact dev highlight (counted with the model's tokenizer) shares its full-strength point's run;
   select  the rule of seka_lightning.selection on each grid's dev runs; writes configs/methods/<model>/{seka,
           key_scaling,random}.yaml (SEKA's choice), adaseka.yaml (AdaSEKA's own choice) and
           docs/results/dev/<model>.json (AdaSEKA's grid under its "adaseka" key).
@@ -72,6 +73,7 @@ GAINS = (1.0, 2.0, 4.0, 8.0, 16.0)
 # AdaSEKA's edit g k P mixes up to four experts with max |c_m| = 1 (SPEC section 5): stronger than SEKA's at one gain
 ADASEKA_GAINS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 GUARD_BENCHMARKS = {"lost_in_the_middle": "exact_match_inside", "pronchange": "pron_mean_p"}
+HIGHLIGHT_LENGTHS = "longest_highlight.json"  # OUT/dev/<model>/counterfact/: the dev highlights' token counts
 assert tuple(GUARD_BENCHMARKS.values()) == GUARDS
 
 
@@ -341,10 +343,15 @@ def _expert_data_path(s: Settings, source: str) -> tuple[str, ...]:
     return ("--data.path", str(paths[source])) if source in paths else ()
 
 
-def add_special_tokens(model: Model) -> bool:
-    """The model config's ``add_special_tokens`` (Gemma-3 needs its BOS token), so PASTA profiles as it evaluates."""
+def model_setting(model: Model, key: str) -> bool:
+    """A boolean encoding setting of the model config (``chat``; ``add_special_tokens``: Gemma-3 needs its BOS
+    token), so that PASTA profiles and highlights are counted as the evaluator encodes."""
     config = yaml.safe_load((Path("configs") / "models" / f"{model.tag}.yaml").read_text())
-    return bool(config["model"]["init_args"].get("add_special_tokens", False))
+    return bool(config["model"]["init_args"].get(key, False))
+
+
+def add_special_tokens(model: Model) -> bool:
+    return model_setting(model, "add_special_tokens")
 
 
 # ---------------------------------------------------------------------------------------------------- evaluations
@@ -454,19 +461,141 @@ def dev_run(s: Settings, model: Model, benchmark: str, candidate: Candidate | No
 
 
 def dev_jobs(s: Settings, model: Model) -> list[Job]:
-    """CounterFact dev for unsteered and the tuned grids; then the first round of guard runs."""
+    """CounterFact dev for unsteered and the tuned grids; then the first round of guard runs.
+
+    A length-adaptive twin (--length-scaling) gets its own CounterFact dev run only where it can score differently
+    from its full-strength point: once the highlight lengths are counted (:func:`length_twin_jobs`), a twin whose
+    ``length_reference`` is at least the longest CounterFact dev highlight edits every prompt at full strength, so
+    it shares its full-strength point's runs instead."""
+    points = [c for tuned in s.tuned_grids() for c in grid(s, model, tuned)]
+    twins = [c for c in points if c.length_reference is not None]
     jobs = [dev_run(s, model, "counterfact", None)]
-    jobs += [dev_run(s, model, "counterfact", c) for tuned in s.tuned_grids() for c in grid(s, model, tuned)]
+    jobs += [dev_run(s, model, "counterfact", c) for c in points if c.length_reference is None]
+    if not twins:
+        return [*jobs, guard_round_job(s, model, after=tuple(job.name for job in jobs))]
+    first = tuple(job.name for job in jobs)
     jobs.append(
         Job(
-            f"dev:{model.tag}:guard-round-0",
-            action=lambda: guard_round(s, model, 0),
-            after=tuple(job.name for job in jobs),
-            note=f"guard runs (lost in the middle, PronChange dev) for none and, {s.guard_top} at a time, the "
-            "candidates that can change the choice",
+            f"dev:{model.tag}:highlight-lengths",
+            action=lambda: length_twin_jobs(s, model, twins, after=first),
+            note="count the highlighted tokens of each CounterFact dev prompt (the model's tokenizer); then the "
+            "CounterFact dev runs of the length-adaptive twins that can score differently, and the guard runs",
         )
     )
     return jobs
+
+
+def guard_round_job(s: Settings, model: Model, *, after: tuple[str, ...]) -> Job:
+    return Job(
+        f"dev:{model.tag}:guard-round-0",
+        action=lambda: guard_round(s, model, 0),
+        after=after,
+        note=f"guard runs (lost in the middle, PronChange dev) for none and, {s.guard_top} at a time, the "
+        "candidates that can change the choice",
+    )
+
+
+def length_twin_jobs(s: Settings, model: Model, twins: list[Candidate], *, after: tuple[str, ...]) -> list[Job]:
+    """Count the CounterFact dev highlights (:func:`count_highlight_lengths`); the dev runs of the ``twins`` whose
+    ``length_reference`` is below the longest; guard round 0 after them and ``after``."""
+    longest = count_highlight_lengths(s, model)["longest"]
+    runs = [dev_run(s, model, "counterfact", c) for c in twins if c.length_reference < longest]
+    log.info(
+        "%s: longest CounterFact dev highlight %d tokens: %d of %d length-adaptive twins get their own runs",
+        model.tag,
+        longest,
+        len(runs),
+        len(twins),
+    )
+    return [*runs, guard_round_job(s, model, after=(*after, *(job.name for job in runs)))]
+
+
+def highlight_lengths_path(s: Settings, model: Model) -> Path:
+    return s.out / "dev" / model.tag / "counterfact" / HIGHLIGHT_LENGTHS
+
+
+def load_tokenizer(model: Model):
+    """The model's tokenizer (the embedded models load from their converted cache)."""
+    from seka_lightning.models import load_model
+
+    return load_model(model.pretrained)[1]
+
+
+def counterfact_dev_examples(s: Settings) -> list[dict]:
+    """The CounterFact dev prompts as the dev runs read them (the named split or its first --limit records)."""
+    from seka_lightning.benchmarks import CounterFactDataModule
+    from seka_lightning.benchmarks.base import as_dict
+
+    name, start = SLICES[("counterfact", "dev")]
+    subset = f"{start}:{start + s.limit}" if s.limit else None
+    data = CounterFactDataModule(
+        str(s.shared_data / "counterfact"), split=None if subset else name, example_subset=subset
+    )
+    return [as_dict(example) for example in data.examples]
+
+
+def count_highlight_lengths(s: Settings, model: Model) -> dict:
+    """The highlighted tokens of each CounterFact dev prompt, encoded as the evaluator encodes it (the model's
+    tokenizer and its config's ``chat`` / ``add_special_tokens``; a prompt whose highlight cannot be encoded is
+    skipped, as a run skips it); the longest and the counts are written to
+    ``OUT/dev/<model>/counterfact/longest_highlight.json`` and returned."""
+    from seka_lightning.benchmarks import encode_examples
+
+    encoding = {key: model_setting(model, key) for key in ("chat", "add_special_tokens")}
+    tokenizer = load_tokenizer(model)
+    lengths, skipped = [], []
+    for example in counterfact_dev_examples(s):
+        try:
+            enc = encode_examples(tokenizer, [example], **encoding)
+        except ValueError:
+            skipped.append(example["uid"])
+            continue
+        lengths.append(int(enc["highlight_mask"].sum()))
+    if not lengths:
+        raise ValueError(f"{model.tag}: no CounterFact dev prompt could be encoded; check --shared-data")
+    record = {
+        "model": model.pretrained,
+        "slice": f"first {s.limit} of dev (records 4500:5000)" if s.limit else "dev (records 4500:5000)",
+        "encoding": encoding,
+        "prompts": len(lengths),
+        "skipped": skipped,
+        "longest": max(lengths),
+    }
+    write_json(highlight_lengths_path(s, model), record)
+    return record
+
+
+def highlight_summary(s: Settings, model: Model) -> dict | str:
+    """The dev table's record of the counted CounterFact dev highlights (why twins share full-strength runs)."""
+    path = highlight_lengths_path(s, model)
+    if not path.exists():
+        return "not counted: every length-adaptive twin has its own CounterFact dev run"
+    counted = json.loads(path.read_text())
+    return {
+        "longest": counted["longest"],
+        "prompts": counted["prompts"],
+        "skipped": len(counted["skipped"]),
+        "rule": "a length-adaptive twin whose length_reference is at least the longest highlight edits every "
+        "CounterFact dev prompt at full strength, so it is scored by its full-strength point's run "
+        "(counterfact_dev_run)",
+    }
+
+
+def full_strength(candidate: Candidate) -> Candidate:
+    """The full-strength grid point of a length-adaptive twin."""
+    return replace(candidate, length_reference=None, length_power=1.0, metrics={})
+
+
+def shares_full_strength_runs(s: Settings, model: Model, candidate: Candidate) -> bool:
+    """Whether ``candidate`` is a length-adaptive twin without its own CounterFact dev run whose reference is at
+    least the longest counted CounterFact dev highlight (so it scores every prompt as its full-strength point)."""
+    if (
+        candidate.length_reference is None
+        or (dev_dir(s, model, "counterfact", candidate.name) / METRIC_RESULT).exists()
+    ):
+        return False
+    path = highlight_lengths_path(s, model)
+    return path.exists() and json.loads(path.read_text())["longest"] <= candidate.length_reference
 
 
 def grid(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
@@ -529,7 +658,8 @@ def dev_candidates(s: Settings, model: Model, method: str = "seka") -> list[Cand
     """A grid's candidates (:func:`grid`) with their CounterFact dev efficacy and, where run, their guard metrics."""
     candidates = []
     for point in grid(s, model, method):
-        metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", point.name), EFFICACY)}
+        source = full_strength(point) if shares_full_strength_runs(s, model, point) else point
+        metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", source.name), EFFICACY)}
         for benchmark, metric in GUARD_BENCHMARKS.items():
             folder = dev_dir(s, model, benchmark, point.name)
             if (folder / METRIC_RESULT).exists():
@@ -589,11 +719,13 @@ def write_selection(s: Settings, model: Model) -> list[Job]:
     return []
 
 
-def candidate_rows(s: Settings, candidates: list[Candidate], baseline: dict[str, Estimate]) -> list[dict]:
-    """The dev table's rows of one grid: each candidate's settings, dev estimates and guard verdict."""
+def candidate_rows(s: Settings, model: Model, candidates: list[Candidate], baseline: dict[str, Estimate]) -> list[dict]:
+    """The dev table's rows of one grid: each candidate's settings, dev estimates and guard verdict; a length-adaptive
+    twin scored by its full-strength point's CounterFact dev run says so (``counterfact_dev_run``)."""
     rows = []
     for c in candidates:
         rejected = guard_failures(c, baseline, guard_metrics(s))
+        shared = {"counterfact_dev_run": full_strength(c).name} if shares_full_strength_runs(s, model, c) else {}
         rows.append(
             {
                 "name": c.name,
@@ -602,6 +734,7 @@ def candidate_rows(s: Settings, candidates: list[Candidate], baseline: dict[str,
                 "gain": c.gain,
                 **c.length_settings(),
                 "metrics": {metric: e.to_dict() for metric, e in c.metrics.items()},
+                **shared,
                 "admissible": not rejected,
                 "rejected": rejected,
             }
@@ -654,12 +787,15 @@ def write_dev_table(
                 **{v: BANK_VARIANTS[v].description for v in s.bank_variants(model) if v},
             },
             **(
-                {"length_scalings": [length_options(x) or "full" for x in s.length_scalings]}
+                {
+                    "length_scalings": [length_options(x) or "full" for x in s.length_scalings],
+                    "counterfact_highlights": highlight_summary(s, model),
+                }
                 if s.length_scalings != [None]
                 else {}
             ),
             "baseline": baseline_row,
-            "candidates": candidate_rows(s, candidates["seka"], baseline),
+            "candidates": candidate_rows(s, model, candidates["seka"], baseline),
             "best": best,
             "chosen": chosen,
             **kept,
@@ -672,7 +808,7 @@ def write_dev_table(
             "layer_options": s.adaseka_layer_options(model),
             "gains": s.adaseka_gains,
             "baseline": baseline_row,
-            "candidates": candidate_rows(s, candidates["adaseka"], baseline),
+            "candidates": candidate_rows(s, model, candidates["adaseka"], baseline),
             "best": best,
             "chosen": chosen,
         }

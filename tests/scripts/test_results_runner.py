@@ -753,9 +753,14 @@ def test_length_adaptive_strength_in_the_grid_dev_commands_dev_table_and_configs
     assert settings.length_scalings == [None, (8, 0.5)]  # full strength first, whatever the order given
     assert [c.name for c in run.grid(settings, SMOLLM2)][:3] == ["all-g8", "all-g8-lref8-p0.5", "last20-g8"]
     lines = dry_run(capsys, "--models", "smollm2-135m", "--stages", "dev", "--out", "o", *argv)
-    twin = [line for line in lines if "o/dev/smollm2-135m/counterfact/last10-g8-lref8-p0.5" in line]
-    assert len(twin) == 1
-    assert "--model.method.layers last10 --model.method.length_reference 8 --model.method.length_power 0.5" in twin[0]
+    # the twins' CounterFact dev runs wait for the highlight count (they run only where they can score differently)
+    assert not [line for line in lines if "o/dev/smollm2-135m/counterfact/last10-g8-lref8-p0.5" in line]
+    assert [line for line in lines if line.startswith("[dev:smollm2-135m:highlight-lengths] count")]
+    twin = run.dev_run(settings, SMOLLM2, "counterfact", run.grid(settings, SMOLLM2)[-1])
+    assert twin.done == Path("outputs/results/dev/smollm2-135m/counterfact/last10-g8-lref8-p0.5/metric_result.json")
+    assert "--model.method.layers last10 --model.method.length_reference 8 --model.method.length_power 0.5" in " ".join(
+        twin.argv
+    )
     wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 9, "none": 5}
     wins |= {f"{name}-lref8-p0.5": won for name, won in wins.items() if name != "none"}
     for name, won in wins.items():
@@ -781,3 +786,92 @@ def test_length_adaptive_strength_in_the_grid_dev_commands_dev_table_and_configs
         config = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / f"{method}.yaml").read_text())
         init_args = config["model"]["init_args"]["method"]["init_args"]
         assert (init_args["length_reference"], init_args["length_power"], init_args["gain_pos"]) == (8, 0.5, 8.0)
+
+
+def cf_examples(counterfact_file, targets: list[tuple[str, str]]) -> list[dict]:
+    """CounterFact prompts (``load_counterfact``, every case) whose new targets are ``targets`` (new, old)."""
+    from seka_lightning.benchmarks import load_counterfact
+    from seka_lightning.benchmarks.base import as_dict
+
+    cases = [
+        (i, f"Person {i}", "{} is a citizen of", new, old, ["{} holds a passport of"])
+        for i, (new, old) in enumerate(targets)
+    ]
+    return [as_dict(e) for e in load_counterfact(counterfact_file(cases), split="all")]
+
+
+@pytest.fixture
+def counted(monkeypatch, tokenizer, counterfact_file):
+    """count_highlight_lengths on small CounterFact cases with the test tokenizer (the runner loads the model's)."""
+    examples = cf_examples(counterfact_file, [("France", "Spain"), ("the United Kingdom of Great Britain", "Peru")])
+    monkeypatch.setattr(run, "load_tokenizer", lambda model: tokenizer)
+    monkeypatch.setattr(run, "counterfact_dev_examples", lambda s: examples)
+    return examples
+
+
+def test_highlight_count_is_the_mask_a_run_steers(tmp_path, configs_copy, counted, tokenizer):
+    """The counted lengths are the highlight masks of the prompts encoded as a run encodes its batches (left padding
+    adds no highlighted token), and the record names the longest, the prompts and the encoding."""
+    from seka_lightning.benchmarks import encode_examples
+
+    settings = smollm2_settings("--length-scaling", "none", "8:0.5")
+    record = run.count_highlight_lengths(settings, SMOLLM2)
+    batch = encode_examples(tokenizer, counted)
+    per_row = batch["highlight_mask"].sum(dim=1)
+    assert record["longest"] == int(per_row.max()) and record["prompts"] == len(counted) == 4
+    assert int(per_row.min()) < record["longest"]  # the long target is longer than the short one
+    assert record["skipped"] == [] and record["encoding"] == {"chat": False, "add_special_tokens": False}
+    assert json.loads(run.highlight_lengths_path(settings, SMOLLM2).read_text()) == record
+
+
+def test_twins_run_counterfact_dev_only_where_a_highlight_is_longer_than_their_reference(
+    tmp_path, configs_copy, counted
+):
+    """A twin whose reference reaches the longest CounterFact dev highlight scores every prompt at full strength: it
+    gets no run, its candidate reads its full-strength point's scores and the dev table says so; a twin with a
+    shorter reference gets its own run; guard round 0 waits for every run planned."""
+    settings = smollm2_settings("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", "2:1")
+    longest = run.count_highlight_lengths(settings, SMOLLM2)["longest"]
+    assert longest > 2
+    for reference, planned in ((longest, False), (longest - 1, True)):
+        settings.length_scalings = [None, (reference, 1.0)]
+        twins = [c for c in run.grid(settings, SMOLLM2) if c.length_reference is not None]
+        jobs = run.length_twin_jobs(settings, SMOLLM2, twins, after=("first",))
+        runs = [job.name for job in jobs if job.argv is not None]
+        assert runs == ([f"dev:smollm2-135m:counterfact:{c.name}" for c in twins] if planned else [])
+        assert jobs[-1].name == "dev:smollm2-135m:guard-round-0" and jobs[-1].after == ("first", *runs)
+    settings.length_scalings = [None, (longest, 1.0)]
+    wins = {"all-g8": 6, "last20-g8": 7, "last15-g8": 7, "last10-g8": 9, "none": 5}
+    for name, won in wins.items():
+        write_dev_run(
+            run.dev_dir(settings, SMOLLM2, "counterfact", name), "efficacy_score", [1.0] * won + [0.0] * (10 - won)
+        )
+    write_dev_run(
+        run.dev_dir(settings, SMOLLM2, "counterfact", f"all-g8-lref{longest}-p1"), "efficacy_score", [0.0] * 10
+    )
+    candidates = {c.name: c for c in run.dev_candidates(settings, SMOLLM2)}
+    twin = candidates[f"last10-g8-lref{longest}-p1"]
+    assert twin.metrics["efficacy_score"] == candidates["last10-g8"].metrics["efficacy_score"]
+    assert candidates[f"all-g8-lref{longest}-p1"].metrics["efficacy_score"].mean == 0.0  # its own run wins
+    for name in ("none", "last10-g8", f"last10-g8-lref{longest}-p1"):
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    rows = {row["name"]: row for row in table["candidates"]}
+    assert rows[f"last10-g8-lref{longest}-p1"]["counterfact_dev_run"] == "last10-g8"
+    assert (
+        "counterfact_dev_run" not in rows[f"all-g8-lref{longest}-p1"] and "counterfact_dev_run" not in rows["last10-g8"]
+    )
+    assert table["counterfact_highlights"]["longest"] == longest and table["counterfact_highlights"]["prompts"] == 4
+    assert table["chosen"]["name"] == "last10-g8"  # a tie with its twin goes to full strength
+
+
+def test_twins_without_a_count_or_a_run_are_not_scored(tmp_path, configs_copy):
+    """Without the highlight count a twin never borrows its full-strength point's scores: selecting is refused."""
+    settings = smollm2_settings("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", "8:0.5")
+    for name in ("none", "all-g8", "last20-g8", "last15-g8", "last10-g8"):
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", name), "efficacy_score", [1.0, 0.0])
+    assert not run.shares_full_strength_runs(settings, SMOLLM2, run.grid(settings, SMOLLM2)[1])
+    with pytest.raises(FileNotFoundError):
+        run.dev_candidates(settings, SMOLLM2)

@@ -138,7 +138,8 @@ class Job:
     """One step: a `seka` command (``argv``) or an in-process ``action`` that may return more jobs.
 
     ``done`` is the output whose existence means the step already ran (skipped on a re-run); ``after`` names the jobs
-    whose outputs it reads (they may be added later by an action)."""
+    whose outputs it reads (they may be added later by an action); ``benchmark`` is the benchmark a `seka predict`
+    job evaluates (--max-running caps how many of one benchmark run at once)."""
 
     name: str
     argv: tuple[str, ...] | None = None
@@ -146,6 +147,7 @@ class Job:
     after: tuple[str, ...] = ()
     done: Path | None = None
     note: str = ""
+    benchmark: str = ""
 
 
 @dataclass
@@ -173,6 +175,8 @@ class Settings:
     adaseka_layers: list[str] | None = None
     # SEKA's strength schedules in the grid: None (full strength) and/or (length_reference, length_power)
     length_scalings: list[tuple[int, float] | None] = field(default_factory=lambda: [None])
+    # at most this many `seka predict` commands of a benchmark at once (--max-running), e.g. lost_in_the_middle: 4
+    max_running: dict[str, int] = field(default_factory=dict)
 
     def adaseka_layer_options(self, model: Model) -> list[str]:
         """The layer choices of ``model``'s AdaSEKA grid: its lastN grid, or the part of it --adaseka-layers names."""
@@ -457,6 +461,7 @@ def dev_run(s: Settings, model: Model, benchmark: str, candidate: Candidate | No
         predict(s, model, benchmark, "dev", output, *method, name=method_name),
         after=after,
         done=output / METRIC_RESULT,
+        benchmark=benchmark,
     )
 
 
@@ -878,7 +883,7 @@ def final_jobs(s: Settings, model: Model, benchmark: str, method: str) -> list[J
         extra = ("--model.method.seed", str(seed)) if seed is not None else ()
         name = f"final:{model.tag}:{benchmark}:{method}" + ("" if seed is None else f":seed-{seed}")
         argv = predict(s, model, benchmark, "test", output, "-c", config, *artifacts, *extra, name=method)
-        jobs.append(Job(name, argv, after=after, done=output / METRIC_RESULT))
+        jobs.append(Job(name, argv, after=after, done=output / METRIC_RESULT, benchmark=benchmark))
     return jobs
 
 
@@ -1056,7 +1061,13 @@ def schedule(
     env: dict[str, str],
     workers: int,
 ) -> None:
-    """Start every job whose dependencies succeeded, block those whose dependencies failed, until none is left."""
+    """Start every job whose dependencies succeeded (at most --max-running of one benchmark at once), block those
+    whose dependencies failed, until none is left."""
+
+    def room(job: Job) -> bool:
+        cap = s.max_running.get(job.benchmark)
+        return cap is None or sum(other.benchmark == job.benchmark for other, _ in running.values()) < cap
+
     while pending or running:
         for name, job in list(pending.items()):
             states = [outcome.status.get(dep) for dep in job.after]
@@ -1064,7 +1075,7 @@ def schedule(
                 outcome.status[name] = "blocked"
                 del pending[name]
                 log.error("%s: blocked (a job it waits for failed)", name)
-            elif all(state in ("ok", "exists") for state in states) and len(running) < workers:
+            elif all(state in ("ok", "exists") for state in states) and len(running) < workers and room(job):
                 del pending[name]
                 running[pool.submit(run_job, job, s, env)] = (job, time.perf_counter())
         if not running:
@@ -1182,6 +1193,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         metavar="BENCHMARK[.METHOD]=N",
         help="override a benchmark's batch size (for one method: e.g. lost_in_the_middle.pasta=8)",
     )
+    parser.add_argument(
+        "--max-running",
+        nargs="+",
+        default=[],
+        metavar="BENCHMARK=N",
+        help="run at most N commands of a benchmark at once (e.g. lost_in_the_middle=4: its ~4,500-token prompts "
+        "take up to ~15 GB of GPU memory each), whatever --jobs allows",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -1224,6 +1243,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         if benchmark not in GENERATION or not value.isdigit() or int(value) < 1:
             parser.error(f"--static-decoding takes BENCHMARK=N with BENCHMARK in {GENERATION} and N >= 1, got {item!r}")
         static_decoding[benchmark] = int(value)
+    max_running = {}
+    for item in args.max_running:
+        benchmark, _, value = item.partition("=")
+        if benchmark not in BENCHMARKS or not value.isdigit() or int(value) < 1:
+            parser.error(f"--max-running takes BENCHMARK=N with BENCHMARK in {BENCHMARKS} and N >= 1, got {item!r}")
+        max_running[benchmark] = int(value)
     length_scalings: list[tuple[int, float] | None] = []
     for item in args.length_scaling:
         reference, colon, power = item.partition(":")
@@ -1264,6 +1289,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         adaseka_gains=args.adaseka_gains,
         adaseka_layers=args.adaseka_layers,
         length_scalings=length_scalings,
+        max_running=max_running,
     )
     return settings, args
 

@@ -243,6 +243,41 @@ def job(name: str, code: str, *, after: tuple[str, ...] = (), done: Path | None 
     return run.Job(name, (sys.executable, "-c", code), after=after, done=done)
 
 
+def test_max_running_caps_one_benchmark_not_the_others(tmp_path, monkeypatch):
+    """--max-running lost_in_the_middle=2 with --jobs 4: never more than two lost-in-the-middle commands at once, while
+    the other benchmark's commands fill the remaining workers."""
+    monkeypatch.chdir(tmp_path)
+    settings, _ = run.parse_args(["--out", str(tmp_path / "out"), "--max-running", "lost_in_the_middle=2"])
+    assert settings.max_running == {"lost_in_the_middle": 2}
+    trace = tmp_path / "trace"
+    code = (
+        "import sys, time; log = lambda w: open(sys.argv[1], 'a').write(w + ' ' + sys.argv[2] + chr(10)); "
+        "log('start'); time.sleep(0.4); log('end')"
+    )
+
+    def step(name: str, benchmark: str):
+        return run.Job(name, (sys.executable, "-c", code, str(trace), benchmark), benchmark=benchmark)
+
+    jobs = [step(f"litm-{i}", "lost_in_the_middle") for i in range(5)] + [
+        step(f"pc-{i}", "pronchange") for i in range(3)
+    ]
+    outcome = run.execute(jobs, settings, workers=4)
+    assert set(outcome.status.values()) == {"ok"}
+    running = dict.fromkeys(("lost_in_the_middle", "pronchange"), 0)
+    most = dict(running)
+    for event, benchmark in (line.split() for line in trace.read_text().splitlines()):
+        running[benchmark] += 1 if event == "start" else -1
+        most[benchmark] = max(most[benchmark], running[benchmark])
+    assert most == {"lost_in_the_middle": 2, "pronchange": 2}
+
+
+@pytest.mark.parametrize("item", ["lost_in_the_middle=0", "nope=2", "lost_in_the_middle"])
+def test_max_running_refuses_bad_caps(item, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--max-running", item])
+    assert "--max-running takes BENCHMARK=N" in capsys.readouterr().err
+
+
 def test_scheduler_order_skips_failures_and_dynamic_jobs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings, _ = run.parse_args(["--out", str(tmp_path / "out")])

@@ -504,7 +504,9 @@ def length_twin_jobs(s: Settings, model: Model, twins: list[Candidate], *, after
     """Count the CounterFact dev highlights (:func:`count_highlight_lengths`); the dev runs of the ``twins`` whose
     ``length_reference`` is below the longest; guard round 0 after them and ``after``."""
     longest = count_highlight_lengths(s, model)["longest"]
-    runs = [dev_run(s, model, "counterfact", c) for c in twins if c.length_reference < longest]
+    shared = None in s.length_scalings  # a twin can share only a full-strength run the grid itself makes
+    runs = [dev_run(s, model, "counterfact", c) for c in twins if not shared or c.length_reference < longest]
+    check_stale_results(runs)
     log.info(
         "%s: longest CounterFact dev highlight %d tokens: %d of %d length-adaptive twins get their own runs",
         model.tag,
@@ -546,7 +548,8 @@ def count_highlight_lengths(s: Settings, model: Model) -> dict:
     ``OUT/dev/<model>/counterfact/longest_highlight.json`` and returned."""
     from seka_lightning.benchmarks import encode_examples
 
-    encoding = {key: model_setting(model, key) for key in ("chat", "add_special_tokens")}
+    context = count_context(s, model)
+    encoding = context["encoding"]
     tokenizer = load_tokenizer(model)
     lengths, skipped = [], []
     for example in counterfact_dev_examples(s):
@@ -559,9 +562,7 @@ def count_highlight_lengths(s: Settings, model: Model) -> dict:
     if not lengths:
         raise ValueError(f"{model.tag}: no CounterFact dev prompt could be encoded; check --shared-data")
     record = {
-        "model": model.pretrained,
-        "slice": f"first {s.limit} of dev (records 4500:5000)" if s.limit else "dev (records 4500:5000)",
-        "encoding": encoding,
+        **context,
         "prompts": len(lengths),
         "skipped": skipped,
         "longest": max(lengths),
@@ -572,11 +573,12 @@ def count_highlight_lengths(s: Settings, model: Model) -> dict:
 
 def highlight_summary(s: Settings, model: Model) -> dict | str:
     """The dev table's record of the counted CounterFact dev highlights (why twins share full-strength runs)."""
-    path = highlight_lengths_path(s, model)
-    if not path.exists():
+    counted = highlight_count(s, model)
+    if counted is None:
         return "not counted: every length-adaptive twin has its own CounterFact dev run"
-    counted = json.loads(path.read_text())
     return {
+        "slice": counted["slice"],
+        "encoding": counted["encoding"],
         "longest": counted["longest"],
         "prompts": counted["prompts"],
         "skipped": len(counted["skipped"]),
@@ -596,11 +598,32 @@ def shares_full_strength_runs(s: Settings, model: Model, candidate: Candidate) -
     least the longest counted CounterFact dev highlight (so it scores every prompt as its full-strength point)."""
     if (
         candidate.length_reference is None
+        or None not in s.length_scalings
         or (dev_dir(s, model, "counterfact", candidate.name) / METRIC_RESULT).exists()
     ):
         return False
+    counted = highlight_count(s, model)
+    return counted is not None and counted["longest"] <= candidate.length_reference
+
+
+def count_context(s: Settings, model: Model) -> dict:
+    """What a highlight count must have been made with to hold for this run: the model, the slice, the encoding."""
+    return {
+        "model": model.pretrained,
+        "slice": f"first {s.limit} of dev (records 4500:5000)" if s.limit else "dev (records 4500:5000)",
+        "encoding": {key: model_setting(model, key) for key in ("chat", "add_special_tokens")},
+    }
+
+
+def highlight_count(s: Settings, model: Model) -> dict | None:
+    """The written highlight count when it was made for this model, slice and encoding (else None: a count from
+    another --limit or model config never lets a twin share a run)."""
     path = highlight_lengths_path(s, model)
-    return path.exists() and json.loads(path.read_text())["longest"] <= candidate.length_reference
+    if not path.exists():
+        return None
+    counted = json.loads(path.read_text())
+    context = count_context(s, model)
+    return counted if all(counted.get(key) == value for key, value in context.items()) else None
 
 
 def grid(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
@@ -664,7 +687,14 @@ def dev_candidates(s: Settings, model: Model, method: str = "seka") -> list[Cand
     candidates = []
     for point in grid(s, model, method):
         source = full_strength(point) if shares_full_strength_runs(s, model, point) else point
-        metrics = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", source.name), EFFICACY)}
+        folder = dev_dir(s, model, "counterfact", source.name)
+        if point.length_reference is not None and not (folder / METRIC_RESULT).exists():
+            raise FileNotFoundError(
+                f"{point.name} has no CounterFact dev run and no highlight count for this model and slice lets it "
+                f"share {full_strength(point).name}'s ({highlight_lengths_path(s, model)}); run the dev stage "
+                "(--stages dev select), which counts the highlights and runs the twins that need their own runs"
+            )
+        metrics = {EFFICACY: read_estimate(folder, EFFICACY)}
         for benchmark, metric in GUARD_BENCHMARKS.items():
             folder = dev_dir(s, model, benchmark, point.name)
             if (folder / METRIC_RESULT).exists():

@@ -268,7 +268,7 @@ def test_max_running_caps_one_benchmark_not_the_others(tmp_path, monkeypatch):
     for event, benchmark in (line.split() for line in trace.read_text().splitlines()):
         running[benchmark] += 1 if event == "start" else -1
         most[benchmark] = max(most[benchmark], running[benchmark])
-    assert most == {"lost_in_the_middle": 2, "pronchange": 2}
+    assert most["lost_in_the_middle"] == 2 and most["pronchange"] >= 2
 
 
 @pytest.mark.parametrize("item", ["lost_in_the_middle=0", "nope=2", "lost_in_the_middle"])
@@ -908,5 +908,54 @@ def test_twins_without_a_count_or_a_run_are_not_scored(tmp_path, configs_copy):
     for name in ("none", "all-g8", "last20-g8", "last15-g8", "last10-g8"):
         write_dev_run(run.dev_dir(settings, SMOLLM2, "counterfact", name), "efficacy_score", [1.0, 0.0])
     assert not run.shares_full_strength_runs(settings, SMOLLM2, run.grid(settings, SMOLLM2)[1])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"all-g8-lref8-p0.5 has no CounterFact dev run and no highlight count"):
         run.dev_candidates(settings, SMOLLM2)
+
+
+def test_a_count_made_for_another_slice_or_a_grid_without_full_strength_shares_nothing(tmp_path, configs_copy, counted):
+    """A twin borrows a full-strength run only when the grid makes that run (--length-scaling includes none) and the
+    count was made for this slice, model and encoding: a --limit smoke count, or a grid of twins alone, plans the
+    twins' own runs."""
+    smoke = smollm2_settings(
+        "--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", "8:0.5", "--limit", "2"
+    )
+    longest = run.count_highlight_lengths(smoke, SMOLLM2)["longest"]
+    settings = smollm2_settings(
+        "--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", f"{longest}:1"
+    )
+    twin = run.grid(settings, SMOLLM2)[1]
+    assert run.highlight_count(smoke, SMOLLM2) is not None and run.highlight_count(settings, SMOLLM2) is None
+    assert not run.shares_full_strength_runs(settings, SMOLLM2, twin)
+    run.count_highlight_lengths(settings, SMOLLM2)
+    assert run.shares_full_strength_runs(settings, SMOLLM2, twin)
+    alone = smollm2_settings("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", f"{longest}:1")
+    twins = run.grid(alone, SMOLLM2)
+    jobs = run.length_twin_jobs(alone, SMOLLM2, twins, after=())
+    assert [job.name for job in jobs[:-1]] == [f"dev:smollm2-135m:counterfact:{c.name}" for c in twins]
+    assert not run.shares_full_strength_runs(alone, SMOLLM2, twins[0])
+
+
+def test_gemma_counts_with_its_bos_token(tmp_path, configs_copy, counted, tokenizer):
+    """Gemma-3's config adds the tokenizer's special tokens: the count encodes the prompts that way."""
+    from seka_lightning.benchmarks import encode_examples
+
+    settings = run.parse_args(["--models", "gemma3-270m", "--results", "results", "--length-scaling", "none", "8:0.5"])[
+        0
+    ]
+    record = run.count_highlight_lengths(settings, run.MODELS["gemma3-270m"])
+    assert record["encoding"] == {"chat": False, "add_special_tokens": True}
+    batch = encode_examples(tokenizer, counted, add_special_tokens=True)
+    assert record["longest"] == int(batch["highlight_mask"].sum(dim=1).max())
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "counterfact").is_dir(), reason="needs ../shared/data/counterfact")
+def test_counterfact_dev_examples_are_the_dev_slice(in_repo):
+    """The prompts counted are the dev runs' prompts: cases 4500:5000 (an efficacy and a paraphrase prompt each), or
+    the first --limit of them."""
+    settings = run.parse_args(["--models", "smollm2-135m"])[0]
+    examples = run.counterfact_dev_examples(settings)
+    assert len(examples) == 1000 and {e["fields"]["case_id"] for e in examples} == set(range(4500, 5000))
+    limited = run.counterfact_dev_examples(run.parse_args(["--limit", "3"])[0])
+    assert [e["uid"] for e in limited] == [
+        f"counterfact/{i}/{kind}" for i in range(4500, 4503) for kind in ("efficacy", "paraphrase/0")
+    ]

@@ -610,9 +610,14 @@ def count_context(s: Settings, model: Model) -> dict:
     """What a highlight count must have been made with to hold for this run: the model, the slice, the encoding."""
     return {
         "model": model.pretrained,
-        "slice": f"first {s.limit} of dev (records 4500:5000)" if s.limit else "dev (records 4500:5000)",
+        "slice": f"{dev_label(s)} (records 4500:5000)",
         "encoding": {key: model_setting(model, key) for key in ("chat", "add_special_tokens")},
     }
+
+
+def dev_label(s: Settings) -> str:
+    """How the dev table and the highlight count name the dev slices (``dev``, or its first --limit records)."""
+    return "dev" if not s.limit else f"first {s.limit} of dev"
 
 
 def highlight_count(s: Settings, model: Model) -> dict | None:
@@ -799,7 +804,7 @@ def write_dev_table(
     tuned by this run keeps its entries from the table already there."""
     path = s.results / "dev" / f"{model.tag}.json"
     table = json.loads(path.read_text()) if path.exists() else {"model": model.pretrained}
-    dev = "dev" if not s.limit else f"first {s.limit} of dev"
+    dev = dev_label(s)
     baseline_row = {metric: e.to_dict() for metric, e in baseline.items()}
     context = {
         "rule": RULE,
@@ -1267,18 +1272,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         if int(start) < low or (high is not None and int(stop) > high):
             parser.error(f"--test-slice {item}: {benchmark}'s reported records are {low}:{high} (the rest is dev)")
         test_slices[benchmark] = subset
-    static_decoding = {}
-    for item in args.static_decoding:
-        benchmark, _, value = item.partition("=")
-        if benchmark not in GENERATION or not value.isdigit() or int(value) < 1:
-            parser.error(f"--static-decoding takes BENCHMARK=N with BENCHMARK in {GENERATION} and N >= 1, got {item!r}")
-        static_decoding[benchmark] = int(value)
-    max_running = {}
-    for item in args.max_running:
-        benchmark, _, value = item.partition("=")
-        if benchmark not in BENCHMARKS or not value.isdigit() or int(value) < 1:
-            parser.error(f"--max-running takes BENCHMARK=N with BENCHMARK in {BENCHMARKS} and N >= 1, got {item!r}")
-        max_running[benchmark] = int(value)
+    static_decoding = benchmark_counts(parser, "--static-decoding", args.static_decoding, GENERATION)
+    max_running = benchmark_counts(parser, "--max-running", args.max_running, BENCHMARKS)
     length_scalings: list[tuple[int, float] | None] = []
     for item in args.length_scaling:
         reference, colon, power = item.partition(":")
@@ -1322,6 +1317,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         max_running=max_running,
     )
     return settings, args
+
+
+def benchmark_counts(
+    parser: argparse.ArgumentParser, option: str, items: Sequence[str], benchmarks: Sequence[str]
+) -> dict[str, int]:
+    """``{benchmark: N}`` from an option's ``BENCHMARK=N`` items (``benchmarks`` allowed, N >= 1)."""
+    counts = {}
+    for item in items:
+        benchmark, _, value = item.partition("=")
+        if benchmark not in benchmarks or not value.isdigit() or int(value) < 1:
+            parser.error(f"{option} takes BENCHMARK=N with BENCHMARK in {tuple(benchmarks)} and N >= 1, got {item!r}")
+        counts[benchmark] = int(value)
+    return counts
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

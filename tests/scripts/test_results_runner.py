@@ -657,6 +657,20 @@ def test_tuned_fragments_stack_and_take_the_runners_artifact_paths(tmp_path, cap
 
 
 @pytest.mark.slow
+def test_a_count_with_no_encodable_prompt_is_refused_and_writes_nothing(tmp_path, configs_copy, monkeypatch, tokenizer):
+    """Prompts whose highlights cannot be encoded are skipped, as a run skips them; when none is left the count is
+    refused (naming the data option) and no count file is written."""
+    unencodable = [{"uid": "counterfact/1/efficacy", "text": "Rome is in Italy.", "spans": [[3, 3]], "fields": {}}]
+    monkeypatch.setattr(run, "load_tokenizer", lambda model: tokenizer)
+    monkeypatch.setattr(run, "counterfact_dev_examples", lambda s: unencodable)
+    settings = smollm2_settings("--length-scaling", "none", "8:0.5")
+    with pytest.raises(
+        ValueError, match="smollm2-135m: no CounterFact dev prompt could be encoded; check --shared-data"
+    ):
+        run.count_highlight_lengths(settings, SMOLLM2)
+    assert not run.highlight_lengths_path(settings, SMOLLM2).exists()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "counterfact").is_dir(), reason="needs ../shared/data/counterfact")
 def test_cpu_smoke_build_and_final_counterfact_passes_verify(tmp_path):
     """The real SmolLM2 on CPU: a bank from 3 pairs, none and seka on 3 CounterFact test records, the table and

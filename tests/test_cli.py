@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from tests.conftest import printed_predict_config
+from tests.conftest import REPO, printed_predict_config
 
 from seka_lightning import __version__
 from seka_lightning.cli import LIGHTNING_COMMANDS, PLAIN_COMMANDS, main, requested_devices, run_lightning
@@ -240,3 +240,23 @@ def test_fit_suggests_the_shipped_predict_config_of_its_model():
         fit_summary(builder, trainer)[0]
         == "next: seka predict -c configs/predict/highlight-chat.yaml --model.method.bank b"
     )
+
+
+def test_a_method_option_set_to_null_on_the_command_line_is_null():
+    """``--model.method.X null`` (two classes deep) parses to None for ``str | None`` and ``int | None`` options;
+    jsonargparse alone gave the string 'None' (then "bank 'None' does not exist") and refused the int option."""
+    config = printed_predict_config(
+        "-c",
+        str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml"),
+        "--model.method.bank",
+        "null",
+        "--model.method.length_reference=null",
+    )
+    init_args = config["model"]["init_args"]["method"]["init_args"]
+    assert init_args["bank"] is None
+    assert init_args["length_reference"] is None
+    assert init_args["layers"] == "last6"  # the config's other values stay
+    kept = printed_predict_config(
+        "-c", str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml"), "--model.method.bank", "None.pt"
+    )
+    assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == "None.pt"

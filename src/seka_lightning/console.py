@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser
@@ -152,6 +152,17 @@ class SuggestingMixin:
 
 class SuggestingParser(SuggestingMixin, LightningArgumentParser):
     """The parser of ``seka fit / validate / predict``."""
+
+    def parse_args(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        """As jsonargparse's, except that an option two classes deep set to null stays null.
+
+        jsonargparse (4.53) hands such an option (``--model.method.bank null``: an argument of the method of the
+        model) to the inner class's parser as ``--bank=None``, the text of the value it already parsed, so
+        ``str | None`` options got the string ``'None'`` and ``int | None`` ones were refused. The inner parsers
+        are of this class (built with ``exit_on_error=False``); there ``=None`` is read back as null."""
+        if not self.exit_on_error and args is not None and len(args) == 1 and str(args[0]).endswith("=None"):
+            args = [str(args[0])[: -len("None")] + "null"]
+        return super().parse_args(args, *rest, **kwargs)
 
 
 class PlainParser(SuggestingMixin, ArgumentParser):

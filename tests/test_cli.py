@@ -256,7 +256,8 @@ def test_a_method_option_set_to_null_on_the_command_line_is_null():
     assert init_args["bank"] is None
     assert init_args["length_reference"] is None
     assert init_args["layers"] == "last6"  # the config's other values stay
-    kept = printed_predict_config(
-        "-c", str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml"), "--model.method.bank", "None.pt"
-    )
-    assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == "None.pt"
+    for literal in ("None.pt", "a=None"):  # other strings stay strings
+        kept = printed_predict_config(
+            "-c", str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml"), "--model.method.bank", literal
+        )
+        assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == literal

@@ -5,14 +5,15 @@
         --set model.method.bank=outputs/results/banks/gemma3-270m.safetensors
 
 The command is the one in the result's ``metric_result.json`` (``provenance.command``), with its data narrowed to the
-first ``--records`` records of its slice (for lost in the middle a record is a question, asked at every gold
+first ``--records`` records of its slice or split (for lost in the middle a record is a question, asked at every gold
 position), its output sent to ``--out`` (which must not exist: nothing is overwritten) and its accelerator set;
-``--set KEY=VALUE`` overrides any other option (a bank the run read from ``outputs/`` must be rebuilt first, e.g. by
-``scripts/results/run.py --stages build``). Each re-run record is compared with the committed record of the same
-``id``: its scores (within 1e-4) and its generated text; with ``--max-new-tokens`` the generations are shorter, so the
-re-run text must be the start of the committed one and scores are not compared. Prints the agreement and the first
-disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than ``--min-agreement`` of the records agree
-(a run that differs on another device or version shows up here before anyone reads its metrics).
+``--set KEY=VALUE`` overrides any other recorded option (a bank the run read from ``outputs/`` must be rebuilt first,
+e.g. by ``scripts/results/run.py --stages build``). Each re-run record is compared with the committed record of the
+same ``uid``: its scores (within 1e-4) and its generated text; with ``--max-new-tokens`` the generations are shorter,
+so the re-run text must be a non-empty start of the committed one and scores are not compared. Prints the agreement
+and the first disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than ``--min-agreement`` of the
+records agree (a run that differs on another device or version shows up here before anyone reads its metrics), 3
+when the re-run itself fails or writes no records.
 """
 
 from __future__ import annotations
@@ -20,26 +21,53 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from seka_lightning.benchmarks import counterfact, lost_in_the_middle, pronchange
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, read_predictions
+from seka_lightning.files import write_json
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
-
-from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, read_predictions  # noqa: E402
-from seka_lightning.files import write_json  # noqa: E402
-
 TEXT_FIELDS = ("prediction", "generation")  # lost in the middle; PronChange and BiasBios
 REPLACED = ("--trainer.callbacks.output_dir", "--trainer.accelerator", "--data.example_subset", "--data.split")
+OWN = (*REPLACED, "--data.max_new_tokens")  # options only the spot check sets
+SPLITS: dict[str, dict[str, str | None]] = {  # benchmark -> split name -> its records ("A:B"; None = every record)
+    "counterfact": {
+        name: None if part.start is None else f"{part.start}:{part.stop}" for name, part in counterfact.SPLITS.items()
+    },
+    "lost_in_the_middle": lost_in_the_middle.SPLITS,
+    "pronchange": pronchange.SPLITS,
+}
+RERUN_FAILED = 3
+
+
+def data_slice(data: dict) -> str | None:
+    """The records a result evaluated, ``"A:B"`` (None = every record): its ``slice``, its ``example_subset``, or
+    the records of its named ``split``."""
+    spec = data.get("slice") or data.get("example_subset")
+    if spec is None and "split" in data:
+        name = data["split"] or "test"  # a benchmark with splits evaluates "test" when given neither
+        table = SPLITS.get(data.get("benchmark"), {})
+        if name not in table:
+            raise ValueError(f"the result's split {name!r} of {data.get('benchmark')!r} names no known records")
+        spec = table[name]
+    return spec
 
 
 def first_records(data: dict, records: int) -> str:
-    """The slice ``"A:A+records"`` at the start of the result's data slice (its ``slice`` or ``example_subset``)."""
+    """The slice ``"A:A+records"`` at the start of the result's records (:func:`data_slice`)."""
     if records < 1:
         raise ValueError(f"--records must be >= 1, got {records}")
-    spec = data.get("slice") or data.get("example_subset")
-    start = int(spec.split(":")[0] or 0) if spec else 0
+    spec = data_slice(data)
+    if spec is None:
+        return f"0:{records}"
+    match = re.fullmatch(r"(\d*):(\d*)", spec)
+    if match is None:
+        raise ValueError(f"the result's records {spec!r} are not a plain 'A:B' slice; spot-check it by hand")
+    start = int(match.group(1) or 0)
     return f"{start}:{start + records}"
 
 
@@ -82,33 +110,41 @@ def rerun_command(
     if provenance_command[:2] != ["seka", "predict"]:
         raise ValueError(f"the recorded command is not `seka predict ...`: {provenance_command[:4]}")
     head, pairs = option_pairs(provenance_command[2:])
-    had_split = any(key == "--data.split" for key, _ in pairs)
-    kept = [(key, value) for key, value in pairs if key not in REPLACED]
+    # a split may come from a config file (configs/eval/*.yaml set `split: test`): the data says whether there is one
+    has_split = "split" in data or any(key == "--data.split" for key, _ in pairs)
+    drop = (*REPLACED, "--data.max_new_tokens") if max_new_tokens is not None else REPLACED
+    kept = [(key, value) for key, value in pairs if key not in drop]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes KEY=VALUE (e.g. model.method.bank=B.safetensors), got {item!r}")
         option = "--" + key.removeprefix("--")
+        if option in OWN:
+            raise ValueError(
+                f"--set {key} is the spot check's own option; use --records, --accelerator, --out or --max-new-tokens"
+            )
         kept = [(k, v) for k, v in kept if k != option] + [(option, value)]
-    kept += [("--data.example_subset", first_records(data, records))]
-    if had_split:
+    kept.append(("--data.example_subset", first_records(data, records)))
+    if has_split:
         kept.append(("--data.split", "null"))
     if max_new_tokens is not None:
-        kept = [(k, v) for k, v in kept if k != "--data.max_new_tokens"] + [
-            ("--data.max_new_tokens", str(max_new_tokens))
-        ]
+        kept.append(("--data.max_new_tokens", str(max_new_tokens)))
     kept += [("--trainer.accelerator", accelerator), ("--trainer.callbacks.output_dir", str(out))]
     return [sys.executable, "-m", "seka_lightning.cli", "predict", *head, *(w for pair in kept for w in pair)]
 
 
 def compare(committed: dict, rerun: dict, *, prefix_only: bool) -> str | None:
-    """None when the re-run record agrees with the committed one, else what differs."""
-    for field in TEXT_FIELDS:
-        if field in committed or field in rerun:
-            old, new = str(committed.get(field, "")), str(rerun.get(field, ""))
-            same = old.startswith(new.rstrip("\ufffd")) if prefix_only else old == new
-            if not same:
-                return f"{field}: committed {old[:60]!r}, re-run {new[:60]!r}"
+    """None when the re-run record agrees with the committed one, else what differs. With ``prefix_only`` the
+    re-run text must be a non-empty start of the committed one (or both empty), and a record without text fails."""
+    fields = [field for field in TEXT_FIELDS if field in committed or field in rerun]
+    if prefix_only and not fields:
+        return "no generated text to compare (drop --max-new-tokens to compare scores)"
+    for field in fields:
+        old, new = str(committed.get(field, "")), str(rerun.get(field, ""))
+        cut = new.rstrip("\ufffd")  # a shorter generation can end inside a character
+        same = (old.startswith(cut) and (bool(cut) or not old)) if prefix_only else old == new
+        if not same:
+            return f"{field}: committed {old[:60]!r}, re-run {new[:60]!r}"
     if prefix_only:
         return None
     for metric, value in committed["scores"].items():
@@ -119,25 +155,19 @@ def compare(committed: dict, rerun: dict, *, prefix_only: bool) -> str | None:
 
 
 def agreement(committed: list[dict], rerun: list[dict], *, prefix_only: bool) -> dict:
-    """Per re-run record (matched on ``id`` and, where an id has several records, their order): agreement counts and
-    the first 10 disagreements."""
-    by_id: dict = {}
-    for record in committed:
-        by_id.setdefault(record["id"], []).append(record)
-    seen: dict = {}
+    """Per re-run record (matched on ``uid``: CounterFact's efficacy and paraphrase records share an ``id``):
+    agreement counts and the first 10 disagreements."""
+    by_uid = {record["uid"]: record for record in committed}
     agree, differences = 0, []
     for record in rerun:
-        index = seen.get(record["id"], 0)
-        seen[record["id"]] = index + 1
-        matches = by_id.get(record["id"], [])
-        if index >= len(matches):
-            differences.append({"id": record["id"], "difference": "no committed record with this id"})
-            continue
-        difference = compare(matches[index], record, prefix_only=prefix_only)
+        match = by_uid.get(record["uid"])
+        difference = (
+            "no committed record with this uid" if match is None else compare(match, record, prefix_only=prefix_only)
+        )
         if difference is None:
             agree += 1
         else:
-            differences.append({"id": record["id"], "difference": difference})
+            differences.append({"uid": record["uid"], "difference": difference})
     return {
         "records": len(rerun),
         "agree": agree,
@@ -156,32 +186,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--min-agreement", type=float, default=1.0, help="fraction of records that must agree")
     args = parser.parse_args(argv)
-    result = json.loads((args.result / METRIC_RESULT).read_text())
-    committed = read_predictions(args.result / PREDICTIONS)
+    args.result, args.out = args.result.resolve(), args.out.resolve()  # the re-run runs in the repository root
     if args.out.exists():
         parser.error(f"--out {args.out} exists; pick a new folder (a spot check never overwrites a run)")
-    command = rerun_command(
-        result["provenance"]["command"],
-        result["config"]["data"],
-        records=args.records,
-        out=args.out,
-        accelerator=args.accelerator,
-        max_new_tokens=args.max_new_tokens,
-        overrides=args.overrides,
-    )
+    result = json.loads((args.result / METRIC_RESULT).read_text())
+    committed = read_predictions(args.result / PREDICTIONS)
+    try:
+        command = rerun_command(
+            result["provenance"]["command"],
+            result["config"]["data"],
+            records=args.records,
+            out=args.out,
+            accelerator=args.accelerator,
+            max_new_tokens=args.max_new_tokens,
+            overrides=args.overrides,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, cwd=REPO)
-    if done.returncode != 0:
-        print(f"the re-run failed (exit {done.returncode}); nothing compared", file=sys.stderr)
-        return done.returncode
-    summary = agreement(
-        committed, read_predictions(args.out / PREDICTIONS), prefix_only=args.max_new_tokens is not None
-    )
-    summary |= {"result": str(args.result), "command": command, "min_agreement": args.min_agreement}
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        print("the re-run failed; nothing compared", file=sys.stderr)
+        return RERUN_FAILED
+    rerun = read_predictions(args.out / PREDICTIONS)
+    if not rerun:
+        print("the re-run wrote no records; nothing compared", file=sys.stderr)
+        return RERUN_FAILED
+    summary = agreement(committed, rerun, prefix_only=args.max_new_tokens is not None)
+    summary |= {"result": str(args.result), "command": ["python", *command[1:]], "min_agreement": args.min_agreement}
     write_json(args.out / "spot_check.json", summary)
     print(f"{summary['agree']} of {summary['records']} re-run records agree with {args.result}")
     for item in summary["differences"]:
-        print(f"  {item['id']}: {item['difference']}")
+        print(f"  {item['uid']}: {item['difference']}")
     return 0 if summary["fraction"] >= args.min_agreement else 1
 
 

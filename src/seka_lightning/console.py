@@ -159,9 +159,13 @@ class SuggestingParser(SuggestingMixin, LightningArgumentParser):
         jsonargparse (4.53) hands such an option (``--model.method.bank null``: an argument of the method of the
         model) to the inner class's parser as ``--bank=None``, the text of the value it already parsed, so
         ``str | None`` options got the string ``'None'`` and ``int | None`` ones were refused. The inner parsers
-        are of this class (built with ``exit_on_error=False``); there ``=None`` is read back as null."""
-        if not self.exit_on_error and args is not None and len(args) == 1 and str(args[0]).endswith("=None"):
-            args = [str(args[0])[: -len("None")] + "null"]
+        are of this class (built with ``exit_on_error=False``); there a value of exactly ``None`` is read back as
+        null, so ``--model.method.bank None`` is null too (an option one class deep, ``--data.path None``, keeps the
+        string, as jsonargparse gives it)."""
+        if not self.exit_on_error and args is not None and len(args) == 1:
+            key, sep, value = str(args[0]).partition("=")
+            if sep and value == "None":
+                args = [f"{key}=null"]
         return super().parse_args(args, *rest, **kwargs)
 
 

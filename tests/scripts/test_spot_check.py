@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,93 +19,151 @@ spec.loader.exec_module(spot)
 RECORDED = [
     "seka", "predict", "-c", "configs/eval/pronchange.yaml", "-c", "configs/methods/smollm2-135m/seka.yaml",
     "--model.method.bank", "outputs/banks/b.safetensors", "--data.split", "test", "--data.example_subset", "null",
-    "--trainer.accelerator=gpu", "--trainer.callbacks.output_dir", "docs/results/pronchange/smollm2-135m/seka",
+    "--data.max_new_tokens", "256", "--trainer.accelerator=gpu",
+    "--trainer.callbacks.output_dir", "docs/results/pronchange/smollm2-135m/seka",
 ]  # fmt: skip
-
-
-def options(command: list[str]) -> dict[str, str]:
-    """The ``--key value`` options after ``predict`` and its ``-c`` files, as a dict (the last value wins)."""
-    words = command[command.index("predict") + 1 :]
-    while words and not words[0].startswith("--"):
-        words = words[1:]
-    return dict(zip(words[::2], words[1::2], strict=True))
+PRONCHANGE = {"benchmark": "pronchange", "slice": "0:900", "split": "test", "example_subset": None}
+KWARGS = dict(records=8, accelerator="cpu", max_new_tokens=None, overrides=[])
 
 
 def test_the_rerun_narrows_the_slice_and_redirects_the_output(tmp_path):
     command = spot.rerun_command(
         RECORDED,
-        {"slice": "0:900", "split": "test"},
-        records=8,
+        PRONCHANGE,
+        **{**KWARGS, "max_new_tokens": 20, "overrides": ["model.method.bank=/elsewhere/b.safetensors"]},
         out=tmp_path / "spot",
-        accelerator="cpu",
-        max_new_tokens=20,
-        overrides=["model.method.bank=/elsewhere/b.safetensors"],
     )
-    assert command[:4] == [sys.executable, "-m", "seka_lightning.cli", "predict"]
-    assert command[4:8] == ["-c", "configs/eval/pronchange.yaml", "-c", "configs/methods/smollm2-135m/seka.yaml"]
-    assert options(command) == {
-        "--model.method.bank": "/elsewhere/b.safetensors",
-        "--data.example_subset": "0:8",
-        "--data.split": "null",
-        "--data.max_new_tokens": "20",
-        "--trainer.accelerator": "cpu",
-        "--trainer.callbacks.output_dir": str(tmp_path / "spot"),
-    }
+    assert command == [
+        sys.executable, "-m", "seka_lightning.cli", "predict",
+        "-c", "configs/eval/pronchange.yaml", "-c", "configs/methods/smollm2-135m/seka.yaml",
+        "--model.method.bank", "/elsewhere/b.safetensors",
+        "--data.example_subset", "0:8", "--data.split", "null", "--data.max_new_tokens", "20",
+        "--trainer.accelerator", "cpu", "--trainer.callbacks.output_dir", str(tmp_path / "spot"),
+    ]  # fmt: skip
 
 
-def test_the_first_records_start_where_the_slice_starts():
-    assert spot.first_records({"slice": "5000:5500"}, 16) == "5000:5016"
-    assert spot.first_records({"example_subset": "0:100"}, 2) == "0:2"
-    assert spot.first_records({"example_subset": None}, 3) == "0:3"  # the whole set: its first records
-    with pytest.raises(ValueError, match="--records must be >= 1"):
-        spot.first_records({}, 0)
+def test_a_split_from_a_config_file_is_cleared_and_kept_generation_lengths_stay(tmp_path):
+    """The eval configs set ``split: test``; a recorded command without --data.split still needs it cleared."""
+    recorded = [word for word in RECORDED if word not in ("--data.split", "test")]
+    command = spot.rerun_command(recorded, PRONCHANGE, **KWARGS, out=tmp_path)
+    assert command[command.index("--data.example_subset") :][:4] == [
+        "--data.example_subset",
+        "0:8",
+        "--data.split",
+        "null",
+    ]
+    assert command[command.index("--data.max_new_tokens") + 1] == "256"  # without --max-new-tokens: as recorded
+    biasbios = spot.rerun_command(recorded, {"benchmark": "biasbios", "example_subset": None}, **KWARGS, out=tmp_path)
+    assert "--data.split" not in biasbios  # BiasBios has no split option
 
 
-def test_a_command_that_is_not_a_predict_or_cannot_be_read_is_refused(tmp_path):
-    kwargs = dict(records=1, out=tmp_path, accelerator="cpu", max_new_tokens=None, overrides=[])
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"slice": "5000:5500"}, "5000:5008"),
+        ({"benchmark": "lost_in_the_middle", "split": None, "slice": "0:100", "example_subset": "0:100"}, "0:8"),
+        ({"benchmark": "counterfact", "split": "dev", "example_subset": None}, "4500:4508"),  # no slice recorded
+        ({"benchmark": "counterfact", "split": None, "example_subset": None}, "5000:5008"),  # neither: test
+        ({"benchmark": "biasbios", "example_subset": None}, "0:8"),  # the whole set
+    ],
+)
+def test_the_first_records_start_where_the_results_records_start(data, expected):
+    assert spot.first_records(data, 8) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "records", "message"),
+    [
+        ({}, 0, "--records must be >= 1"),
+        ({"slice": "0:900:2"}, 1, "not a plain 'A:B' slice"),
+        ({"slice": "-8:"}, 1, "not a plain 'A:B' slice"),
+        ({"benchmark": "biasbios", "split": "dev"}, 1, "names no known records"),
+    ],
+)
+def test_records_that_cannot_be_narrowed_are_refused(data, records, message):
+    with pytest.raises(ValueError, match=message):
+        spot.first_records(data, records)
+
+
+def test_a_command_that_is_not_a_predict_cannot_be_read_or_overrides_the_checks_own_options_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not `seka predict"):
-        spot.rerun_command(["seka", "fit", "-c", "x.yaml"], {}, **kwargs)
+        spot.rerun_command(["seka", "fit", "-c", "x.yaml"], {}, **KWARGS, out=tmp_path)
     with pytest.raises(ValueError, match="ends with '--data.path' and no value"):
-        spot.rerun_command(["seka", "predict", "--data.path"], {}, **kwargs)
+        spot.rerun_command(["seka", "predict", "--data.path"], {}, **KWARGS, out=tmp_path)
     with pytest.raises(ValueError, match="--set takes KEY=VALUE"):
-        spot.rerun_command(RECORDED, {}, **{**kwargs, "overrides": ["model.method.bank"]})
+        spot.rerun_command(RECORDED, PRONCHANGE, **{**KWARGS, "overrides": ["model.method.bank"]}, out=tmp_path)
+    for own in ("data.example_subset=0:900", "trainer.accelerator=gpu", "data.max_new_tokens=5", "data.split=dev"):
+        with pytest.raises(ValueError, match="the spot check's own option"):
+            spot.rerun_command(RECORDED, PRONCHANGE, **{**KWARGS, "overrides": [own]}, out=tmp_path)
 
 
-def record(rid: str, text: str, score: float) -> dict:
-    return {"id": rid, "generation": text, "scores": {"pron_mean_p": score}}
+def record(uid: str, text: str, score: float, rid: int = 0) -> dict:
+    return {"uid": uid, "id": rid, "generation": text, "scores": {"pron_mean_p": score}}
 
 
-def test_records_agree_on_text_and_scores_or_on_a_prefix_when_shorter():
+def test_records_agree_on_text_and_scores_or_on_a_non_empty_prefix_when_shorter():
     committed = [record("a", "She is a nurse.", 0.5), record("b", "He he he", 0.0), record("c", "x", 1.0)]
     same = [record("a", "She is a nurse.", 0.5 + 5e-5), record("b", "He he he", 0.0)]
     assert spot.agreement(committed, same, prefix_only=False)["agree"] == 2
     changed = [record("a", "She is a nurse.", 0.6), record("b", "They they", 0.0), record("z", "?", 0.0)]
     result = spot.agreement(committed, changed, prefix_only=False)
     assert (result["records"], result["agree"]) == (3, 0)
-    assert [d["id"] for d in result["differences"]] == ["a", "b", "z"]
+    assert [d["uid"] for d in result["differences"]] == ["a", "b", "z"]
     assert "scores[pron_mean_p]" in result["differences"][0]["difference"]
-    assert result["differences"][2]["difference"] == "no committed record with this id"
-    shorter = [record("a", "She is", 0.0), record("b", "He he", 0.3), record("c", "y", 1.0)]
+    assert result["differences"][2]["difference"] == "no committed record with this uid"
+    shorter = [record("a", "She is", 0.0), record("b", "He he", 0.3), record("c", "y", 1.0), record("b", "", 0.0)]
     result = spot.agreement(committed, shorter, prefix_only=True)  # scores of shorter generations are not compared
-    assert (result["agree"], [d["id"] for d in result["differences"]]) == (2, ["c"])
+    assert (result["agree"], [d["uid"] for d in result["differences"]]) == (2, ["c", "b"])  # "" starts everything
+    no_text = {"uid": "n", "id": 1, "scores": {"efficacy_score": 1.0}}
+    assert spot.agreement([no_text], [no_text], prefix_only=True)["agree"] == 0
+    assert spot.agreement([no_text], [no_text], prefix_only=False)["agree"] == 1
 
 
-def test_repeated_ids_are_matched_in_order():
-    committed = [{"id": "q", "prediction": "one", "scores": {}}, {"id": "q", "prediction": "two", "scores": {}}]
-    rerun = [{"id": "q", "prediction": "one", "scores": {}}, {"id": "q", "prediction": "two", "scores": {}}]
+def test_records_sharing_an_id_are_matched_by_uid():
+    """CounterFact writes an efficacy and a paraphrase record per case, with one ``id``."""
+    committed = [record("cf/5000/efficacy", "", 1.0, 5000), record("cf/5000/paraphrase", "", 0.0, 5000)]
+    rerun = committed[::-1]
     assert spot.agreement(committed, rerun, prefix_only=False)["agree"] == 2
-    assert spot.agreement(committed, rerun[::-1], prefix_only=False)["agree"] == 0
 
 
-def test_an_existing_output_folder_is_refused_before_anything_runs(tmp_path, capsys):
+def write_result(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "metric_result.json").write_text(
+        json.dumps({"provenance": {"command": RECORDED}, "config": {"data": PRONCHANGE}})
+    )
+    with gzip.open(folder / "predictions.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_the_check_writes_its_summary_and_exits_by_agreement(tmp_path, monkeypatch, capsys):
     result = tmp_path / "result"
-    result.mkdir()
-    (result / "metric_result.json").write_text(json.dumps({"provenance": {"command": RECORDED}, "config": {}}))
-    with gzip.open(result / "predictions.jsonl.gz", "wt") as f:
-        f.write(json.dumps(record("a", "x", 0.0)) + "\n")
+    write_result(result, [record("a", "She is a nurse.", 0.5), record("b", "He he", 0.0)])
+    reruns = iter(
+        [[record("a", "She is", 0.0), record("b", "He", 0.0)], [record("a", "She is", 0.0), record("b", "It", 0.0)]]
+    )
+
+    def fake_run(command, cwd):
+        out = Path(command[command.index("--trainer.callbacks.output_dir") + 1])
+        write_result(out, next(reruns))
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(spot.subprocess, "run", fake_run)
+    assert spot.main([str(result), "--out", str(tmp_path / "one"), "--max-new-tokens", "3"]) == 0
+    summary = json.loads((tmp_path / "one" / "spot_check.json").read_text())
+    assert (summary["records"], summary["agree"], summary["command"][0]) == (2, 2, "python")
+    assert spot.main([str(result), "--out", str(tmp_path / "two"), "--max-new-tokens", "3"]) == 1
+    assert "b: generation: committed 'He he', re-run 'It'" in capsys.readouterr().out
+    monkeypatch.setattr(spot.subprocess, "run", lambda command, cwd: SimpleNamespace(returncode=1))
+    assert spot.main([str(result), "--out", str(tmp_path / "three")]) == spot.RERUN_FAILED
+
+
+def test_an_existing_output_folder_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    result = tmp_path / "result"
+    write_result(result, [record("a", "x", 0.0)])
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(spot.subprocess, "run", lambda *a, **k: pytest.fail("nothing may run"))
     with pytest.raises(SystemExit) as exit_info:
         spot.main([str(result), "--out", str(out)])
     assert exit_info.value.code == 2

@@ -245,9 +245,10 @@ def test_fit_suggests_the_shipped_predict_config_of_its_model():
 def test_a_method_option_set_to_null_on_the_command_line_is_null():
     """``--model.method.X null`` (two classes deep) parses to None for ``str | None`` and ``int | None`` options;
     jsonargparse alone gave the string 'None' (then "bank 'None' does not exist") and refused the int option."""
+    key_scaling = str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml")
     config = printed_predict_config(
         "-c",
-        str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml"),
+        key_scaling,
         "--model.method.bank",
         "null",
         "--model.method.length_reference=null",
@@ -257,7 +258,5 @@ def test_a_method_option_set_to_null_on_the_command_line_is_null():
     assert init_args["length_reference"] is None
     assert init_args["layers"] == "last6"  # the config's other values stay
     for literal in ("None.pt", "a=None"):  # other strings stay strings
-        kept = printed_predict_config(
-            "-c", str(REPO / "configs" / "methods" / "gemma3-270m" / "key_scaling.yaml"), "--model.method.bank", literal
-        )
+        kept = printed_predict_config("-c", key_scaling, "--model.method.bank", literal)
         assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == literal

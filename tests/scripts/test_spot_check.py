@@ -119,6 +119,18 @@ def test_records_agree_on_text_and_scores_or_on_a_non_empty_prefix_when_shorter(
     assert spot.agreement([no_text], [no_text], prefix_only=False)["agree"] == 1
 
 
+def test_slice_dependent_scores_are_not_compared_but_the_text_is():
+    """BiasBios ranks over the professions of the slice and scores TF-IDF over all of it: a narrowed re-run's
+    scores differ from the full run's even when every generation is the same."""
+    committed = [record("a", "An accountant.", 0.0), {"uid": "n", "id": 1, "scores": {"top1_accuracy": 1.0}}]
+    rerun = [record("a", "An accountant.", 1.0), {"uid": "n", "id": 1, "scores": {"top1_accuracy": 1.0}}]
+    result = spot.agreement(committed, rerun, prefix_only=False, scores=False)
+    assert (result["agree"], [d["uid"] for d in result["differences"]]) == (1, ["n"])
+    assert "scores depend on the whole slice" in result["differences"][0]["difference"]
+    assert spot.agreement(committed, [record("a", "A nurse.", 0.0)], prefix_only=False, scores=False)["agree"] == 0
+    assert spot.agreement(committed, rerun, prefix_only=False)["agree"] == 1  # per-record scores: compared
+
+
 def test_records_sharing_an_id_are_matched_by_uid():
     """CounterFact writes an efficacy and a paraphrase record per case, with one ``id``."""
     committed = [record("cf/5000/efficacy", "", 1.0, 5000), record("cf/5000/paraphrase", "", 0.0, 5000)]
@@ -126,10 +138,10 @@ def test_records_sharing_an_id_are_matched_by_uid():
     assert spot.agreement(committed, rerun, prefix_only=False)["agree"] == 2
 
 
-def write_result(folder: Path, records: list[dict]) -> None:
+def write_result(folder: Path, records: list[dict], data: dict = PRONCHANGE) -> None:
     folder.mkdir(parents=True)
     (folder / "metric_result.json").write_text(
-        json.dumps({"provenance": {"command": RECORDED}, "config": {"data": PRONCHANGE}})
+        json.dumps({"provenance": {"command": RECORDED}, "config": {"data": data}})
     )
     with gzip.open(folder / "predictions.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -155,6 +167,21 @@ def test_the_check_writes_its_summary_and_exits_by_agreement(tmp_path, monkeypat
     assert "b: generation: committed 'He he', re-run 'It'" in capsys.readouterr().out
     monkeypatch.setattr(spot.subprocess, "run", lambda command, cwd: SimpleNamespace(returncode=1))
     assert spot.main([str(result), "--out", str(tmp_path / "three")]) == spot.RERUN_FAILED
+
+
+def test_a_biasbios_check_compares_the_generations_only(tmp_path, monkeypatch, capsys):
+    biasbios = {"benchmark": "biasbios", "example_subset": None}
+    result = tmp_path / "result"
+    write_result(result, [record("a", "An accountant.", 0.0)], data=biasbios)
+
+    def fake_run(command, cwd):
+        out = Path(command[command.index("--trainer.callbacks.output_dir") + 1])
+        write_result(out, [record("a", "An accountant.", 1.0)], data=biasbios)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(spot.subprocess, "run", fake_run)
+    assert spot.main([str(result), "--out", str(tmp_path / "one")]) == 0
+    assert "only the generations are compared" in capsys.readouterr().out
 
 
 def test_an_existing_output_folder_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):

@@ -104,3 +104,25 @@ def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s
         for index in range(3):
             writer.on_predict_batch_end(trainer, None, None, None, index)
     assert [r.getMessage() for r in caplog.records] == ["predict: 2/4 batches in 70 s, about 70 s left"]
+
+
+def test_the_tokenizer_hash_follows_the_tokenizer_not_the_object(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from seka_lightning.provenance import tokenizer_sha256
+
+    tokenizer.save_pretrained(tmp_path / "saved")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert tokenizer_sha256(tokenizer) == tokenizer_sha256(reloaded)
+    assert len(tokenizer_sha256(tokenizer)) == 64
+    reloaded.add_tokens(["<extra_token>"])  # any change to what it tokenizes changes the hash
+    assert tokenizer_sha256(reloaded) != tokenizer_sha256(tokenizer)
+    assert tokenizer_sha256(SimpleNamespace()) is None  # no fast pipeline to hash
+
+
+def test_library_versions_name_the_tokenizer_and_conversion_packages():
+    from seka_lightning.provenance import library_versions
+
+    versions = library_versions()
+    assert {"torch", "transformers", "tokenizers", "gguf", "lightning", "torchmetrics"} <= versions.keys()
+    assert versions["tokenizers"] is not None  # transformers needs it, so it is installed wherever this runs

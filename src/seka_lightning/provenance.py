@@ -99,6 +99,16 @@ def weights_hash(pretrained: str) -> dict[str, Any]:
     }
 
 
+def tokenizer_sha256(tokenizer: Any) -> str | None:
+    """SHA-256 of a fast tokenizer's whole serialized pipeline (vocabulary, merges, normalizer, pre-tokenizer, special
+    tokens), None for a tokenizer without one. Two runs with the same hash tokenize every text alike; a converter that
+    changes the tokenizer (transformers 5.17 on Gemma-3's GGUF) changes it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
 def input_files(settings: Any) -> dict[str, str]:
     """``{path: sha256}`` of every existing file named by a string in ``settings`` (nested dicts and lists): the
     bank, a negative bank, an experts list, a head profile."""
@@ -160,5 +170,5 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             return None
 
-    packages = ("torch", "transformers", "lightning", "torchmetrics", "seka-lightning")
+    packages = ("torch", "transformers", "tokenizers", "gguf", "lightning", "torchmetrics", "seka-lightning")
     return {"python": sys.version.split()[0], **{name: installed(name) for name in packages}}

@@ -117,6 +117,10 @@ def test_bank_file_hash_and_model_hash_sources(tmp_path):
     provenance = build_metric_result(records, results, seeds={}, argv=["seka", "--config=missing.yaml"])["provenance"]
     assert provenance["method_files"] == {str(bank): hashlib.sha256(b"bank").hexdigest()}
     assert provenance["model"]["sha256"] == embedded_spec("smollm2-135m").sha256
+    assert "tokenizer_sha256" not in provenance["model"]  # the evaluator gave none
+    with_tokenizer = {**results, "tokenizer_sha256": "ab" * 32}
+    result = build_metric_result(records, with_tokenizer, seeds={}, argv=["seka"])
+    assert result["provenance"]["model"]["tokenizer_sha256"] == "ab" * 32 and "tokenizer_sha256" not in result
     assert (
         provenance["config_files"]
         == config_files(["--config=missing.yaml"])

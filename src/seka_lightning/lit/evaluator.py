@@ -14,6 +14,7 @@ import torch
 from seka_lightning.benchmarks import BenchmarkScorer, encode_examples, evaluate_batch
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.methods import HighlightMethod
+from seka_lightning.provenance import tokenizer_sha256
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class BenchmarkEvaluator(FrozenModelModule):
             "config": {**{k: v for k, v in self.hparams.items() if k != "pretrained"}, "data": self.data_settings},
             "counts": {**self.data_counts, "skipped_highlight": skipped, "world_size": self.trainer.world_size},
             "wall_time_s": self.resumed["wall_time_s"] + time.perf_counter() - self._started,
+            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
         }
         resumed = self._total(self.resumed["batches"])
         if resumed:

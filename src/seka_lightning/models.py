@@ -69,6 +69,10 @@ def load_model(
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        if Path(name_or_path).is_dir():
+            from seka_lightning.embedded import check_cache_folder_tokenizer
+
+            check_cache_folder_tokenizer(Path(name_or_path), tokenizer)
     if attn_implementation is not None and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
     prepare_tokenizer(tokenizer)

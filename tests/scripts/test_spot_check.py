@@ -119,16 +119,26 @@ def test_records_agree_on_text_and_scores_or_on_a_non_empty_prefix_when_shorter(
     assert spot.agreement([no_text], [no_text], prefix_only=False)["agree"] == 1
 
 
-def test_slice_dependent_scores_are_not_compared_but_the_text_is():
-    """BiasBios ranks over the professions of the slice and scores TF-IDF over all of it: a narrowed re-run's
-    scores differ from the full run's even when every generation is the same."""
-    committed = [record("a", "An accountant.", 0.0), {"uid": "n", "id": 1, "scores": {"top1_accuracy": 1.0}}]
-    rerun = [record("a", "An accountant.", 1.0), {"uid": "n", "id": 1, "scores": {"top1_accuracy": 1.0}}]
-    result = spot.agreement(committed, rerun, prefix_only=False, scores=False)
-    assert (result["agree"], [d["uid"] for d in result["differences"]]) == (1, ["n"])
-    assert "scores depend on the whole slice" in result["differences"][0]["difference"]
-    assert spot.agreement(committed, [record("a", "A nurse.", 0.0)], prefix_only=False, scores=False)["agree"] == 0
-    assert spot.agreement(committed, rerun, prefix_only=False)["agree"] == 1  # per-record scores: compared
+def test_slice_dependent_scores_are_not_compared_but_the_text_and_other_scores_are():
+    """BiasBios ranks over the professions of the slice and fits its TF-IDF on the slice's bios: a narrowed re-run's
+    accuracy and consistency differ from the full run's even when every generation is the same."""
+
+    def bios(uid: str, text: str, top1: float, fluency: float | None = 2.0) -> dict:
+        scores = {"top1_accuracy": top1, "top3_accuracy": top1, "consistency": top1}
+        return {"uid": uid, "id": uid, "generation": text, "scores": scores | ({"fluency": fluency} if fluency else {})}
+
+    skip = ("top", "consistency")
+    committed = [bios("a", "An accountant.", 0.0), bios("b", "A nurse.", 1.0), bios("n", "", 1.0, fluency=None)]
+    rerun = [bios("a", "An accountant.", 1.0), bios("b", "A nurse.", 1.0, fluency=2.5), bios("n", "", 0.0, None)]
+    result = spot.agreement(committed, rerun, prefix_only=False, slice_scores=skip)
+    assert result["agree"] == 1
+    assert [(d["uid"], d["difference"].split(":")[0]) for d in result["differences"]] == [
+        ("b", "scores[fluency]"),
+        ("n", "nothing to compare"),
+    ]
+    changed = spot.agreement(committed, [bios("a", "A nurse.", 0.0)], prefix_only=False, slice_scores=skip)
+    assert changed["differences"][0]["uid"] == "a" and changed["agree"] == 0
+    assert spot.agreement(committed, rerun[:1], prefix_only=False)["differences"][0]["uid"] == "a"  # all compared
 
 
 def test_records_sharing_an_id_are_matched_by_uid():
@@ -169,19 +179,30 @@ def test_the_check_writes_its_summary_and_exits_by_agreement(tmp_path, monkeypat
     assert spot.main([str(result), "--out", str(tmp_path / "three")]) == spot.RERUN_FAILED
 
 
-def test_a_biasbios_check_compares_the_generations_only(tmp_path, monkeypatch, capsys):
+def test_a_biasbios_check_leaves_its_slice_scores_out(tmp_path, monkeypatch, capsys):
     biasbios = {"benchmark": "biasbios", "example_subset": None}
+    command = ["seka", "predict", "-c", "configs/eval/biasbios.yaml", "--data.example_subset", "null",
+               "--trainer.callbacks.output_dir", "docs/results/biasbios/gemma3-270m/none"]  # fmt: skip
+    bios = {"uid": "a", "id": "a", "generation": "An accountant.", "scores": {"top1_accuracy": 0.0}}
     result = tmp_path / "result"
-    write_result(result, [record("a", "An accountant.", 0.0)], data=biasbios)
+    write_result(result, [bios], data=biasbios)
+    (result / "metric_result.json").write_text(
+        json.dumps({"provenance": {"command": command}, "config": {"data": biasbios}})
+    )
+    ran = []
 
     def fake_run(command, cwd):
+        ran.append(command)
         out = Path(command[command.index("--trainer.callbacks.output_dir") + 1])
-        write_result(out, [record("a", "An accountant.", 1.0)], data=biasbios)
+        write_result(out, [bios | {"scores": {"top1_accuracy": 1.0}}], data=biasbios)
         return SimpleNamespace(returncode=0)
 
     monkeypatch.setattr(spot.subprocess, "run", fake_run)
     assert spot.main([str(result), "--out", str(tmp_path / "one")]) == 0
-    assert "only the generations are compared" in capsys.readouterr().out
+    assert "--data.split" not in ran[0] and ran[0][ran[0].index("--data.example_subset") + 1] == "0:2"
+    assert "depend on the whole slice and are not compared" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "one" / "spot_check.json").read_text())
+    assert summary["scores_not_compared"] == ["top", "consistency"] and summary["agree"] == 1
 
 
 def test_an_existing_output_folder_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):

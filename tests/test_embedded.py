@@ -301,7 +301,7 @@ def test_a_wrongly_converted_tokenizer_is_refused_and_not_cached(
         load_embedded("smollm2-135m", cache_dir=cache)
     message = str(info.value)
     assert f"eos_token_id: {right.eos_token_id!r}, expected 12345" in message
-    assert "pip install 'transformers==5.24.0'" in message and "the conversion was not cached" in message
+    assert "transformers==5.24.0 with tokenizers 0.23.3" in message and "the conversion was not cached" in message
     assert not cache_entry_path(spec, cache_dir=cache).exists()
     assert fake.calls == 1
 
@@ -316,7 +316,7 @@ def test_a_wrong_cached_tokenizer_is_converted_again(
     entry = cache_entry_path(spec, cache_dir=cache)
     # the cache now counts as made by a bad converter, and this "transformers" converts just as badly:
     pin_probe(monkeypatch, tmp_path, fake, dataclasses.replace(right, ids=right.ids[::-1]))
-    with pytest.raises(EmbeddedTokenizerError, match="the conversion was not cached"):
+    with pytest.raises(EmbeddedTokenizerError, match="the conversion was not cached; the wrong cache .* is left as it"):
         load_embedded("smollm2-135m", cache_dir=cache)
     assert fake.calls == 2 and verify_cache_entry(entry, source_sha256=embedded.expected_sha256(spec)) is None
     # a converter that gets it right this time replaces the wrong cache
@@ -325,7 +325,19 @@ def test_a_wrong_cached_tokenizer_is_converted_again(
     with caplog.at_level(logging.WARNING, logger=embedded.__name__):
         _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)
     assert fake.calls == 3 and len(tokenizer) == len(fake.tokenizer)
-    assert "is wrong (size:" in caplog.text and "converting it again" in caplog.text
+    assert "differs from the pinned probe (size: " in caplog.text and "converting it again" in caplog.text
+
+
+def test_a_cached_tokenizer_that_does_not_load_is_converted_again(
+    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = pin_probe(monkeypatch, tmp_path, fake, tokenizer_probe(fake.tokenizer))
+    cache = tmp_path / "cache"
+    load_embedded("smollm2-135m", cache_dir=cache)
+    damaged = cache_entry_path(spec, cache_dir=cache) / "tokenizer.json"
+    damaged.write_bytes(b"{" * damaged.stat().st_size)  # same size, not JSON: only a full hash would notice
+    _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)
+    assert fake.calls == 2 and tokenizer_probe(tokenizer) == tokenizer_probe(fake.tokenizer)
 
 
 def test_a_cache_folder_loaded_by_path_is_probed_too(tmp_path: Path, fake: FakeConverter, monkeypatch) -> None:

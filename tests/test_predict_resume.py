@@ -141,7 +141,16 @@ def test_the_weights_are_hashed_once_per_run_for_the_fingerprint_and_the_provena
     predict(tiny_model_dir, litm_oracle, tmp_path / "run")
     assert calls == [str(tiny_model_dir)]
     recorded = json.loads((tmp_path / "run" / "metric_result.json").read_text())["provenance"]["model"]
-    assert recorded == {"id": str(tiny_model_dir), **weights_hash(str(tiny_model_dir))}
+    from seka_lightning.models import load_model
+
+    _, tokenizer = load_model(str(tiny_model_dir))  # as the evaluator loads it (pad token set)
+    expected_tokenizer = provenance.tokenizer_sha256(tokenizer)
+    assert expected_tokenizer is not None
+    assert recorded == {
+        "id": str(tiny_model_dir),
+        **weights_hash(str(tiny_model_dir)),
+        "tokenizer_sha256": expected_tokenizer,
+    }
 
 
 def test_bad_partial_states_and_settings_are_refused_with_the_way_out(tmp_path):

@@ -115,7 +115,15 @@ def test_the_tokenizer_hash_follows_the_tokenizer_not_the_object(tokenizer, tmp_
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
     assert tokenizer_sha256(tokenizer) == tokenizer_sha256(reloaded)
     assert len(tokenizer_sha256(tokenizer)) == 64
+    reloaded(["a", "a longer text"], padding=True, truncation=True, max_length=3)  # settings a call leaves behind
+    assert tokenizer_sha256(reloaded) == tokenizer_sha256(tokenizer)
+    reloaded.chat_template = "{{ messages[0]['content'] }}"  # what a chat run's prompts are made of
+    assert tokenizer_sha256(reloaded) != tokenizer_sha256(tokenizer)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
     reloaded.add_tokens(["<extra_token>"])  # any change to what it tokenizes changes the hash
+    assert tokenizer_sha256(reloaded) != tokenizer_sha256(tokenizer)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    reloaded.pad_token = reloaded.bos_token  # which id pads (and so, which id generation fills in) too
     assert tokenizer_sha256(reloaded) != tokenizer_sha256(tokenizer)
     assert tokenizer_sha256(SimpleNamespace()) is None  # no fast pipeline to hash
 

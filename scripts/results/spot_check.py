@@ -151,9 +151,10 @@ def compare(committed: dict, rerun: dict, *, prefix_only: bool, slice_scores: tu
             return f"{field}: committed {old[:60]!r}, re-run {new[:60]!r}"
     if prefix_only:
         return None
-    compared = [metric for metric in committed["scores"] if not metric.startswith(slice_scores or ("\0",))]
+    compared = [metric for metric in committed["scores"] if not metric.startswith(tuple(slice_scores))]
     if not compared and not any(committed.get(field) for field in fields):
-        return "nothing to compare: no generated text, and its scores depend on the whole slice"
+        reason = ", and its scores depend on the whole slice" if slice_scores else " and no scores"
+        return f"nothing to compare: no generated text{reason}"
     for metric in compared:
         value, other = committed["scores"][metric], rerun["scores"].get(metric)
         if other is None or not math.isclose(float(value), float(other), rel_tol=0.0, abs_tol=1e-4):

@@ -234,10 +234,12 @@ def load_embedded(
         convert_gguf_parts(parts, target, gguf_name=spec.gguf_name, sha256=expected)
         problem = probe_problem(spec, AutoTokenizer.from_pretrained(target))
         if problem is not None:
+            left = f"; the wrong cache {entry} is left as it was" if entry.exists() else ""
             raise EmbeddedTokenizerError(
-                f"transformers {transformers.__version__} converts the tokenizer of {spec.name!r} wrongly ({problem}); "
-                f"the conversion was not cached. Install the tested version (pip install '{TESTED_TRANSFORMERS}' "
-                "and the tokenizers version it asks for) and load the model again."
+                f"transformers {transformers.__version__} (tokenizers {_version_of('tokenizers')}) converts the "
+                f"tokenizer of {spec.name!r} differently from the pinned probe ({problem}); the conversion was not "
+                f"cached{left}. The probe comes from {TESTED_TRANSFORMERS} with tokenizers 0.23.3: install those "
+                "and load the model again."
             )
 
     problem = cached_probe_problem(
@@ -246,7 +248,8 @@ def load_embedded(
     if problem is not None:
         made_by = (_read_json(entry / MANIFEST_NAME) or {}).get("transformers_version")
         log.warning(
-            "The cached tokenizer of %s (converted by transformers %s) is wrong (%s); converting it again",
+            "The cached tokenizer of %s (converted by transformers %s) differs from the pinned probe (%s); "
+            "converting it again",
             spec.name,
             made_by,
             problem,
@@ -276,8 +279,19 @@ def probe_problem(spec: EmbeddedModelSpec, tokenizer: PreTrainedTokenizerBase) -
 def cached_probe_problem(spec: EmbeddedModelSpec, entry: Path, *, source_sha256: str) -> str | None:
     """:func:`probe_problem` of the tokenizer cached in ``entry``; None when there is no complete entry to check."""
     if spec.probe is None or verify_cache_entry(entry, source_sha256=source_sha256, full=False) is not None:
+        return None  # absent or incomplete: load_cached rebuilds it, and the conversion is probed
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(entry)
+    except Exception as error:  # a damaged file of the right size: rebuild it, as load_cached would
+        return f"the cached tokenizer does not load ({type(error).__name__}: {error})"
+    return probe_problem(spec, tokenizer)
+
+
+def _version_of(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
-    return probe_problem(spec, AutoTokenizer.from_pretrained(entry))
 
 
 def check_cache_folder_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:

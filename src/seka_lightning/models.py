@@ -65,14 +65,14 @@ def load_model(
     else:
         check_model_source(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        if Path(name_or_path).is_dir():  # an embedded model's cache folder passes its tokenizer probe first
+            from seka_lightning.embedded import check_cache_folder_tokenizer
+
+            check_cache_folder_tokenizer(Path(name_or_path), tokenizer)
         kwargs = {"dtype": torch_dtype, "device_map": device_map}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-        if Path(name_or_path).is_dir():
-            from seka_lightning.embedded import check_cache_folder_tokenizer
-
-            check_cache_folder_tokenizer(Path(name_or_path), tokenizer)
     if attn_implementation is not None and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
     prepare_tokenizer(tokenizer)

@@ -4,6 +4,7 @@ bank and other input files, and the seeds, so that a number in ``metric_result.j
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -100,13 +101,23 @@ def weights_hash(pretrained: str) -> dict[str, Any]:
 
 
 def tokenizer_sha256(tokenizer: Any) -> str | None:
-    """SHA-256 of a fast tokenizer's whole serialized pipeline (vocabulary, merges, normalizer, pre-tokenizer, special
-    tokens), None for a tokenizer without one. Two runs with the same hash tokenize every text alike; a converter that
-    changes the tokenizer (transformers 5.17 on Gemma-3's GGUF) changes it."""
+    """SHA-256 of what decides a fast tokenizer's tokens: its serialized pipeline (vocabulary, merges, normalizer,
+    pre-tokenizer, added tokens; without the padding and truncation settings, which calls change), its chat template
+    and its BOS / EOS / pad ids. None for a tokenizer without a fast pipeline. The serialization is that of the
+    installed ``tokenizers`` (recorded beside it): the same tokenizer can hash differently under another version, so
+    a different hash alone does not prove different tokens, while the same hash does prove the same."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    pipeline = json.loads(backend.to_str())
+    pipeline.pop("padding", None)
+    pipeline.pop("truncation", None)
+    record = {
+        "pipeline": pipeline,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_ids": [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")],
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def input_files(settings: Any) -> dict[str, str]:

@@ -33,7 +33,14 @@ from seka_lightning.lit.partial import (
     partial_path,
     save_partial,
 )
-from seka_lightning.provenance import git_state, input_files, library_versions, run_provenance, weights_hash
+from seka_lightning.provenance import (
+    git_state,
+    input_files,
+    library_versions,
+    run_provenance,
+    tokenizer_sha256,
+    weights_hash,
+)
 from seka_lightning.significance import BOOTSTRAP_SEED
 
 log = logging.getLogger(__name__)
@@ -315,6 +322,7 @@ def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_sta
         {
             "code": {"git": git_at_start, "versions": library_versions()},
             "weights": weights,
+            "tokenizer": tokenizer_sha256(getattr(pl_module, "tokenizer", None)),
             "evaluator": hparams,
             "trainer": {"precision": trainer.precision, "accelerator": type(trainer.accelerator).__name__},
             "method": method,

@@ -13,9 +13,9 @@ same ``uid``: its scores (within 1e-4) and its generated text; with ``--max-new-
 so the re-run text must be a non-empty start of the committed one and scores are not compared. Scores that depend on
 the whole slice are never compared (BiasBios: top-k accuracy over the professions present in it, consistency against a
 TF-IDF fitted on its bios), so a BiasBios record agrees on its generation and fluency; one with neither fails. Prints
-the agreement and the first disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than ``--min-agreement`` of the
-records agree (a run that differs on another device or version shows up here before anyone reads its metrics), 3
-when the re-run itself fails or writes no records.
+the agreement and the first disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than
+``--min-agreement`` of the records agree (a run that differs on another device or version shows up here before anyone
+reads its metrics), 3 when the re-run itself fails or writes no records.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 TEXT_FIELDS = ("prediction", "generation")  # lost in the middle; PronChange and BiasBios
 REPLACED = ("--trainer.callbacks.output_dir", "--trainer.accelerator", "--data.example_subset", "--data.split")
 OWN = (*REPLACED, "--data.max_new_tokens")  # options only the spot check sets
-SLICE_SCORES = {
-    "biasbios": ("top", "consistency")
-}  # per benchmark: names (prefixes) of scores that depend on the slice
+# per benchmark: names (prefixes) of the scores that depend on the whole slice
+SLICE_SCORES = {"biasbios": ("top", "consistency")}
 SPLITS = {  # benchmark -> split name -> its records (a slice, or "A:B" / None = every record)
     "counterfact": counterfact.SPLITS,
     "lost_in_the_middle": lost_in_the_middle.SPLITS,

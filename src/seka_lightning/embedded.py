@@ -38,6 +38,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from seka_lightning.files import write_json
+from seka_lightning.provenance import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -236,15 +237,14 @@ def load_embedded(
         if problem is not None:
             left = f"; the wrong cache {entry} is left as it was" if entry.exists() else ""
             raise EmbeddedTokenizerError(
-                f"transformers {transformers.__version__} (tokenizers {_version_of('tokenizers')}) converts the "
+                f"transformers {transformers.__version__} (tokenizers {installed_version('tokenizers')}) converts the "
                 f"tokenizer of {spec.name!r} differently from the pinned probe ({problem}); the conversion was not "
                 f"cached{left}. The probe comes from {TESTED_TRANSFORMERS} with tokenizers 0.23.3: install those "
                 "and load the model again."
             )
 
-    problem = cached_probe_problem(
-        spec, entry, source_sha256=expected
-    )  # before the model is loaded: the tokenizer is the cheap part
+    # before the model is loaded: the tokenizer is the cheap part
+    problem = cached_probe_problem(spec, entry, source_sha256=expected)
     if problem is not None:
         made_by = (_read_json(entry / MANIFEST_NAME) or {}).get("transformers_version")
         log.warning(
@@ -285,13 +285,6 @@ def cached_probe_problem(spec: EmbeddedModelSpec, entry: Path, *, source_sha256:
     except Exception as error:  # a damaged file of the right size: rebuild it, as load_cached would
         return f"the cached tokenizer does not load ({type(error).__name__}: {error})"
     return probe_problem(spec, tokenizer)
-
-
-def _version_of(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def check_cache_folder_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:

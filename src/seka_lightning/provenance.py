@@ -171,15 +171,17 @@ def run_provenance(
     }
 
 
-def library_versions() -> dict[str, str | None]:
-    """Python's and the installed versions of the packages a result's numbers depend on (None = not installed)."""
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (None = not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
+
+def library_versions() -> dict[str, str | None]:
+    """Python's and the installed versions of the packages a result's numbers depend on (None = not installed)."""
     packages = ("torch", "transformers", "tokenizers", "gguf", "lightning", "torchmetrics", "seka-lightning")
-    return {"python": sys.version.split()[0], **{name: installed(name) for name in packages}}
+    return {"python": sys.version.split()[0], **{name: installed_version(name) for name in packages}}

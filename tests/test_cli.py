@@ -10,11 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch.distributed as dist
 import yaml
+from lightning.pytorch.cli import LightningCLI
 from tests.conftest import REPO, printed_predict_config
 
 from seka_lightning import __version__
-from seka_lightning.cli import LIGHTNING_COMMANDS, PLAIN_COMMANDS, main, requested_devices, run_lightning
+from seka_lightning.cli import LIGHTNING_COMMANDS, PLAIN_COMMANDS, SekaCLI, main, requested_devices, run_lightning
 from seka_lightning.console import LIGHTNING_LOGGERS, install_quiet_console
 from seka_lightning.models import load_model, looks_like_local_path
 
@@ -260,3 +262,18 @@ def test_a_method_option_set_to_null_on_the_command_line_is_null():
     for literal in ("None.pt", "a=None"):  # other strings stay strings
         kept = printed_predict_config("-c", key_scaling, "--model.method.bank", literal)
         assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == literal
+
+
+def test_a_lightning_command_closes_the_process_group_it_leaves_open(tmp_path, monkeypatch):
+    """Lightning keeps the DDP group open after a run; a gloo group still open at exit can abort a good run's process
+    (-6, `terminate called without an active exception`), so the CLI closes it after the command, also on failure."""
+
+    def run_in_a_group(self, subcommand):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        raise RuntimeError("the command failed")
+
+    monkeypatch.setattr(LightningCLI, "_run_subcommand", run_in_a_group)
+    with pytest.raises(RuntimeError, match="the command failed"):
+        object.__new__(SekaCLI)._run_subcommand("fit")
+    assert not dist.is_initialized()

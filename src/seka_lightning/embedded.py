@@ -19,6 +19,7 @@ pip command that installs them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -243,19 +244,14 @@ def load_embedded(
                 "and load the model again."
             )
 
-    # before the model is loaded: the tokenizer is the cheap part
-    problem = cached_probe_problem(spec, entry, source_sha256=expected)
-    if problem is not None:
-        made_by = (_read_json(entry / MANIFEST_NAME) or {}).get("transformers_version")
-        log.warning(
-            "The cached tokenizer of %s (converted by transformers %s) differs from the pinned probe (%s); "
-            "converting it again",
-            spec.name,
-            made_by,
-            problem,
-        )
-        build_cache_entry(entry, source_sha256=expected, convert=convert)
-    return load_cached(entry, source_sha256=expected, convert=convert, dtype=torch_dtype, device_map=device_map)
+    return load_cached(
+        entry,
+        source_sha256=expected,
+        convert=convert,
+        dtype=torch_dtype,
+        device_map=device_map,
+        check_tokenizer=functools.partial(probe_problem, spec),
+    )
 
 
 def probe_problem(spec: EmbeddedModelSpec, tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -274,17 +270,6 @@ def probe_problem(spec: EmbeddedModelSpec, tokenizer: PreTrainedTokenizerBase) -
             differences.append(f"{field}: {shown[0]}, expected {shown[1]}")
     where = PROBE_TEXT if found.ids != spec.probe.ids else None
     return None if not differences else "; ".join(differences) + (f" (for {where!r})" if where else "")
-
-
-def cached_probe_problem(spec: EmbeddedModelSpec, entry: Path, *, source_sha256: str) -> str | None:
-    """:func:`probe_problem` of the tokenizer cached in ``entry``; None when there is no complete entry to check."""
-    if spec.probe is None or verify_cache_entry(entry, source_sha256=source_sha256, full=False) is not None:
-        return None  # absent or incomplete: load_cached rebuilds it, and the conversion is probed
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(entry)
-    except Exception as error:  # a damaged file of the right size: rebuild it, as load_cached would
-        return f"the cached tokenizer does not load ({type(error).__name__}: {error})"
-    return probe_problem(spec, tokenizer)
 
 
 def check_cache_folder_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -492,9 +477,11 @@ def load_cached(
     convert: Converter,
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | None = None,
+    check_tokenizer: Callable[[PreTrainedTokenizerBase], str | None] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the checkpoint cached in ``entry``, first building it with ``convert`` when it is absent or invalid;
-    ``device_map`` shards it as in ``from_pretrained``."""
+    ``device_map`` shards it as in ``from_pretrained``. A cached tokenizer that ``check_tokenizer`` finds a problem
+    with (or that does not load) is converted again before the model is loaded."""
     problem = verify_cache_entry(entry, source_sha256=source_sha256)
     if problem is not None:
         if entry.exists():
@@ -503,8 +490,26 @@ def load_cached(
             log.info("No cached model at %s; converting it (done once)", entry)
         build_cache_entry(entry, source_sha256=source_sha256, convert=convert)
     start = time.perf_counter()
+    tokenizer = None
+    if check_tokenizer is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(entry)
+            problem = check_tokenizer(tokenizer)
+        except Exception as error:  # written by another transformers version, say: convert it again
+            problem = f"it does not load ({type(error).__name__}: {error})"
+        if problem is not None:
+            made_by = (_read_json(entry / MANIFEST_NAME) or {}).get("transformers_version")
+            log.warning(
+                "The cached tokenizer in %s (converted by transformers %s) differs from the pinned probe (%s); "
+                "converting it again",
+                entry,
+                made_by,
+                problem,
+            )
+            build_cache_entry(entry, source_sha256=source_sha256, convert=convert)
+            tokenizer = None
     model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, device_map=device_map).eval()
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(entry))
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(entry) if tokenizer is None else tokenizer)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("Loaded %s (%s) from the cache in %.1f s", entry.name, dtype, time.perf_counter() - start)

@@ -264,16 +264,30 @@ def test_a_method_option_set_to_null_on_the_command_line_is_null():
         assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == literal
 
 
-def test_a_lightning_command_closes_the_process_group_it_leaves_open(tmp_path, monkeypatch):
+@pytest.fixture
+def gloo_group(tmp_path):
+    """Opens a one-process gloo group (``open()``); whatever a test leaves open is closed after it."""
+    yield lambda: dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_lightning_command_closes_the_process_group_it_leaves_open(gloo_group, monkeypatch):
     """Lightning keeps the DDP group open after a run; a gloo group still open at exit can abort a good run's process
     (-6, `terminate called without an active exception`), so the CLI closes it after the command, also on failure."""
 
     def run_in_a_group(self, subcommand):
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-        assert dist.is_initialized()
+        gloo_group()
         raise RuntimeError("the command failed")
 
     monkeypatch.setattr(LightningCLI, "_run_subcommand", run_in_a_group)
     with pytest.raises(RuntimeError, match="the command failed"):
         object.__new__(SekaCLI)._run_subcommand("fit")
     assert not dist.is_initialized()
+
+
+def test_a_group_the_caller_opened_stays_open(gloo_group, monkeypatch):
+    gloo_group()
+    monkeypatch.setattr(LightningCLI, "_run_subcommand", lambda self, subcommand: None)
+    object.__new__(SekaCLI)._run_subcommand("fit")
+    assert dist.is_initialized()

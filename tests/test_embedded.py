@@ -329,15 +329,25 @@ def test_a_wrong_cached_tokenizer_is_converted_again(
 
 
 def test_a_cached_tokenizer_that_does_not_load_is_converted_again(
-    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake: FakeConverter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = pin_probe(monkeypatch, tmp_path, fake, tokenizer_probe(fake.tokenizer))
     cache = tmp_path / "cache"
     load_embedded("smollm2-135m", cache_dir=cache)
-    damaged = cache_entry_path(spec, cache_dir=cache) / "tokenizer.json"
-    damaged.write_bytes(b"{" * damaged.stat().st_size)  # same size, not JSON: only a full hash would notice
-    _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)
+    entry = cache_entry_path(spec, cache_dir=cache)
+    # not JSON, yet the manifest vouches for it (as one written by another transformers version would)
+    damaged = entry / "tokenizer.json"
+    damaged.write_bytes(b"{not json")
+    manifest = json.loads((entry / MANIFEST_NAME).read_text())
+    for item in manifest["files"]:
+        if item["path"] == "tokenizer.json":
+            item.update(size=damaged.stat().st_size, sha256=embedded.sha256_of_files([damaged]))
+    (entry / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert verify_cache_entry(entry, source_sha256=embedded.expected_sha256(spec)) is None
+    with caplog.at_level(logging.WARNING, logger=embedded.__name__):
+        _, tokenizer = load_embedded("smollm2-135m", cache_dir=cache)
     assert fake.calls == 2 and tokenizer_probe(tokenizer) == tokenizer_probe(fake.tokenizer)
+    assert "it does not load (" in caplog.text and "converting it again" in caplog.text
 
 
 def test_a_cache_folder_loaded_by_path_is_probed_too(tmp_path: Path, fake: FakeConverter, monkeypatch) -> None:

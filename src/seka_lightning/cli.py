@@ -83,11 +83,18 @@ def requested_devices(accelerator: str, devices: int | str | Sequence[int]) -> i
     return len(kind.get_parallel_devices(kind.parse_devices(devices)))
 
 
+def process_group_open() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def end_process_group() -> None:
     """Close the DDP process group before the interpreter exits. Lightning leaves it open; a gloo group still open
-    at exit can abort the process (``terminate called without an active exception``, exit -6) after a good run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    at exit can abort the process (``terminate called without an active exception``, exit -6) after a good run.
+    Never raises: it runs on the way out of a stopped or failed command, whose exit status must stay."""
+    try:
         torch.distributed.destroy_process_group()
+    except Exception as error:
+        log.warning("could not close the process group (%s: %s)", type(error).__name__, error)
 
 
 class SekaCLI(LightningCLI):
@@ -103,12 +110,14 @@ class SekaCLI(LightningCLI):
         """
 
     def _run_subcommand(self, subcommand: str) -> None:
+        caller_group = process_group_open()  # a caller's own group (torchrun script, say) is theirs to close
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException as stop:  # Lightning's own SIGTERM stop is a SystemExit with status 0
             raise SystemExit(128 + signal.SIGTERM) from stop
         finally:
-            end_process_group()
+            if not caller_group and process_group_open():
+                end_process_group()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -494,9 +494,10 @@ def load_cached(
     if check_tokenizer is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(entry)
-            problem = check_tokenizer(tokenizer)
         except Exception as error:  # written by another transformers version, say: convert it again
             problem = f"it does not load ({type(error).__name__}: {error})"
+        else:
+            problem = check_tokenizer(tokenizer)
         if problem is not None:
             made_by = (_read_json(entry / MANIFEST_NAME) or {}).get("transformers_version")
             log.warning(
@@ -507,7 +508,7 @@ def load_cached(
                 problem,
             )
             build_cache_entry(entry, source_sha256=source_sha256, convert=convert)
-            tokenizer = None
+            tokenizer, start = None, time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, device_map=device_map).eval()
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(entry) if tokenizer is None else tokenizer)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

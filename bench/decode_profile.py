@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: quick CPU checks)")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="torch._inductor.config fields")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each kind (median)")
+    parser.add_argument(
+        "--fuse-projections", action="store_true", help="each layer's q/k/v and gate/up as one matmul each"
+    )
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (the decode steps are timed as full minus prompt-only calls)")
@@ -116,6 +119,7 @@ def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dic
         compile=compiled,
         backend=args.backend,
         mode=args.mode if compiled else None,
+        fuse_projections=args.fuse_projections,
     )
     method = HighlightMethod()
 

@@ -73,6 +73,7 @@ class GenerationSettings:
     fast_warmup: int = 2
     compile_backend: str = "inductor"
     compile_mode: str = "reduce-overhead"
+    fuse_projections: bool = False
     dtype: str = "bfloat16"
     device: str = "auto"
     seed: int = 0
@@ -493,6 +494,7 @@ def on_decoder(
         max_cache_len=enc["input_ids"].shape[1] + settings.new_tokens,
         backend=settings.compile_backend,
         mode=settings.compile_mode,
+        fuse_projections=settings.fuse_projections,
     )
     return {name: _OnDecoder(method, decoder) for name, method in methods.items()}
 

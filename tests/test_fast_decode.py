@@ -380,6 +380,12 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, l
     assert static["method"]["static_decoding"]["max_length"] == 512
     read = lambda name: (tmp_path / name / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("static") == read("generate")
+    fused = predict(
+        "fused", "--model.static_decoding", "512", "--model.static_decoding_backend", "eager",
+        "--model.static_decoding_fuse", "true",
+    )  # fmt: skip
+    assert fused["method"]["static_decoding"]["fuse_projections"] is True
+    assert read("fused") == read("generate")
 
 
 def test_a_sliding_window_model_with_bidirectional_attention_is_refused_by_the_compiled_decoder(tokenizer) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from transformers import StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from seka_lightning.decode_attention import gqa_decoding
+from seka_lightning.fused_projections import ProjectionFusion
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class StaticGreedyDecoder:
         backend: str = "inductor",
         mode: str | None = "reduce-overhead",
         grouped_decode: bool | None = None,
+        fuse_projections: bool = False,
     ) -> None:
         """
         Args:
@@ -116,6 +118,10 @@ class StaticGreedyDecoder:
             mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs.
             grouped_decode: decode steps attend through ``decode_attention.gqa_decode_attention`` (models on SDPA); default:
                 when the step is compiled (eagerly, transformers already packs a query's heads per key/value head).
+            fuse_projections: decode steps run each layer's q/k/v, and its MLP's gate/up, as one matmul each
+                (:class:`seka_lightning.fused_projections.ProjectionFusion`: the model's weights become views of the
+                fused tensors, no memory is added; the prompt pass keeps the separate matmuls, which ran faster there
+                on an H200).
         """
         if batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
@@ -124,6 +130,7 @@ class StaticGreedyDecoder:
         # 16-byte aligned, so cuBLAS can take its fast kernels for the value matmul; the extra slots stay masked
         self.cache_slots = -(-max_cache_len // CACHE_ALIGN) * CACHE_ALIGN
         self.grouped_decode = compile if grouped_decode is None else grouped_decode
+        self.fusion = ProjectionFusion(model) if fuse_projections else None
         # the cache's layers are allocated by the first prompt pass, each on its own layer's device (sharded models)
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names
@@ -250,7 +257,11 @@ class StaticGreedyDecoder:
         eos = self._eos_ids(device)
         done = torch.isin(token, eos) if eos is not None else None
         last = positions[:, -1:]
-        with gqa_decoding(self.model) if self.grouped_decode else nullcontext():
+        with ExitStack() as decode_steps:
+            if self.grouped_decode:
+                decode_steps.enter_context(gqa_decoding(self.model))
+            if self.fusion is not None:
+                decode_steps.enter_context(self.fusion.active())
             for i in range(1, max_new_tokens):
                 cache_position = torch.full((1,), length + i - 1, dtype=torch.long, device=device)
                 token = self._decode_step(token, last + i, cache_position, mask).clone()  # CUDA graphs reuse outputs
@@ -304,17 +315,18 @@ class StaticDecoding(HighlightMethod):
         compile: bool = True,
         backend: str = "inductor",
         mode: str | None = "reduce-overhead",
+        fuse_projections: bool = False,
     ) -> None:
         """
         Args:
             method: a method confined to the prompt pass (none, SEKA, the random ablation, AdaSEKA).
             max_length: the longest prompt plus the new tokens of any batch (the cache length).
-            compile, backend, mode: as :class:`StaticGreedyDecoder`.
+            compile, backend, mode, fuse_projections: as :class:`StaticGreedyDecoder`.
         """
         require_prompt_only(method, fix="drop static_decoding for it")
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
-        self._options = {"compile": compile, "backend": backend, "mode": mode}
+        self._options = {"compile": compile, "backend": backend, "mode": mode, "fuse_projections": fuse_projections}
         self._decoders: dict[int, StaticGreedyDecoder] = {}
         self._reserved_rows = 1
 

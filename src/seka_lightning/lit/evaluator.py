@@ -39,6 +39,7 @@ class BenchmarkEvaluator(FrozenModelModule):
         device_map: str | dict | None = None,
         static_decoding: int | None = None,
         static_decoding_backend: str = "inductor",
+        static_decoding_fuse: bool = False,
     ) -> None:
         """
         Args:
@@ -54,13 +55,20 @@ class BenchmarkEvaluator(FrozenModelModule):
                 + new tokens; one compiled decode step for every batch); methods confined to the prompt pass only
                 (none, SEKA, random, AdaSEKA). None = ``model.generate``.
             static_decoding_backend: ``torch.compile`` backend of the static decoder.
+            static_decoding_fuse: the static decoder's decode steps run each layer's q/k/v, and its MLP's gate/up, as
+                one matmul each (``StaticGreedyDecoder(fuse_projections=True)``; the same tokens up to rounding).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
         if static_decoding is not None:
             from seka_lightning.fast_decode import StaticDecoding
 
-            method = StaticDecoding(method, max_length=static_decoding, backend=static_decoding_backend)
+            method = StaticDecoding(
+                method,
+                max_length=static_decoding,
+                backend=static_decoding_backend,
+                fuse_projections=static_decoding_fuse,
+            )
         self.method = method
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         self.scorer: BenchmarkScorer | None = None

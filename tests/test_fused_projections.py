@@ -86,10 +86,57 @@ def test_k_and_v_on_another_input_get_their_own_matmul() -> None:
     attn = fusion.qkv[0]
     x, other = torch.randn(2, 3, 64, dtype=torch.float64), torch.randn(2, 3, 64, dtype=torch.float64)
     with torch.no_grad(), fusion.active():
+        k_first = attn.k(x)  # before any q: its own matmul
         attn.q(x)
         torch.testing.assert_close(attn.k(other), other @ attn.k.weight.T, rtol=0, atol=1e-12)  # not x's keys
         torch.testing.assert_close(attn.v(x), x @ attn.v.weight.T, rtol=0, atol=1e-12)
-        torch.testing.assert_close(attn.k(x), x @ attn.k.weight.T, rtol=0, atol=1e-12)  # k before q: its own
+    torch.testing.assert_close(k_first, x @ attn.k.weight.T, rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="^inside$"), fusion.active():
+        raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in model.modules())  # restored after an exception too
+
+
+def test_fusing_under_inference_mode_keeps_trainable_weights_and_gradients_bypass_fusion() -> None:
+    """Lightning's predict loop builds decoders under inference mode: the fused weights must stay normal tensors.
+    While autograd records weights that require grad, the projections run unfused, so gradients reach them."""
+    model = tiny_llama(512)
+    with torch.inference_mode():
+        fusion = ProjectionFusion(model)
+    attn = fusion.qkv[0]
+    assert not attn.q.weight.is_inference() and not fusion.mlps[0].rows.weight.is_inference()
+    attn.q.weight.requires_grad_(True)
+    x = torch.randn(1, 2, 64)
+    with fusion.active():
+        assert "forward" not in vars(attn.q)  # recording gradients for q's weight: not fused
+        attn.q(x).sum().backward()
+    assert attn.q.weight.grad is not None and attn.q.weight.grad.abs().sum() > 0
+
+
+def test_modules_with_their_own_forward_are_left_alone() -> None:
+    model = tiny_llama(512)
+    attn = model.model.layers[0].self_attn
+    calls = []
+
+    def wrapper(x: torch.Tensor, _q=attn.q_proj) -> torch.Tensor:
+        calls.append(1)
+        return nn.Linear.forward(_q, x)
+
+    attn.q_proj.forward = wrapper
+    fusion = ProjectionFusion(model)
+    assert len(fusion.qkv) == model.config.num_hidden_layers - 1  # layer 0's q/k/v are not fused
+    with torch.no_grad(), fusion.active():
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+    assert calls == [1] and vars(attn.q_proj)["forward"] is wrapper  # called, and still in place
+
+
+def test_decoders_on_one_model_share_one_fusion() -> None:
+    model = tiny_llama(512)
+    first = StaticGreedyDecoder(model, batch_size=1, max_cache_len=16, compile=False, fuse_projections=True)
+    storage = first.fusion.qkv[0].rows.weight.untyped_storage().data_ptr()
+    second = StaticGreedyDecoder(model, batch_size=2, max_cache_len=16, compile=False, fuse_projections=True)
+    assert second.fusion is first.fusion is ProjectionFusion.of(model)
+    assert first.fusion.qkv[0].rows.current()  # not fused a second time
+    assert first.fusion.qkv[0].rows.weight.untyped_storage().data_ptr() == storage
 
 
 def test_weights_moved_since_are_fused_again_and_hooked_mlps_are_left_alone() -> None:

@@ -130,7 +130,7 @@ class StaticGreedyDecoder:
         # 16-byte aligned, so cuBLAS can take its fast kernels for the value matmul; the extra slots stay masked
         self.cache_slots = -(-max_cache_len // CACHE_ALIGN) * CACHE_ALIGN
         self.grouped_decode = compile if grouped_decode is None else grouped_decode
-        self.fusion = ProjectionFusion(model) if fuse_projections else None
+        self.fusion = ProjectionFusion.of(model) if fuse_projections else None
         # the cache's layers are allocated by the first prompt pass, each on its own layer's device (sharded models)
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this model's forward names

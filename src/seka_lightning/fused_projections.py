@@ -12,13 +12,18 @@ so no memory is added and ``state_dict`` is unchanged. Within :meth:`ProjectionF
   the same outputs.
 - each MLP of a known family (``down(act(gate(x)) * up(x))``) computes gate and up in one matmul.
 
-A projection with a bias, hooks on ``gate_proj``/``up_proj`` (which the fused MLP would skip), or weights of other
-devices or dtypes is left as it is. Weights moved since (``model.to``, a state dict loaded with ``assign``) are fused
-again when the block is entered.
+Left as they are (for a call, or for good): projections that are not plain ``nn.Linear`` without bias or whose
+weights differ in device or dtype; modules with their own instance-level ``forward`` (accelerate's hooks, wrappers);
+the MLP when ``gate_proj``/``up_proj`` carry hooks or global module hooks exist (the fused MLP does not call them);
+every projection while autograd would record a weight that requires grad (the fused matmul reads a detached tensor).
+Weights moved since (``model.to``, a state dict loaded with ``assign``) are fused again when the block is next entered;
+until then the fused tensor of the old weights stays allocated. :meth:`ProjectionFusion.of` keeps one fusion per model,
+so decoders built one after another share it instead of each fusing (and holding) a copy.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -35,11 +40,23 @@ FUSED_MLP_CLASSES = frozenset(
 
 
 def _plain_linears(*modules: object) -> bool:
-    """Whether every module is an ``nn.Linear`` without bias, all with one input width, device and dtype."""
-    if not all(isinstance(m, nn.Linear) and m.bias is None for m in modules):
+    """Whether every module is a plain ``nn.Linear`` (not a quantized subclass) without bias and without its own
+    instance-level ``forward``, all with one input width, device and dtype."""
+    if not all(type(m) is nn.Linear and m.bias is None and "forward" not in vars(m) for m in modules):
         return False
     weights = [m.weight for m in modules]
     return len({(w.shape[1], w.device, w.dtype) for w in weights}) == 1
+
+
+def _records_grad(*modules: nn.Module) -> bool:
+    """Whether autograd would record a matmul with one of the modules' weights now."""
+    return torch.is_grad_enabled() and any(m.weight.requires_grad for m in modules)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class _FusedRows:
@@ -51,7 +68,8 @@ class _FusedRows:
         self.weight = self._fuse()
 
     def _fuse(self) -> torch.Tensor:
-        with torch.no_grad():
+        # outside inference mode: weights fused inside it (Lightning's predict loop) would become inference tensors
+        with torch.inference_mode(False), torch.no_grad():
             fused = torch.cat([linear.weight.detach() for linear in self.linears])
             offset = 0
             for linear, rows in zip(self.linears, self.sizes, strict=True):
@@ -104,6 +122,9 @@ class _FusedQKV:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
+        if not _plain_linears(self.q, self.k, self.v) or _records_grad(self.q, self.k, self.v):
+            yield  # changed since (a wrapper forward, another dtype) or recording gradients: left as it is
+            return
         self.rows.refresh()
         # the same bound methods every time, so a step compiled inside one block keeps its guards in the next
         for module, forward in ((self.q, self.q_forward), (self.k, self.k_forward), (self.v, self.v_forward)):
@@ -129,8 +150,10 @@ class _FusedMLP:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (self.mlp.gate_proj, self.mlp.up_proj)):
-            yield  # the fused forward would skip these hooks: leave this MLP as it is
+        parts = (self.mlp.gate_proj, self.mlp.up_proj)
+        hooked = _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in parts)
+        if hooked or "forward" in vars(self.mlp) or not _plain_linears(*parts) or _records_grad(*parts):
+            yield  # the fused forward would skip these hooks or that forward, or lose gradients: left as it is
             return
         self.rows.refresh()
         self.mlp.forward = self.forward
@@ -138,6 +161,9 @@ class _FusedMLP:
             yield
         finally:
             del self.mlp.forward
+
+
+_FUSIONS: weakref.WeakKeyDictionary[nn.Module, ProjectionFusion] = weakref.WeakKeyDictionary()
 
 
 class ProjectionFusion:
@@ -150,8 +176,18 @@ class ProjectionFusion:
             parts = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
             if all(p is not None for p in parts) and _plain_linears(*parts):
                 self.qkv.append(_FusedQKV(module))
-            elif type(module).__name__ in FUSED_MLP_CLASSES and _plain_linears(module.gate_proj, module.up_proj):
+                continue
+            gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+            if type(module).__name__ in FUSED_MLP_CLASSES and gate is not None and _plain_linears(gate, up):
                 self.mlps.append(_FusedMLP(module))
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ProjectionFusion:
+        """The model's one fusion (made on first use): decoders built one after another share it."""
+        fusion = _FUSIONS.get(model)
+        if fusion is None:
+            fusion = _FUSIONS[model] = cls(model)
+        return fusion
 
     def __len__(self) -> int:
         return len(self.qkv) + len(self.mlps)

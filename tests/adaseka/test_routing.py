@@ -246,3 +246,29 @@ def test_routing_record_and_option_errors(tiny_model, tokenizer, experts):
     with pytest.raises(ValueError, match=r"ids \[5\] are outside 0..2"):
         with adaptive_steer(tiny_model, experts, enc, layers="5"):
             pass
+
+
+def test_length_adaptive_strength_scales_each_rows_edit(tiny_model, tokenizer, experts):
+    """With ``length_reference``, a row with n highlighted tokens gets min(1, (ref / n) ** p) of the full-strength
+    edit (float64, first layer, whose inputs no edit has touched); a reference >= every n changes nothing."""
+    model = tiny_model.double()
+    batch = encode(tokenizer, [0, 1, 2])
+    counts = batch["highlight_mask"].sum(1).double()
+    assert counts.min() >= 2 and len(set(counts.tolist())) > 1  # visible, and different per row
+    plain, _ = keys_under(HighlightMethod(), model, batch)
+    full, _ = keys_under(selector(as_float64(experts)), model, batch)
+    scaled, _ = keys_under(selector(as_float64(experts), length_reference=1, length_power=0.5), model, batch)
+    rows = batch["input_ids"].shape[0]
+    edit = lambda keys: (keys[0] - plain[0]).view(rows, -1)  # noqa: E731
+    assert edit(full).abs().max() > 1e-3
+    strength = (1.0 / counts.float()).pow(0.5).double()  # ref 1 < n: every row scaled (s in float32, as SEKA)
+    torch.testing.assert_close(edit(scaled), strength[:, None] * edit(full), rtol=1e-9, atol=1e-12)
+    longest = int(counts.max())
+    same, _ = keys_under(selector(as_float64(experts), length_reference=longest), model, batch)
+    torch.testing.assert_close(same[0], full[0], rtol=0, atol=0)
+    method = selector(experts, length_reference=8, length_power=0.5)
+    assert method.describe() == {**selector(experts).describe(), "length_reference": 8, "length_power": 0.5}
+    with pytest.raises(ValueError, match=r"^length_reference must be an integer >= 1"):
+        selector(experts, length_reference=0)
+    with pytest.raises(ValueError, match=r"^length_power must be a finite number > 0"):
+        selector(experts, length_reference=8, length_power=float("nan"))

@@ -39,7 +39,7 @@ from seka_lightning.families import (
     with_keys,
 )
 from seka_lightning.layers import select_stored_layers
-from seka_lightning.steering import AttachedHooks, ModelClaim, claim_model
+from seka_lightning.steering import AttachedHooks, ModelClaim, check_length_scaling, claim_model, length_row_scales
 
 CoefficientGate = Callable[[int, torch.Tensor], torch.Tensor]
 """``gate(model layer id, coefficients [B, H, M]) -> coefficients [B, H, M]``, applied before mixing ``P``."""
@@ -95,13 +95,27 @@ def _check_shape(layer_id: int, got: tuple[int, int], expected: tuple[int, int])
         )
 
 
+def row_gains(
+    highlight: torch.Tensor, gain: float, *, length_reference: int | None, length_power: float
+) -> float | torch.Tensor:
+    """``gain``, or with ``length_reference`` the per-row ``gain * min(1, (length_reference / n) ** length_power)``
+    ``[B]`` for rows of ``n`` highlighted tokens: SEKA's length-adaptive strength
+    (:func:`seka_lightning.steering.length_row_scales`) applied to the routed edit."""
+    if length_reference is None:
+        return gain
+    batch, length = highlight.shape
+    first_tokens = torch.arange(batch, device=highlight.device) * length  # one flat index per batch row
+    scales = length_row_scales(highlight, first_tokens, length_reference=length_reference, length_power=length_power)
+    return gain * scales.scale  # a row without highlight gets 1 (it is not edited)
+
+
 def routed_keys(
     keys: torch.Tensor,
     queries: torch.Tensor,
     experts: LayerExperts,
     highlight: torch.Tensor,
     *,
-    gain: float,
+    gain: float | torch.Tensor,
     num_kv_heads: int,
     row0: bool = False,
     reference: bool = False,
@@ -110,7 +124,8 @@ def routed_keys(
     """Edited keys ``[B, T, H, d]`` (float32, or the keys' dtype if wider) and the coefficients ``[B, H, M]``.
 
     ``queries`` ``[B, n_q, d]`` are the last prompt token's; ``highlight`` ``[B, T]`` bool. Keys of rows outside
-    the highlight are returned unchanged (bitwise). ``gate`` maps the coefficients before ``P`` is mixed.
+    the highlight are returned unchanged (bitwise). ``gate`` maps the coefficients before ``P`` is mixed. ``gain`` is
+    one number or one per batch row ``[B]`` (the length-adaptive strength, :func:`row_gains`).
     """
     dtype = torch.promote_types(keys.dtype, torch.float32)
     q = kv_head_queries(queries.to(dtype), num_kv_heads)  # [B, H, d]
@@ -121,6 +136,8 @@ def routed_keys(
         coefficients = gate(coefficients)
     projector = experts.projection(coefficients)  # [B, H, d, d]
     k = keys.to(dtype)  # exact: never narrower than the keys
+    if isinstance(gain, torch.Tensor):
+        gain = gain.to(dtype)[:, None, None, None]
     edited = k + gain * torch.einsum("bthd,bhde->bthe", k, projector)
     return torch.where(highlight[:, :, None, None], edited, k), coefficients
 
@@ -145,7 +162,7 @@ def _make_key_hook(
     highlight: torch.Tensor,
     slot: _Slot,
     *,
-    gain: float,
+    gain: float | torch.Tensor,
     row0: bool,
     reference: bool,
     keep_queries: bool,
@@ -214,6 +231,8 @@ class AdaptiveSteerer(AttachedHooks):
         layer_experts: dict[int, LayerExperts] | None = None,
         gate: CoefficientGate | None = None,
         query_index: int = -1,
+        length_reference: int | None = None,
+        length_power: float = 1.0,
     ) -> AdaptiveSteerer:
         """Hooks for one encoded batch (``input_ids``, ``attention_mask``, bool ``highlight_mask``, left-padded).
 
@@ -221,8 +240,10 @@ class AdaptiveSteerer(AttachedHooks):
         truncated factors across batches. ``gate`` maps each layer's coefficients (None = training-free routing);
         ``query_index`` is the position of the routing query (every row's last prompt token). The model is claimed
         until :meth:`remove` (:func:`~seka_lightning.steering.claim_model`): nested steering raises, and forwards of
-        other threads are not routed.
+        other threads are not routed. ``length_reference`` / ``length_power``: a row with ``n`` highlighted tokens is
+        edited with ``min(1, (length_reference / n) ** length_power)`` of the gain (None: full strength).
         """
+        check_length_scaling(length_reference, length_power)
         options = validate_compat(compat)
         layout = layout or resolve_layout(model)
         if experts.num_kv_heads != layout.num_kv_heads or experts.head_dim != layout.head_dim:
@@ -252,6 +273,7 @@ class AdaptiveSteerer(AttachedHooks):
                 if "separate_pass" in options
                 else {}
             )
+            gains = row_gains(highlight, gain, length_reference=length_reference, length_power=length_power)
             for layer_id, expert_layer in mapping.items():
                 sites = layout.layers[layer_id]
                 device = _module_device(sites.key_module)
@@ -267,7 +289,7 @@ class AdaptiveSteerer(AttachedHooks):
                     per_layer.to(device),
                     highlight.to(device),
                     slot,
-                    gain=gain,
+                    gain=gains.to(device) if isinstance(gains, torch.Tensor) else gains,
                     row0="row0" in options,
                     reference="reference_coefficients" in options,
                     keep_queries=layer_id in queries,
@@ -297,6 +319,8 @@ def adaptive_steer(
     layer_mapping: str = "by_id",
     compat: Collection[str] | None = None,
     record: RoutingRecord | None = None,
+    length_reference: int | None = None,
+    length_power: float = 1.0,
 ) -> Iterator[AdaptiveSteerer]:
     """Steer ``model`` with AdaSEKA routing for the encoded batch ``enc``; hooks are always removed. Only this
     thread's forwards are steered; steering an already steered model raises ``RuntimeError``."""
@@ -310,6 +334,8 @@ def adaptive_steer(
         layer_mapping=layer_mapping,
         compat=compat,
         record=record,
+        length_reference=length_reference,
+        length_power=length_power,
     )
     try:
         yield steerer

@@ -20,6 +20,7 @@ from seka_lightning.adaseka.hooks import AdaptiveSteerer, RoutingRecord, select_
 from seka_lightning.families import ModelLayout, resolve_layout
 from seka_lightning.layers import check_layer_mapping, check_layer_spec
 from seka_lightning.methods import Encoded, HighlightMethod
+from seka_lightning.steering import check_length_scaling
 
 
 class AdaSekaMethod(HighlightMethod):
@@ -39,6 +40,8 @@ class AdaSekaMethod(HighlightMethod):
         layer_mapping: str = "by_id",
         compat: list[str] | None = None,
         gate: str | None = None,
+        length_reference: int | None = None,
+        length_power: float = 1.0,
     ) -> None:
         """
         Args:
@@ -55,7 +58,11 @@ class AdaSekaMethod(HighlightMethod):
                 (the reference's epsilons and uniform fallback on heads with a left-out expert).
             gate: a learned routing gate (``AdaSekaGateTrainer``'s output) applied to the coefficients; None = the
                 training-free router.
+            length_reference: opt-in, as SEKA's: a row with ``n`` highlighted tokens is edited with
+                ``min(1, (length_reference / n) ** length_power)`` of the gain (None: full strength).
+            length_power: the exponent of that strength (finite, > 0).
         """
+        check_length_scaling(length_reference, length_power)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         check_layer_spec(layers)
@@ -63,6 +70,7 @@ class AdaSekaMethod(HighlightMethod):
         self.compat = sorted(validate_compat(compat))
         self.experts_spec, self.gate_path = experts, gate
         self.top_k, self.gain, self.layers, self.layer_mapping = top_k, gain, layers, layer_mapping
+        self.length_reference, self.length_power = length_reference, length_power
         self.expert_set: ExpertSet | None = None  # loaded on the first bind
         self.routing_gate: RoutingGate | None = None
         # (model id and device, layout, truncated experts per expert layer on the model's devices, layer mapping)
@@ -107,6 +115,8 @@ class AdaSekaMethod(HighlightMethod):
             layout=layout,
             layer_experts=per_layer,
             gate=self.routing_gate,
+            length_reference=self.length_reference,
+            length_power=self.length_power,
         )
         try:
             yield
@@ -114,7 +124,9 @@ class AdaSekaMethod(HighlightMethod):
             steerer.remove()
 
     def describe(self) -> dict:
-        gate = {} if self.gate_path is None else {"gate": self.gate_path}
+        extra = {} if self.gate_path is None else {"gate": self.gate_path}
+        if self.length_reference is not None:  # only when set: runs without it describe themselves as before
+            extra |= {"length_reference": self.length_reference, "length_power": self.length_power}
         return {
             "method": self.name,
             "experts": self.experts_spec,
@@ -123,5 +135,5 @@ class AdaSekaMethod(HighlightMethod):
             "layers": self.layers,
             "layer_mapping": self.layer_mapping,
             "compat": self.compat,
-            **gate,
+            **extra,
         }

@@ -8,8 +8,8 @@ Stages, per model (each command's log in OUT/logs/; outputs that exist are skipp
   build   the SEKA bank (configs/build/<model>.yaml), the AdaSEKA expert banks (configs/adaseka/build/*.yaml) and
           the PASTA head set (`seka pasta-profile`) under OUT;
   dev     CounterFact dev (4500:5000) for unsteered, every bank x layers x gain x strength schedule
-          (--length-scaling) of SEKA and (when --methods names adaseka) every layers x gain of AdaSEKA
-          (--adaseka-layers, --adaseka-gains), then the generation guards (lost in the middle and PronChange dev
+          (--length-scaling) of SEKA and (when --methods names adaseka) every layers x gain x strength schedule of
+          AdaSEKA (--adaseka-layers, --adaseka-gains), then the generation guards (lost in the middle and PronChange dev
           splits) for unsteered and each grid's best candidates; a length-adaptive twin whose reference reaches the
           longest CounterFact dev highlight (counted with the model's tokenizer) shares its full-strength point's run;
   select  the rule of seka_lightning.selection on each grid's dev runs; writes configs/methods/<model>/{seka,
@@ -412,11 +412,14 @@ def dev_dir(s: Settings, model: Model, benchmark: str, name: str) -> Path:
     return s.out / "dev" / model.tag / benchmark / name
 
 
+def length_args(candidate: Candidate) -> list[str]:
+    """The options of a candidate's length-adaptive strength (none at full strength)."""
+    return [arg for key, value in candidate.length_settings().items() for arg in (f"--model.method.{key}", str(value))]
+
+
 def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...]:
     layers, gain = candidate.layers, candidate.gain
-    length = [
-        arg for key, value in candidate.length_settings().items() for arg in (f"--model.method.{key}", str(value))
-    ]
+    length = length_args(candidate)
     return (
         "--model.method",
         "SekaMethod",
@@ -440,6 +443,7 @@ def adaseka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, 
         f"{candidate.gain:g}",
         "--model.method.layers",
         candidate.layers,
+        *length_args(candidate),
     )
 
 
@@ -634,10 +638,14 @@ def highlight_count(s: Settings, model: Model) -> dict | None:
 def grid(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
     """A dev grid, in order (no estimates): SEKA's every bank variant x layer choice x gain x strength schedule
     (--length-scaling; each length-adaptive point right after its full-strength one, so a tie goes to full strength),
-    or AdaSEKA's every layer choice x gain (its four experts in each)."""
+    or AdaSEKA's every layer choice x gain x strength schedule (its four experts in each)."""
     if method == "adaseka":
-        layer_options = s.adaseka_layer_options(model)
-        return [Candidate(layers, gain, method="adaseka") for layers in layer_options for gain in s.adaseka_gains]
+        return [
+            Candidate(layers, gain, method="adaseka", **length_options(scaling))
+            for layers in s.adaseka_layer_options(model)
+            for gain in s.adaseka_gains
+            for scaling in s.length_scalings
+        ]
     return [
         Candidate(layers, gain, bank=bank, **length_options(scaling))
         for bank in s.bank_variants(model)
@@ -749,7 +757,7 @@ def write_selection(s: Settings, model: Model) -> list[Job]:
         if tuned == "seka":
             texts = seka_configs(s, model, chosen.layers, chosen.gain, chosen.bank, chosen.length_settings())
         else:
-            texts = {"adaseka": adaseka_config(s, model, chosen.layers, chosen.gain)}
+            texts = {"adaseka": adaseka_config(s, model, chosen.layers, chosen.gain, chosen.length_settings())}
         for method, text in texts.items():
             with atomic_path(method_config(model, method)) as tmp:
                 tmp.write_text(text)
@@ -879,9 +887,11 @@ def seka_configs(
     return {name: config_text(model, method) for name, method in methods.items()}
 
 
-def adaseka_config(s: Settings, model: Model, layers: str, gain: float) -> str:
-    """The YAML fragment of AdaSEKA (its four experts) at the layers and gain its own grid chose."""
-    init_args = {"experts": expert_paths(s, model), "gain": gain, "layers": layers}
+def adaseka_config(
+    s: Settings, model: Model, layers: str, gain: float, length: dict[str, int | float] | None = None
+) -> str:
+    """The YAML fragment of AdaSEKA (its four experts) at the layers, gain and strength schedule its own grid chose."""
+    init_args = {"experts": expert_paths(s, model), "gain": gain, "layers": layers, **(length or {})}
     return config_text(model, {"class_path": "AdaSekaMethod", "init_args": init_args})
 
 
@@ -1217,7 +1227,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         nargs="+",
         default=["none"],
         metavar="none|R:P",
-        help="SEKA's strength schedules in the dev grid: none (full strength) and/or R:P, the length-adaptive "
+        help="the strength schedules in the dev grids (SEKA's and AdaSEKA's): none (full strength) and/or R:P, the "
+        "length-adaptive "
         "strength (a row with n > R highlighted tokens gets (R / n)^P of the edit), e.g. none 8:0.5",
     )
     parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")

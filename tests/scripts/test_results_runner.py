@@ -484,6 +484,36 @@ def test_dry_run_adaseka_dev_grid(capsys, in_repo):
         )  # unsteered + 3 banks x 4 layers x 5 gains (--gains default)
 
 
+def test_adaseka_grid_takes_the_strength_schedules_and_its_config_records_the_chosen_one(in_repo):
+    """--length-scaling applies to AdaSEKA's grid as to SEKA's (each twin right after its full-strength point, run with
+    the length options), and select writes the chosen schedule into adaseka.yaml."""
+    import yaml
+
+    settings = run.parse_args(
+        ["--models", "smollm2-135m", "--methods", "adaseka", "--adaseka-layers", "last10", "--adaseka-gains", "1", "2",
+         "--length-scaling", "none", "8:0.5"]
+    )[0]  # fmt: skip
+    names = [c.name for c in run.grid(settings, SMOLLM2, "adaseka")]
+    assert names == [
+        "adaseka-last10-g1",
+        "adaseka-last10-g1-lref8-p0.5",
+        "adaseka-last10-g2",
+        "adaseka-last10-g2-lref8-p0.5",
+    ]
+    twin = run.grid(settings, SMOLLM2, "adaseka")[1]
+    args = run.adaseka_args(settings, SMOLLM2, twin)
+    assert args[-4:] == ("--model.method.length_reference", "8", "--model.method.length_power", "0.5")
+    assert "--model.method.length_reference" not in run.adaseka_args(
+        settings, SMOLLM2, run.grid(settings, SMOLLM2, "adaseka")[0]
+    )
+    text = run.adaseka_config(settings, SMOLLM2, "last10", 1.0, twin.length_settings())
+    init_args = yaml.safe_load(text)["model"]["init_args"]["method"]["init_args"]
+    assert {k: init_args[k] for k in ("gain", "layers", "length_reference", "length_power")} == {
+        "gain": 1.0, "layers": "last10", "length_reference": 8, "length_power": 0.5
+    }  # fmt: skip
+    assert "length_reference" not in run.adaseka_config(settings, SMOLLM2, "last10", 1.0)
+
+
 def test_adaseka_dev_runs_wait_for_their_experts_and_parse(capsys, in_repo, plain_argv):
     """With the build stage an AdaSEKA dev run waits for the four expert builds (which are planned); its command
     line parses to AdaSekaMethod at the candidate's gain and layers with the runner's experts."""

@@ -824,6 +824,15 @@ def write_dev_table(
             "pronchange": f"{dev} (bios 900:1000)",
         },
     }
+    # the schedules of the grids and the highlight count that let a twin share its full-strength point's run
+    length_record = (
+        {
+            "length_scalings": [length_options(x) or "full" for x in s.length_scalings],
+            "counterfact_highlights": highlight_summary(s, model),
+        }
+        if s.length_scalings != [None]
+        else {}
+    )
     if "seka" in candidates:
         best, chosen = choice(selections["seka"])
         kept = {"adaseka": table["adaseka"]} if "adaseka" in table and "adaseka" not in candidates else {}
@@ -834,14 +843,7 @@ def write_dev_table(
                 "shipped": f"configs/build/{model.tag}.yaml",
                 **{v: BANK_VARIANTS[v].description for v in s.bank_variants(model) if v},
             },
-            **(
-                {
-                    "length_scalings": [length_options(x) or "full" for x in s.length_scalings],
-                    "counterfact_highlights": highlight_summary(s, model),
-                }
-                if s.length_scalings != [None]
-                else {}
-            ),
+            **length_record,
             "baseline": baseline_row,
             "candidates": candidate_rows(s, model, candidates["seka"], baseline),
             "best": best,
@@ -855,6 +857,7 @@ def write_dev_table(
             "experts": expert_paths(s, model),
             "layer_options": s.adaseka_layer_options(model),
             "gains": s.adaseka_gains,
+            **length_record,
             "baseline": baseline_row,
             "candidates": candidate_rows(s, model, candidates["adaseka"], baseline),
             "best": best,

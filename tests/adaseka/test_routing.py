@@ -263,6 +263,11 @@ def test_length_adaptive_strength_scales_each_rows_edit(tiny_model, tokenizer, e
     assert edit(full).abs().max() > 1e-3
     strength = (1.0 / counts.float()).pow(0.5).double()  # ref 1 < n: every row scaled (s in float32, as SEKA)
     torch.testing.assert_close(edit(scaled), strength[:, None] * edit(full), rtol=1e-9, atol=1e-12)
+    middle = int(counts.sort().values[1])  # a reference between the shortest and the longest highlight
+    mixed, _ = keys_under(selector(as_float64(experts), length_reference=middle), model, batch)
+    strength = (middle / counts.float()).clamp(max=1.0).double()
+    assert (strength == 1).any() and (strength < 1).any()
+    torch.testing.assert_close(edit(mixed), strength[:, None] * edit(full), rtol=1e-9, atol=1e-12)
     longest = int(counts.max())
     same, _ = keys_under(selector(as_float64(experts), length_reference=longest), model, batch)
     torch.testing.assert_close(same[0], full[0], rtol=0, atol=0)

@@ -942,6 +942,41 @@ def test_twins_run_counterfact_dev_only_where_a_highlight_is_longer_than_their_r
     assert table["chosen"]["name"] == "last10-g8"  # a tie with its twin goes to full strength
 
 
+def test_adaseka_twins_share_full_strength_runs_and_its_dev_table_records_the_schedules(
+    tmp_path, configs_copy, counted
+):
+    """AdaSEKA's twins are planned, scored and recorded as SEKA's: one whose reference reaches the longest CounterFact
+    dev highlight reads its full-strength point's run, and the 'adaseka' section of the dev table names the schedules
+    and the count; adaseka.yaml gets the chosen schedule (here the twin with the better guards)."""
+    import yaml
+
+    argv = ["--methods", "adaseka", "--adaseka-layers", "last10", "--adaseka-gains", "1"]
+    settings = smollm2_settings(*argv, "--length-scaling", "none", "2:1")
+    longest = run.count_highlight_lengths(settings, SMOLLM2)["longest"]
+    settings.length_scalings = [None, (longest, 1.0)]
+    twin = f"adaseka-last10-g1-lref{longest}-p1"
+    twins = [c for c in run.grid(settings, SMOLLM2, "adaseka") if c.length_reference is not None]
+    assert [c.name for c in twins] == [twin]
+    assert [job.argv for job in run.length_twin_jobs(settings, SMOLLM2, twins, after=())[:-1]] == []  # shares
+    for name, won in {"none": 5, "adaseka-last10-g1": 8}.items():
+        write_dev_run(
+            run.dev_dir(settings, SMOLLM2, "counterfact", name), "efficacy_score", [1.0] * won + [0.0] * (10 - won)
+        )
+    for name, inside in {"none": 0.5, "adaseka-last10-g1": 0.0, twin: 0.5}.items():
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [inside] * 2)
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())["adaseka"]
+    rows = {row["name"]: row for row in table["candidates"]}
+    assert rows[twin]["counterfact_dev_run"] == "adaseka-last10-g1"
+    assert table["length_scalings"] == ["full", {"length_reference": longest, "length_power": 1.0}]
+    assert table["counterfact_highlights"]["longest"] == longest
+    assert table["chosen"]["name"] == twin  # full strength fails the lost-in-the-middle guard
+    config = yaml.safe_load((tmp_path / "configs" / "methods" / "smollm2-135m" / "adaseka.yaml").read_text())
+    init_args = config["model"]["init_args"]["method"]["init_args"]
+    assert (init_args["length_reference"], init_args["length_power"]) == (longest, 1.0)
+
+
 def test_twins_without_a_count_or_a_run_are_not_scored(tmp_path, configs_copy):
     """Without the highlight count a twin never borrows its full-strength point's scores: selecting is refused."""
     settings = smollm2_settings("--gains", "8", "--banks", "--methods", "seka", "--length-scaling", "none", "8:0.5")

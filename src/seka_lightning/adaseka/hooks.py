@@ -106,7 +106,8 @@ def row_gains(
     batch, length = highlight.shape
     first_tokens = torch.arange(batch, device=highlight.device) * length  # one flat index per batch row
     scales = length_row_scales(highlight, first_tokens, length_reference=length_reference, length_power=length_power)
-    return gain * scales.scale  # a row without highlight gets 1 (it is not edited)
+    # float64 here, so that a row at full strength gets exactly ``gain`` in the keys' precision (routed_keys casts)
+    return gain * scales.scale.double()  # a row without highlight gets 1 (it is not edited)
 
 
 def routed_keys(

@@ -59,7 +59,8 @@ class AdaSekaMethod(HighlightMethod):
             gate: a learned routing gate (``AdaSekaGateTrainer``'s output) applied to the coefficients; None = the
                 training-free router.
             length_reference: opt-in, as SEKA's: a row with ``n`` highlighted tokens is edited with
-                ``min(1, (length_reference / n) ** length_power)`` of the gain (None: full strength).
+                ``min(1, (length_reference / n) ** length_power)`` of the gain (None: full strength). A learned
+                ``gate`` was trained at full strength (``AdaSekaGateTrainer`` has no such setting).
             length_power: the exponent of that strength (finite, > 0).
         """
         check_length_scaling(length_reference, length_power)

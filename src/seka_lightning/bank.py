@@ -138,6 +138,8 @@ class ProjectionBank:
             heads_kept=int(projections.kept.sum().item()),
             heads_total=int(projections.kept.numel()),
         )
+        if positive_only:  # routing reads U's signs: an expert built before this convention has none recorded
+            meta["u_signs"] = "canonical: largest-magnitude entry positive"
         return cls.from_projections(layers, projections, metadata=meta)
 
     def save(self, path: str | Path) -> Path:

@@ -101,6 +101,19 @@ def _projector(u: torch.Tensor, k: torch.Tensor, *, top: bool) -> torch.Tensor:
     return u_kept @ u_kept.transpose(-1, -2)
 
 
+def canonical_signs(u: torch.Tensor) -> torch.Tensor:
+    """``u`` (``[..., d, r]``, singular vectors in columns) with each column's sign fixed so that its entry of largest
+    magnitude is positive (the first such entry on a tie).
+
+    An SVD leaves each singular vector's sign arbitrary, and CPU LAPACK and GPU cuSOLVER choose differently. Projectors
+    ``U U^T`` do not see the sign, but AdaSEKA's routing is linear in each vector (SPEC §5), so expert banks store
+    their vectors with this sign: the same statistics give the same routing on every device
+    (``docs/research/adaseka_svd_sign/``)."""
+    peak = u.abs().argmax(dim=-2, keepdim=True)  # [..., 1, r]
+    sign = torch.gather(u, -2, peak).sign()
+    return u * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 def projections_from_sums(
     sums: KeySums,
     *,
@@ -114,8 +127,9 @@ def projections_from_sums(
 
     Heads whose :func:`head_filter_values` fall below ``min_diff`` are skipped; a ``min_diff`` that skips every
     head is an error. Positive-only (AdaSEKA expert) banks filter heads with ``||h+ - h||`` instead of
-    ``||h+ - h-||`` and fill skipped heads' U and S with ``skipped_fill`` (NaN for experts; zeros for SEKA banks, as
-    the reference does).
+    ``||h+ - h-||``, fill skipped heads' U and S with ``skipped_fill`` (NaN for experts; zeros for SEKA banks, as
+    the reference does) and store U with :func:`canonical_signs` (SEKA banks keep the SVD's own signs, which no
+    projector sees, so their files stay byte-equal to earlier builds).
     """
     validate_hyperparameters(top_pct, min_diff, head_filter)
     n = float(sums.count.item())
@@ -128,6 +142,8 @@ def projections_from_sums(
     def decompose(a: torch.Tensor, *, top: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         omega = (a / n).to(torch.float32)
         u, s, _ = torch.linalg.svd(omega, full_matrices=False)
+        if positive_only:
+            u = canonical_signs(u)
         projector = _projector(u, top_rank(s, top_pct), top=top)
         projector = projector * kept[..., None, None].to(projector.dtype)
         u = torch.where(kept[..., None, None], u, torch.full_like(u, skipped_fill))

@@ -126,3 +126,49 @@ def test_projector_only_banks_are_decomposed():
     assert torch.isnan(u[0, 0]).all()
     uk = u[0, 1, :, :4]
     torch.testing.assert_close(uk @ uk.T, bank.pos[1, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_expert_banks_store_canonical_signs_so_routing_does_not_depend_on_the_svd():
+    """An SVD leaves each singular vector's sign arbitrary (LAPACK and cuSOLVER differ); AdaSEKA routes linearly in
+    them. Expert banks store each vector with its largest-magnitude entry positive: any sign pattern of the same vectors
+    maps to the same U, hence the same coefficients; the projectors do not change. SEKA banks keep the SVD's own U."""
+    from tests.test_bank_pretrained import random_sums
+
+    from seka_lightning.bank import ProjectionBank
+    from seka_lightning.projections import canonical_signs
+
+    sums = random_sums()
+    expert = ProjectionBank.from_statistics(sums, layers=[0, 1, 2], top_pct=0.8, min_diff=0.0, positive_only=True)
+    assert expert.metadata["u_signs"].startswith("canonical")
+    u = expert.u_pos.double()
+    peak = u.abs().argmax(dim=-2, keepdim=True)
+    assert (torch.gather(u, -2, peak) > 0).all()
+    raw = torch.linalg.svd((sums.a_pos / sums.count).float(), full_matrices=False)[0]
+    assert torch.equal(canonical_signs(raw), expert.u_pos)
+    seka = ProjectionBank.from_statistics(sums, layers=[0, 1, 2], top_pct=0.8, min_diff=0.0)
+    assert torch.equal(seka.u_pos, raw) and "u_signs" not in seka.metadata
+    flips = torch.where(
+        torch.rand((*raw.shape[:-2], 1, raw.shape[-1]), generator=torch.Generator().manual_seed(0)) < 0.5, -1.0, 1.0
+    )
+    assert not torch.equal(raw * flips, raw)
+    assert torch.equal(canonical_signs(raw * flips), canonical_signs(raw))  # the sign pattern is gone
+    torch.testing.assert_close(expert.pos, seka.pos, rtol=0, atol=0)  # projectors unchanged
+
+    def banks(u_factor):
+        bank = ProjectionBank(
+            layers=[0, 1, 2],
+            pos=expert.pos,
+            u_pos=u_factor,
+            s_pos=expert.s_pos,
+            metadata={"positive_only": True, "num_layers": 3},
+        )
+        return ExpertSet.from_banks({"a": bank, "b": random_expert(5, d=8)})
+
+    q = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    layer = lambda experts: experts.layer(0, top_k=3)  # noqa: E731
+    raw_flipped = banks(raw * flips)
+    canonical = banks(canonical_signs(raw * flips))
+    assert not torch.allclose(layer(raw_flipped).coefficients(q), layer(banks(raw)).coefficients(q))  # raw U: varies
+    torch.testing.assert_close(
+        layer(canonical).coefficients(q), layer(banks(expert.u_pos)).coefficients(q), rtol=0, atol=0
+    )

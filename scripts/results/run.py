@@ -419,7 +419,6 @@ def length_args(candidate: Candidate) -> list[str]:
 
 def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...]:
     layers, gain = candidate.layers, candidate.gain
-    length = length_args(candidate)
     return (
         "--model.method",
         "SekaMethod",
@@ -429,7 +428,7 @@ def seka_args(s: Settings, model: Model, candidate: Candidate) -> tuple[str, ...
         f"{gain:g}",
         "--model.method.layers",
         layers,
-        *length,
+        *length_args(candidate),
     )
 
 
@@ -1231,8 +1230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         default=["none"],
         metavar="none|R:P",
         help="the strength schedules in the dev grids (SEKA's and AdaSEKA's): none (full strength) and/or R:P, the "
-        "length-adaptive "
-        "strength (a row with n > R highlighted tokens gets (R / n)^P of the edit), e.g. none 8:0.5",
+        "length-adaptive strength (a row with n > R highlighted tokens gets (R / n)^P of the edit), e.g. none 8:0.5",
     )
     parser.add_argument("--guard-top", type=int, default=4, help="candidates guard-checked at once (per round)")
     parser.add_argument(

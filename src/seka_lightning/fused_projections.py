@@ -59,6 +59,18 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
+@contextmanager
+def _forwards(pairs: tuple[tuple[nn.Module, object], ...]) -> Iterator[None]:
+    """Within the block, each module of ``pairs`` runs its paired forward (an instance attribute, deleted on exit)."""
+    for module, forward in pairs:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, _ in pairs:
+            del module.forward
+
+
 class _FusedRows:
     """The weights of ``linears`` as the consecutive row blocks of one tensor (the parameters are views of it)."""
 
@@ -127,14 +139,11 @@ class _FusedQKV:
             return
         self.rows.refresh()
         # the same bound methods every time, so a step compiled inside one block keeps its guards in the next
-        for module, forward in ((self.q, self.q_forward), (self.k, self.k_forward), (self.v, self.v_forward)):
-            module.forward = forward
         try:
-            yield
+            with _forwards(((self.q, self.q_forward), (self.k, self.k_forward), (self.v, self.v_forward))):
+                yield
         finally:
             self.pending = None
-            for module in (self.q, self.k, self.v):
-                del module.forward
 
 
 class _FusedMLP:
@@ -156,11 +165,8 @@ class _FusedMLP:
             yield  # the fused forward would skip these hooks or that forward, or lose gradients: left as it is
             return
         self.rows.refresh()
-        self.mlp.forward = self.forward
-        try:
+        with _forwards(((self.mlp, self.forward),)):
             yield
-        finally:
-            del self.mlp.forward
 
 
 _FUSIONS: weakref.WeakKeyDictionary[nn.Module, ProjectionFusion] = weakref.WeakKeyDictionary()

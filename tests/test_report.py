@@ -129,6 +129,24 @@ def test_pronchange_reports_mean_p_scores_and_degeneracy_with_paired_tests(tmp_p
     assert f"| pronchange | m | degenerate | seka vs none | mcnemar-exact | 12 | +66.67 | {p:.3g} |" in lines
 
 
+def test_adaseka_is_tested_against_seka_and_each_baseline(results, tmp_path):
+    """AdaSEKA is paired with SEKA as well as with every baseline; SEKA is never paired with AdaSEKA."""
+    adaseka = [1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]  # vs SEKA: wins case 8 alone, loses cases 4-6
+    write_run(results / "counterfact" / "m" / "adaseka", "adaseka", counterfact_records(adaseka, SEKA_PARAPHRASE))
+    table = report(results=str(results), output=str(tmp_path / "t.md"), plot=None)
+    rows = [line for line in table.splitlines() if "| efficacy_score | " in line and " vs " in line]
+    assert (
+        f"| counterfact | m | efficacy_score | adaseka vs seka | mcnemar-exact | 12 | -16.67 | "
+        f"{brute_force_mcnemar(1, 3):.3g} |" in rows
+    )
+    compared = sorted(row.split(" | ")[3] for row in rows)
+    assert compared == sorted(
+        [f"{method} vs none" for method in ("seka", "adaseka")]
+        + [f"{method} vs random seed-{seed}" for method in ("seka", "adaseka") for seed in range(3)]
+        + ["adaseka vs seka"]
+    )
+
+
 def test_pairs_only_shared_ids(results, tmp_path):
     spa = counterfact_records(NONE_EFFICACY, NONE_PARAPHRASE)[: 3 * 5]  # cases 0-4 only
     write_run(results / "counterfact" / "m" / "spa", "spa", spa)

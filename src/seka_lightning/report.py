@@ -34,8 +34,9 @@ from seka_lightning.significance import paired_test
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "seka", "adaseka", "key_scaling", "random", "pasta", "spa")
-STEERED = ("seka", "adaseka")
 BASELINES = ("none", "key_scaling", "random", "pasta", "spa")
+# each steered method and what it is tested against: AdaSEKA also against SEKA (does routing over experts help?)
+COMPARED = {"seka": BASELINES, "adaseka": ("seka", *BASELINES)}
 HEADLINE = (
     "efficacy_score",
     "paraphrase_score",
@@ -168,11 +169,12 @@ def headline_table(runs: list[Run]) -> str:
 
 
 def paired_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """SEKA and AdaSEKA against each baseline run (random: per seed) on their shared ids, per headline metric."""
+    """SEKA and AdaSEKA against each baseline run (random: per seed), and AdaSEKA against SEKA, on their shared ids,
+    per headline metric."""
     rows = []
     for (benchmark, model), group in _groups(runs).items():
-        for steered in (r for r in group if r.method in STEERED):
-            for baseline in (r for r in group if r.method in BASELINES):
+        for steered in (r for r in group if r.method in COMPARED):
+            for baseline in (r for r in group if r.method in COMPARED[steered.method]):
                 for metric in _columns([steered, baseline]):
                     mine, theirs = per_id_scores(steered.records(), metric), per_id_scores(baseline.records(), metric)
                     shared = [key for key in mine if key in theirs]

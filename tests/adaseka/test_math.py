@@ -80,9 +80,32 @@ def test_reference_coefficients_keep_epsilons_and_uniform_fallback_on_nan_heads(
 
 def test_top_k_is_clamped_and_validated(experts):
     u, s = experts.factors[1]
-    assert LayerExperts.from_factors(u, s, top_k=99).projectors.shape == (3, 2, 16, 16)
+    assert LayerExperts.from_factors(u, s, top_k=99).bases.shape == (2, 16, 3, 16)  # [H, d, M, k = d]
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         LayerExperts.from_factors(u, s, top_k=0)
+
+
+def test_edit_is_the_keys_times_the_mixed_projector(experts):
+    """``edit`` (two skinny matmuls through the experts' bases) equals ``k @ P`` with ``P`` written out in float64
+    from the truncated singular vectors, per row with its own coefficients; a left-out expert adds nothing."""
+    u, s = (t.double() for t in experts.factors[1])
+    layer = LayerExperts.from_factors(u, s, top_k=3)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(5, 2, 16, dtype=torch.float64, generator=generator)
+    weights = torch.randn(5, 2, 3, dtype=torch.float64, generator=generator)
+    valid = torch.isfinite(u).flatten(-2).all(-1)  # [M, H]
+    u_k = torch.where(valid[..., None, None], u[..., :3], 0.0)  # [M, H, d, 3]
+    expected = torch.stack(
+        [
+            torch.stack(
+                [keys[r, h] @ sum(weights[r, h, m] * u_k[m, h] @ u_k[m, h].T for m in range(3)) for h in range(2)]
+            )
+            for r in range(5)
+        ]
+    )
+    torch.testing.assert_close(layer.edit(keys, weights), expected, rtol=1e-12, atol=1e-12)
+    per_row = torch.stack([keys[r, :, None] @ layer.projection(weights[r : r + 1])[0] for r in range(5)])[:, :, 0]
+    torch.testing.assert_close(layer.edit(keys, weights), per_row, rtol=1e-12, atol=1e-12)
 
 
 def test_gqa_query_mean_groups_consecutive_heads():

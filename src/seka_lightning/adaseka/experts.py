@@ -83,11 +83,12 @@ class LayerExperts:
     """The experts of one decoder layer, truncated to the top ``k`` singular directions.
 
     ``weighted`` ``[M, H, d]`` is ``Σ_{j<k} U_m[:, j] S_m[j]`` (zero for left-out experts), so ``c = q̂ · weighted``;
-    ``projectors`` ``[M, H, d, d]`` is ``U_m[:, :k] U_m[:, :k]ᵀ`` (zero for left-out experts); ``valid`` ``[M, H]``.
+    ``bases`` ``[H, d, M, k]`` holds ``U_m[:, :k]`` (zero for left-out experts), so that a key's edit
+    ``k P = Σ_m c_m (k U_m) U_mᵀ`` is two skinny matmuls (:meth:`edit`); ``valid`` ``[M, H]``.
     """
 
     weighted: torch.Tensor
-    projectors: torch.Tensor
+    bases: torch.Tensor
     valid: torch.Tensor
 
     @classmethod
@@ -99,14 +100,10 @@ class LayerExperts:
         valid = torch.isfinite(u).flatten(-2).all(-1) & torch.isfinite(s).all(-1)  # [M, H]
         u_k = torch.where(valid[..., None, None], u[..., :k], torch.zeros_like(u[..., :k]))  # [M, H, d, k]
         s_k = torch.where(valid[..., None], s[..., :k], torch.zeros_like(s[..., :k]))  # [M, H, k]
-        return cls(
-            weighted=torch.einsum("mhdk,mhk->mhd", u_k, s_k),
-            projectors=u_k @ u_k.transpose(-1, -2),
-            valid=valid,
-        )
+        return cls(weighted=torch.einsum("mhdk,mhk->mhd", u_k, s_k), bases=u_k.permute(1, 2, 0, 3), valid=valid)
 
     def to(self, device: torch.device) -> LayerExperts:
-        return LayerExperts(self.weighted.to(device), self.projectors.to(device), self.valid.to(device))
+        return LayerExperts(self.weighted.to(device), self.bases.to(device), self.valid.to(device))
 
     @property
     def num_experts(self) -> int:
@@ -135,7 +132,15 @@ class LayerExperts:
 
     def projection(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``P = Σ_m c_m U_m[:, :k] U_m[:, :k]ᵀ`` per row and head: ``[B, H, d, d]`` (left-out experts add 0)."""
-        return torch.einsum("bhm,mhde->bhde", coefficients, self.projectors.to(coefficients.dtype))
+        bases = self.bases.to(coefficients.dtype)
+        return torch.einsum("hdmk,bhm,hemk->bhde", bases, coefficients, bases)
+
+    def edit(self, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``k P`` for keys ``[R, H, d]`` whose rows carry their own coefficients ``weights`` ``[R, H, M]``:
+        ``Σ_m c_m (k U_m) U_mᵀ``, the same as ``k @ projection(c)`` without forming the ``d x d`` projector."""
+        bases = self.bases.to(keys.dtype)
+        scores = torch.einsum("rhd,hdmk->rhmk", keys, bases) * weights[..., None]  # [R, H, M, k]
+        return torch.einsum("rhmk,hdmk->rhd", scores, bases)
 
 
 @dataclass(frozen=True)

@@ -121,12 +121,15 @@ def routed_keys(
     row0: bool = False,
     reference: bool = False,
     gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edited keys ``[B, T, H, d]`` (float32, or the keys' dtype if wider) and the coefficients ``[B, H, M]``.
+    """Edited keys ``[B, T, H, d]`` (in the keys' dtype) and the coefficients ``[B, H, M]``.
 
-    ``queries`` ``[B, n_q, d]`` are the last prompt token's; ``highlight`` ``[B, T]`` bool. Keys of rows outside
-    the highlight are returned unchanged (bitwise). ``gate`` maps the coefficients before ``P`` is mixed. ``gain`` is
-    one number or one per batch row ``[B]`` (the length-adaptive strength, :func:`row_gains`).
+    ``queries`` ``[B, n_q, d]`` are the last prompt token's; ``highlight`` ``[B, T]`` bool. The highlighted keys get
+    ``k + g k P`` computed in float32 (or the keys' dtype if wider) and rounded once; the others are returned
+    unchanged (bitwise). ``gate`` maps the coefficients before ``P`` is mixed. ``gain`` is one number or one per batch
+    row ``[B]`` (the length-adaptive strength, :func:`row_gains`). ``rows``: the flat indices of the highlighted
+    tokens (``highlight.flatten().nonzero()``), computed once per batch so a layer needs no host sync.
     """
     dtype = torch.promote_types(keys.dtype, torch.float32)
     q = kv_head_queries(queries.to(dtype), num_kv_heads)  # [B, H, d]
@@ -135,12 +138,18 @@ def routed_keys(
     coefficients = experts.coefficients(q, reference=reference)  # [B, H, M]
     if gate is not None:
         coefficients = gate(coefficients)
-    projector = experts.projection(coefficients)  # [B, H, d, d]
-    k = keys.to(dtype)  # exact: never narrower than the keys
-    if isinstance(gain, torch.Tensor):
-        gain = gain.to(dtype)[:, None, None, None]
-    edited = k + gain * torch.einsum("bthd,bhde->bthe", k, projector)
-    return torch.where(highlight[:, :, None, None], edited, k), coefficients
+    batch, length, heads, dim = keys.shape
+    if rows is None:
+        rows = highlight.flatten().nonzero().squeeze(1)
+    owners = rows // length  # [R]: each highlighted token's batch row
+    weights = coefficients.index_select(0, owners)  # [R, H, M]
+    weights = weights * (
+        gain.to(dtype).index_select(0, owners)[:, None, None] if isinstance(gain, torch.Tensor) else gain
+    )
+    flat = keys.reshape(batch * length, heads, dim)
+    picked = flat.index_select(0, rows).to(dtype)  # [R, H, d], exact: never narrower than the keys
+    edited = picked + experts.edit(picked, weights)
+    return flat.index_copy(0, rows, edited.to(keys.dtype)).view(keys.shape), coefficients
 
 
 def _make_query_hook(
@@ -172,9 +181,10 @@ def _make_key_hook(
     query_index: int,
     gate: CoefficientGate | None,
     claim: ModelClaim,
+    rows: torch.Tensor,
 ) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
     """The key-site hook; with ``capture_queries`` it also reads the queries (fused ``qkv_proj`` sites). Forwards of
-    threads other than ``claim``'s pass through unedited."""
+    threads other than ``claim``'s pass through unedited. ``rows``: the highlighted tokens' flat indices."""
     shape = tuple(highlight.shape)
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -202,6 +212,7 @@ def _make_key_hook(
             row0=row0,
             reference=reference,
             gate=None if gate is None else partial(gate, sites.layer_id),
+            rows=rows,
         )
         if not keep_queries:
             slot.queries = None
@@ -275,6 +286,7 @@ class AdaptiveSteerer(AttachedHooks):
                 else {}
             )
             gains = row_gains(highlight, gain, length_reference=length_reference, length_power=length_power)
+            rows = highlight.flatten().nonzero().squeeze(1)  # one host sync per batch, none per layer
             for layer_id, expert_layer in mapping.items():
                 sites = layout.layers[layer_id]
                 device = _module_device(sites.key_module)
@@ -299,6 +311,7 @@ class AdaptiveSteerer(AttachedHooks):
                     query_index=query_index,
                     gate=gate,
                     claim=steerer.claim,
+                    rows=rows.to(device),
                 )
                 steerer.handles.append(sites.key_module.register_forward_hook(key_hook))
                 steerer.layer_ids.append(layer_id)

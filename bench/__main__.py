@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         help="fast path: each layer's q/k/v and gate/up as one matmul each (StaticGreedyDecoder(fuse_projections=True))",
     )
     gen.add_argument(
+        "--split-kv",
+        action="store_true",
+        help="fast path: decode attention through the split-KV Triton kernel (StaticGreedyDecoder(split_kv=True))",
+    )
+    gen.add_argument(
         "--pasta-heads", type=int, default=gen_defaults.pasta_heads, help="random PASTA (layer, head) pairs"
     )
     gen.add_argument("--spa-strength", type=float, default=gen_defaults.spa_strength, help="SPA s (20: long contexts)")

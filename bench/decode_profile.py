@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--fuse-projections", action="store_true", help="each layer's q/k/v and gate/up as one matmul each"
     )
+    parser.add_argument(
+        "--split-kv", action="store_true", help="decode attention through the split-KV Triton kernel (CUDA)"
+    )
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (the decode steps are timed as full minus prompt-only calls)")
@@ -120,6 +123,7 @@ def profile_decode(args: argparse.Namespace, inductor: dict[str, object]) -> dic
         backend=args.backend,
         mode=args.mode if compiled else None,
         fuse_projections=args.fuse_projections,
+        split_kv=args.split_kv,
     )
     method = HighlightMethod()
 

@@ -74,6 +74,7 @@ class GenerationSettings:
     compile_backend: str = "inductor"
     compile_mode: str = "reduce-overhead"
     fuse_projections: bool = False
+    split_kv: bool = False
     dtype: str = "bfloat16"
     device: str = "auto"
     seed: int = 0
@@ -495,6 +496,7 @@ def on_decoder(
         backend=settings.compile_backend,
         mode=settings.compile_mode,
         fuse_projections=settings.fuse_projections,
+        split_kv=settings.split_kv,
     )
     return {name: _OnDecoder(method, decoder) for name, method in methods.items()}
 

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from seka_lightning import split_kv as split_kernel
 from seka_lightning.decode_attention import gqa_decoding
 from seka_lightning.fused_projections import ProjectionFusion
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
@@ -107,6 +108,7 @@ class StaticGreedyDecoder:
         mode: str | None = "reduce-overhead",
         grouped_decode: bool | None = None,
         fuse_projections: bool = False,
+        split_kv: bool = False,
     ) -> None:
         """
         Args:
@@ -122,6 +124,10 @@ class StaticGreedyDecoder:
                 (:class:`seka_lightning.fused_projections.ProjectionFusion`: the model's weights become views of the
                 fused tensors, no memory is added; the prompt pass keeps the separate matmuls, which ran faster there
                 on an H200).
+            split_kv: decode steps attend through the split-KV Triton kernel
+                (:func:`seka_lightning.split_kv.split_kv_attention`: each cached key and value read once, the cache
+                spread over every SM); needs the grouped decode path and a CUDA device with Triton. The same tokens
+                up to rounding (float32 softmax statistics either way; the sums run in another order).
         """
         if batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
@@ -130,6 +136,9 @@ class StaticGreedyDecoder:
         # 16-byte aligned, so cuBLAS can take its fast kernels for the value matmul; the extra slots stay masked
         self.cache_slots = -(-max_cache_len // CACHE_ALIGN) * CACHE_ALIGN
         self.grouped_decode = compile if grouped_decode is None else grouped_decode
+        if split_kv and not self.grouped_decode:
+            raise ValueError("split_kv runs inside the grouped decode path; leave grouped_decode at True (or None)")
+        self.split_kv = _checked_split_kv(split_kv)
         self.fusion = ProjectionFusion.of(model) if fuse_projections else None
         # the cache's layers are allocated by the first prompt pass, each on its own layer's device (sharded models)
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
@@ -232,6 +241,11 @@ class StaticGreedyDecoder:
             )
         enc, batch = pad_rows(enc, self.batch_size), self.batch_size
         device = enc["input_ids"].device
+        if self.split_kv and not split_kernel.available(device):
+            raise ValueError(
+                f"split_kv runs its Triton kernel on CUDA devices, and these inputs are on {device}; "
+                "move the model and inputs to a GPU or drop split_kv"
+            )
         self.cache.reset()
         # the prompt pass's mask: the prompt's padding, then zeros for the cache positions after it; without padding,
         # transformers reads that as plainly causal and attends to the prompt's keys only, with SDPA's causal kernel
@@ -259,7 +273,7 @@ class StaticGreedyDecoder:
         last = positions[:, -1:]
         with ExitStack() as decode_steps:
             if self.grouped_decode:
-                decode_steps.enter_context(gqa_decoding(self.model))
+                decode_steps.enter_context(gqa_decoding(self.model, split_kv=self.split_kv))
             if self.fusion is not None:
                 decode_steps.enter_context(self.fusion.active())
             for i in range(1, max_new_tokens):
@@ -270,6 +284,13 @@ class StaticGreedyDecoder:
                     done = done | torch.isin(token, eos)
                 out[:, i : i + 1] = token
         return out[:rows]
+
+
+def _checked_split_kv(split_kv: bool) -> bool:
+    """``split_kv``, refused when it is asked for and Triton is missing."""
+    if split_kv and split_kernel.triton is None:
+        raise ValueError("split_kv needs Triton (it comes with CUDA builds of torch); install it or drop split_kv")
+    return split_kv
 
 
 def pad_rows(enc: Encoded, rows: int) -> Encoded:
@@ -316,17 +337,25 @@ class StaticDecoding(HighlightMethod):
         backend: str = "inductor",
         mode: str | None = "reduce-overhead",
         fuse_projections: bool = False,
+        split_kv: bool = False,
     ) -> None:
         """
         Args:
             method: a method confined to the prompt pass (none, SEKA, the random ablation, AdaSEKA).
             max_length: the longest prompt plus the new tokens of any batch (the cache length).
-            compile, backend, mode, fuse_projections: as :class:`StaticGreedyDecoder`.
+            compile, backend, mode, fuse_projections, split_kv: as :class:`StaticGreedyDecoder`.
         """
         require_prompt_only(method, fix="drop static_decoding for it")
+        _checked_split_kv(split_kv)
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
-        self._options = {"compile": compile, "backend": backend, "mode": mode, "fuse_projections": fuse_projections}
+        self._options = {
+            "compile": compile,
+            "backend": backend,
+            "mode": mode,
+            "fuse_projections": fuse_projections,
+            "split_kv": split_kv,
+        }
         self._decoders: dict[int, StaticGreedyDecoder] = {}
         self._reserved_rows = 1
 

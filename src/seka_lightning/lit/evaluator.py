@@ -40,6 +40,7 @@ class BenchmarkEvaluator(FrozenModelModule):
         static_decoding: int | None = None,
         static_decoding_backend: str = "inductor",
         static_decoding_fuse: bool = False,
+        static_decoding_split_kv: bool = False,
     ) -> None:
         """
         Args:
@@ -57,6 +58,8 @@ class BenchmarkEvaluator(FrozenModelModule):
             static_decoding_backend: ``torch.compile`` backend of the static decoder.
             static_decoding_fuse: the static decoder's decode steps run each layer's q/k/v, and its MLP's gate/up, as
                 one matmul each (``StaticGreedyDecoder(fuse_projections=True)``; the same tokens up to rounding).
+            static_decoding_split_kv: the static decoder's decode steps attend through the split-KV Triton kernel
+                (``StaticGreedyDecoder(split_kv=True)``; CUDA with Triton; the same tokens up to rounding).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
@@ -68,6 +71,7 @@ class BenchmarkEvaluator(FrozenModelModule):
                 max_length=static_decoding,
                 backend=static_decoding_backend,
                 fuse_projections=static_decoding_fuse,
+                split_kv=static_decoding_split_kv,
             )
         self.method = method
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)

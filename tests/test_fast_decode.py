@@ -11,6 +11,7 @@ from bench.shapes import get_shape, random_model
 from torch import nn
 
 from seka_lightning.decode_attention import gqa_decode_attention, gqa_decoding
+from seka_lightning.split_kv import available as split_kv_available
 from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod, SekaMethod
 
@@ -386,6 +387,13 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, l
     )  # fmt: skip
     assert fused["method"]["static_decoding"]["fuse_projections"] is True
     assert read("fused") == read("generate")
+    if split_kv_available(torch.device("cpu")):  # Triton's interpreter (conftest) runs the kernel on the CPU
+        split = predict(
+            "split", "--model.static_decoding", "512", "--model.static_decoding_backend", "eager",
+            "--model.static_decoding_split_kv", "true",
+        )  # fmt: skip
+        assert split["method"]["static_decoding"]["split_kv"] is True
+        assert read("split") == read("generate")
 
 
 def test_a_sliding_window_model_with_bidirectional_attention_is_refused_by_the_compiled_decoder(tokenizer) -> None:

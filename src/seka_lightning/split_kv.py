@@ -144,6 +144,14 @@ if triton is not None:
         tl.store(Sum + out * GROUPS + g, l_i, mask=in_group)
 
 
+def _launch(grid: tuple[int, int], tensors: tuple, numbers: tuple, constants: dict) -> None:
+    _partial_attention[grid](*tensors, *numbers, **constants)
+
+
+if INTERPRET:  # the interpreter runs the kernel as Python over numpy arrays, which torch.compile cannot trace
+    _launch = torch.compiler.disable(_launch)
+
+
 def split_kv_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -173,36 +181,35 @@ def split_kv_attention(
     else:
         mask_rows = mask.reshape(mask.shape[0], length)  # [B or 1, T] bool
         stride_mb, stride_mt = (mask_rows.stride(0) if mask_rows.shape[0] > 1 else 0), mask_rows.stride(1)
-    _partial_attention[(batch * kv_heads, splits)](
-        query,
-        key,
-        value,
-        mask_rows,
-        acc,
-        maxima,
-        sums,
-        query.stride(0),
-        query.stride(1),
-        key.stride(0),
-        key.stride(1),
-        key.stride(2),
-        value.stride(0),
-        value.stride(1),
-        value.stride(2),
-        stride_mb,
-        stride_mt,
-        length,
-        scale,
-        KV_HEADS=kv_heads,
-        SPLITS=splits,
-        GROUPS=groups,
-        BLOCK_G=max(16, 1 << math.ceil(math.log2(groups))),
-        DIM=dim,
-        BLOCK=block,
-        PER_SPLIT=per_split,
-        HAS_MASK=mask is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # float32 inputs: no TF32 rounding
-        num_warps=num_warps,
+    _launch(
+        (batch * kv_heads, splits),
+        (query, key, value, mask_rows, acc, maxima, sums),
+        (
+            query.stride(0),
+            query.stride(1),
+            key.stride(0),
+            key.stride(1),
+            key.stride(2),
+            value.stride(0),
+            value.stride(1),
+            value.stride(2),
+            stride_mb,
+            stride_mt,
+            length,
+            scale,
+        ),
+        {
+            "KV_HEADS": kv_heads,
+            "SPLITS": splits,
+            "GROUPS": groups,
+            "BLOCK_G": max(16, 1 << math.ceil(math.log2(groups))),
+            "DIM": dim,
+            "BLOCK": block,
+            "PER_SPLIT": per_split,
+            "HAS_MASK": mask is not None,
+            "PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",  # float32 inputs: no TF32 rounding
+            "num_warps": num_warps,
+        },
     )
     # combine the stretches: weights exp(m_s - max_s m_s); a hidden stretch (m_s = -inf) weighs 0
     maxima = maxima.view(batch * kv_heads, splits, groups)

@@ -178,3 +178,33 @@ def test_compiled_decoder_with_split_kv_on_cuda_generates_what_generate_does(fus
     expected = HighlightMethod().generate(model, enc, max_new_tokens=8, pad_token_id=0)
     for _ in range(2):
         assert torch.equal(decoder.generate(HighlightMethod(), enc, max_new_tokens=8, pad_token_id=0), expected)
+
+
+@needs_kernel
+def test_sliding_window_layers_attend_through_the_kernel_too(tokenizer, monkeypatch) -> None:
+    """Gemma-3's sliding-window layers (a window shorter than the prompt) and its full layer all take the kernel in
+    the decode steps, and the decoder generates what ``generate`` does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
+        pad_token_id=0, bos_token_id=2, eos_token_id=None,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval().to(DEVICE)
+    model.generation_config.eos_token_id = None
+    enc = tokenizer(["the cat sat on the mat " * 6, "a dog ran " * 5], return_tensors="pt", padding=True)
+    enc = {name: value.to(DEVICE) for name, value in enc.items()}
+    assert enc["input_ids"].shape[1] > 16 and (enc["attention_mask"] == 0).any()  # past the window, one row padded
+    calls = []
+    kernel = split_kv.split_kv_attention
+    monkeypatch.setattr(split_kv, "split_kv_attention", lambda *a, **k: calls.append(a[1].shape[2]) or kernel(*a, **k))
+    decoder = StaticGreedyDecoder(
+        model, batch_size=2, max_cache_len=enc["input_ids"].shape[1] + 8, compile=False, grouped_decode=True,
+        split_kv=True,
+    )  # fmt: skip
+    got = decoder.generate(HighlightMethod(), enc, max_new_tokens=8, pad_token_id=0)
+    assert len(calls) == 7 * 3 and 16 in calls  # every step, every layer; the sliding layers' keys are the window
+    assert torch.equal(got, HighlightMethod().generate(model, enc, max_new_tokens=8, pad_token_id=0))

@@ -23,6 +23,33 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from seka_lightning.families import keys_view, resolve_layout
 
 
+def gqa_attention_reference(query, key, value, mask, scale: float) -> torch.Tensor:
+    """Grouped-query attention in float64, written out: ``[B, H, Q, D]`` -> ``[B, Q, H, D]`` (``mask``: boolean,
+    True = attend, broadcast over heads and queries; None = every position)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.double().repeat_interleave(groups, 1), value.double().repeat_interleave(groups, 1)
+    scores = query.double() @ key.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+def tiny_gemma3(vocab_size: int, *, sliding_window: int, head_dim: int = 8):
+    """A random Gemma-3 with sliding-window layers around a full one (no EOS, so every step decodes)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
+        pad_token_id=0, bos_token_id=2, eos_token_id=None,
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def capture_keys(model, enc) -> list[torch.Tensor]:
     """Every layer's keys ``[B, T, H, d]`` in one forward on ``enc``'s ids and mask, as the model computes them
     (hooks registered after steering hooks see the edit)."""

@@ -8,12 +8,13 @@ import pytest
 import torch
 from bench.generation import random_bank, random_prompts
 from bench.shapes import get_shape, random_model
+from tests.conftest import gqa_attention_reference, tiny_gemma3
 from torch import nn
 
 from seka_lightning.decode_attention import gqa_decode_attention, gqa_decoding
-from seka_lightning.split_kv import available as split_kv_available
 from seka_lightning.fast_decode import StaticDecoding, StaticGreedyDecoder
 from seka_lightning.methods import HighlightMethod, SekaMethod
+from seka_lightning.split_kv import available as split_kv_available
 
 CPU = torch.device("cpu")
 NEW = 6
@@ -102,16 +103,6 @@ def test_bad_calls_are_refused(setup, tmp_path: Path) -> None:
         StaticGreedyDecoder(model, batch_size=0, max_cache_len=100)
 
 
-def _attention_reference(query, key, value, mask, scale: float) -> torch.Tensor:
-    """Grouped-query attention in float64, written out: [B, Hq, Q, D] -> [B, Q, Hq, D]."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.double().repeat_interleave(groups, 1), value.double().repeat_interleave(groups, 1)
-    scores = query.double() @ key.transpose(-1, -2) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ value).transpose(1, 2)
-
-
 @pytest.mark.parametrize("mask_kind", ["per_row", "shared", "none"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gqa_decode_attention_matches_a_float64_reference(mask_kind: str, compiled: bool) -> None:
@@ -128,7 +119,7 @@ def test_gqa_decode_attention_matches_a_float64_reference(mask_kind: str, compil
     attend = torch.compile(gqa_decode_attention, backend="eager", fullgraph=True) if compiled else gqa_decode_attention
     out, weights = attend(module, query, key, value, mask, scaling=0.3)
     assert weights is None and out.shape == (batch, 1, kv_heads * groups, dim)
-    torch.testing.assert_close(out.double(), _attention_reference(query, key, value, mask, 0.3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.double(), gqa_attention_reference(query, key, value, mask, 0.3), atol=1e-6, rtol=0)
 
 
 def test_gqa_decode_attention_hands_prompt_passes_plain_heads_and_float_masks_to_the_registered_sdpa() -> None:
@@ -185,17 +176,7 @@ def test_gqa_decoding_switches_only_its_model_and_restores_it(setup) -> None:
 def test_decoder_matches_generate_on_gemma3_sliding_window_layers(tokenizer) -> None:
     """Gemma-3: grouped-query heads, sliding-window layers (window below the prompt length, so the sliding cache
     rolls) next to full ones, left padding; the grouped decode steps give generate's tokens."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
-        pad_token_id=0, bos_token_id=2, eos_token_id=None,
-    )  # fmt: skip
-    model = Gemma3ForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
+    model = tiny_gemma3(len(tokenizer), sliding_window=8)
     enc = random_prompts(2, 40, documents=4, highlighted=2, vocab_size=len(tokenizer), seed=3)
     assert (enc["attention_mask"][1] == 0).any()
     reference = HighlightMethod().generate(model, enc, max_new_tokens=12, pad_token_id=0)
@@ -297,22 +278,6 @@ def test_reserved_rows_size_the_decoder_whichever_batch_comes_first(setup) -> No
         wrapped.reserve_rows(0)
 
 
-def _tiny_gemma3(vocab_size: int, *, sliding_window: int):
-    """A random Gemma-3 with sliding-window layers around a full one (no EOS, so every step decodes)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=sliding_window,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
-        pad_token_id=0, bos_token_id=2, eos_token_id=None,
-    )  # fmt: skip
-    model = Gemma3ForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
 @pytest.mark.parametrize(
     ("family", "lengths", "graphs"),
     [
@@ -331,7 +296,7 @@ def test_the_compiled_step_is_not_recompiled_across_steps_and_prompt_lengths(
     from torch._dynamo.utils import counters
 
     vocab = len(tokenizer)
-    model = tiny_llama(vocab) if family == "llama" else _tiny_gemma3(vocab, sliding_window=16)
+    model = tiny_llama(vocab) if family == "llama" else tiny_gemma3(vocab, sliding_window=16)
     model.generation_config.eos_token_id = None
     decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=62, compile=True, backend="eager")
     # every decoder's step shares one code object, whose compiled entries count towards dynamo's recompile limit (8)
@@ -381,25 +346,21 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, l
     assert static["method"]["static_decoding"]["max_length"] == 512
     read = lambda name: (tmp_path / name / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("static") == read("generate")
-    fused = predict(
-        "fused", "--model.static_decoding", "512", "--model.static_decoding_backend", "eager",
-        "--model.static_decoding_fuse", "true",
-    )  # fmt: skip
-    assert fused["method"]["static_decoding"]["fuse_projections"] is True
-    assert read("fused") == read("generate")
+    options = [("fused", "--model.static_decoding_fuse", "fuse_projections")]
     if split_kv_available(torch.device("cpu")):  # Triton's interpreter (conftest) runs the kernel on the CPU
-        split = predict(
-            "split", "--model.static_decoding", "512", "--model.static_decoding_backend", "eager",
-            "--model.static_decoding_split_kv", "true",
-        )  # fmt: skip
-        assert split["method"]["static_decoding"]["split_kv"] is True
-        assert read("split") == read("generate")
+        options.append(("split", "--model.static_decoding_split_kv", "split_kv"))
+    for out, option, setting in options:
+        fast = predict(
+            out, "--model.static_decoding", "512", "--model.static_decoding_backend", "eager", option, "true"
+        )
+        assert fast["method"]["static_decoding"][setting] is True
+        assert read(out) == read("generate")
 
 
 def test_a_sliding_window_model_with_bidirectional_attention_is_refused_by_the_compiled_decoder(tokenizer) -> None:
     """The compiled decoder builds Gemma-3's decode masks itself (causal builders only): a config asking for
     bidirectional attention is refused before anything compiles, with the way out."""
-    model = _tiny_gemma3(len(tokenizer), sliding_window=16)
+    model = tiny_gemma3(len(tokenizer), sliding_window=16)
     model.config.use_bidirectional_attention = True
     with pytest.raises(
         ValueError,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from bench.generation import random_prompts
 from bench.shapes import get_shape, random_model
+from tests.conftest import gqa_attention_reference, tiny_gemma3
 from torch import nn
 
 from seka_lightning import split_kv
@@ -21,16 +22,6 @@ DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cp
 needs_kernel = pytest.mark.skipif(
     not split_kv.available(DEVICE), reason="no Triton, or no CUDA device and no interpreter"
 )
-
-
-def reference(query, key, value, mask, scale: float) -> torch.Tensor:
-    """Grouped-query attention in float64, written out: ``[B, H, 1, D]`` -> ``[B, 1, H, D]``."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.double().repeat_interleave(groups, 1), value.double().repeat_interleave(groups, 1)
-    scores = query.double() @ key.transpose(-1, -2) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ value).transpose(1, 2)
 
 
 def inputs(batch, heads, kv_heads, length, dim, dtype, *, seed=0):
@@ -65,12 +56,16 @@ def test_kernel_matches_float64_attention(batch, heads, kv_heads, length, dim, d
     for target in (1, 16, 10_000):  # one stretch per head, several, one block each
         out = split_kv.split_kv_attention(query, key, value, mask, scale, target=target)
         assert out.shape == (batch, 1, heads, dim) and out.dtype == dtype
-        assert (out.double() - reference(query, key, value, mask, scale)).abs().max().item() < tolerance(dtype)
+        assert (out.double() - gqa_attention_reference(query, key, value, mask, scale)).abs().max().item() < tolerance(
+            dtype
+        )
     # no mask, and one mask row broadcast over the batch
     unmasked = split_kv.split_kv_attention(query, key, value, None, scale, target=16)
-    assert (unmasked.double() - reference(query, key, value, None, scale)).abs().max() < tolerance(dtype)
+    assert (unmasked.double() - gqa_attention_reference(query, key, value, None, scale)).abs().max() < tolerance(dtype)
     shared = split_kv.split_kv_attention(query, key, value, mask[:1], scale, target=16)
-    assert (shared.double() - reference(query, key, value, mask[:1], scale)).abs().max() < tolerance(dtype)
+    assert (shared.double() - gqa_attention_reference(query, key, value, mask[:1], scale)).abs().max() < tolerance(
+        dtype
+    )
 
 
 @needs_kernel
@@ -184,17 +179,7 @@ def test_compiled_decoder_with_split_kv_on_cuda_generates_what_generate_does(fus
 def test_sliding_window_layers_attend_through_the_kernel_too(tokenizer, monkeypatch) -> None:
     """Gemma-3's sliding-window layers (a window shorter than the prompt) and its full layer all take the kernel in
     the decode steps, and the decoder generates what ``generate`` does."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
-        pad_token_id=0, bos_token_id=2, eos_token_id=None,
-    )  # fmt: skip
-    model = Gemma3ForCausalLM(config).eval().to(DEVICE)
-    model.generation_config.eos_token_id = None
+    model = tiny_gemma3(len(tokenizer), sliding_window=16, head_dim=16).to(DEVICE)  # the kernel takes d >= 16
     enc = tokenizer(["the cat sat on the mat " * 6, "a dog ran " * 5], return_tensors="pt", padding=True)
     enc = {name: value.to(DEVICE) for name, value in enc.items()}
     assert enc["input_ids"].shape[1] > 16 and (enc["attention_mask"] == 0).any()  # past the window, one row padded

@@ -93,6 +93,7 @@ def test_supports_only_the_shapes_the_kernel_takes() -> None:
     assert split_kv.supports(q, k, v)
     assert not split_kv.supports(torch.zeros(1, 4, 1, 96), torch.zeros(1, 2, 8, 96), torch.zeros(1, 2, 8, 96))
     assert not split_kv.supports(q, k.half(), v.half())  # mixed dtypes
+    assert not split_kv.supports(q.double(), k.double(), v.double())  # float64: no kernel build
     assert not split_kv.supports(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v)  # strided head dim
     assert not split_kv.supports(torch.zeros(1, 4, 1, 8), torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
 
@@ -137,13 +138,31 @@ def test_decoder_with_split_kv_generates_what_generate_does(padded: bool, monkey
 
 def test_split_kv_is_refused_without_grouped_decoding_or_triton(monkeypatch) -> None:
     model = random_model(get_shape("tiny"), device=torch.device("cpu"), dtype=torch.float32)
-    with pytest.raises(ValueError, match="split_kv runs inside the grouped decode path; leave grouped_decode"):
+    with pytest.raises(ValueError, match="split_kv runs inside the grouped decode path, which grouped_decode=False"):
         StaticGreedyDecoder(model, batch_size=1, max_cache_len=16, compile=False, grouped_decode=False, split_kv=True)
+    if split_kv.triton is not None:  # uncompiled, split_kv alone switches the grouped path on
+        assert StaticGreedyDecoder(model, batch_size=1, max_cache_len=16, compile=False, split_kv=True).grouped_decode
     monkeypatch.setattr(split_kv, "triton", None)
     with pytest.raises(ValueError, match="split_kv needs Triton"):
         StaticGreedyDecoder(model, batch_size=1, max_cache_len=16, compile=False, grouped_decode=True, split_kv=True)
     with pytest.raises(ValueError, match="split_kv needs Triton"):
         StaticDecoding(HighlightMethod(), max_length=16, split_kv=True)
+
+
+@pytest.mark.skipif(split_kv.triton is None, reason="needs Triton")
+def test_split_kv_is_refused_for_attention_the_kernel_does_not_take(tokenizer) -> None:
+    """Plain multi-head attention and head dims outside the kernel's are refused when the decoder is built, rather
+    than falling back while the run records split_kv."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    plain = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    )
+    with pytest.raises(ValueError, match="this model has 4 query heads, 4 key/value heads of dim 16; drop split_kv"):
+        StaticGreedyDecoder(plain, batch_size=1, max_cache_len=16, compile=False, split_kv=True)
+    narrow = tiny_gemma3(len(tokenizer), sliding_window=8)  # head dim 8
+    with pytest.raises(ValueError, match="4 query heads, 2 key/value heads of dim 8; drop split_kv"):
+        StaticGreedyDecoder(narrow, batch_size=1, max_cache_len=16, compile=False, split_kv=True)
 
 
 @pytest.mark.skipif(split_kv.triton is None, reason="needs Triton")
@@ -193,3 +212,20 @@ def test_sliding_window_layers_attend_through_the_kernel_too(tokenizer, monkeypa
     got = decoder.generate(HighlightMethod(), enc, max_new_tokens=8, pad_token_id=0)
     assert len(calls) == 7 * 3 and 16 in calls  # every step, every layer; the sliding layers' keys are the window
     assert torch.equal(got, HighlightMethod().generate(model, enc, max_new_tokens=8, pad_token_id=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offsets_past_two_to_the_31_elements() -> None:
+    """A cache of more than 2^31 elements (3 rows x 2^23 positions x 128): the last row's keys start at element
+    2^31, past 32-bit offsets. Its query head 0 finds the one key planted for it near the end (a value of 0.5
+    everywhere), as a float64 reference does; a wrapped offset would read another row's keys and miss it."""
+    length, dim = 2**23, 128
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    query = torch.randn(3, 4, 1, dim, device=DEVICE, generator=generator).half()
+    key, value = (0.1 * torch.randn(3, 1, length, dim, device=DEVICE, generator=generator).half() for _ in "kv")
+    key[2, 0, length - 3], value[2, 0, length - 3] = 2 * query[2, 0, 0], 0.5
+    out = split_kv.split_kv_attention(query, key, value, None, dim**-0.5)
+    truth = torch.softmax((query[2, :, 0].double() @ key[2, 0].double().T) * dim**-0.5, -1) @ value[2, 0].double()
+    assert truth[0].min() > 0.45  # the planted key takes head 0's attention
+    assert (out[2, 0].double() - truth).abs().max() < 1e-2

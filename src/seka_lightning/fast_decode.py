@@ -119,7 +119,8 @@ class StaticGreedyDecoder:
             backend: ``torch.compile`` backend (``inductor``; ``eager`` for quick CPU checks).
             mode: ``torch.compile`` mode; ``reduce-overhead`` uses CUDA graphs.
             grouped_decode: decode steps attend through ``decode_attention.gqa_decode_attention`` (models on SDPA); default:
-                when the step is compiled (eagerly, transformers already packs a query's heads per key/value head).
+                when the step is compiled or ``split_kv`` is set (eagerly, transformers already packs a query's heads
+                per key/value head).
             fuse_projections: decode steps run each layer's q/k/v, and its MLP's gate/up, as one matmul each
                 (:class:`seka_lightning.fused_projections.ProjectionFusion`: the model's weights become views of the
                 fused tensors, no memory is added; the prompt pass keeps the separate matmuls, which ran faster there
@@ -135,10 +136,13 @@ class StaticGreedyDecoder:
         # cache slots, rounded up to CACHE_ALIGN: rows of per-slot tensors (attention scores and probabilities) start
         # 16-byte aligned, so cuBLAS can take its fast kernels for the value matmul; the extra slots stay masked
         self.cache_slots = -(-max_cache_len // CACHE_ALIGN) * CACHE_ALIGN
-        self.grouped_decode = compile if grouped_decode is None else grouped_decode
+        self.grouped_decode = (compile or split_kv) if grouped_decode is None else grouped_decode
         if split_kv and not self.grouped_decode:
-            raise ValueError("split_kv runs inside the grouped decode path; leave grouped_decode at True (or None)")
-        self.split_kv = _checked_split_kv(split_kv)
+            raise ValueError(
+                "split_kv runs inside the grouped decode path, which grouped_decode=False turns off; "
+                "leave grouped_decode at None or True"
+            )
+        self.split_kv = _checked_split_kv(split_kv, model)
         self.fusion = ProjectionFusion.of(model) if fuse_projections else None
         # the cache's layers are allocated by the first prompt pass, each on its own layer's device (sharded models)
         self.cache = StaticCache(config=model.config, max_cache_len=self.cache_slots)
@@ -286,11 +290,28 @@ class StaticGreedyDecoder:
         return out[:rows]
 
 
-def _checked_split_kv(split_kv: bool) -> bool:
-    """``split_kv``, refused when it is asked for and Triton is missing."""
-    if split_kv and split_kernel.triton is None:
+def _checked_split_kv(split_kv: bool, model: nn.Module | None = None) -> bool:
+    """``split_kv``, refused when it is asked for and Triton is missing or ``model``'s attention is not what the
+    kernel takes (grouped-query heads of a power-of-two dim from 16 to 256, no soft-capping): decode steps would
+    otherwise fall back to the other path while the run records split_kv."""
+    if not split_kv:
+        return False
+    if split_kernel.triton is None:
         raise ValueError("split_kv needs Triton (it comes with CUDA builds of torch); install it or drop split_kv")
-    return split_kv
+    if model is not None:
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if kv_heads == heads or not split_kernel.supports_head_dim(dim) or softcap is not None:
+            raise ValueError(
+                f"split_kv's kernel takes grouped-query attention (fewer key/value heads than query heads) with head "
+                f"dims a power of two from 16 to 256 and no soft-capping; this model has {heads} query heads, "
+                f"{kv_heads} key/value heads of dim {dim}{f', soft-capping {softcap}' if softcap else ''}; "
+                "drop split_kv"
+            )
+    return True
 
 
 def pad_rows(enc: Encoded, rows: int) -> Encoded:

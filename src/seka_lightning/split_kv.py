@@ -36,6 +36,9 @@ BLOCK_T = 64
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Triton's interpreter was on when this module was imported (its kernels then run on CPU tensors)."""
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The dtypes the kernel runs in."""
+
 TARGET_PROGRAMS = 264
 """Programs to aim for per call (two per SM of an H200); more stretches when there are fewer rows x heads."""
 
@@ -49,15 +52,19 @@ def available(device: torch.device) -> bool:
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether the kernel takes these decode-step shapes: head dims a power of two from 16 to 256, contiguous heads
-    (last stride 1), a query and key/value pair of one dtype."""
-    dim = query.shape[-1]
+    (last stride 1), a query and key/value pair of one dtype among float16, bfloat16 and float32."""
     return (
-        dim == key.shape[-1] == value.shape[-1]
-        and 16 <= dim <= 256
-        and dim & (dim - 1) == 0
+        query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and supports_head_dim(query.shape[-1])
         and query.dtype == key.dtype == value.dtype
+        and query.dtype in DTYPES
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
     )
+
+
+def supports_head_dim(dim: int) -> bool:
+    """Head dims the kernel takes: a power of two from 16 to 256."""
+    return 16 <= dim <= 256 and dim & (dim - 1) == 0
 
 
 def plan(rows_heads: int, length: int, *, block: int = BLOCK_T, target: int = TARGET_PROGRAMS) -> tuple[int, int]:
@@ -103,7 +110,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
     ):
         """One (row, key/value head, stretch): the partial softmax attention of the head's query heads."""
-        row_head = tl.program_id(0)
+        row_head = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a cache can hold more than 2^31 elements
         split = tl.program_id(1)
         row = row_head // KV_HEADS
         head = row_head % KV_HEADS
@@ -165,7 +172,10 @@ def split_kv_attention(
 ) -> torch.Tensor:
     """One-token grouped-query attention: ``query [B, H, 1, D]`` against the cache ``key``/``value
     [B, H_kv, T, D]`` with the boolean ``mask [B or 1, 1, 1, T]`` (True: attend; None: every position), scores scaled
-    by ``scale``. Returns ``[B, 1, H, D]`` in the value dtype (transformers' attention output layout)."""
+    by ``scale``. Returns ``[B, 1, H, D]`` in the value dtype (transformers' attention output layout).
+
+    The stretches' count and length are compile-time constants of the kernel, so each cache length gets its own
+    build: made for a static cache (one length per decoder), not for a cache that grows every step."""
     if triton is None:
         raise RuntimeError("split_kv_attention needs Triton (pip install triton, or a CUDA build of torch)")
     batch, heads, _, dim = query.shape

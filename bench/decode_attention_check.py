@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from bench.generation import measure_ceilings
 from seka_lightning import split_kv
 from seka_lightning.decode_attention import gqa_decode_attention
 
@@ -63,7 +64,8 @@ def main() -> None:
     module = nn.Module()
     module.num_key_value_groups = heads // kv_heads
     generator = torch.Generator(device).manual_seed(0)
-    copy_rate = copy_bytes_per_s(device)
+    # the generation benchmark's probe (2 GiB of random data), so this file's read time is on its floor's scale
+    copy_rate = measure_ceilings(device, dtype, copy_bytes=2 * 2**30, matmul_size=8192).copy_bytes_per_s
     implementations = {"sdpa": sdpa_attention_forward, "gqa_decode_attention": gqa_decode_attention}
     for block, target, warps in LAUNCHES:
         name = f"split_kv_b{block}_p{target}_w{warps}"
@@ -107,14 +109,6 @@ def main() -> None:
     (out / "decode_attention_check.json").write_text(
         json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "results": results}, indent=2)
     )
-
-
-def copy_bytes_per_s(device: torch.device, size: int = 2**30) -> float:
-    """Device-to-device copy rate (bytes read + written per second) of a ``size``-byte buffer, median of 20."""
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_call(lambda: dst.copy_(src), repeats=20) / 1e6
-    return 2 * size / seconds
 
 
 if __name__ == "__main__":

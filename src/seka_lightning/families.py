@@ -210,7 +210,7 @@ def resolve_layout(model: nn.Module) -> ModelLayout:
             f"{type(model).__name__} has no `config`; resolve_layout needs num_attention_heads, "
             "num_key_value_heads and head_dim from a transformers config on `model.config`"
         )
-    num_q, num_kv, head_dim = _head_geometry(text_config)
+    num_q, num_kv, head_dim = head_geometry(text_config)
 
     if spec is not None:
         family = model_type
@@ -353,7 +353,7 @@ def _text_config(config: object | None) -> object | None:
     return get_text_config(decoder=True) if callable(get_text_config) else config
 
 
-def _head_geometry(config: object) -> tuple[int, int, int]:
+def head_geometry(config: object) -> tuple[int, int, int]:
     """``(num_query_heads, num_kv_heads, head_dim)`` with the transformers defaults."""
     num_q = getattr(config, "num_attention_heads", None)
     if not isinstance(num_q, int) or num_q <= 0:

@@ -38,6 +38,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from seka_lightning import split_kv as split_kernel
 from seka_lightning.decode_attention import gqa_decoding
+from seka_lightning.families import head_geometry
 from seka_lightning.fused_projections import ProjectionFusion
 from seka_lightning.methods import Encoded, HighlightMethod, position_ids_for
 
@@ -300,9 +301,7 @@ def _checked_split_kv(split_kv: bool, model: nn.Module | None = None) -> bool:
         raise ValueError("split_kv needs Triton (it comes with CUDA builds of torch); install it or drop split_kv")
     if model is not None:
         config = model.config.get_text_config()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        heads, kv_heads, dim = head_geometry(config)
         softcap = getattr(config, "attn_logit_softcapping", None)
         if kv_heads == heads or not split_kernel.supports_head_dim(dim) or softcap is not None:
             raise ValueError(

@@ -143,6 +143,22 @@ def test_guards_needed_then_walks_the_band_smallest_gain_first_and_stops():
     assert select(candidates, BASELINE).chosen.name == "all-g1"
     candidates[0] = cand("all", 1, 0.785, pron=0.0)  # it fails: the next smallest gain is needed
     assert [c.name for c in guards_needed(candidates, BASELINE, limit=4)] == ["last20-g2"]
+
+
+def test_guards_needed_skips_a_candidate_that_already_fails_one_guard():
+    candidates = [
+        cand("all", 16, 0.90, em=None, pron=0.0),  # fails PronChange, lost in the middle never run
+        cand("all", 4, 0.85, em=0.0, pron=None),  # fails lost in the middle, PronChange never run
+        cand("all", 2, 0.80, em=None),  # passes PronChange, lost in the middle unknown: needed
+        unknown("last20", 8, 0.70),
+    ]
+    assert [c.name for c in guards_needed(candidates, BASELINE, limit=4)] == ["all-g2", "last20-g8"]
+    assert [c.name for c in guards_needed(candidates, BASELINE, limit=1)] == ["all-g2"]
+    candidates[2] = cand("all", 2, 0.80)  # it passes both: settled (the others cannot be chosen)
+    assert guards_needed(candidates, BASELINE, limit=4) == []
+    assert select(candidates, BASELINE).chosen.name == "all-g2"
+    candidates[2] = cand("all", 2, 0.80, em=None, pron=0.3)  # fails its one run guard: down the ranking
+    assert [c.name for c in guards_needed(candidates, BASELINE, limit=4)] == ["last20-g8"]
     with pytest.raises(ValueError, match="limit must be >= 1"):
         guards_needed(candidates, BASELINE, limit=0)
 

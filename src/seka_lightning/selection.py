@@ -176,16 +176,19 @@ def guards_needed(
 
     The best admissible efficacy is settled once every candidate above it is known to fail; the choice is settled
     once every candidate before it in the band's order (smallest gain first) is known. So guard runs go down the
-    efficacy ranking until one passes, then along the band, never to a candidate that cannot be chosen.
+    efficacy ranking until one passes, then along the band, never to a candidate that cannot be chosen: one that
+    already fails a guard it ran needs no run of the others.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
 
-    def known(c: Candidate) -> bool:
-        return all(metric in c.metrics for metric in guards)
-
     def admissible(c: Candidate) -> bool:
-        return known(c) and not guard_failures(c, baseline, guards)
+        return not guard_failures(c, baseline, guards)
+
+    def known(c: Candidate) -> bool:
+        """Settled: every guard run, or one run guard already failed (a failure rules it out, whatever the rest)."""
+        measured = [metric for metric in guards if metric in c.metrics]
+        return len(measured) == len(guards) or bool(guard_failures(c, baseline, measured))
 
     ranked = by_efficacy(candidates, objective)
     unknown_above = []

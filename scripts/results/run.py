@@ -662,17 +662,16 @@ def length_options(scaling: tuple[int, float] | None) -> dict[str, int | float]:
 def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     """One round of guard runs (lost in the middle and PronChange dev) and the action planning the next round.
 
-    Round 0 runs unsteered and each tuned grid's ``guard_top`` best CounterFact candidates; later rounds the
-    candidates :func:`guards_needed` names in each grid, until every grid's choice is settled (then the
-    ``dev:<model>:guards`` marker)."""
+    Round 0 runs unsteered and each tuned grid's ``guard_top`` best CounterFact candidates; later rounds (and round
+    0 of a resumed run, whose unsteered guard runs exist) the candidates :func:`guards_needed` names in each grid,
+    until every grid's choice is settled (then the ``dev:<model>:guards`` marker)."""
     grids = [dev_candidates(s, model, tuned) for tuned in s.tuned_grids()]
-    if number == 0:
-        needed = [c for candidates in grids for c in by_efficacy(candidates)[: s.guard_top]]
-        jobs = [dev_run(s, model, benchmark, None) for benchmark in s.guards]
-    else:
+    jobs = [dev_run(s, model, benchmark, None) for benchmark in s.guards] if number == 0 else []
+    if all(job.done is not None and job.done.exists() for job in jobs):
         baseline, guards = baseline_estimates(s, model), guard_metrics(s)
         needed = [c for cs in grids for c in guards_needed(cs, baseline, limit=s.guard_top, guards=guards)]
-        jobs = []
+    else:
+        needed = [c for candidates in grids for c in by_efficacy(candidates)[: s.guard_top]]
     if not needed:
         return [Job(f"dev:{model.tag}:guards", action=list)]
     log.info("%s: guard round %d for %s", model.tag, number, [c.name for c in needed])

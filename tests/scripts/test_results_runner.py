@@ -429,6 +429,13 @@ def test_guard_rounds_run_until_the_choice_is_settled(configs_copy):
         "pronchange:last20-g2",
         "guard-round-2",
     ]
+    # a resumed run's round 0 (the unsteered guard runs exist) goes straight to what can still change the choice
+    assert [job.name.removeprefix("dev:smollm2-135m:") for job in run.guard_round(settings, SMOLLM2, 0)] == [
+        "lost_in_the_middle:none",
+        "pronchange:none",
+        *(job.name.removeprefix("dev:smollm2-135m:") for job in second[:-1]),
+        "guard-round-1",
+    ]
     for name in ("last15-g2", "last20-g2"):
         write_dev_run(run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name), "exact_match_inside", [0.5, 0.5])
         write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])

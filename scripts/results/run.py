@@ -667,6 +667,7 @@ def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     until every grid's choice is settled (then the ``dev:<model>:guards`` marker)."""
     grids = [dev_candidates(s, model, tuned) for tuned in s.tuned_grids()]
     jobs = [dev_run(s, model, benchmark, None) for benchmark in s.guards] if number == 0 else []
+    check_stale_results(jobs)
     if all(job.done is not None and job.done.exists() for job in jobs):
         baseline, guards = baseline_estimates(s, model), guard_metrics(s)
         needed = [c for cs in grids for c in guards_needed(cs, baseline, limit=s.guard_top, guards=guards)]

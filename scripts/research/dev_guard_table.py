@@ -1,0 +1,93 @@
+"""The dev guard runs of a model as a markdown table, recomputed from their predictions.
+
+    python scripts/research/dev_guard_table.py docs/results/dev/gemma3-270m
+
+One row per candidate of SEKA's grid in the dev table (``docs/results/dev/<model>.json``) that has a guard run, in
+the table's grid order: each guard metric with its 95% interval and its paired test against the unsteered dev run
+on the same examples (exact McNemar for 0/1 scores, paired bootstrap otherwise; runs scoring different examples are
+refused), PronChange's degeneracy rate (share of looping
+generations, not a guard) tested the same way, and the rule's verdict (the chosen candidate in bold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions
+from seka_lightning.significance import mean_interval, paired_test
+
+GUARDS = {"lost_in_the_middle": ("exact_match_inside", 100), "pronchange": ("pron_mean_p", 100)}
+DEGENERATE = ("pronchange", "degenerate")
+
+
+def scores(run: Path, metric: str) -> dict:
+    return per_id_scores(read_predictions(run / PREDICTIONS), metric)
+
+
+def cell(run: Path, baseline: Path, metric: str, scale: float) -> str:
+    """``value [low, high] (difference, p)`` against the unsteered run on the same ids (no test for the unsteered
+    run itself); ``-`` without a run."""
+    if not (run / METRIC_RESULT).exists():
+        return "-"
+    if run == baseline:
+        values = list(scores(run, metric).values())
+        interval = mean_interval(values)
+        return f"{sum(values) / len(values) * scale:.2f} [{interval.low * scale:.2f}, {interval.high * scale:.2f}]"
+    ours, theirs = scores(run, metric), scores(baseline, metric)
+    ids = sorted(set(ours) & set(theirs), key=str)
+    if len(ids) != len(ours) or len(ids) != len(theirs):
+        raise ValueError(f"{run} and {baseline} score different examples for {metric}; compare the same slice")
+    a, b = [ours[i] for i in ids], [theirs[i] for i in ids]
+    interval, test = mean_interval(a), paired_test(a, b)
+    mean = sum(a) / len(a)
+    return (
+        f"{mean * scale:.2f} [{interval.low * scale:.2f}, {interval.high * scale:.2f}] "
+        f"({test.difference * scale:+.2f}, p = {test.p_value:.2g})"
+    )
+
+
+VERDICTS = {"pass": "passes", "fail": "fails", "open": "incomplete (a guard not run)"}
+
+
+def verdict_of(reasons: list[str]) -> str:
+    """``pass`` without reasons, ``open`` when the only reasons are guards not run, else ``fail``."""
+    if not reasons:
+        return "pass"
+    return "open" if all(reason.endswith("no dev run") for reason in reasons) else "fail"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dev", type=Path, help="a model's dev folder, e.g. docs/results/dev/gemma3-270m")
+    args = parser.parse_args(argv)
+    table = json.loads(args.dev.with_suffix(".json").read_text())
+    header = ["candidate", "CounterFact dev"]
+    header += [f"{metric} x {scale}" for metric, scale in GUARDS.values()]
+    header += ["degenerate % (PronChange)", "verdict"]
+    floors = {metric: table["baseline"][metric]["mean"] - table["baseline"][metric]["se"] for metric in table["guards"]}
+    print(
+        "Guard floors (unsteered mean - one SE, x 100): "
+        + ", ".join(f"{metric} {floor * 100:.2f}" for metric, floor in floors.items())
+        + "; a verdict is the rule's (src/seka_lightning/selection.py), not the paired test's.\n"
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = [{"name": "none", "metrics": table["baseline"], "rejected": []}, *table["candidates"]]
+    for row in rows:
+        runs = {b: args.dev / b / row["name"] for b in GUARDS}
+        if row["name"] != "none" and not any((run / METRIC_RESULT).exists() for run in runs.values()):
+            continue
+        cells = [f"`{row['name']}`", f"{row['metrics']['efficacy_score']['mean'] * 100:.1f}"]
+        for benchmark, (metric, scale) in GUARDS.items():
+            cells.append(cell(runs[benchmark], args.dev / benchmark / "none", metric, scale))
+        benchmark, metric = DEGENERATE
+        cells.append(cell(runs[benchmark], args.dev / benchmark / "none", metric, 100))
+        verdict = "unsteered" if row["name"] == "none" else VERDICTS[verdict_of(row["rejected"])]
+        cells.append(f"**{verdict}**" if row["name"] == table["chosen"]["name"] else verdict)
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -258,7 +258,9 @@ def test_a_method_option_set_to_null_on_the_command_line_is_null():
     init_args = config["model"]["init_args"]["method"]["init_args"]
     assert init_args["bank"] is None
     assert init_args["length_reference"] is None
-    assert init_args["layers"] == "last6"  # the config's other values stay
+    shipped = yaml.safe_load(Path(key_scaling).read_text())["model"]["init_args"]["method"]["init_args"]
+    assert init_args["layers"] == shipped["layers"]  # the config's other values stay
+    assert init_args["gain_pos"] == shipped["gain_pos"]
     for literal in ("None.pt", "a=None"):  # other strings stay strings
         kept = printed_predict_config("-c", key_scaling, "--model.method.bank", literal)
         assert kept["model"]["init_args"]["method"]["init_args"]["bank"] == literal

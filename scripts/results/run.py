@@ -1164,6 +1164,12 @@ def child_env(workers: int) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
+def default_table(results: Path) -> Path:
+    """The committed table for the committed results; a table inside any other results folder."""
+    committed = Path("docs/results")
+    return Path("docs/results_table.md") if results == committed else results / "results_table.md"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -1172,7 +1178,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("outputs/results"), help="banks, dev runs and logs")
     parser.add_argument("--results", type=Path, default=Path("docs/results"), help="the reported runs")
-    parser.add_argument("--table", type=Path, default=Path("docs/results_table.md"), help="seka report's table")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        help="seka report's table (default: docs/results_table.md for docs/results, else RESULTS/results_table.md, "
+        "so a run elsewhere never overwrites the committed table)",
+    )
     parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--accelerator", default="auto", choices=("auto", "gpu", "cpu"))
     parser.add_argument("--jobs", type=int, default=1, help="commands run at once")
@@ -1318,7 +1329,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         gains=args.gains,
         guard_top=args.guard_top,
         guards=args.guards,
-        table=args.table,
+        table=args.table or default_table(args.results),
         batch_sizes=batch_sizes,
         test_slices=test_slices,
         static_decoding=static_decoding,

@@ -86,6 +86,21 @@ def test_dry_run_final_seka_counterfact_commands(capsys, in_repo):
     ]
 
 
+def test_a_results_folder_elsewhere_gets_its_own_table(capsys, in_repo):
+    """--results outside docs/results: the report writes its table inside that folder, never the committed one."""
+    lines = dry_run(
+        capsys,
+        *("--models", "smollm2-135m", "--stages", "final", "--methods", "none", "--benchmarks", "counterfact"),
+        *("--results", "outputs/cpures"),
+    )
+    assert lines[-2] == (
+        f"{SEKA} report --results outputs/cpures --output outputs/cpures/results_table.md --plot null --overwrite true"
+    )
+    assert not any("docs/results_table.md" in line for line in lines)
+    explicit = dry_run(capsys, "--stages", "final", "--results", "outputs/cpures", "--table", "t.md")
+    assert "--results outputs/cpures --output t.md " in explicit[-2]
+
+
 def test_dry_run_random_seeds_limit_and_long_context_spa(capsys, in_repo):
     lines = dry_run(
         capsys,

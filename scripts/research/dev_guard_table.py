@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions
-from seka_lightning.significance import mean_interval, paired_test
+from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions, summarize
+from seka_lightning.significance import paired_test
 
 GUARDS = {"lost_in_the_middle": ("exact_match_inside", 100), "pronchange": ("pron_mean_p", 100)}
 DEGENERATE = ("pronchange", "degenerate")
@@ -27,25 +27,23 @@ def scores(run: Path, metric: str) -> dict:
 
 
 def cell(run: Path, baseline: Path, metric: str, scale: float) -> str:
-    """``value [low, high] (difference, p)`` against the unsteered run on the same ids (no test for the unsteered
-    run itself); ``-`` without a run."""
+    """``value [low, high] (difference, p)``: the value and interval as the run's ``metric_result.json`` records them
+    (:func:`summarize`), then the paired test against the unsteered run on the same ids (none for the unsteered run
+    itself); ``-`` without a run."""
     if not (run / METRIC_RESULT).exists():
         return "-"
+    records = read_predictions(run / PREDICTIONS)
+    summary = summarize(records, [metric])
+    (low, high), value = summary["intervals"][metric], summary["metrics"][metric]
+    text = f"{value * scale:.2f} [{low * scale:.2f}, {high * scale:.2f}]"
     if run == baseline:
-        values = list(scores(run, metric).values())
-        interval = mean_interval(values)
-        return f"{sum(values) / len(values) * scale:.2f} [{interval.low * scale:.2f}, {interval.high * scale:.2f}]"
-    ours, theirs = scores(run, metric), scores(baseline, metric)
-    ids = sorted(set(ours) & set(theirs), key=str)
-    if len(ids) != len(ours) or len(ids) != len(theirs):
+        return text
+    ours, theirs = per_id_scores(records, metric), scores(baseline, metric)
+    if set(ours) != set(theirs):
         raise ValueError(f"{run} and {baseline} score different examples for {metric}; compare the same slice")
-    a, b = [ours[i] for i in ids], [theirs[i] for i in ids]
-    interval, test = mean_interval(a), paired_test(a, b)
-    mean = sum(a) / len(a)
-    return (
-        f"{mean * scale:.2f} [{interval.low * scale:.2f}, {interval.high * scale:.2f}] "
-        f"({test.difference * scale:+.2f}, p = {test.p_value:.2g})"
-    )
+    ids = sorted(ours, key=str)
+    test = paired_test([ours[i] for i in ids], [theirs[i] for i in ids])
+    return f"{text} ({test.difference * scale:+.2f}, p = {test.p_value:.2g})"
 
 
 VERDICTS = {"pass": "passes", "fail": "fails", "open": "incomplete (a guard not run)"}

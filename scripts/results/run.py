@@ -72,9 +72,16 @@ RANDOM_SEEDS = (0, 1, 2)
 GAINS = (1.0, 2.0, 4.0, 8.0, 16.0)
 # AdaSEKA's edit g k P mixes up to four experts with max |c_m| = 1 (SPEC section 5): stronger than SEKA's at one gain
 ADASEKA_GAINS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-GUARD_BENCHMARKS = {"lost_in_the_middle": "exact_match_inside", "pronchange": "pron_mean_p"}
+# --guards names -> (the dev benchmark run, the metric the rule guards); the rule's default guards are the first two.
+# lost_in_the_middle_outside (opt-in) guards the documents outside the highlight with the same lost-in-the-middle runs.
+GUARD_BENCHMARKS = {
+    "lost_in_the_middle": ("lost_in_the_middle", "exact_match_inside"),
+    "pronchange": ("pronchange", "pron_mean_p"),
+    "lost_in_the_middle_outside": ("lost_in_the_middle", "exact_match_outside"),
+}
+DEFAULT_GUARDS = ("lost_in_the_middle", "pronchange")
 HIGHLIGHT_LENGTHS = "longest_highlight.json"  # OUT/dev/<model>/counterfact/: the dev highlights' token counts
-assert tuple(GUARD_BENCHMARKS.values()) == GUARDS
+assert tuple(GUARD_BENCHMARKS[name][1] for name in DEFAULT_GUARDS) == GUARDS
 
 
 @dataclass(frozen=True)
@@ -165,7 +172,7 @@ class Settings:
     limit: int | None
     gains: list[float]
     guard_top: int
-    guards: list[str] = field(default_factory=lambda: list(GUARD_BENCHMARKS))
+    guards: list[str] = field(default_factory=lambda: list(DEFAULT_GUARDS))
     table: Path = Path("docs/results_table.md")
     batch_sizes: dict[str, int] = field(default_factory=dict)
     test_slices: dict[str, str] = field(default_factory=dict)
@@ -666,7 +673,7 @@ def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     0 of a resumed run, whose unsteered guard runs exist) the candidates :func:`guards_needed` names in each grid,
     until every grid's choice is settled (then the ``dev:<model>:guards`` marker)."""
     grids = [dev_candidates(s, model, tuned) for tuned in s.tuned_grids()]
-    jobs = [dev_run(s, model, benchmark, None) for benchmark in s.guards] if number == 0 else []
+    jobs = [dev_run(s, model, benchmark, None) for benchmark in guard_benchmarks(s)] if number == 0 else []
     check_stale_results(jobs)
     if all(job.done is not None and job.done.exists() for job in jobs):
         baseline, guards = baseline_estimates(s, model), guard_metrics(s)
@@ -676,7 +683,7 @@ def guard_round(s: Settings, model: Model, number: int) -> list[Job]:
     if not needed:
         return [Job(f"dev:{model.tag}:guards", action=list)]
     log.info("%s: guard round %d for %s", model.tag, number, [c.name for c in needed])
-    jobs += [dev_run(s, model, b, c) for c in needed for b in s.guards]
+    jobs += [dev_run(s, model, b, c) for c in needed for b in guard_benchmarks(s)]
     after = tuple(job.name for job in jobs)
     jobs.append(
         Job(f"dev:{model.tag}:guard-round-{number + 1}", action=lambda: guard_round(s, model, number + 1), after=after)
@@ -691,7 +698,12 @@ def read_estimate(folder: Path, metric: str) -> Estimate:
 
 def guard_metrics(s: Settings) -> list[str]:
     """The guard metrics the rule applies (``--guards``)."""
-    return [GUARD_BENCHMARKS[benchmark] for benchmark in s.guards]
+    return [GUARD_BENCHMARKS[name][1] for name in s.guards]
+
+
+def guard_benchmarks(s: Settings) -> list[str]:
+    """The dev benchmarks the guards of ``--guards`` read, each once, in order."""
+    return list(dict.fromkeys(GUARD_BENCHMARKS[name][0] for name in s.guards))
 
 
 def dev_candidates(s: Settings, model: Model, method: str = "seka") -> list[Candidate]:
@@ -707,7 +719,8 @@ def dev_candidates(s: Settings, model: Model, method: str = "seka") -> list[Cand
                 "(--stages dev select), which counts the highlights and runs the twins that need their own runs"
             )
         metrics = {EFFICACY: read_estimate(folder, EFFICACY)}
-        for benchmark, metric in GUARD_BENCHMARKS.items():
+        for name in dict.fromkeys([*DEFAULT_GUARDS, *s.guards]):  # the default guards' metrics even where not applied
+            benchmark, metric = GUARD_BENCHMARKS[name]
             folder = dev_dir(s, model, benchmark, point.name)
             if (folder / METRIC_RESULT).exists():
                 metrics[metric] = read_estimate(folder, metric)
@@ -720,8 +733,8 @@ def dev_candidates(s: Settings, model: Model, method: str = "seka") -> list[Cand
 
 def baseline_estimates(s: Settings, model: Model) -> dict[str, Estimate]:
     estimates = {EFFICACY: read_estimate(dev_dir(s, model, "counterfact", "none"), EFFICACY)}
-    for benchmark in s.guards:
-        metric = GUARD_BENCHMARKS[benchmark]
+    for name in s.guards:
+        benchmark, metric = GUARD_BENCHMARKS[name]
         estimates[metric] = read_estimate(dev_dir(s, model, benchmark, "none"), metric)
     return estimates
 
@@ -816,7 +829,7 @@ def write_dev_table(
     context = {
         "rule": RULE,
         "guards": guard_metrics(s),
-        "guards_not_applied": [m for b, m in GUARD_BENCHMARKS.items() if b not in s.guards],
+        "guards_not_applied": [GUARD_BENCHMARKS[name][1] for name in DEFAULT_GUARDS if name not in s.guards],
         "slices": {
             "counterfact": f"{dev} (records 4500:5000)",
             "lost_in_the_middle": f"{dev} (questions 2555:2655) x 7 gold positions",
@@ -1231,9 +1244,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument(
         "--guards",
         nargs="*",
-        default=list(GUARD_BENCHMARKS),
+        default=list(DEFAULT_GUARDS),
         choices=list(GUARD_BENCHMARKS),
-        help="the guard benchmarks the rule applies (default both; the dev table records any left out)",
+        help="the guards the rule applies: lost_in_the_middle (exact_match_inside), pronchange (pron_mean_p) and, opt-in, "
+        "lost_in_the_middle_outside (exact_match_outside: the documents outside the highlight, from the same runs); "
+        "default the first two; the dev table records the ones left out",
     )
     parser.add_argument(
         "--length-scaling",

@@ -476,6 +476,47 @@ def test_guards_option_applies_only_the_named_guards_and_records_the_rest(tmp_pa
     assert table["chosen"] == {"name": "last15-g2", "bank": "shipped", "layers": "last15", "gain": 2.0}
 
 
+def test_outside_guard_reads_the_same_lost_in_the_middle_runs_and_rejects_a_fall_outside(tmp_path, configs_copy):
+    """--guards ... lost_in_the_middle_outside: one lost-in-the-middle run per candidate serves both of its guards, and
+    a candidate whose documents outside the highlight fall below unsteered - SE is rejected, however well it does
+    inside."""
+    guards = ("lost_in_the_middle", "lost_in_the_middle_outside", "pronchange")
+    settings = smollm2_settings("--gains", "2", "8", "--guards", *guards, "--banks", "--methods", "seka")
+    write_counterfact_grid(settings)
+    first = [job.name.removeprefix("dev:smollm2-135m:") for job in run.guard_round(settings, SMOLLM2, 0)]
+    assert first[:6] == [
+        "lost_in_the_middle:none",
+        "pronchange:none",
+        *(f"{b}:{c}" for c in ("last15-g8", "last20-g8") for b in ("lost_in_the_middle", "pronchange")),
+    ]
+    # (inside, outside) per-example scores: last15-g8 lifts the inside and loses the outside
+    litm = {"none": ([0.0, 1.0], [1.0, 1.0]), "last15-g8": ([1.0, 1.0], [0.0, 0.0])}
+    litm |= {name: ([0.0, 1.0], [1.0, 1.0]) for name in ("last20-g8", "last15-g2", "last20-g2")}
+    for name, (inside, outside) in litm.items():
+        records = [
+            {"id": i, "scores": {"exact_match_inside": a, "exact_match_outside": b}}
+            for i, (a, b) in enumerate(zip(inside, outside, strict=True))
+        ]
+        folder = run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name)
+        write_predictions(folder / "predictions.jsonl.gz", records)
+        (folder / "metric_result.json").write_text("{}")
+        write_dev_run(run.dev_dir(settings, SMOLLM2, "pronchange", name), "pron_mean_p", [0.5, 0.5])
+    assert run.write_selection(settings, SMOLLM2) == []
+    table = json.loads((tmp_path / "results" / "dev" / "smollm2-135m.json").read_text())
+    assert table["guards"] == ["exact_match_inside", "exact_match_outside", "pron_mean_p"]
+    assert table["guards_not_applied"] == []
+    assert table["baseline"]["exact_match_outside"] == {"mean": 1.0, "se": 0.0, "n": 2}
+    rows = {row["name"]: row for row in table["candidates"]}
+    assert rows["last15-g8"]["rejected"] == ["exact_match_outside: 0.0000 < unsteered - SE = 1.0000"]
+    assert table["chosen"]["name"] == "last15-g2"  # best admissible last20-g8 (9/10); the gain-2 points within one SE
+
+
+def test_guards_option_rejects_an_unknown_guard(capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--guards", "lost_in_the_middle_inside"])
+    assert "invalid choice: 'lost_in_the_middle_inside'" in capsys.readouterr().err
+
+
 EXPERTS = {source: f"outputs/results/experts/smollm2-135m/{source}.safetensors" for source in run.EXPERT_SOURCES}
 
 

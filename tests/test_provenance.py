@@ -134,3 +134,43 @@ def test_library_versions_name_the_tokenizer_and_conversion_packages():
     versions = library_versions()
     assert {"torch", "transformers", "tokenizers", "gguf", "lightning", "torchmetrics"} <= versions.keys()
     assert versions["tokenizers"] is not None  # transformers needs it, so it is installed wherever this runs
+
+
+def test_a_run_records_what_its_bank_was_built_from_beside_the_banks_hash(tmp_path):
+    """Two banks derived from the same statistics in different rounding have different file hashes; the record names
+    the statistics they share (the digest the bank stores, equal to the statistics file's), and ignores other files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from seka_lightning.bank import ProjectionBank, stats_path_for
+    from seka_lightning.files import file_sha256
+    from seka_lightning.provenance import run_provenance
+    from seka_lightning.stats import KeySums
+
+    gen = torch.Generator().manual_seed(0)
+    h, hp, hn = (torch.randn(2, 30, 1, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    sums = KeySums(
+        count=torch.tensor(30.0, dtype=torch.float64),
+        a0=torch.einsum("lmhd,lmhe->lhde", h, h),
+        a_pos=torch.einsum("lmhd,lmhe->lhde", h, hp),
+        a_neg=torch.einsum("lmhd,lmhe->lhde", h, hn),
+        d_pos_neg=(hp - hn).square().sum(dim=(1, 3)),
+        d_pos_neutral=(hp - h).square().sum(dim=(1, 3)),
+    )
+    paths = []
+    for name, sign in (("a", 1.0), ("b", -1.0)):
+        bank = ProjectionBank.from_statistics(
+            sums, layers=[0, 1], min_diff=0.0, metadata={"model_id": "m", "data_fingerprint": "d"}
+        )
+        bank.u_pos = sign * bank.u_pos  # another decomposition's signs: the same projectors, other bytes
+        paths.append(str(bank.save_with_statistics(tmp_path / name / "bank.safetensors", sums, statistics_metadata={})))
+    other = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    (tmp_path / "heads.json").write_text("{}")
+    method = {"bank": paths[0], "experts": [paths[1], str(other)], "heads": str(tmp_path / "heads.json")}
+    record = run_provenance(pretrained="x", method=method, config={}, data={}, seeds={}, argv=["seka"])
+    assert record["method_files"][paths[0]] != record["method_files"][paths[1]]
+    stats = file_sha256(stats_path_for(paths[0]))
+    assert file_sha256(stats_path_for(paths[1])) == stats
+    expected = {"statistics_sha256": stats, "data_fingerprint": "d", "model_id": "m", "top_pct": 0.9}
+    assert record["method_builds"] == {paths[0]: expected, paths[1]: expected}

@@ -136,6 +136,33 @@ def input_files(settings: Any) -> dict[str, str]:
     return found
 
 
+# what a bank file's metadata says it was built from (ProjectionBank.save); the file's own hash names one build
+BANK_BUILD_KEYS = ("statistics_sha256", "data_fingerprint", "weights_sha256", "model_id", "top_pct")
+
+
+def bank_builds(files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``{path: what it was built from}`` for each seka-lightning bank among ``files`` (other files are left out).
+
+    A bank rebuilt from the same statistics on another device or thread count has other bytes (its final
+    decomposition rounds differently and may flip singular vectors' signs), so two runs' bank hashes can differ while
+    ``statistics_sha256`` (the float64 key sums it was derived from) is the same.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    builds = {}
+    for path in files:
+        if not path.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(path, "pt") as handle:
+                recorded = json.loads((handle.metadata() or {}).get("seka", "null"))
+        except (OSError, SafetensorError, json.JSONDecodeError):
+            continue  # not a bank this package wrote: its hash in method_files is the record
+        if isinstance(recorded, dict):
+            builds[path] = {key: recorded[key] for key in BANK_BUILD_KEYS if key in recorded}
+    return builds
+
+
 def run_provenance(
     *,
     pretrained: str,
@@ -157,6 +184,7 @@ def run_provenance(
     argv = list(sys.argv if argv is None else argv)
     if argv and Path(argv[0]).name in ("cli.py", "__main__.py", "seka"):
         argv[0] = "seka"  # the entry point, not where this machine keeps it
+    method_files = input_files(dict(method))
     return {
         "git": git_record(git_at_start),
         "command": argv,
@@ -164,7 +192,8 @@ def run_provenance(
         "config": dict(config),
         "model": {"id": pretrained, **(weights if weights is not None else weights_hash(pretrained))},
         "method": dict(method),
-        "method_files": input_files(dict(method)),
+        "method_files": method_files,
+        "method_builds": bank_builds(method_files),
         "data": dict(data),
         "seeds": {**seeds, "global": os.environ.get("PL_GLOBAL_SEED")},
         "versions": library_versions(),

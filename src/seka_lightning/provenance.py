@@ -143,8 +143,8 @@ BANK_BUILD_KEYS = ("statistics_sha256", "data_fingerprint", "weights_sha256", "m
 def bank_builds(files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """``{path: what it was built from}`` for each seka-lightning bank among ``files`` (other files are left out).
 
-    A bank rebuilt from the same statistics on another device or thread count has other bytes (its final
-    decomposition rounds differently and may flip singular vectors' signs), so two runs' bank hashes can differ while
+    A bank derived again from the same statistics can have other bytes (on a CPU with another thread count its final
+    decomposition rounds differently and flips singular vectors' signs), so two runs' bank hashes can differ while
     ``statistics_sha256`` (the float64 key sums it was derived from) is the same.
     """
     from safetensors import SafetensorError, safe_open

@@ -167,10 +167,20 @@ def test_a_run_records_what_its_bank_was_built_from_beside_the_banks_hash(tmp_pa
     other = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(other))
     (tmp_path / "heads.json").write_text("{}")
-    method = {"bank": paths[0], "experts": [paths[1], str(other)], "heads": str(tmp_path / "heads.json")}
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\xff" * 16)
+    (tmp_path / "reference.pt").write_bytes(b"not read")
+    not_banks = [str(other), str(stats_path_for(paths[0])), str(tmp_path / "corrupt.safetensors")]
+    method = {
+        "bank": paths[0],
+        "experts": [paths[1], *not_banks],
+        "heads": str(tmp_path / "heads.json"),
+        "neg": str(tmp_path / "reference.pt"),
+    }
     record = run_provenance(pretrained="x", method=method, config={}, data={}, seeds={}, argv=["seka"])
     assert record["method_files"][paths[0]] != record["method_files"][paths[1]]
     stats = file_sha256(stats_path_for(paths[0]))
     assert file_sha256(stats_path_for(paths[1])) == stats
-    expected = {"statistics_sha256": stats, "data_fingerprint": "d", "model_id": "m", "top_pct": 0.9}
+    settings = {key: bank.metadata[key] for key in ("top_pct", "min_diff", "head_filter", "positive_only")}
+    expected = {"statistics_sha256": stats, "data_fingerprint": "d", "model_id": "m", **settings}
+    assert len(record["method_files"]) == 7  # every file is hashed; only the two banks say what they were built from
     assert record["method_builds"] == {paths[0]: expected, paths[1]: expected}

@@ -137,11 +137,21 @@ def input_files(settings: Any) -> dict[str, str]:
 
 
 # what a bank file's metadata says it was built from (ProjectionBank.save); the file's own hash names one build
-BANK_BUILD_KEYS = ("statistics_sha256", "data_fingerprint", "weights_sha256", "model_id", "top_pct")
+BANK_BUILD_KEYS = (
+    "statistics_sha256",
+    "data_fingerprint",
+    "weights_sha256",
+    "model_id",
+    "top_pct",
+    "min_diff",
+    "head_filter",
+    "positive_only",
+)
 
 
 def bank_builds(files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """``{path: what it was built from}`` for each seka-lightning bank among ``files`` (other files are left out).
+    """``{path: what it was built from}`` for each seka-lightning ``.safetensors`` bank among ``files`` (statistics
+    files, reference ``.pt`` banks and other files are left out).
 
     A bank derived again from the same statistics can have other bytes (on a CPU with another thread count its final
     decomposition rounds differently and flips singular vectors' signs), so two runs' bank hashes can differ while
@@ -158,7 +168,7 @@ def bank_builds(files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
                 recorded = json.loads((handle.metadata() or {}).get("seka", "null"))
         except (OSError, SafetensorError, json.JSONDecodeError):
             continue  # not a bank this package wrote: its hash in method_files is the record
-        if isinstance(recorded, dict):
+        if isinstance(recorded, dict) and recorded.get("format") == "seka-lightning-bank":
             builds[path] = {key: recorded[key] for key in BANK_BUILD_KEYS if key in recorded}
     return builds
 

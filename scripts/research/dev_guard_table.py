@@ -23,9 +23,9 @@ GUARDS = {"lost_in_the_middle": ("exact_match_inside", 100), "pronchange": ("pro
 # the columns after CounterFact dev: (benchmark, metric, header), every value x 100
 COLUMNS = (
     ("lost_in_the_middle", "exact_match_inside", "exact_match_inside x 100"),
-    ("lost_in_the_middle", "exact_match_outside", "exact_match_outside x 100 (not a guard)"),
+    ("lost_in_the_middle", "exact_match_outside", "exact_match_outside x 100"),
     ("pronchange", "pron_mean_p", "pron_mean_p x 100"),
-    ("pronchange", "degenerate", "degenerate % (PronChange, not a guard)"),
+    ("pronchange", "degenerate", "degenerate % of PronChange"),
 )
 
 
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dev", type=Path, help="a model's dev folder, e.g. docs/results/dev/gemma3-270m")
     args = parser.parse_args(argv)
     table = json.loads(args.dev.with_suffix(".json").read_text())
-    header = ["candidate", "CounterFact dev", *(title for _, _, title in COLUMNS), "verdict"]
+    unguarded = " (not a guard)"  # said of a column whose metric the table's rule did not guard
+    titles = [title + ("" if metric in table["guards"] else unguarded) for _, metric, title in COLUMNS]
+    header = ["candidate", "CounterFact dev", *titles, "verdict"]
     floors = {metric: table["baseline"][metric]["mean"] - table["baseline"][metric]["se"] for metric in table["guards"]}
     print(
         "Guard floors (unsteered mean - one SE, x 100): "

@@ -1276,6 +1276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = parser.parse_args(argv)
+    args.guards = list(dict.fromkeys(args.guards))  # a guard named twice is applied once
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.limit is not None and args.limit < 1:

@@ -2,8 +2,9 @@
 
 The rule (stated once here, recorded in ``docs/results/dev/<model>.json``):
 
-1. guards: a candidate is admissible only if, on every guard metric (lost in the middle ``exact_match_inside`` and
-   PronChange ``pron_mean_p`` on their dev slices), its mean is no lower than the unsteered mean minus one standard
+1. guards: a candidate is admissible only if, on every guard metric (by default lost in the middle
+   ``exact_match_inside`` and PronChange ``pron_mean_p`` on their dev slices; the results runner can add lost in the
+   middle's ``exact_match_outside``), its mean is no lower than the unsteered mean minus one standard
    error of the unsteered per-example scores;
 2. among admissible candidates take the best CounterFact dev efficacy;
 3. then choose the smallest gain whose efficacy is within one standard error (of that best candidate's per-example
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 EFFICACY = "efficacy_score"
 GUARDS = ("exact_match_inside", "pron_mean_p")
 RULE = (
-    "admissible: every guard metric (lost in the middle dev exact_match_inside, PronChange dev pron_mean_p) >= "
+    "admissible: every guard metric (the dev table's guards; by default lost in the middle dev exact_match_inside "
+    "and PronChange dev pron_mean_p) >= "
     "unsteered mean - one SE of the unsteered per-example scores; among admissible candidates take the best "
     "CounterFact dev efficacy_score, then the smallest gain whose efficacy is within one SE (of the best candidate's "
     "per-example scores) of that best; ties on the gain go to the higher efficacy, then to the earlier grid entry"

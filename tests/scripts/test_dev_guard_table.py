@@ -92,6 +92,6 @@ def test_main_prints_the_floors_and_one_row_per_guard_checked_candidate(tmp_path
     assert [row.split("|")[1].strip() for row in rows] == ["`none`", "`last6-g4`"]  # last6-g8 has no guard run
     assert rows[1].endswith("| **passes** |")
     header = next(line for line in out.splitlines() if line.startswith("| candidate"))
-    assert header.split(" | ")[3] == "exact_match_outside x 100 (not a guard)"
+    assert header.split(" | ")[2:4] == ["exact_match_inside x 100", "exact_match_outside x 100 (not a guard)"]
     assert rows[1].split(" | ")[3].startswith("0.00 [")  # the unguarded outside score, tested against unsteered
     assert "(-50.00, p = 0.5)" in rows[1].split(" | ")[3]  # McNemar: 2 discordant pairs, both against

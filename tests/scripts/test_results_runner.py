@@ -515,6 +515,8 @@ def test_guards_option_rejects_an_unknown_guard(capsys):
     with pytest.raises(SystemExit):
         run.parse_args(["--guards", "lost_in_the_middle_inside"])
     assert "invalid choice: 'lost_in_the_middle_inside'" in capsys.readouterr().err
+    settings, _ = run.parse_args(["--guards", "pronchange", "lost_in_the_middle_outside", "pronchange"])
+    assert settings.guards == ["pronchange", "lost_in_the_middle_outside"]  # named twice, applied once
 
 
 EXPERTS = {source: f"outputs/results/experts/smollm2-135m/{source}.safetensors" for source in run.EXPERT_SOURCES}

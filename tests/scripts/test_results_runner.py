@@ -493,10 +493,10 @@ def test_outside_guard_reads_the_same_lost_in_the_middle_runs_and_rejects_a_fall
     litm = {"none": ([0.0, 1.0], [1.0, 1.0]), "last15-g8": ([1.0, 1.0], [0.0, 0.0])}
     litm |= {name: ([0.0, 1.0], [1.0, 1.0]) for name in ("last20-g8", "last15-g2", "last20-g2")}
     for name, (inside, outside) in litm.items():
-        records = [
-            {"id": i, "scores": {"exact_match_inside": a, "exact_match_outside": b}}
-            for i, (a, b) in enumerate(zip(inside, outside, strict=True))
-        ]
+        # as the benchmark writes them: a question at a gold position inside the highlight scores exact_match_inside,
+        # one at a position outside it exact_match_outside
+        records = [{"id": f"q{i}@pos14", "scores": {"exact_match_inside": a}} for i, a in enumerate(inside)]
+        records += [{"id": f"q{i}@pos0", "scores": {"exact_match_outside": b}} for i, b in enumerate(outside)]
         folder = run.dev_dir(settings, SMOLLM2, "lost_in_the_middle", name)
         write_predictions(folder / "predictions.jsonl.gz", records)
         (folder / "metric_result.json").write_text("{}")

@@ -179,17 +179,37 @@ def file_kind(path: str | Path) -> str | None:
     return None
 
 
-def _safetensors_kind(path: Path) -> str | None:
-    from safetensors import SafetensorError, safe_open
+def _safetensors_header(path: Path) -> tuple[dict[str, str], set[str], dict[str, Any]]:
+    """A safetensors file's header metadata, its tensor names and the JSON under the header's ``seka`` key (``{}``
+    when there is none); reads the header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header, names = f.metadata() or {}, set(f.keys())
+    seka = json.loads(header.get("seka", "{}"))
+    return header, names, seka if isinstance(seka, dict) else {}
+
+
+def bank_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The metadata a seka-lightning bank file records (``ProjectionBank.save``); None for any other file."""
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header, names = f.metadata() or {}, set(f.keys())
+        seka = _safetensors_header(Path(path))[2]
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return seka if seka.get("format") == "seka-lightning-bank" else None
+
+
+def _safetensors_kind(path: Path) -> str | None:
+    from safetensors import SafetensorError
+
+    try:
+        header, names, seka = _safetensors_header(path)
     except SafetensorError:
         return None
     if header.get("format") == "seka-routing-gate":  # adaseka.gate.GATE_FORMAT (not imported: gate imports this module)
         return GATE
-    seka = json.loads(header.get("seka", "{}"))
     if seka.get("format") == "seka-lightning-bank":
         return BANK
     if seka.get("format") == "seka-lightning-statistics" or STATISTICS_TENSORS <= names:

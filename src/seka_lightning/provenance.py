@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seka_lightning.files import file_sha256
+from seka_lightning.files import bank_metadata, file_sha256
 from seka_lightning.models import EMBEDDED_PREFIX
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -157,18 +157,9 @@ def bank_builds(files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     decomposition rounds differently and flips singular vectors' signs), so two runs' bank hashes can differ while
     ``statistics_sha256`` (the float64 key sums it was derived from) is the same.
     """
-    from safetensors import SafetensorError, safe_open
-
     builds = {}
-    for path in files:
-        if not path.endswith(".safetensors"):
-            continue
-        try:
-            with safe_open(path, "pt") as handle:
-                recorded = json.loads((handle.metadata() or {}).get("seka", "null"))
-        except (OSError, SafetensorError, json.JSONDecodeError):
-            continue  # not a bank this package wrote: its hash in method_files is the record
-        if isinstance(recorded, dict) and recorded.get("format") == "seka-lightning-bank":
+    for path in files:  # any other file's record is its hash in method_files
+        if path.endswith(".safetensors") and (recorded := bank_metadata(path)) is not None:
             builds[path] = {key: recorded[key] for key in BANK_BUILD_KEYS if key in recorded}
     return builds
 

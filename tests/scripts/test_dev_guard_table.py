@@ -95,3 +95,24 @@ def test_main_prints_the_floors_and_one_row_per_guard_checked_candidate(tmp_path
     assert header.split(" | ")[2:4] == ["exact_match_inside x 100", "exact_match_outside x 100 (not a guard)"]
     assert rows[1].split(" | ")[3].startswith("0.00 [")  # the unguarded outside score, tested against unsteered
     assert "(-50.00, p = 0.5)" in rows[1].split(" | ")[3]  # McNemar: 2 discordant pairs, both against
+
+
+def test_main_prints_a_table_whose_rule_chose_nothing(tmp_path, capsys):
+    """A dev table where no candidate passes (the runner writes it with ``chosen: null``) prints every row unbolded."""
+    dev = tmp_path / "gemma3-270m"
+    base = {"efficacy_score": {"mean": 0.5, "se": 0.05, "n": 4}, "exact_match_inside": {"mean": 0.5, "se": 0.25}}
+    reason = "exact_match_inside: 0.0000 < unsteered - SE = 0.2500"
+    table_json = {
+        "guards": ["exact_match_inside"],
+        "baseline": base,
+        "candidates": [{"name": "last6-g4", "metrics": {"efficacy_score": {"mean": 1.0}}, "rejected": [reason]}],
+        "chosen": None,
+    }
+    dev.with_suffix(".json").write_text(json.dumps(table_json))
+    both = {"exact_match_outside": {0: 1.0, 1: 1.0}}
+    write_run(dev / "lost_in_the_middle" / "none", "exact_match_inside", {0: 1.0, 1: 0.0}, **both)
+    write_run(dev / "lost_in_the_middle" / "last6-g4", "exact_match_inside", {0: 0.0, 1: 0.0}, **both)
+    table.main([str(dev)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert rows[-1].startswith("| `last6-g4` |") and rows[-1].endswith("| fails |")
+    assert not any("**" in row for row in rows)

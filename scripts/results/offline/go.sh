@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine, after stage.sh 00-04: check the GGUF pieces, install the wheels into /tmp/site with the pieces
 # where the package metadata says they are, copy the tree to /root/repo, the data to /root/shared/data (its
-# ../shared/data) and the staged runs to outputs/, then start daemon.sh in its own session and show its first $1 seconds (default 30).
+# ../shared/data) and the staged runs to outputs/, then start daemon.sh in its own session and show its first $1
+# seconds (default 30).
 set -e
 R=$(pwd)
 (cd /root/stage && sha256sum -c "$R/.dev/g/stage.sha")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from seka_lightning.evidence import summarize, write_predictions
-from seka_lightning.report import report
+from seka_lightning.report import default_table, report
 from seka_lightning.significance import paired_bootstrap_test, wilson_interval
 
 IDS = list(range(12))
@@ -67,6 +67,17 @@ def test_headline_table_with_intervals_and_seed_spread(results, tmp_path):
         f"| counterfact | m | random | {mean:.2f} (3 seeds: 25.00-50.00) | 25.00 (3 seeds: 25.00-25.00) | 12 |" in lines
     )
     assert (tmp_path / "t.md").read_text() == table
+
+
+def test_a_random_ablation_with_one_seed_shows_its_interval_not_a_spread(tmp_path):
+    root = tmp_path / "results"
+    efficacy = [1] * 3 + [0] * 9
+    write_run(
+        root / "counterfact" / "m" / "random" / "seed-0", "random", counterfact_records(efficacy, NONE_PARAPHRASE)
+    )
+    w = wilson_interval(3, 12)
+    table = report(results=str(root), output=str(tmp_path / "t.md"), plot=None)
+    assert f"| counterfact | m | random | 25.00 [{100 * w.low:.2f}, {100 * w.high:.2f}] (1 seed) | " in table
 
 
 def brute_force_mcnemar(b: int, c: int) -> float:
@@ -258,3 +269,19 @@ def test_results_root_follows_the_layout(folder, root):
     from seka_lightning.report import results_root
 
     assert results_root(folder) == (None if root is None else Path(root))
+
+
+def test_a_report_of_other_runs_writes_inside_them_and_never_replaces_the_committed_table_or_plot(
+    results, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    committed = [tmp_path / "docs" / "results_table.md", tmp_path / "docs" / "results" / "lost_in_the_middle.png"]
+    for path in committed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("committed")
+    report(results=str(results), overwrite=True)
+    assert [path.read_text() for path in committed] == ["committed", "committed"]
+    assert (results / "results_table.md").read_text().startswith("| benchmark | model | method |")
+    # the committed folder keeps its committed table; its plot is written inside it, as always
+    assert default_table("docs/results") == Path("docs/results_table.md")
+    assert default_table(results) == results / "results_table.md"

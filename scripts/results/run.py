@@ -43,6 +43,7 @@ import yaml
 
 from seka_lightning.evidence import METRIC_RESULT, PREDICTIONS, per_id_scores, read_predictions
 from seka_lightning.files import atomic_path, write_json
+from seka_lightning.report import default_table
 from seka_lightning.selection import (
     EFFICACY,
     GUARDS,
@@ -1175,12 +1176,6 @@ def child_env(workers: int) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-
-
-def default_table(results: Path) -> Path:
-    """The committed table for the committed results; a table inside any other results folder."""
-    committed = Path("docs/results")
-    return Path("docs/results_table.md") if results == committed else results / "results_table.md"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:

@@ -139,15 +139,16 @@ def _columns(runs: list[Run]) -> list[str]:
 
 
 def _cell(runs: list[Run], metric: str) -> str:
-    """``value [low, high]`` x100 for one run; ``mean (k seeds: min-max)`` over the seeds of the random ablation."""
+    """``value [low, high]`` x100 for one run; ``mean (k seeds: min-max)`` over the seeds of the random ablation
+    (one seed: its value and interval, marked ``(1 seed)``)."""
     values = [r.result["metrics"][metric] for r in runs if metric in r.result["metrics"]]
     if not values:
         return ""
-    if runs[0].method == "random":
+    if runs[0].method == "random" and len(values) > 1:
         return f"{100 * statistics.fmean(values):.2f} ({len(values)} seeds: {100 * min(values):.2f}-{100 * max(values):.2f})"
     low, high = runs[0].result.get("intervals", {}).get(metric, [None, None])
     interval = "" if low is None else f" [{100 * low:.2f}, {100 * high:.2f}]"
-    return f"{100 * values[0]:.2f}{interval}"
+    return f"{100 * values[0]:.2f}{interval}" + (" (1 seed)" if runs[0].method == "random" else "")
 
 
 def headline_table(runs: list[Run]) -> str:
@@ -278,11 +279,21 @@ def position_plot(runs: list[Run], path: Path) -> Path | None:
     return path
 
 
+COMMITTED_RESULTS, COMMITTED_TABLE = Path("docs/results"), Path("docs/results_table.md")
+PLOT_IN_RESULTS = "RESULTS/lost_in_the_middle.png"  # the plot's default: inside the results folder it shows
+
+
+def default_table(results: str | Path) -> Path:
+    """The committed table for the committed results; a table inside any other results folder (so a report of other
+    runs never replaces the committed one)."""
+    return COMMITTED_TABLE if Path(results) == COMMITTED_RESULTS else Path(results) / "results_table.md"
+
+
 def report(
     *,
     results: str = "docs/results",
-    output: str = "docs/results_table.md",
-    plot: str | None = "docs/results/lost_in_the_middle.png",
+    output: str | None = None,
+    plot: str | None = PLOT_IN_RESULTS,
     verify: bool = False,
     overwrite: bool = False,
 ) -> str:
@@ -291,8 +302,9 @@ def report(
 
     Args:
         results: the results folder, laid out as ``<benchmark>/<model>/<method>/`` (random: ``random/seed-<k>/``).
-        output: the markdown file to write.
-        plot: the PNG to write (None = no plot).
+        output: the markdown file to write (default: ``docs/results_table.md`` for ``docs/results``, else
+            ``RESULTS/results_table.md``).
+        plot: the PNG to write (None = no plot; default: ``lost_in_the_middle.png`` in the results folder).
         verify: only check that every ``metric_result.json`` equals its recomputation from
             ``predictions.jsonl.gz`` (and that the predictions exist); write nothing.
         overwrite: replace an existing table at ``output`` and plot at ``plot``.
@@ -305,6 +317,9 @@ def report(
         log.info(message)
         return message
     runs = read_runs(results)  # cheap, and an input error comes before an output error
+    output = str(default_table(results)) if output is None else output
+    if plot == PLOT_IN_RESULTS:
+        plot = str(Path(results) / Path(PLOT_IN_RESULTS).name)
     check_output(output, kind=REPORT, inputs={"--results": results}, overwrite=overwrite)
     if plot is not None:
         check_output(plot, kind=PLOT, inputs={"--results": results, "--output": output}, overwrite=overwrite)

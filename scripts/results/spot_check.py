@@ -16,6 +16,13 @@ TF-IDF fitted on its bios), so a BiasBios record agrees on its generation and fl
 the agreement and the first disagreements, writes ``OUT/spot_check.json``, and exits 1 when fewer than
 ``--min-agreement`` of the records agree (a run that differs on another device or version shows up here before anyone
 reads its metrics), 3 when the re-run itself fails or writes no records.
+
+With ``--against RUN`` nothing is re-run: every record of the committed result is compared, texts and scores, with
+the record of the same ``uid`` in RUN, an existing run of the same method (e.g. one over a longer slice, through
+another decode path, or on another device; a difference names its text "re-run"); a record RUN lacks disagrees:
+
+    python scripts/results/spot_check.py docs/results/lost_in_the_middle/gemma3-270m/seka \
+        --against docs/research/litm_full_protocol/lost_in_the_middle/gemma3-270m/seka --out outputs/spot/litm-0-300
 """
 
 from __future__ import annotations
@@ -190,23 +197,30 @@ def agreement(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", type=Path, help="a committed result folder (metric_result.json, predictions)")
-    parser.add_argument("--records", type=int, default=2, help="records of the slice to re-run (from its start)")
+    parser.add_argument("--records", type=int, help="records of the slice to re-run (from its start; default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="shorter generations (prefix comparison)")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--out", type=Path, required=True, help="the re-run's output folder (must not exist)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--min-agreement", type=float, default=1.0, help="fraction of records that must agree")
+    parser.add_argument(
+        "--against", type=Path, metavar="RUN", help="compare every record with this existing run instead of re-running"
+    )
     args = parser.parse_args(argv)
+    if args.against is not None and (args.records is not None or args.max_new_tokens is not None or args.overrides):
+        parser.error("--against compares every record with an existing run: drop --records, --max-new-tokens, --set")
     args.result, args.out = args.result.resolve(), args.out.resolve()  # the re-run runs in the repository root
     if args.out.exists():
         parser.error(f"--out {args.out} exists; pick a new folder (a spot check never overwrites a run)")
     result = json.loads((args.result / METRIC_RESULT).read_text())
     committed = read_predictions(args.result / PREDICTIONS)
+    if args.against is not None:
+        return check_against(args, result, committed)
     try:
         command = rerun_command(
             result["provenance"]["command"],
             result["config"]["data"],
-            records=args.records,
+            records=2 if args.records is None else args.records,
             out=args.out,
             accelerator=args.accelerator,
             max_new_tokens=args.max_new_tokens,
@@ -228,8 +242,34 @@ def main(argv: list[str] | None = None) -> int:
     summary = agreement(committed, rerun, prefix_only=args.max_new_tokens is not None, slice_scores=slice_scores)
     summary |= {"scores_not_compared": "all" if args.max_new_tokens is not None else list(slice_scores)}
     summary |= {"result": str(args.result), "command": ["python", *command[1:]], "min_agreement": args.min_agreement}
+    return finish(args, summary, f"re-run records agree with {args.result}")
+
+
+def check_against(args: argparse.Namespace, result: dict, committed: list[dict]) -> int:
+    """``--against RUN``: every committed record compared, texts and scores (those that depend on the whole slice
+    left out, as for a re-run), with RUN's record of the same ``uid``; one RUN lacks disagrees."""
+    other = {record["uid"]: record for record in read_predictions(args.against.resolve() / PREDICTIONS)}
+    slice_scores = SLICE_SCORES.get(result["config"]["data"].get("benchmark"), ())
+    matched = [other[record["uid"]] for record in committed if record["uid"] in other]
+    summary = agreement(committed, matched, prefix_only=False, slice_scores=slice_scores)
+    missing = [{"uid": r["uid"], "difference": "not in --against's run"} for r in committed if r["uid"] not in other]
+    summary |= {
+        "records": len(committed),
+        "fraction": summary["agree"] / len(committed) if committed else 0.0,
+        "differences": (summary["differences"] + missing)[:10],
+        "scores_not_compared": list(slice_scores),
+        "result": str(args.result),
+        "against": str(args.against.resolve()),
+        "against_records": len(other),
+        "min_agreement": args.min_agreement,
+    }
+    return finish(args, summary, f"records of {args.result} agree with {args.against}")
+
+
+def finish(args: argparse.Namespace, summary: dict, agreeing: str) -> int:
+    """Write ``OUT/spot_check.json``, print the agreement and the first disagreements, and exit by agreement."""
     write_json(args.out / "spot_check.json", summary)
-    print(f"{summary['agree']} of {summary['records']} re-run records agree with {args.result}")
+    print(f"{summary['agree']} of {summary['records']} {agreeing}")
     for item in summary["differences"]:
         print(f"  {item['uid']}: {item['difference']}")
     return 0 if summary["fraction"] >= args.min_agreement else 1

@@ -217,3 +217,28 @@ def test_an_existing_output_folder_is_refused_before_anything_runs(tmp_path, cap
     assert exit_info.value.code == 2
     assert "exists; pick a new folder" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_against_compares_every_record_with_an_existing_run_and_reruns_nothing(tmp_path, monkeypatch, capsys):
+    result, longer = tmp_path / "result", tmp_path / "longer"
+    write_result(result, [record("a", "She is a nurse.", 0.5), record("b", "He he", 0.0)])
+    monkeypatch.setattr(spot.subprocess, "run", lambda *a, **k: pytest.fail("--against re-runs nothing"))
+    write_result(longer, [record("c", "x", 1.0), record("b", "He he", 0.0), record("a", "She is a nurse.", 0.5)])
+    assert spot.main([str(result), "--against", str(longer), "--out", str(tmp_path / "one")]) == 0
+    summary = json.loads((tmp_path / "one" / "spot_check.json").read_text())
+    assert (summary["records"], summary["agree"], summary["against_records"]) == (2, 2, 3)
+    # a different score, and a record the other run lacks, each disagree
+    write_result(tmp_path / "other", [record("a", "She is a nurse.", 0.25)])
+    assert spot.main([str(result), "--against", str(tmp_path / "other"), "--out", str(tmp_path / "two")]) == 1
+    summary = json.loads((tmp_path / "two" / "spot_check.json").read_text())
+    assert (summary["records"], summary["agree"], summary["fraction"]) == (2, 0, 0.0)
+    assert [d["uid"] for d in summary["differences"]] == ["a", "b"]
+    assert "not in --against's run" in summary["differences"][1]["difference"]
+    assert "0 of 2 records of" in capsys.readouterr().out
+
+
+def test_against_refuses_the_options_of_a_rerun(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        spot.main(["r", "--against", "x", "--records", "4", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "drop --records" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

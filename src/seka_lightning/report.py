@@ -254,7 +254,9 @@ def position_plot(runs: list[Run], path: Path) -> Path | None:
             positions, values, below, above = _position_series(members)
             counts |= {v for r in members for k, v in r.result.get("n", {}).items() if k.startswith("exact_match_pos_")}
             shift = 0.8 * (i - (len(methods) - 1) / 2) / max(1, len(methods) - 1)  # keep error bars apart
-            label = method if method != "random" else f"random (mean, min-max of {len(members)} seeds)"
+            label = method
+            if method == "random":  # one seed: its interval, as any run (_position_series)
+                label += " (1 seed)" if len(members) == 1 else f" (mean, min-max of {len(members)} seeds)"
             ax.errorbar(
                 [p + shift for p in positions],
                 values,

@@ -212,10 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     args.result, args.out = args.result.resolve(), args.out.resolve()  # the re-run runs in the repository root
     if args.out.exists():
         parser.error(f"--out {args.out} exists; pick a new folder (a spot check never overwrites a run)")
-    result = json.loads((args.result / METRIC_RESULT).read_text())
-    committed = read_predictions(args.result / PREDICTIONS)
-    if args.against is not None:
-        return check_against(args, result, committed)
+    try:  # a missing or unreadable run is the user's input error, named, not a traceback
+        result = json.loads((args.result / METRIC_RESULT).read_text())
+        committed = read_predictions(args.result / PREDICTIONS)
+        other = None if args.against is None else read_predictions(args.against.resolve() / PREDICTIONS)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    if other is not None:
+        return check_against(args, result, committed, other)
     try:
         command = rerun_command(
             result["provenance"]["command"],
@@ -245,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     return finish(args, summary, f"re-run records agree with {args.result}")
 
 
-def check_against(args: argparse.Namespace, result: dict, committed: list[dict]) -> int:
+def check_against(args: argparse.Namespace, result: dict, committed: list[dict], against: list[dict]) -> int:
     """``--against RUN``: every committed record compared, texts and scores (those that depend on the whole slice
-    left out, as for a re-run), with RUN's record of the same ``uid``; one RUN lacks disagrees."""
-    other = {record["uid"]: record for record in read_predictions(args.against.resolve() / PREDICTIONS)}
+    left out, as for a re-run), with RUN's record (``against``) of the same ``uid``; one RUN lacks disagrees."""
+    other = {record["uid"]: record for record in against}
     slice_scores = SLICE_SCORES.get(result["config"]["data"].get("benchmark"), ())
     matched = [other[record["uid"]] for record in committed if record["uid"] in other]
     summary = agreement(committed, matched, prefix_only=False, slice_scores=slice_scores)

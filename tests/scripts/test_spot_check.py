@@ -242,3 +242,12 @@ def test_against_refuses_the_options_of_a_rerun(tmp_path, capsys):
         spot.main(["r", "--against", "x", "--records", "4", "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "drop --records" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_run_is_named_without_a_traceback(tmp_path, capsys):
+    result = tmp_path / "result"
+    write_result(result, [record("a", "x", 0.0)])
+    with pytest.raises(SystemExit) as exit_info:
+        spot.main([str(result), "--against", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and "absent/predictions.jsonl.gz does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -234,9 +234,8 @@ def test_layout_errors_name_the_file_and_the_fix(results, tmp_path):
     assert not (tmp_path / "t.md").exists()
 
 
-def test_lost_in_the_middle_plot(tmp_path):
-    root = tmp_path / "results"
-    for model in ("a", "b"):
+def write_litm_runs(root: Path, models: tuple[str, ...] = ("a", "b")) -> None:
+    for model in models:
         for method, seeds in (("none", [None]), ("seka", [None]), ("random", [0, 1, 2])):
             for seed in seeds:
                 records = [
@@ -247,6 +246,11 @@ def test_lost_in_the_middle_plot(tmp_path):
                 ]
                 folder = root / "lost_in_the_middle" / model / method
                 write_run(folder if seed is None else folder / f"seed-{seed}", method, records)
+
+
+def test_lost_in_the_middle_plot(tmp_path):
+    root = tmp_path / "results"
+    write_litm_runs(root)
     png = tmp_path / "p.png"
     table = report(results=str(root), output=str(tmp_path / "t.md"), plot=str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -272,16 +276,20 @@ def test_results_root_follows_the_layout(folder, root):
 
 
 def test_a_report_of_other_runs_writes_inside_them_and_never_replaces_the_committed_table_or_plot(
-    results, tmp_path, monkeypatch
+    tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    committed = [tmp_path / "docs" / "results_table.md", tmp_path / "docs" / "results" / "lost_in_the_middle.png"]
-    for path in committed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("committed")
-    report(results=str(results), overwrite=True)
-    assert [path.read_text() for path in committed] == ["committed", "committed"]
-    assert (results / "results_table.md").read_text().startswith("| benchmark | model | method |")
-    # the committed folder keeps its committed table; its plot is written inside it, as always
-    assert default_table("docs/results") == Path("docs/results_table.md")
-    assert default_table(results) == results / "results_table.md"
+    write_litm_runs(Path("docs/results"), models=("a",))
+    report(overwrite=False)  # the committed folder: its table beside it, its plot inside it
+    committed = [Path("docs/results_table.md"), Path("docs/results/lost_in_the_middle.png")]
+    before = [path.read_bytes() for path in committed]
+    other = Path("elsewhere")
+    write_litm_runs(other, models=("b",))
+    report(results=str(other), overwrite=True)
+    assert [path.read_bytes() for path in committed] == before
+    assert (other / "results_table.md").read_text().startswith("| benchmark | model | method |")
+    assert (other / "lost_in_the_middle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same folder named another way is still the committed one
+    assert default_table(tmp_path / "docs" / "results") == Path("docs/results_table.md")
+    assert default_table("docs/results/../results") == Path("docs/results_table.md")
+    assert default_table(other) == other / "results_table.md"

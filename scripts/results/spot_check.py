@@ -19,9 +19,10 @@ reads its metrics), 3 when the re-run itself fails or writes no records.
 
 With ``--against RUN`` nothing is re-run: every record of the committed result is compared, texts and scores, with
 the record of the same ``uid`` in RUN, an existing run of the same method (e.g. one over a longer slice, through
-another decode path, or on another device; a difference names its text "re-run"); a record RUN lacks disagrees:
+another decode path, or on another device; a difference names its text "re-run"); a record RUN lacks disagrees, and
+a RUN of another benchmark, model or method is refused:
 
-    python scripts/results/spot_check.py docs/results/lost_in_the_middle/gemma3-270m/seka \
+    python scripts/results/spot_check.py docs/results/lost_in_the_middle/gemma3-270m/seka \\
         --against docs/research/litm_full_protocol/lost_in_the_middle/gemma3-270m/seka --out outputs/spot/litm-0-300
 """
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("result", type=Path, help="a committed result folder (metric_result.json, predictions)")
     parser.add_argument("--records", type=int, help="records of the slice to re-run (from its start; default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="shorter generations (prefix comparison)")
-    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu", "auto"])
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], help="the re-run's (default cpu)")
     parser.add_argument("--out", type=Path, required=True, help="the re-run's output folder (must not exist)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--min-agreement", type=float, default=1.0, help="fraction of records that must agree")
@@ -207,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         "--against", type=Path, metavar="RUN", help="compare every record with this existing run instead of re-running"
     )
     args = parser.parse_args(argv)
-    if args.against is not None and (args.records is not None or args.max_new_tokens is not None or args.overrides):
-        parser.error("--against compares every record with an existing run: drop --records, --max-new-tokens, --set")
+    rerun_options = (args.records, args.max_new_tokens, args.accelerator, args.overrides or None)
+    if args.against is not None and any(option is not None for option in rerun_options):
+        parser.error(
+            "--against compares every record with an existing run: drop --records, --max-new-tokens, --accelerator, "
+            "--set"
+        )
     args.result, args.out = args.result.resolve(), args.out.resolve()  # the re-run runs in the repository root
     if args.out.exists():
         parser.error(f"--out {args.out} exists; pick a new folder (a spot check never overwrites a run)")
@@ -216,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((args.result / METRIC_RESULT).read_text())
         committed = read_predictions(args.result / PREDICTIONS)
         other = None if args.against is None else read_predictions(args.against.resolve() / PREDICTIONS)
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+        if args.against is not None:
+            same_run_kind(result, json.loads((args.against.resolve() / METRIC_RESULT).read_text()))
+    except (OSError, ValueError, KeyError) as error:
+        parser.error(f"{error.__class__.__name__}: {error}" if isinstance(error, KeyError) else str(error))
     if other is not None:
         return check_against(args, result, committed, other)
     try:
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             result["config"]["data"],
             records=2 if args.records is None else args.records,
             out=args.out,
-            accelerator=args.accelerator,
+            accelerator=args.accelerator or "cpu",
             max_new_tokens=args.max_new_tokens,
             overrides=args.overrides,
         )
@@ -249,6 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     return finish(args, summary, f"re-run records agree with {args.result}")
 
 
+def run_kind(result: dict) -> tuple:
+    """What a run evaluated: its benchmark, model and method name."""
+    method = result["method"]
+    return (
+        result["config"]["data"].get("benchmark"),
+        result["model"],
+        method.get("method") if isinstance(method, dict) else method,
+    )
+
+
+def same_run_kind(result: dict, other: dict) -> None:
+    """Refuse comparing runs of different benchmarks, models or methods (every record would only disagree)."""
+    if run_kind(result) != run_kind(other):
+        raise ValueError(
+            f"--against's run is (benchmark, model, method) {run_kind(other)}, the result {run_kind(result)}: "
+            "compare runs of the same method on the same benchmark and model"
+        )
+
+
 def check_against(args: argparse.Namespace, result: dict, committed: list[dict], against: list[dict]) -> int:
     """``--against RUN``: every committed record compared, texts and scores (those that depend on the whole slice
     left out, as for a re-run), with RUN's record (``against``) of the same ``uid``; one RUN lacks disagrees."""
@@ -260,7 +286,8 @@ def check_against(args: argparse.Namespace, result: dict, committed: list[dict],
     summary |= {
         "records": len(committed),
         "fraction": summary["agree"] / len(committed) if committed else 0.0,
-        "differences": (summary["differences"] + missing)[:10],
+        "missing": len(missing),
+        "differences": (missing[:5] + summary["differences"])[:10],
         "scores_not_compared": list(slice_scores),
         "result": str(args.result),
         "against": str(args.against.resolve()),

@@ -7,7 +7,8 @@ seed in ``random/seed-<k>/`` (three seeds, e.g. ``--model.method.seed 0/1/2``).
 
 Headline table. Each metric of :data:`HEADLINE` is shown x100 with its 95% interval from ``metric_result.json``
 (Wilson for 0/1 scores, percentile bootstrap over ids otherwise). The random ablation is shown as the mean over its
-seeds with the min-max range over seeds (its per-seed intervals are in the seed folders); ``n`` lists the id counts.
+seeds with the min-max range over seeds (its per-seed intervals are in the seed folders; a single seed is shown with
+its interval, marked ``(1 seed)``); ``n`` lists the id counts.
 
 Paired tests. SEKA and AdaSEKA are each compared with none, key_scaling, every random seed separately (not pooled:
 each seed is one fixed set of projections, so each is its own paired comparison), PASTA and SPA, on the ids both
@@ -233,7 +234,8 @@ def _position_series(runs: list[Run]) -> tuple[list[int], list[float], list[floa
 
 def position_plot(runs: list[Run], path: Path) -> Path | None:
     """Lost in the middle: exact match by gold position, one panel per model, one colour per method in every panel,
-    95% intervals as error bars (random: mean and min-max over seeds), the id count per position in the title."""
+    95% intervals as error bars (random: mean and min-max over seeds; one seed: its interval), the id count per position
+    in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,7 +290,8 @@ PLOT_IN_RESULTS = "RESULTS/lost_in_the_middle.png"  # the plot's default: inside
 def default_table(results: str | Path) -> Path:
     """The committed table for the committed results; a table inside any other results folder (so a report of other
     runs never replaces the committed one)."""
-    return COMMITTED_TABLE if Path(results) == COMMITTED_RESULTS else Path(results) / "results_table.md"
+    committed = Path(results).resolve() == COMMITTED_RESULTS.resolve()
+    return COMMITTED_TABLE if committed else Path(results) / "results_table.md"
 
 
 def report(
@@ -306,7 +309,7 @@ def report(
         results: the results folder, laid out as ``<benchmark>/<model>/<method>/`` (random: ``random/seed-<k>/``).
         output: the markdown file to write (default: ``docs/results_table.md`` for ``docs/results``, else
             ``RESULTS/results_table.md``).
-        plot: the PNG to write (None = no plot; default: ``lost_in_the_middle.png`` in the results folder).
+        plot: the PNG to write (``null`` = no plot; default: ``lost_in_the_middle.png`` in the results folder).
         verify: only check that every ``metric_result.json`` equals its recomputation from
             ``predictions.jsonl.gz`` (and that the predictions exist); write nothing.
         overwrite: replace an existing table at ``output`` and plot at ``plot``.

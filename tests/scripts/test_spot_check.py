@@ -148,11 +148,10 @@ def test_records_sharing_an_id_are_matched_by_uid():
     assert spot.agreement(committed, rerun, prefix_only=False)["agree"] == 2
 
 
-def write_result(folder: Path, records: list[dict], data: dict = PRONCHANGE) -> None:
+def write_result(folder: Path, records: list[dict], data: dict = PRONCHANGE, method: str = "seka") -> None:
     folder.mkdir(parents=True)
-    (folder / "metric_result.json").write_text(
-        json.dumps({"provenance": {"command": RECORDED}, "config": {"data": data}})
-    )
+    result = {"provenance": {"command": RECORDED}, "config": {"data": data}, "model": "m", "method": {"method": method}}
+    (folder / "metric_result.json").write_text(json.dumps(result))
     with gzip.open(folder / "predictions.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
@@ -232,14 +231,38 @@ def test_against_compares_every_record_with_an_existing_run_and_reruns_nothing(t
     assert spot.main([str(result), "--against", str(tmp_path / "other"), "--out", str(tmp_path / "two")]) == 1
     summary = json.loads((tmp_path / "two" / "spot_check.json").read_text())
     assert (summary["records"], summary["agree"], summary["fraction"]) == (2, 0, 0.0)
-    assert [d["uid"] for d in summary["differences"]] == ["a", "b"]
-    assert "not in --against's run" in summary["differences"][1]["difference"]
+    assert [d["uid"] for d in summary["differences"]] == ["b", "a"]  # missing records first
+    assert "not in --against's run" in summary["differences"][0]["difference"]
     assert "0 of 2 records of" in capsys.readouterr().out
 
 
-def test_against_refuses_the_options_of_a_rerun(tmp_path, capsys):
+def test_a_record_missing_from_the_other_run_counts_against_the_agreement(tmp_path, capsys):
+    result, partial = tmp_path / "result", tmp_path / "partial"
+    write_result(result, [record("a", "She is a nurse.", 0.5), record("b", "He he", 0.0)])
+    write_result(partial, [record("a", "She is a nurse.", 0.5)])
+    assert spot.main([str(result), "--against", str(partial), "--out", str(tmp_path / "one")]) == 1
+    summary = json.loads((tmp_path / "one" / "spot_check.json").read_text())
+    assert (summary["agree"], summary["missing"], summary["fraction"]) == (1, 1, 0.5)
+    assert summary["differences"] == [{"uid": "b", "difference": "not in --against's run"}]
+    args = [str(result), "--against", str(partial), "--out", str(tmp_path / "two"), "--min-agreement", "0.5"]
+    assert spot.main(args) == 0
+
+
+def test_against_refuses_a_run_of_another_method(tmp_path, capsys):
+    result, other = tmp_path / "result", tmp_path / "other"
+    write_result(result, [record("a", "x", 0.0)])
+    write_result(other, [record("a", "x", 0.0)], method="key_scaling")
     with pytest.raises(SystemExit) as exit_info:
-        spot.main(["r", "--against", "x", "--records", "4", "--out", str(tmp_path / "o")])
+        spot.main([str(result), "--against", str(other), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "('pronchange', 'm', 'key_scaling'), the result ('pronchange', 'm', 'seka')" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option", [["--records", "4"], ["--accelerator", "gpu"], ["--set", "a=b"]])
+def test_against_refuses_the_options_of_a_rerun(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        spot.main(["r", "--against", "x", *option, "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "drop --records" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

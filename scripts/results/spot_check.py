@@ -215,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             "--set"
         )
     args.result, args.out = args.result.resolve(), args.out.resolve()  # the re-run runs in the repository root
+    args.against = None if args.against is None else args.against.resolve()
     if args.out.exists():
         parser.error(f"--out {args.out} exists; pick a new folder (a spot check never overwrites a run)")
     try:  # a missing or unreadable run is the user's input error, named, not a traceback
         result = json.loads((args.result / METRIC_RESULT).read_text())
         committed = read_predictions(args.result / PREDICTIONS)
-        other = None if args.against is None else read_predictions(args.against.resolve() / PREDICTIONS)
+        other = None
         if args.against is not None:
-            same_run_kind(result, json.loads((args.against.resolve() / METRIC_RESULT).read_text()))
+            other = read_predictions(args.against / PREDICTIONS)
+            same_run_kind(result, json.loads((args.against / METRIC_RESULT).read_text()))
     except (OSError, ValueError, KeyError) as error:
         parser.error(f"{error.__class__.__name__}: {error}" if isinstance(error, KeyError) else str(error))
     if other is not None:
@@ -290,7 +292,7 @@ def check_against(args: argparse.Namespace, result: dict, committed: list[dict],
         "differences": (missing[:5] + summary["differences"])[:10],
         "scores_not_compared": list(slice_scores),
         "result": str(args.result),
-        "against": str(args.against.resolve()),
+        "against": str(args.against),
         "against_records": len(other),
         "min_agreement": args.min_agreement,
     }

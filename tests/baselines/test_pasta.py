@@ -149,6 +149,29 @@ def test_logits_match_float64_probability_reweighting(llama64, enc, heads):
     assert (steered[real] - plain[real]).abs().max() > 1e-2  # the heads really were steered
 
 
+def test_biased_calls_run_sdpa_math_backend_only(tiny_model, enc, monkeypatch):
+    """CUDA's fused float32 kernel faulted on a biased call (pasta.py's docstring): every SDPA call that carries the
+    per-head bias runs with the fused backends off; the layers without a bias keep SDPA's default dispatch."""
+    real, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(query, key, value, attn_mask=None, **kwargs):
+        biased = attn_mask is not None and attn_mask.shape[1] == query.shape[1] > 1  # [B, H, Tq, Tk]: the bias mask
+        backends = torch.backends.cuda
+        enabled = (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled())
+        calls.append((biased, enabled))
+        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    default = (
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        torch.backends.cuda.math_sdp_enabled(),
+    )
+    pasta_logits(tiny_model, enc, {1: [0, 2]})
+    assert [biased for biased, _ in calls] == [False, True, False]  # layers 0, 1, 2; the bias on layer 1 only
+    assert [enabled for _, enabled in calls] == [default, (False, False, True), default]
+
+
 def test_include_equals_exclude_on_the_prompt(llama64, enc):
     # All keys of a prefill are prompt keys: +log(1/alpha) on highlighted == log(alpha) on the rest, after softmax.
     heads = {1: [0, 2]}

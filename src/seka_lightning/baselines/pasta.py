@@ -9,6 +9,13 @@ The bias needs the attention logits, so it lives in an attention function regist
 interface under :data:`PASTA_ATTENTION`: plain SDPA with an additive ``[B, H, 1, Tk]`` bias on the layers that have
 one (other layers: plain SDPA), with the same masks transformers builds for ``"sdpa"`` (sliding windows included).
 :func:`attention_bias` switches a model to it for one block and always switches back.
+
+The biased calls run SDPA's math backend (:data:`BIASED_BACKENDS`) on every device. With a float bias in float32, CUDA's
+only fused choice is the memory-efficient kernel, and it faulted with an illegal memory access (in the SDPA call, under
+``CUDA_LAUNCH_BLOCKING=1``) at the same batch of two runs of Gemma-3-270M's lost-in-the-middle slice 0:300 (float32,
+head_dim 256, 8 prompts of about 3,700 tokens; torch 2.11.0+cu130 on an H200). The math backend computes the same
+``softmax(q k^T s + mask + bias) v`` with plain matmuls; transformers materialises the ``[B, H, Tq, Tk]`` bias mask
+for SDPA anyway, so the attention weights it adds are of the same size.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -35,6 +43,9 @@ PASTA_ATTENTION = "pasta_sdpa"
 """Name of the attention implementation (contains ``sdpa`` so transformers checks the model supports SDPA)."""
 
 SCALE_POSITIONS = ("exclude", "include")
+
+BIASED_BACKENDS = [SDPBackend.MATH]
+"""SDPA backends of the biased calls (see the module docstring for why not the fused kernels)."""
 
 HeadSet = dict[int, list[int]]
 
@@ -96,7 +107,8 @@ def pasta_attention_forward(
     if bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bias = bias.to(device=query.device, dtype=query.dtype)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, position_bias=bias, **kwargs)
+    with sdpa_kernel(BIASED_BACKENDS):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_bias=bias, **kwargs)
 
 
 def register_attention() -> None:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # On the GPU machine: wait up to $1 s, or until a line of /root/phase starts with $2 (default: done), then print the
 # progress and put what exists into $OUT: res.tgz (the result folders, without an interrupted run's saved state),
-# dev.tgz (the dev runs written on the machine, not the staged ones), logs.tgz, perf.tgz. Call it as
+# partial.tgz (that saved state, for a run to resume on a later machine session at the same commit), dev.tgz (the dev runs written on the machine, not the staged ones), logs.tgz, perf.tgz. Call it as
 # `bash /root/repo/.dev/g/s2/watch.sh 500` within 30 s of the previous call.
 T=${1:-500}; end=$((SECONDS + T))
 while [ $SECONDS -lt $end ]; do grep -q "^${2:-done}" /root/phase 2>/dev/null && break; sleep 5; done
@@ -12,6 +12,8 @@ done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 cd /root/repo/outputs || exit 1
 tar czf "$OUT/res.tgz" --exclude 'predict_partial*' gpures
+find gpures -name 'predict_partial*' > /root/partlist  # unfinished runs' saved batches, in case the machine goes
+[ -s /root/partlist ] && tar czf "$OUT/partial.tgz" -T /root/partlist
 find results/dev -newer /root/staged -type f ! -path '*predict_partial*' 2>/dev/null > /root/devlist
 [ -s /root/devlist ] && tar czf "$OUT/dev.tgz" -T /root/devlist
 tar czf "$OUT/logs.tgz" results/logs /root/runner.log /root/phase 2>/dev/null

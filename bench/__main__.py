@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         help="fast path: decode attention through the split-KV Triton kernel (StaticGreedyDecoder(split_kv=True))",
     )
     gen.add_argument(
+        "--prompt-pass",
+        choices=("batch", "rows"),
+        default=gen_defaults.prompt_pass,
+        help="fast path: a padded batch's prompt pass as one masked batch, or row by row without the padding "
+        "(StaticGreedyDecoder(prompt_pass=...))",
+    )
+    gen.add_argument(
         "--pasta-heads", type=int, default=gen_defaults.pasta_heads, help="random PASTA (layer, head) pairs"
     )
     gen.add_argument("--spa-strength", type=float, default=gen_defaults.spa_strength, help="SPA s (20: long contexts)")

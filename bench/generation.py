@@ -42,7 +42,7 @@ from bench.report import (
 )
 from bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.fast_decode import StaticGreedyDecoder
+from seka_lightning.fast_decode import PROMPT_PASSES, StaticGreedyDecoder
 from seka_lightning.files import write_json, write_text
 from seka_lightning.methods import Encoded, HighlightMethod, SekaMethod
 
@@ -75,6 +75,7 @@ class GenerationSettings:
     compile_mode: str = "reduce-overhead"
     fuse_projections: bool = False
     split_kv: bool = False
+    prompt_pass: str = "batch"
     dtype: str = "bfloat16"
     device: str = "auto"
     seed: int = 0
@@ -97,6 +98,8 @@ class GenerationSettings:
         if self.highlighted > self.documents:
             raise ValueError(f"highlighted={self.highlighted} exceeds documents={self.documents}; highlight fewer")
         self._check_prompt_tokens(shape)
+        if self.prompt_pass not in PROMPT_PASSES:
+            raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {self.prompt_pass!r}")
         unknown = sorted(set(self.methods) - set(METHOD_FACTORIES))
         if unknown:
             raise ValueError(f"methods {unknown} are unknown; choose from {sorted(METHOD_FACTORIES)}")
@@ -497,6 +500,7 @@ def on_decoder(
         mode=settings.compile_mode,
         fuse_projections=settings.fuse_projections,
         split_kv=settings.split_kv,
+        prompt_pass=settings.prompt_pass,
     )
     return {name: _OnDecoder(method, decoder) for name, method in methods.items()}
 

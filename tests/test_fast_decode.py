@@ -216,6 +216,82 @@ def test_grouped_decode_steps_and_the_plainly_causal_unpadded_prompt_pass(setup,
         del ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_row_prompt_passes_give_the_batch_pass_cache_and_generate_tokens(setup, tmp_path: Path, compile: bool) -> None:
+    """prompt_pass="rows" on a left-padded batch: each row's prompt alone, unpadded. Its prompt keys and values in
+    the cache equal the batch pass's at the real positions (float32 rounding of another kernel), its padding slots
+    are zero, and none, SEKA and AdaSEKA generate generate's tokens."""
+    from seka_lightning.adaseka.method import AdaSekaMethod
+
+    model, seka, enc = setup
+    shape = get_shape("tiny")
+    experts = {
+        f"e{i}": str(random_bank(shape, rank=8, seed=1 + i, positive_only=True).save(tmp_path / f"e{i}.safetensors"))
+        for i in range(3)
+    }
+    adaseka = AdaSekaMethod(experts, gain=4.0)
+    adaseka.setup(model, None)
+    options = {"batch_size": 2, "max_cache_len": 96 + NEW, "compile": compile, "backend": "eager"}
+    batch = StaticGreedyDecoder(model, **options)
+    rows = StaticGreedyDecoder(model, prompt_pass="rows", **options)
+    real = enc["attention_mask"].bool()  # [2, 96]; row 1 left-padded
+    for method in (HighlightMethod(), seka, adaseka):
+        reference = method.generate(model, enc, max_new_tokens=NEW, pad_token_id=0)
+        assert torch.equal(batch.generate(method, enc, max_new_tokens=NEW, pad_token_id=0), reference)
+        assert torch.equal(rows.generate(method, enc, max_new_tokens=NEW, pad_token_id=0), reference)
+        for ours, theirs in zip(rows.cache.layers, batch.cache.layers, strict=True):
+            for got, want in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+                prompt, wanted = got[:, :, :96].transpose(1, 2), want[:, :, :96].transpose(1, 2)  # [B, T, H, d]
+                torch.testing.assert_close(prompt[real], wanted[real], atol=2e-5, rtol=1e-5)
+                assert not prompt[~real].any()  # the padding slots were never written
+            assert int(ours.cumulative_length) == 96 + NEW - 1  # the prompt, then every decode step but the last
+
+
+def test_row_prompt_passes_fill_the_copies_that_pad_a_short_batch(setup) -> None:
+    """A batch of 2 on a decoder of 3 rows: the third row (a copy of the second) takes the second's cache, and the
+    real rows' tokens are generate's."""
+    model, seka, enc = setup
+    decoder = StaticGreedyDecoder(model, batch_size=3, max_cache_len=96 + NEW, compile=False, prompt_pass="rows")
+    got = decoder.generate(seka, enc, max_new_tokens=NEW, pad_token_id=0)
+    assert torch.equal(got, seka.generate(model, enc, max_new_tokens=NEW, pad_token_id=0))
+    for layer in decoder.cache.layers:
+        assert torch.equal(layer.keys[2], layer.keys[1]) and torch.equal(layer.values[2], layer.values[1])
+
+
+def test_row_prompt_passes_only_for_padded_left_padded_batches_of_full_attention_models(setup, tokenizer) -> None:
+    """An unpadded batch keeps the one batch pass; a mask that is not left padding, a sliding-window model and an
+    unknown prompt_pass are refused with the way out."""
+    model, _, enc = setup
+    decoder = StaticGreedyDecoder(model, batch_size=1, max_cache_len=96 + NEW, compile=False, prompt_pass="rows")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unpadded batch went row by row")
+
+    decoder._row_prompt_passes = refuse
+    first = {key: value[:1] for key, value in enc.items()}
+    assert torch.equal(
+        decoder.generate(HighlightMethod(), first, max_new_tokens=NEW, pad_token_id=0),
+        HighlightMethod().generate(model, first, max_new_tokens=NEW, pad_token_id=0),
+    )
+    holed = {key: value.clone() for key, value in enc.items()}
+    holed["attention_mask"][0, 50] = 0  # a hole, not left padding
+    rows = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=False, prompt_pass="rows")
+    with pytest.raises(
+        ValueError, match=r"prompt_pass='rows' needs left-padded prompts .* row 0 .*prompt_pass='batch'"
+    ):
+        rows.generate(HighlightMethod(), holed, max_new_tokens=NEW, pad_token_id=0)
+    with pytest.raises(
+        ValueError, match=r"sliding-window layers, whose cache keeps a rolling window; use prompt_pass='batch'"
+    ):
+        StaticGreedyDecoder(tiny_gemma3(len(tokenizer), sliding_window=8), batch_size=1, max_cache_len=64,
+                            compile=False, prompt_pass="rows")  # fmt: skip
+    for build in (StaticGreedyDecoder, StaticDecoding):
+        first_arg = model if build is StaticGreedyDecoder else HighlightMethod()
+        size = {"batch_size": 1, "max_cache_len": 64} if build is StaticGreedyDecoder else {"max_length": 64}
+        with pytest.raises(ValueError, match=r"^prompt_pass must be one of \('batch', 'rows'\), got 'row'$"):
+            build(first_arg, prompt_pass="row", **size)
+
+
 def test_static_decoding_wraps_a_method(setup) -> None:
     model, seka, enc = setup
     wrapped = StaticDecoding(seka, max_length=128, compile=False)
@@ -346,14 +422,15 @@ def test_static_decoding_in_predict_gives_the_generate_results(tiny_model_dir, l
     assert static["method"]["static_decoding"]["max_length"] == 512
     read = lambda name: (tmp_path / name / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("static") == read("generate")
-    options = [("fused", "--model.static_decoding_fuse", "fuse_projections")]
+    options = [
+        ("fused", "--model.static_decoding_fuse", "true", "fuse_projections", True),
+        ("rows", "--model.static_decoding_prompt_pass", "rows", "prompt_pass", "rows"),
+    ]
     if split_kv_available(torch.device("cpu")):  # Triton's interpreter (conftest) runs the kernel on the CPU
-        options.append(("split", "--model.static_decoding_split_kv", "split_kv"))
-    for out, option, setting in options:
-        fast = predict(
-            out, "--model.static_decoding", "512", "--model.static_decoding_backend", "eager", option, "true"
-        )
-        assert fast["method"]["static_decoding"][setting] is True
+        options.append(("split", "--model.static_decoding_split_kv", "true", "split_kv", True))
+    for out, option, value, setting, recorded in options:
+        fast = predict(out, "--model.static_decoding", "512", "--model.static_decoding_backend", "eager", option, value)
+        assert fast["method"]["static_decoding"][setting] == recorded
         assert read(out) == read("generate")
 
 

@@ -10,7 +10,9 @@ there and live on in the cache, so decode steps run with no hook at all.
 During the decode steps of a compiled decoder, the model attends through
 :func:`seka_lightning.decode_attention.gqa_decode_attention` (the query heads of a group against their key/value
 head, reading the cache once). The prompt pass of a batch without padding gets a mask that transformers recognises as plainly causal, so it runs SDPA's
-causal kernel on the prompt's own keys instead of a masked kernel over the whole cache.
+causal kernel on the prompt's own keys instead of a masked kernel over the whole cache. A left-padded batch forces a
+masked kernel that computes every query against every key; ``prompt_pass="rows"`` instead runs each row's prompt
+alone, without its padding (the causal kernel again), and copies its keys and values into that row's cache slots.
 
 It produces what ``HighlightMethod.generate`` produces (greedy, ``pad_token_id`` after an EOS) for the methods whose
 effect is confined to the prompt pass (``edits_decode_steps = False``): none, SEKA, the random ablation and AdaSEKA.
@@ -33,7 +35,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from seka_lightning import split_kv as split_kernel
@@ -91,6 +93,9 @@ at 41 us per layer, another copied the probabilities first (5 us) and ran cuBLAS
 slots it is the nvjet kernel at 8 us and no copy (docs/performance.md)."""
 
 
+PROMPT_PASSES = ("batch", "rows")
+
+
 class StaticGreedyDecoder:
     """Reusable greedy decoding for one model: the cache is allocated once for ``batch_size`` rows and
     ``max_cache_len`` positions (prompt + new tokens), and reset, not reallocated, between calls. A call with fewer
@@ -110,6 +115,7 @@ class StaticGreedyDecoder:
         grouped_decode: bool | None = None,
         fuse_projections: bool = False,
         split_kv: bool = False,
+        prompt_pass: str = "batch",
     ) -> None:
         """
         Args:
@@ -130,7 +136,13 @@ class StaticGreedyDecoder:
                 (:func:`seka_lightning.split_kv.split_kv_attention`: each cached key and value read once, the cache
                 spread over every SM); needs the grouped decode path and a CUDA device with Triton. The same tokens
                 up to rounding (float32 softmax statistics either way; the sums run in another order).
+            prompt_pass: ``batch`` runs the prompts as one left-padded batch; ``rows`` runs a padded batch's prompts
+                one row at a time without their padding (SDPA's causal kernel, no masked attention over the padded
+                length; each row's keys and values are copied into its slots of the cache, where the batch pass would
+                have put them). The same tokens up to rounding. Not for models with sliding-window layers.
         """
+        if prompt_pass not in PROMPT_PASSES:
+            raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {prompt_pass!r}")
         if batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
         self.model, self.batch_size, self.max_cache_len = model, batch_size, max_cache_len
@@ -151,6 +163,12 @@ class StaticGreedyDecoder:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sliding-window layers that count their tokens in a Python int (transformers 5.2x's StaticSlidingWindowLayer)
         self._sliding = [layer for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
+        if prompt_pass == "rows" and any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+            raise ValueError(
+                "prompt_pass='rows' copies each row's keys into the static cache's full-length layers; this model has "
+                "sliding-window layers, whose cache keeps a rolling window; use prompt_pass='batch'"
+            )
+        self.prompt_pass = prompt_pass
         self._text_config = model.config.get_text_config()
         self._mask_builders = self._sliding_mask_builders() if compile and self._sliding else None
         step: Callable = self._step
@@ -260,17 +278,20 @@ class StaticGreedyDecoder:
         mask = prompt_mask.clone()
         mask[:, length:] = 1
         positions = position_ids_for(enc["attention_mask"])
-        with method.active(self.model, enc):  # the prompt pass: edits land in the cache
-            logits = self.model(
-                input_ids=enc["input_ids"],
-                attention_mask=prompt_mask,
-                position_ids=positions,
-                cache_position=torch.arange(length, device=device),
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: self.cache},
-            ).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        if self.prompt_pass == "rows" and not bool(enc["attention_mask"].all()):
+            token = self._row_prompt_passes(method, enc, rows)
+        else:
+            with method.active(self.model, enc):  # the prompt pass: edits land in the cache
+                logits = self.model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=prompt_mask,
+                    position_ids=positions,
+                    cache_position=torch.arange(length, device=device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: self.cache},
+                ).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
         out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         out[:, :1] = token
         eos = self._eos_ids(device)
@@ -289,6 +310,49 @@ class StaticGreedyDecoder:
                     done = done | torch.isin(token, eos)
                 out[:, i : i + 1] = token
         return out[:rows]
+
+    def _row_prompt_passes(self, method: HighlightMethod, enc: Encoded, rows: int) -> torch.Tensor:
+        """The prompt pass of the left-padded ``enc`` one row at a time, each without its padding, under ``method``;
+        each row's keys and values go to the cache slots the batch pass would have filled (its last ``n`` of the
+        padded length; its padding slots stay zero and masked). The copies that pad the batch up to the decoder's
+        rows take their source row's cache. Returns each row's first token ``[batch, 1]``."""
+        length = enc["input_ids"].shape[1]
+        tokens = []
+        for i in range(rows):
+            row_mask = enc["attention_mask"][i]
+            n = int(row_mask.sum())
+            start = length - n
+            if n == 0 or not bool(row_mask[start:].all()):
+                raise ValueError(
+                    f"prompt_pass='rows' needs left-padded prompts with at least one token; row {i} has mask "
+                    f"{row_mask.tolist()[:8]}...; pad on the left (encode_highlighted does) or use prompt_pass='batch'"
+                )
+            row = {key: value[i : i + 1, start:] for key, value in enc.items()}
+            row_cache = DynamicCache()
+            with method.active(self.model, row):
+                logits = self.model(
+                    input_ids=row["input_ids"],
+                    attention_mask=row["attention_mask"],
+                    position_ids=position_ids_for(row["attention_mask"]),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: row_cache},
+                ).logits
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            for layer, computed in zip(self.cache.layers, row_cache.layers, strict=True):
+                if not layer.is_initialized:  # the first call: allocate [batch, kv_heads, slots, dim] like the model's
+                    layer.lazy_initialization(
+                        computed.keys.expand(self.batch_size, -1, -1, -1),
+                        computed.values.expand(self.batch_size, -1, -1, -1),
+                    )
+                layer.keys[i, :, start:length] = computed.keys[0]
+                layer.values[i, :, start:length] = computed.values[0]
+        for layer in self.cache.layers:
+            layer.keys[rows:] = layer.keys[rows - 1]  # pad_rows' copies of the last row
+            layer.values[rows:] = layer.values[rows - 1]
+            layer.cumulative_length.fill_(length)  # where the first decode step writes
+        token = torch.cat(tokens)
+        return torch.cat([token, token[-1:].expand(self.batch_size - rows, 1)])
 
 
 def _checked_split_kv(split_kv: bool, model: nn.Module | None = None) -> bool:
@@ -358,15 +422,18 @@ class StaticDecoding(HighlightMethod):
         mode: str | None = "reduce-overhead",
         fuse_projections: bool = False,
         split_kv: bool = False,
+        prompt_pass: str = "batch",
     ) -> None:
         """
         Args:
             method: a method confined to the prompt pass (none, SEKA, the random ablation, AdaSEKA).
             max_length: the longest prompt plus the new tokens of any batch (the cache length).
-            compile, backend, mode, fuse_projections, split_kv: as :class:`StaticGreedyDecoder`.
+            compile, backend, mode, fuse_projections, split_kv, prompt_pass: as :class:`StaticGreedyDecoder`.
         """
         require_prompt_only(method, fix="drop static_decoding for it")
         _checked_split_kv(split_kv)
+        if prompt_pass not in PROMPT_PASSES:
+            raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {prompt_pass!r}")
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
         self._options = {
@@ -375,6 +442,7 @@ class StaticDecoding(HighlightMethod):
             "mode": mode,
             "fuse_projections": fuse_projections,
             "split_kv": split_kv,
+            "prompt_pass": prompt_pass,
         }
         self._decoders: dict[int, StaticGreedyDecoder] = {}
         self._reserved_rows = 1

@@ -41,6 +41,7 @@ class BenchmarkEvaluator(FrozenModelModule):
         static_decoding_backend: str = "inductor",
         static_decoding_fuse: bool = False,
         static_decoding_split_kv: bool = False,
+        static_decoding_prompt_pass: str = "batch",
     ) -> None:
         """
         Args:
@@ -60,6 +61,9 @@ class BenchmarkEvaluator(FrozenModelModule):
                 one matmul each (``StaticGreedyDecoder(fuse_projections=True)``; the same tokens up to rounding).
             static_decoding_split_kv: the static decoder's decode steps attend through the split-KV Triton kernel
                 (``StaticGreedyDecoder(split_kv=True)``; CUDA with Triton; the same tokens up to rounding).
+            static_decoding_prompt_pass: ``rows`` runs a left-padded batch's prompts one row at a time without their
+                padding (``StaticGreedyDecoder(prompt_pass="rows")``; no sliding-window models; the same tokens up to
+                rounding); ``batch`` runs them as one padded batch.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["method"])
@@ -72,6 +76,7 @@ class BenchmarkEvaluator(FrozenModelModule):
                 backend=static_decoding_backend,
                 fuse_projections=static_decoding_fuse,
                 split_kv=static_decoding_split_kv,
+                prompt_pass=static_decoding_prompt_pass,
             )
         self.method = method
         self.load_frozen_model(pretrained, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)

@@ -123,6 +123,65 @@ def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resume
     assert read("cut") == read("whole")
 
 
+def saved_batches(out: Path) -> int:
+    import torch
+
+    return len(torch.load(partial_path(out, 0), weights_only=False)["rows"])
+
+
+def test_ctrl_c_saves_the_finished_batches_exits_1_and_the_run_resumes(
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch, caplog
+):
+    """Ctrl-C during the third of three batches, with no periodic save due: the two finished batches are saved,
+    the process exits 1 (Lightning's exit on KeyboardInterrupt), and the same command completes the run."""
+    predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
+    calls: list[int] = []
+    real = evaluator_module.evaluate_batch
+
+    def ctrl_c_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "evaluate_batch", ctrl_c_at_the_third_batch)
+    with pytest.raises(SystemExit) as stopped:
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut", "--trainer.callbacks.checkpoint_every_s", "1000")
+    assert stopped.value.code == 1 and saved_batches(tmp_path / "cut") == 2
+    assert "KeyboardInterrupt after 2 finished batches: saved in" in caplog.text
+    assert not (tmp_path / "cut" / "metric_result.json").exists()
+
+    monkeypatch.undo()
+    resumed_calls = counting(monkeypatch)
+    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
+    assert len(resumed_calls) == 1
+    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
+    assert read("cut") == read("whole")
+
+
+def test_a_batch_that_fails_after_updating_the_scorer_saves_nothing_new(
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch, caplog
+):
+    """The third batch fails after its scorer update: the scorer no longer matches the finished batches' rows, so
+    nothing is saved over the last periodic save (here none: no file), rather than a state that would count a batch
+    twice on resuming."""
+    calls: list[int] = []
+    real = evaluator_module.evaluate_batch
+
+    def fails_after_the_update(*args, **kwargs):
+        calls.append(1)
+        rows = real(*args, **kwargs)
+        if len(calls) == 3:
+            raise RuntimeError("after the update")
+        return rows
+
+    monkeypatch.setattr(evaluator_module, "evaluate_batch", fails_after_the_update)
+    with pytest.raises(RuntimeError, match="after the update"):
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut", "--trainer.callbacks.checkpoint_every_s", "1000")
+    assert not partial_path(tmp_path / "cut", 0).exists()
+    assert "RuntimeError after 2 finished batches: the failed batch had already updated the scorer" in caplog.text
+
+
 def test_the_weights_are_hashed_once_per_run_for_the_fingerprint_and_the_provenance(
     tiny_model_dir, litm_oracle, tmp_path, monkeypatch
 ):

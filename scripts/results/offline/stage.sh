@@ -1,5 +1,5 @@
 #!/bin/bash
-# On the GPU machine: copy staging piece NN (00-04, each carried in its own call as .dev/g/qNN) to /root/stage, which
+# On the GPU machine: copy staging piece NN (00-06, each carried in its own call as .dev/g/qNN) to /root/stage, which
 # lasts while the machine stays warm; piece 00 also prints the machine's versions.
 set -e
 NN=$1

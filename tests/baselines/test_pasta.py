@@ -149,27 +149,67 @@ def test_logits_match_float64_probability_reweighting(llama64, enc, heads):
     assert (steered[real] - plain[real]).abs().max() > 1e-2  # the heads really were steered
 
 
-def test_biased_calls_run_sdpa_math_backend_only(tiny_model, enc, monkeypatch):
-    """CUDA's fused float32 kernel faulted on a biased call (pasta.py's docstring): every SDPA call that carries the
-    per-head bias runs with the fused backends off; the layers without a bias keep SDPA's default dispatch."""
-    real, calls = torch.nn.functional.scaled_dot_product_attention, []
+@pytest.mark.parametrize("query_len", [7, 1], ids=["prompt-pass", "decode-step"])
+@pytest.mark.parametrize("mask", ["padding", "none"])
+def test_math_attention_equals_sdpa_with_the_bias(query_len, mask):
+    """math_attention (CUDA float32's biased calls) against transformers' SDPA path with the same bias: grouped-query
+    heads, a boolean padding mask or none (causal), a prompt pass and a decode step, in float64."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def spy(query, key, value, attn_mask=None, **kwargs):
-        biased = attn_mask is not None and attn_mask.shape[1] == query.shape[1] > 1  # [B, H, Tq, Tk]: the bias mask
-        backends = torch.backends.cuda
-        enabled = (backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled())
-        calls.append((biased, enabled))
-        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+    from seka_lightning.baselines.pasta import math_attention
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    default = (
+    torch.manual_seed(0)
+    keys = 7
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    query = torch.randn(3, 4, query_len, 8, dtype=torch.float64)
+    key, value = (torch.randn(3, 2, keys, 8, dtype=torch.float64) for _ in range(2))
+    bias = torch.where(torch.rand(3, 4, 1, keys) < 0.5, math.log(ALPHA), 0.0).double()
+    attention_mask = None
+    if mask == "padding" or query_len == 1:
+        attention_mask = torch.ones(3, 1, query_len, keys, dtype=torch.bool)
+        attention_mask[1, :, :, :2] = False  # row 1 is left-padded by two keys
+        if query_len > 1:
+            attention_mask &= torch.ones(query_len, keys, dtype=torch.bool).tril()
+    want, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.3, position_bias=bias)
+    got, _ = math_attention(module, query, key, value, attention_mask, bias, scaling=0.3)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="takes neither soft-capping nor dropout.*eval mode"):
+        math_attention(module, query, key, value, attention_mask, bias, dropout=0.1)
+
+
+def test_cuda_float32_biased_calls_run_math_attention(llama64, enc, monkeypatch):
+    """Only float32 on CUDA avoids SDPA; forced onto math_attention, PASTA still equals the float64 reference, and no
+    process-wide SDPA backend flag is touched (other threads may run the model unsteered meanwhile)."""
+    from types import SimpleNamespace
+
+    from seka_lightning.baselines import pasta
+
+    cuda = torch.device("cuda")
+    assert pasta.avoids_sdpa(SimpleNamespace(device=cuda, dtype=torch.float32))
+    assert not pasta.avoids_sdpa(SimpleNamespace(device=cuda, dtype=torch.bfloat16))
+    assert not pasta.avoids_sdpa(torch.zeros(1))  # CPU float32
+    flags = lambda: (  # noqa: E731
         torch.backends.cuda.flash_sdp_enabled(),
         torch.backends.cuda.mem_efficient_sdp_enabled(),
         torch.backends.cuda.math_sdp_enabled(),
     )
-    pasta_logits(tiny_model, enc, {1: [0, 2]})
-    assert [biased for biased, _ in calls] == [False, True, False]  # layers 0, 1, 2; the bias on layer 1 only
-    assert [enabled for _, enabled in calls] == [default, (False, False, True), default]
+    before, calls, seen = flags(), [], []
+    real = pasta.math_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        seen.append(flags())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pasta, "avoids_sdpa", lambda query: True)
+    monkeypatch.setattr(pasta, "math_attention", spy)
+    heads = {0: [1, 3], 2: [0]}
+    steered = pasta_logits(llama64, enc, heads)
+    reference = reference_logits(llama64, enc["input_ids"], enc["attention_mask"], enc["highlight_mask"], heads)
+    real_rows = enc["attention_mask"].bool()
+    torch.testing.assert_close(steered[real_rows], reference[real_rows], atol=1e-10, rtol=1e-10)
+    assert len(calls) == 2 and seen == [before, before] and flags() == before  # layers 0 and 2
 
 
 def test_include_equals_exclude_on_the_prompt(llama64, enc):

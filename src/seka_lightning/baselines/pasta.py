@@ -10,12 +10,15 @@ interface under :data:`PASTA_ATTENTION`: plain SDPA with an additive ``[B, H, 1,
 one (other layers: plain SDPA), with the same masks transformers builds for ``"sdpa"`` (sliding windows included).
 :func:`attention_bias` switches a model to it for one block and always switches back.
 
-The biased calls run SDPA's math backend (:data:`BIASED_BACKENDS`) on every device. With a float bias in float32, CUDA's
-only fused choice is the memory-efficient kernel, and it faulted with an illegal memory access (in the SDPA call, under
-``CUDA_LAUNCH_BLOCKING=1``) at the same batch of two runs of Gemma-3-270M's lost-in-the-middle slice 0:300 (float32,
-head_dim 256, 8 prompts of about 3,700 tokens; torch 2.11.0+cu130 on an H200). The math backend computes the same
-``softmax(q k^T s + mask + bias) v`` with plain matmuls; transformers materialises the ``[B, H, Tq, Tk]`` bias mask
-for SDPA anyway, so the attention weights it adds are of the same size.
+On CUDA in float32 the biased calls do not go through SDPA but through :func:`math_attention`, the same
+``softmax(q k^T s + mask + bias) v`` written out. For a float bias in float32, SDPA's only fused CUDA kernel is the
+memory-efficient one, and it faulted with an illegal memory access (in the SDPA call, under ``CUDA_LAUNCH_BLOCKING=1``)
+at the same batch of two runs of Gemma-3-270M's lost-in-the-middle slice 0:300 (float32, head_dim 256, 8 prompts of
+about 3,700 tokens; torch 2.11.0+cu130 on an H200). Written out, the call holds the scores and the probabilities,
+each ``[B, H, Tq, Tk]`` in float32, beside the bias mask of that size which transformers builds for SDPA anyway.
+SDPA's own math backend would do the same, but selecting it (``torch.nn.attention.sdpa_kernel``) flips process-wide
+flags, which would reach the other threads that PASTA lets run the model unsteered. Elsewhere (CPU, half precision)
+the biased calls stay on SDPA.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedTokenizerBase
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import create_position_bias_mask, repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seka_lightning.families import attention_configs, resolve_layout
@@ -43,9 +45,6 @@ PASTA_ATTENTION = "pasta_sdpa"
 """Name of the attention implementation (contains ``sdpa`` so transformers checks the model supports SDPA)."""
 
 SCALE_POSITIONS = ("exclude", "include")
-
-BIASED_BACKENDS = [SDPBackend.MATH]
-"""SDPA backends of the biased calls (see the module docstring for why not the fused kernels)."""
 
 HeadSet = dict[int, list[int]]
 
@@ -107,8 +106,49 @@ def pasta_attention_forward(
     if bias is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bias = bias.to(device=query.device, dtype=query.dtype)
-    with sdpa_kernel(BIASED_BACKENDS):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, position_bias=bias, **kwargs)
+    if avoids_sdpa(query):
+        return math_attention(module, query, key, value, attention_mask, bias, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, position_bias=bias, **kwargs)
+
+
+def avoids_sdpa(query: torch.Tensor) -> bool:
+    """Whether a biased call runs :func:`math_attention` rather than SDPA: float32 on CUDA (the module docstring)."""
+    return query.device.type == "cuda" and query.dtype == torch.float32
+
+
+def math_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bias: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """``softmax(q k^T s + mask + bias) v`` with plain matmuls (the softmax in float32 at least), the mask and the
+    bias combined as transformers' SDPA path combines them (:func:`create_position_bias_mask`); returns
+    ``[B, Tq, H, d]`` as the attention interface's functions do. Inference only: no dropout, no soft-capping."""
+    if kwargs.get("softcap") is not None or dropout:
+        raise ValueError(
+            f"PASTA's attention takes neither soft-capping nor dropout (got softcap={kwargs.get('softcap')}, "
+            f"dropout={dropout}); run the model in eval mode, with a family that does not soft-cap its logits"
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    causal = (
+        query.shape[2] > 1
+        and attention_mask is None
+        and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    )
+    mask = create_position_bias_mask(bias, attention_mask, causal, query, key)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale + mask
+    probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> None:

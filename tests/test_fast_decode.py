@@ -277,11 +277,13 @@ def test_row_prompt_passes_only_for_padded_left_padded_batches_of_full_attention
     holed["attention_mask"][0, 50] = 0  # a hole, not left padding
     rows = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=False, prompt_pass="rows")
     with pytest.raises(
-        ValueError, match=r"prompt_pass='rows' needs left-padded prompts .* row 0 .*prompt_pass='batch'"
+        ValueError,
+        match=r"left-padded prompts with at least one token; row 0 has 95 tokens, and its mask is 0 at positions "
+        r"\[50\] after its first token; pad on the left",
     ):
         rows.generate(HighlightMethod(), holed, max_new_tokens=NEW, pad_token_id=0)
     with pytest.raises(
-        ValueError, match=r"sliding-window layers, whose cache keeps a rolling window; use prompt_pass='batch'"
+        ValueError, match=r"cache also has \['StaticSlidingWindowLayer'\] layers .*; use prompt_pass='batch'$"
     ):
         StaticGreedyDecoder(tiny_gemma3(len(tokenizer), sliding_window=8), batch_size=1, max_cache_len=64,
                             compile=False, prompt_pass="rows")  # fmt: skip
@@ -290,6 +292,25 @@ def test_row_prompt_passes_only_for_padded_left_padded_batches_of_full_attention
         size = {"batch_size": 1, "max_cache_len": 64} if build is StaticGreedyDecoder else {"max_length": 64}
         with pytest.raises(ValueError, match=r"^prompt_pass must be one of \('batch', 'rows'\), got 'row'$"):
             build(first_arg, prompt_pass="row", **size)
+
+
+def test_row_prompt_passes_refuse_adaseka_compat_modes_that_route_across_rows(setup, tmp_path: Path) -> None:
+    """AdaSEKA's reference-compat routing (row 0's query for every row, an extra pass over the padded batch) makes a
+    row's edit depend on the others: rows one at a time would change it, so prompt_pass="rows" refuses it."""
+    from seka_lightning.adaseka.method import AdaSekaMethod
+
+    model, _, enc = setup
+    expert = str(random_bank(get_shape("tiny"), rank=8, seed=1, positive_only=True).save(tmp_path / "e.safetensors"))
+    assert AdaSekaMethod({"e": expert}, compat=["reference_coefficients"]).row_dependence is None
+    message = r"^method 'adaseka' edits a row using the other rows of its batch \(compat \[.*use prompt_pass='batch'$"
+    for compat in (["row0"], ["output_hidden_state"]):
+        adaseka = AdaSekaMethod({"e": expert}, gain=4.0, compat=compat)
+        adaseka.setup(model, None)
+        decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=False, prompt_pass="rows")
+        with pytest.raises(ValueError, match=message):
+            decoder.generate(adaseka, enc, max_new_tokens=NEW, pad_token_id=0)
+        with pytest.raises(ValueError, match=message):
+            StaticDecoding(adaseka, max_length=128, prompt_pass="rows")
 
 
 def test_static_decoding_wraps_a_method(setup) -> None:

@@ -36,6 +36,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from seka_lightning import split_kv as split_kernel
@@ -163,10 +164,11 @@ class StaticGreedyDecoder:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sliding-window layers that count their tokens in a Python int (transformers 5.2x's StaticSlidingWindowLayer)
         self._sliding = [layer for layer in self.cache.layers if hasattr(layer, "cumulative_length_int")]
-        if prompt_pass == "rows" and any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer})
+        if prompt_pass == "rows" and kinds:
             raise ValueError(
-                "prompt_pass='rows' copies each row's keys into the static cache's full-length layers; this model has "
-                "sliding-window layers, whose cache keeps a rolling window; use prompt_pass='batch'"
+                "prompt_pass='rows' copies each row's keys into the static cache's full-length layers; this model's "
+                f"cache also has {kinds} layers (a sliding window keeps a rolling one); use prompt_pass='batch'"
             )
         self.prompt_pass = prompt_pass
         self._text_config = model.config.get_text_config()
@@ -279,6 +281,7 @@ class StaticGreedyDecoder:
         mask[:, length:] = 1
         positions = position_ids_for(enc["attention_mask"])
         if self.prompt_pass == "rows" and not bool(enc["attention_mask"].all()):
+            check_rows_independent(method)
             token = self._row_prompt_passes(method, enc, rows)
         else:
             with method.active(self.model, enc):  # the prompt pass: edits land in the cache
@@ -323,9 +326,11 @@ class StaticGreedyDecoder:
             n = int(row_mask.sum())
             start = length - n
             if n == 0 or not bool(row_mask[start:].all()):
+                holes = (row_mask[start:] == 0).nonzero().flatten() + start
                 raise ValueError(
-                    f"prompt_pass='rows' needs left-padded prompts with at least one token; row {i} has mask "
-                    f"{row_mask.tolist()[:8]}...; pad on the left (encode_highlighted does) or use prompt_pass='batch'"
+                    f"prompt_pass='rows' needs left-padded prompts with at least one token; row {i} has "
+                    f"{n} tokens, and its mask is 0 at positions {holes.tolist()[:8]} after its first token; pad on "
+                    "the left (encode_highlighted does) or use prompt_pass='batch'"
                 )
             row = {key: value[i : i + 1, start:] for key, value in enc.items()}
             row_cache = DynamicCache()
@@ -353,6 +358,15 @@ class StaticGreedyDecoder:
             layer.cumulative_length.fill_(length)  # where the first decode step writes
         token = torch.cat(tokens)
         return torch.cat([token, token[-1:].expand(self.batch_size - rows, 1)])
+
+
+def check_rows_independent(method: HighlightMethod) -> None:
+    """Refuse ``prompt_pass="rows"`` for a method whose edit of a row depends on the other rows of the batch."""
+    if method.row_dependence is not None:
+        raise ValueError(
+            f"method {method.name!r} edits a row using the other rows of its batch ({method.row_dependence}), so "
+            "its prompts cannot run one row at a time; use prompt_pass='batch'"
+        )
 
 
 def _checked_split_kv(split_kv: bool, model: nn.Module | None = None) -> bool:
@@ -434,6 +448,8 @@ class StaticDecoding(HighlightMethod):
         _checked_split_kv(split_kv)
         if prompt_pass not in PROMPT_PASSES:
             raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {prompt_pass!r}")
+        if prompt_pass == "rows":
+            check_rows_independent(method)
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
         self._options = {

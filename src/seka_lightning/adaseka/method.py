@@ -124,6 +124,16 @@ class AdaSekaMethod(HighlightMethod):
         finally:
             steerer.remove()
 
+    @property
+    def row_dependence(self) -> str | None:
+        batchwise = [option for option in ("row0", "separate_pass") if option in self.compat]
+        if not batchwise:
+            return None
+        return (
+            f"compat {batchwise} reproduces the reference's batch-wide routing (row 0's query for every row; an extra "
+            "pass over the padded batch without its mask)"
+        )
+
     def describe(self) -> dict:
         extra = {} if self.gate_path is None else {"gate": self.gate_path}
         if self.length_reference is not None:  # only when set: runs without it describe themselves as before

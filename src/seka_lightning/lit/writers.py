@@ -183,6 +183,7 @@ class BenchmarkWriter(BasePredictionWriter):
         # the scorer's update counts when its state last matched the finished batches' rows, and how many rows the
         # partial file holds; None outside the batch loop (an exception then saves nothing)
         self._consistent_counts: dict[str, int] | None = None
+        self._consistent_skipped = 0  # how many skipped-highlight ids the finished batches have
         self._saved_rows = 0
         check_output(self.output_dir / PREDICTIONS, kind=files.PREDICTIONS, overwrite=overwrite, flag=OVERWRITE_FLAG)
         check_output(self.output_dir / METRIC_RESULT, kind=BENCHMARK_RESULTS, overwrite=overwrite, flag=OVERWRITE_FLAG)
@@ -212,6 +213,7 @@ class BenchmarkWriter(BasePredictionWriter):
         )
         self._last_checkpoint = time.monotonic()
         self._consistent_counts, self._saved_rows = update_counts(pl_module.scorer), 0
+        self._consistent_skipped = len(pl_module.skipped_highlight)
         path = partial_path(self.output_dir, trainer.global_rank)
         if not path.exists():
             return
@@ -225,6 +227,7 @@ class BenchmarkWriter(BasePredictionWriter):
         pl_module.resumed = {"batches": len(saved.rows), "wall_time_s": saved.wall_time_s}
         self._partial = saved
         self._consistent_counts, self._saved_rows = update_counts(pl_module.scorer), len(saved.rows)
+        self._consistent_skipped = len(pl_module.skipped_highlight)
         log.info("resuming from %s: %d of %s batches done", path, len(saved.rows), trainer.num_predict_batches[0])
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -235,6 +238,7 @@ class BenchmarkWriter(BasePredictionWriter):
         if self._partial is not None and batch_idx == len(self._partial.rows):  # a new batch, not a replayed one
             self._partial.rows.append(outputs)
             self._consistent_counts = update_counts(pl_module.scorer)
+            self._consistent_skipped = len(pl_module.skipped_highlight)
             if signum is None and now - self._last_checkpoint >= self.checkpoint_every_s:
                 self._save_partial(trainer, pl_module)
                 self._last_checkpoint = now
@@ -268,8 +272,8 @@ class BenchmarkWriter(BasePredictionWriter):
                 f"{path} keeps {self._saved_rows} of them" if self._saved_rows else "nothing is kept",
             )
             return
-        try:
-            self._save_partial(trainer, pl_module)
+        try:  # without the ids the failed batch may have added to the skipped list before it failed
+            self._save_partial(trainer, pl_module, skipped=pl_module.skipped_highlight[: self._consistent_skipped])
         except Exception as error:  # e.g. a failed CUDA context cannot copy the scorer's states
             log.warning("%s: saving them failed (%s); %s keeps %d of them", what, error, path, self._saved_rows)
             return
@@ -309,9 +313,9 @@ class BenchmarkWriter(BasePredictionWriter):
             self._weights = weights_hash(str(pretrained))
         return self._weights
 
-    def _save_partial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _save_partial(self, trainer: L.Trainer, pl_module: L.LightningModule, *, skipped: list | None = None) -> None:
         run = self._partial
-        run.skipped_highlight = list(pl_module.skipped_highlight)
+        run.skipped_highlight = list(pl_module.skipped_highlight if skipped is None else skipped)
         run.metric_states = metric_states(pl_module.scorer)
         run.wall_time_s = pl_module.resumed["wall_time_s"] + time.monotonic() - self._started
         save_partial(partial_path(self.output_dir, trainer.global_rank), run)

@@ -32,6 +32,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     return model, seka, enc
 
 
+def three_expert_adaseka(model: nn.Module, folder: Path) -> HighlightMethod:
+    """AdaSEKA over three random tiny-shape experts, set up for ``model``."""
+    from seka_lightning.adaseka.method import AdaSekaMethod
+
+    shape = get_shape("tiny")
+    experts = {
+        f"e{i}": str(random_bank(shape, rank=8, seed=1 + i, positive_only=True).save(folder / f"e{i}.safetensors"))
+        for i in range(3)
+    }
+    adaseka = AdaSekaMethod(experts, gain=4.0)
+    adaseka.setup(model, None)
+    return adaseka
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_decoder_matches_generate_for_none_and_seka(setup, compile: bool) -> None:
     model, seka, enc = setup
@@ -47,16 +61,8 @@ def test_decoder_matches_generate_for_none_and_seka(setup, compile: bool) -> Non
 
 
 def test_decoder_matches_generate_for_adaseka(setup, tmp_path: Path) -> None:
-    from seka_lightning.adaseka.method import AdaSekaMethod
-
     model, _, enc = setup
-    shape = get_shape("tiny")
-    experts = {
-        f"e{i}": str(random_bank(shape, rank=8, seed=1 + i, positive_only=True).save(tmp_path / f"e{i}.safetensors"))
-        for i in range(3)
-    }
-    adaseka = AdaSekaMethod(experts, gain=4.0)
-    adaseka.setup(model, None)
+    adaseka = three_expert_adaseka(model, tmp_path)
     decoder = StaticGreedyDecoder(model, batch_size=2, max_cache_len=96 + NEW, compile=True, backend="eager")
     reference = adaseka.generate(model, enc, max_new_tokens=NEW, pad_token_id=0)
     assert not torch.equal(reference, HighlightMethod().generate(model, enc, max_new_tokens=NEW, pad_token_id=0))
@@ -221,16 +227,8 @@ def test_row_prompt_passes_give_the_batch_pass_cache_and_generate_tokens(setup, 
     """prompt_pass="rows" on a left-padded batch: each row's prompt alone, unpadded. Its prompt keys and values in
     the cache equal the batch pass's at the real positions (float32 rounding of another kernel), its padding slots
     are zero, and none, SEKA and AdaSEKA generate generate's tokens."""
-    from seka_lightning.adaseka.method import AdaSekaMethod
-
     model, seka, enc = setup
-    shape = get_shape("tiny")
-    experts = {
-        f"e{i}": str(random_bank(shape, rank=8, seed=1 + i, positive_only=True).save(tmp_path / f"e{i}.safetensors"))
-        for i in range(3)
-    }
-    adaseka = AdaSekaMethod(experts, gain=4.0)
-    adaseka.setup(model, None)
+    adaseka = three_expert_adaseka(model, tmp_path)
     options = {"batch_size": 2, "max_cache_len": 96 + NEW, "compile": compile, "backend": "eager"}
     batch = StaticGreedyDecoder(model, **options)
     rows = StaticGreedyDecoder(model, prompt_pass="rows", **options)

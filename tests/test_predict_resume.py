@@ -26,15 +26,19 @@ def predict(model_dir: Path, oracle: Path, out: Path, *extra: str) -> None:
     )  # fmt: skip
 
 
-def counting(monkeypatch, fail_at: int | None = None) -> list[int]:
-    """Count the batches the model really runs; raise at the ``fail_at``-th one (an interruption)."""
+def interrupted() -> None:
+    raise RuntimeError("interrupted")
+
+
+def counting(monkeypatch, fail_at: int | None = None, interrupt=interrupted) -> list[int]:
+    """Count the batches the model really runs; call ``interrupt`` at the start of the ``fail_at``-th one."""
     calls: list[int] = []
     real = evaluator_module.evaluate_batch
 
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == fail_at:
-            raise RuntimeError("interrupted")
+            interrupt()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(evaluator_module, "evaluate_batch", wrapped)
@@ -91,6 +95,16 @@ def test_a_partial_state_of_other_settings_or_a_corrupt_one_is_refused_and_kept(
     assert (out / "metric_result.json").exists() and not partial.exists()
 
 
+def assert_the_last_batch_completes_the_run(model_dir: Path, oracle: Path, tmp_path: Path, monkeypatch) -> None:
+    """The same command on ``tmp_path / "cut"`` runs only the third batch and writes the predictions of "whole"."""
+    monkeypatch.undo()
+    resumed_calls = counting(monkeypatch)
+    predict(model_dir, oracle, tmp_path / "cut")
+    assert len(resumed_calls) == 1
+    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
+    assert read("cut") == read("whole")
+
+
 def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resumes(
     tiny_model_dir, litm_oracle, tmp_path, monkeypatch
 ):
@@ -100,27 +114,14 @@ def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resume
     import signal
 
     predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
-    calls: list[int] = []
-    real = evaluator_module.evaluate_batch
-
-    def terminated_during_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler records it
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluator_module, "evaluate_batch", terminated_during_the_second_batch)
+    # during the second batch; Lightning's handler records it
+    calls = counting(monkeypatch, fail_at=2, interrupt=lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as stopped:
         predict(tiny_model_dir, litm_oracle, tmp_path / "cut", "--trainer.callbacks.checkpoint_every_s", "1000")
     assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 2
     assert partial_path(tmp_path / "cut", 0).exists() and not (tmp_path / "cut" / "metric_result.json").exists()
 
-    monkeypatch.undo()
-    resumed_calls = counting(monkeypatch)
-    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
-    assert len(resumed_calls) == 1
-    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
-    assert read("cut") == read("whole")
+    assert_the_last_batch_completes_the_run(tiny_model_dir, litm_oracle, tmp_path, monkeypatch)
 
 
 def saved_batches(out: Path) -> int:
@@ -135,28 +136,18 @@ def test_ctrl_c_saves_the_finished_batches_exits_1_and_the_run_resumes(
     """Ctrl-C during the third of three batches, with no periodic save due: the two finished batches are saved,
     the process exits 1 (Lightning's exit on KeyboardInterrupt), and the same command completes the run."""
     predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
-    calls: list[int] = []
-    real = evaluator_module.evaluate_batch
 
-    def ctrl_c_at_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluator_module, "evaluate_batch", ctrl_c_at_the_third_batch)
+    counting(monkeypatch, fail_at=3, interrupt=ctrl_c)
     with pytest.raises(SystemExit) as stopped:
         predict(tiny_model_dir, litm_oracle, tmp_path / "cut", "--trainer.callbacks.checkpoint_every_s", "1000")
     assert stopped.value.code == 1 and saved_batches(tmp_path / "cut") == 2
     assert "KeyboardInterrupt after 2 finished batches: saved in" in caplog.text
     assert not (tmp_path / "cut" / "metric_result.json").exists()
 
-    monkeypatch.undo()
-    resumed_calls = counting(monkeypatch)
-    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
-    assert len(resumed_calls) == 1
-    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
-    assert read("cut") == read("whole")
+    assert_the_last_batch_completes_the_run(tiny_model_dir, litm_oracle, tmp_path, monkeypatch)
 
 
 def test_a_batch_that_fails_after_updating_the_scorer_saves_nothing_new(

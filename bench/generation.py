@@ -42,7 +42,7 @@ from bench.report import (
 )
 from bench.shapes import SPECIAL_TOKENS, ModelShape, get_shape, offline_tokenizer, random_model
 from seka_lightning.bank import ProjectionBank
-from seka_lightning.fast_decode import PROMPT_PASSES, StaticGreedyDecoder
+from seka_lightning.fast_decode import StaticGreedyDecoder, check_prompt_pass
 from seka_lightning.files import write_json, write_text
 from seka_lightning.methods import Encoded, HighlightMethod, SekaMethod
 
@@ -98,8 +98,7 @@ class GenerationSettings:
         if self.highlighted > self.documents:
             raise ValueError(f"highlighted={self.highlighted} exceeds documents={self.documents}; highlight fewer")
         self._check_prompt_tokens(shape)
-        if self.prompt_pass not in PROMPT_PASSES:
-            raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {self.prompt_pass!r}")
+        check_prompt_pass(self.prompt_pass)
         unknown = sorted(set(self.methods) - set(METHOD_FACTORIES))
         if unknown:
             raise ValueError(f"methods {unknown} are unknown; choose from {sorted(METHOD_FACTORIES)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench.generation import random_bank, random_prompts
+from bench.generation import GenerationSettings, random_bank, random_prompts
 from bench.shapes import get_shape, random_model
 from tests.conftest import gqa_attention_reference, tiny_gemma3
 from torch import nn
@@ -280,11 +280,17 @@ def test_row_prompt_passes_only_for_padded_left_padded_batches_of_full_attention
         r"\[50\] after its first token; pad on the left",
     ):
         rows.generate(HighlightMethod(), holed, max_new_tokens=NEW, pad_token_id=0)
+    empty = {key: value.clone() for key, value in enc.items()}
+    empty["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"at least one token; row 1 has 0 tokens; pad on the left"):
+        rows.generate(HighlightMethod(), empty, max_new_tokens=NEW, pad_token_id=0)
     with pytest.raises(
         ValueError, match=r"cache also has \['StaticSlidingWindowLayer'\] layers .*; use prompt_pass='batch'$"
     ):
         StaticGreedyDecoder(tiny_gemma3(len(tokenizer), sliding_window=8), batch_size=1, max_cache_len=64,
                             compile=False, prompt_pass="rows")  # fmt: skip
+    with pytest.raises(ValueError, match=r"^prompt_pass must be one of \('batch', 'rows'\), got 'row'$"):
+        GenerationSettings(shape="tiny", prompt_pass="row")
     for build in (StaticGreedyDecoder, StaticDecoding):
         first_arg = model if build is StaticGreedyDecoder else HighlightMethod()
         size = {"batch_size": 1, "max_cache_len": 64} if build is StaticGreedyDecoder else {"max_length": 64}

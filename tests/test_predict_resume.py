@@ -173,6 +173,46 @@ def test_a_batch_that_fails_after_updating_the_scorer_saves_nothing_new(
     assert "RuntimeError after 2 finished batches: the failed batch had already updated the scorer" in caplog.text
 
 
+def test_a_save_that_fails_on_the_way_out_keeps_the_last_saved_state_and_the_first_error(
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch, caplog
+):
+    """A run saved after its first batch resumes, finishes the second and fails in the third; saving its two batches
+    then fails half-way through the write (a full disk, a dead CUDA context): the file saved before is kept byte for
+    byte, no temp file is left, the run's own error is the one raised, and the same command still completes the run."""
+    from seka_lightning.lit import partial as partial_module
+
+    cut, saved = tmp_path / "cut", partial_path(tmp_path / "cut", 0)
+    counting(monkeypatch, fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        predict(tiny_model_dir, litm_oracle, cut)  # checkpoint_every_s 0: saved after batch 1
+    before = saved.read_bytes()
+    assert saved_batches(cut) == 1
+
+    monkeypatch.undo()
+    counting(monkeypatch, fail_at=2)  # the resumed run's second batch: the run's third
+
+    def disk_full(payload, tmp) -> None:
+        Path(tmp).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(partial_module.torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        predict(tiny_model_dir, litm_oracle, cut, "--trainer.callbacks.checkpoint_every_s", "1000")
+    assert (
+        f"RuntimeError after 2 finished batches: saving them failed ([Errno 28] No space left on device); {saved} "
+        "keeps 1 of them" in caplog.text
+    )
+    assert saved.read_bytes() == before and sorted(p.name for p in cut.iterdir()) == [saved.name]
+
+    monkeypatch.undo()
+    predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
+    resumed_calls = counting(monkeypatch)
+    predict(tiny_model_dir, litm_oracle, cut)
+    assert len(resumed_calls) == 2  # batches 2 and 3: batch 1 came from the kept file
+    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
+    assert read("cut") == read("whole")
+
+
 def test_the_weights_are_hashed_once_per_run_for_the_fingerprint_and_the_provenance(
     tiny_model_dir, litm_oracle, tmp_path, monkeypatch
 ):

@@ -95,12 +95,15 @@ def test_a_partial_state_of_other_settings_or_a_corrupt_one_is_refused_and_kept(
     assert (out / "metric_result.json").exists() and not partial.exists()
 
 
-def assert_the_last_batch_completes_the_run(model_dir: Path, oracle: Path, tmp_path: Path, monkeypatch) -> None:
-    """The same command on ``tmp_path / "cut"`` runs only the third batch and writes the predictions of "whole"."""
+def assert_the_last_batch_completes_the_run(
+    model_dir: Path, oracle: Path, tmp_path: Path, monkeypatch, batches_left: int = 1
+) -> None:
+    """The same command on ``tmp_path / "cut"`` runs only the last ``batches_left`` of the three batches and writes the
+    predictions of "whole"."""
     monkeypatch.undo()
     resumed_calls = counting(monkeypatch)
     predict(model_dir, oracle, tmp_path / "cut")
-    assert len(resumed_calls) == 1
+    assert len(resumed_calls) == batches_left
     read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("cut") == read("whole")
 
@@ -206,11 +209,8 @@ def test_a_save_that_fails_on_the_way_out_keeps_the_last_saved_state_and_the_fir
 
     monkeypatch.undo()
     predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
-    resumed_calls = counting(monkeypatch)
-    predict(tiny_model_dir, litm_oracle, cut)
-    assert len(resumed_calls) == 2  # batches 2 and 3: batch 1 came from the kept file
-    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
-    assert read("cut") == read("whole")
+    # batches 2 and 3: batch 1 comes from the kept file
+    assert_the_last_batch_completes_the_run(tiny_model_dir, litm_oracle, tmp_path, monkeypatch, batches_left=2)
 
 
 def test_the_weights_are_hashed_once_per_run_for_the_fingerprint_and_the_provenance(

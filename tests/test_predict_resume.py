@@ -127,6 +127,40 @@ def test_sigterm_stops_predict_at_a_batch_end_with_status_143_and_the_run_resume
     assert_the_last_batch_completes_the_run(tiny_model_dir, litm_oracle, tmp_path, monkeypatch)
 
 
+def test_a_commit_that_changes_no_code_keeps_the_run_resumable_an_edit_to_the_code_does_not(
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch
+):
+    """The fingerprint names the code by the package's files, not by the git state: a commit of docs or results
+    (another commit, the same files) resumes; code edited since the save (the same commit, dirty or not) is refused."""
+    from seka_lightning.lit import writers
+    from seka_lightning.provenance import source_sha256
+
+    predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
+    whole = json.loads((tmp_path / "whole" / "metric_result.json").read_text())
+    assert whole["provenance"]["source_sha256"] == source_sha256()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        counting(monkeypatch, fail_at=3)
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
+    partial = partial_path(tmp_path / "cut", 0)
+    saved = partial.read_bytes()
+    monkeypatch.undo()
+
+    monkeypatch.setattr(writers, "source_sha256", lambda: "0" * 64)  # edited code, whatever git says
+    with pytest.raises(ValueError, match=r"was written by a predict run with other settings"):
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
+    assert partial.read_bytes() == saved
+    monkeypatch.undo()
+
+    monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})  # a later commit
+    calls = counting(monkeypatch)
+    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
+    assert len(calls) == 1  # the two saved batches were replayed
+    cut = json.loads((tmp_path / "cut" / "metric_result.json").read_text())
+    assert cut["provenance"]["git"]["commit"] == "f" * 40  # the resumed run records the code it finished on
+    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
+    assert read("cut") == read("whole")
+
+
 def saved_batches(out: Path) -> int:
     import torch
 

@@ -40,6 +40,35 @@ def test_the_copiers_commit_wins_over_a_stale_checkout(monkeypatch):
     assert state["commit"] == "0123abcd" and state["dirty"] is None and state["git_head"] == head
 
 
+def test_the_source_hash_follows_the_packages_files_not_their_history(tmp_path):
+    """The hash names the files' paths and bytes: an edit, a rename or a new file changes it; caches, file times and
+    the order the files were made in do not. By default it hashes the installed package."""
+    from pathlib import Path
+
+    import seka_lightning
+    from seka_lightning.provenance import source_sha256
+
+    assert source_sha256() == source_sha256(Path(seka_lightning.__file__).resolve().parent)
+
+    def tree(root: Path, files: dict[str, bytes]) -> Path:
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+        return root
+
+    files = {"a.py": b"x = 1\n", "sub/b.py": b"y = 2\n", "sub/data.json": b"{}"}
+    first = source_sha256(tree(tmp_path / "one", files))
+    assert source_sha256(tree(tmp_path / "two", dict(reversed(list(files.items()))))) == first
+    tree(tmp_path / "two", {"__pycache__/a.cpython-311.pyc": b"\0", "sub/b.pyc": b"\1"})
+    assert source_sha256(tmp_path / "two") == first
+    assert source_sha256(tree(tmp_path / "edit", {**files, "a.py": b"x = 2\n"})) != first
+    assert source_sha256(tree(tmp_path / "new", {**files, "c.py": b""})) != first
+    renamed = {"sub/a.py" if name == "a.py" else name: data for name, data in files.items()}
+    assert source_sha256(tree(tmp_path / "renamed", renamed)) != first
+    # a file's bytes cannot pass for its neighbour's name: the length and a separator go in before the bytes
+    assert source_sha256(tree(tmp_path / "p", {"ab": b"c"})) != source_sha256(tree(tmp_path / "q", {"a": b"bc"}))
+
+
 def test_the_command_names_the_entry_point_not_its_location():
     from seka_lightning.provenance import run_provenance
 

@@ -45,6 +45,25 @@ def git_state(source: str | Path | None = None) -> dict[str, Any]:
     }
 
 
+def source_sha256(root: str | Path | None = None) -> str:
+    """SHA-256 over the files of this package as installed (default) or of the package folder ``root``: each file's
+    path relative to the folder and its bytes, in path order, without ``__pycache__`` folders and ``.pyc`` files.
+
+    It names the code a run imported, where the git state cannot: edits not committed, a copy outside any checkout
+    (``$SEKA_SOURCE_COMMIT`` is only what the copier says), and commits that change nothing in the package (docs,
+    tests, results), which leave the code the same."""
+    folder = Path(root) if root is not None else Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or "__pycache__" in relative.parts or path.suffix == ".pyc":
+            continue
+        data = path.read_bytes()
+        digest.update(f"{relative.as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def git_record(at_start: Mapping[str, Any] | None) -> dict[str, Any]:
     """The git state a run records: the one at its start where known, with ``changed_during_run`` (the state at the
     end) if the commit or the dirty flag differs by the end; else the state now."""
@@ -173,6 +192,7 @@ def run_provenance(
     seeds: Mapping[str, Any],
     argv: Sequence[str] | None = None,
     git_at_start: Mapping[str, Any] | None = None,
+    source_at_start: str | None = None,
     weights: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to trace a result: code, command, config (files and resolved values), model weights, the
@@ -180,7 +200,7 @@ def run_provenance(
 
     ``git_at_start`` is :func:`git_state` when the run began (what the run imported); the record keeps it, and where
     the checkout moved or changed before the end it adds ``changed_during_run`` with the state at the end. None = the
-    state now. ``weights`` is :func:`weights_hash` of ``pretrained`` where the caller took it already (None = take it
+    state now. ``source_at_start`` is :func:`source_sha256` when the run began (None = the package's files now). ``weights`` is :func:`weights_hash` of ``pretrained`` where the caller took it already (None = take it
     now)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and Path(argv[0]).name in ("cli.py", "__main__.py", "seka"):
@@ -198,6 +218,7 @@ def run_provenance(
         "data": dict(data),
         "seeds": {**seeds, "global": os.environ.get("PL_GLOBAL_SEED")},
         "versions": library_versions(),
+        "source_sha256": source_at_start if source_at_start is not None else source_sha256(),
     }
 
 

@@ -2,10 +2,10 @@
 
 Every ``checkpoint_every_s`` seconds (at a batch end) each rank saves, atomically, the rows of the batches it has
 finished, the ids its scorer skipped and the scorer's metric states (torchmetrics), under a fingerprint of what the
-rows depend on (the evaluator's settings, the method, the data settings, the number of batches and of ranks). A run
-with the same fingerprint replays the saved batches without running the model and goes on from the first unsaved
-batch: batches keep their composition, so the rows, the metrics and the written files equal those of an
-uninterrupted run.
+rows depend on (the package's code and library versions, the weights, the evaluator's settings, the method, the data
+settings, the number of batches and of ranks). A run with the same fingerprint replays the saved batches without
+running the model and goes on from the first unsaved batch: batches keep their composition, so the rows, the metrics
+and the written files equal those of an uninterrupted run.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from seka_lightning.provenance import (
     input_files,
     library_versions,
     run_provenance,
+    source_sha256,
     tokenizer_sha256,
     weights_hash,
 )
@@ -176,6 +177,7 @@ class BenchmarkWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.progress_every_s, self.checkpoint_every_s, self.resume = progress_every_s, checkpoint_every_s, resume
         self.git_at_start: dict | None = None
+        self.source_at_start: str | None = None  # source_sha256() when prediction starts
         self._weights: dict | None = None  # the model's weights hash, taken once per run (fingerprint, provenance)
         self._started = self._last_progress = self._last_checkpoint = 0.0
         self._partial: PartialRun | None = None
@@ -197,7 +199,7 @@ class BenchmarkWriter(BasePredictionWriter):
             if trainer.received_sigterm:  # a signal that reached Lightning's handler before this one took over
                 self.stop_signal.signum = signal.SIGTERM
         # the code this run imported: a checkout that moves during a long run must not relabel it
-        self.git_at_start = git_state()
+        self.git_at_start, self.source_at_start = git_state(), source_sha256()
         self._weights = None
         self._started = self._last_progress = time.monotonic()
 
@@ -210,7 +212,7 @@ class BenchmarkWriter(BasePredictionWriter):
         if self.checkpoint_every_s is None:
             return
         self._partial = PartialRun(
-            run_fingerprint(trainer, pl_module, self.git_at_start, self.weights(pl_module.hparams.pretrained))
+            run_fingerprint(trainer, pl_module, self.source_at_start, self.weights(pl_module.hparams.pretrained))
         )
         self._last_checkpoint = time.monotonic()
         self._saved_rows = 0
@@ -344,7 +346,12 @@ class BenchmarkWriter(BasePredictionWriter):
             "bootstrap": BOOTSTRAP_SEED,
         }
         metric_result = build_metric_result(
-            records, results, seeds=seeds, git_at_start=self.git_at_start, weights=self.weights(results["model"])
+            records,
+            results,
+            seeds=seeds,
+            git_at_start=self.git_at_start,
+            source_at_start=self.source_at_start,
+            weights=self.weights(results["model"]),
         )
         write_json(self.output_dir / METRIC_RESULT, metric_result)
         # the results are written: every rank's partial state has served (rank 0 reads the ranks' parts from this
@@ -354,8 +361,9 @@ class BenchmarkWriter(BasePredictionWriter):
         show_metrics(metric_result)
 
 
-def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_start: dict | None, weights: dict) -> str:
-    """What a predict run's rows depend on: the code (git state, library versions), the model's weights, the
+def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, source: str | None, weights: dict) -> str:
+    """What a predict run's rows depend on: the code (the package's files, not the git commit: a commit that changes
+    no code keeps the run resumable, an uncommitted edit does not; library versions), the model's weights, the
     evaluator's settings and the trainer's precision and accelerator, the method (with its files' hashes), the data
     (settings, files' hashes, batching), and the number of ranks (a rank's batches depend on it)."""
     method = pl_module.method.describe()
@@ -363,7 +371,7 @@ def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, git_at_sta
     hparams = {key: value for key, value in pl_module.hparams.items() if key != "method"}
     return fingerprint(
         {
-            "code": {"git": git_at_start, "versions": library_versions()},
+            "code": {"source_sha256": source, "versions": library_versions()},
             "weights": weights,
             "tokenizer": tokenizer_sha256(getattr(pl_module, "tokenizer", None)),
             "evaluator": hparams,
@@ -421,6 +429,7 @@ def build_metric_result(
     seeds: dict[str, Any],
     argv: list[str] | None = None,
     git_at_start: dict[str, Any] | None = None,
+    source_at_start: str | None = None,
     weights: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``metric_result.json``'s content from the written ``records`` and the evaluator's ``results``.
@@ -451,6 +460,7 @@ def build_metric_result(
         seeds=seeds,
         argv=argv,
         git_at_start=git_at_start,
+        source_at_start=source_at_start,
         weights=model,
     )
     return {

@@ -60,8 +60,13 @@ def scratch(tmp_path: Path) -> Path:
     return repo
 
 
-def mkstage(repo: Path, runner_args: str, *done: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RUNNER_ARGS": runner_args, "PATH": f"{repo.parent / 'bin'}:{os.environ['PATH']}"}
+def mkstage(repo: Path, runner_args: str, *done: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        **(env or {}),
+        "RUNNER_ARGS": runner_args,
+        "PATH": f"{repo.parent / 'bin'}:{os.environ['PATH']}",
+    }
     script = repo / "scripts" / "results" / "offline" / "mkstage.sh"
     return subprocess.run(["bash", str(script), *done], env=env, capture_output=True, text=True, timeout=120)
 
@@ -118,6 +123,21 @@ def test_a_done_run_that_is_not_a_folder_stops_the_staging_with_its_name(scratch
     done = mkstage(scratch, "--models smollm2-135m", "counterfact/smollm2-135m/sekaa")
     assert done.returncode == 2
     assert "mkstage: docs/results/counterfact/smollm2-135m/sekaa is not a folder" in done.stderr
+
+
+def test_done_runs_come_from_done_root_when_given(scratch):
+    run = scratch / "docs" / "research" / "full" / "lost_in_the_middle" / "smollm2-135m" / "none"
+    run.mkdir(parents=True)
+    (run / "metric_result.json").write_text('{"slice": "0:300"}')
+    env = {"DONE_ROOT": "docs/research/full"}
+    done = mkstage(scratch, "--models smollm2-135m", "lost_in_the_middle/smollm2-135m/none", env=env)
+    assert done.returncode == 0, done.stderr
+    staged = scratch / ".dev/g/q04/done/lost_in_the_middle/smollm2-135m/none/metric_result.json"
+    assert staged.read_text() == '{"slice": "0:300"}'
+    missing = mkstage(scratch, "--models smollm2-135m", "counterfact/smollm2-135m/seka", env=env)
+    assert (
+        missing.returncode == 2 and "docs/research/full/counterfact/smollm2-135m/seka is not a folder" in missing.stderr
+    )
 
 
 def test_without_runner_args_nothing_is_staged(scratch):

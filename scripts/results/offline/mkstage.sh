@@ -4,9 +4,11 @@
 # each transfer is limited to 64 MiB), the package metadata that lets seka_lightning find them, the shared data, and
 # the runs already done (copied in so that the runner skips them). Run from the repository root after
 # `bash scripts/setup.sh`; writes .dev/g/ (ignored). The bundle is for the commit checked out now (.dev/g/s2/commit.txt).
-#   bash scripts/results/offline/mkstage.sh [DONE_RUN ...]    # DONE_RUN: a folder under docs/results, e.g.
+#   bash scripts/results/offline/mkstage.sh [DONE_RUN ...]    # DONE_RUN: a folder under $DONE_ROOT, e.g.
 #                                                             # counterfact/gemma3-270m/seka (a final: to --results),
 #                                                             # or dev/gemma3-270m (a model's dev runs: to --out's dev/)
+# DONE_ROOT (default docs/results) is where the done runs are, e.g. docs/research/litm_full_protocol for runs on another
+# slice than the committed table's.
 # with RUNNER_ARGS (e.g. "--models gemma3-270m --stages build final --accelerator gpu --jobs 10") and, optionally,
 # PERF_ARGS (the arguments of `python -m bench generation`, without --out) in the environment.
 set -euo pipefail
@@ -55,11 +57,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   transformers==5.24.0 tokenizers==0.23.3 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0 \
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0
 cp -r ../shared/data "$G/q04/data"; chmod -R u+w "$G/q04/data"
+DONE_ROOT=${DONE_ROOT:-docs/results}
 for run in "$@"; do
-  [ -d "docs/results/$run" ] || { echo "mkstage: docs/results/$run is not a folder" >&2; exit 2; }
+  [ -d "$DONE_ROOT/$run" ] || { echo "mkstage: $DONE_ROOT/$run is not a folder" >&2; exit 2; }
   case "$run" in
-    dev/*) mkdir -p "$G/q04/dev"; cp -r "docs/results/$run" "$G/q04/dev/" ;;
-    *) mkdir -p "$G/q04/done/$run"; cp docs/results/"$run"/* "$G/q04/done/$run/" ;;
+    dev/*) mkdir -p "$G/q04/dev"; cp -r "$DONE_ROOT/$run" "$G/q04/dev/" ;;
+    *) mkdir -p "$G/q04/done/$run"; cp "$DONE_ROOT/$run"/* "$G/q04/done/$run/" ;;
   esac
 done
 cp scripts/results/offline/{stage,go,daemon,watch}.sh "$G/s2/"

@@ -61,8 +61,11 @@ def scratch(tmp_path: Path) -> Path:
 
 
 def mkstage(repo: Path, runner_args: str, *done: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    inherited = {
+        key: value for key, value in os.environ.items() if key not in ("RUNNER_ARGS", "DONE_ROOT", "PERF_ARGS")
+    }
     env = {
-        **os.environ,
+        **inherited,
         **(env or {}),
         "RUNNER_ARGS": runner_args,
         "PATH": f"{repo.parent / 'bin'}:{os.environ['PATH']}",
@@ -129,11 +132,14 @@ def test_done_runs_come_from_done_root_when_given(scratch):
     run = scratch / "docs" / "research" / "full" / "lost_in_the_middle" / "smollm2-135m" / "none"
     run.mkdir(parents=True)
     (run / "metric_result.json").write_text('{"slice": "0:300"}')
+    (run / "seed-0").mkdir()  # a folder of runs (random's seeds) is staged whole
+    (run / "seed-0" / "metric_result.json").write_text("{}")
     env = {"DONE_ROOT": "docs/research/full"}
     done = mkstage(scratch, "--models smollm2-135m", "lost_in_the_middle/smollm2-135m/none", env=env)
     assert done.returncode == 0, done.stderr
     staged = scratch / ".dev/g/q04/done/lost_in_the_middle/smollm2-135m/none/metric_result.json"
     assert staged.read_text() == '{"slice": "0:300"}'
+    assert (staged.parent / "seed-0" / "metric_result.json").read_text() == "{}"
     missing = mkstage(scratch, "--models smollm2-135m", "counterfact/smollm2-135m/seka", env=env)
     assert (
         missing.returncode == 2 and "docs/research/full/counterfact/smollm2-135m/seka is not a folder" in missing.stderr
@@ -146,6 +152,7 @@ def test_without_runner_args_nothing_is_staged(scratch):
         env={k: v for k, v in os.environ.items() if k != "RUNNER_ARGS"},
         capture_output=True,
         text=True,
+        timeout=120,
     )
     assert done.returncode != 0 and "set RUNNER_ARGS" in done.stderr
     assert not (scratch / ".dev").exists()

@@ -133,11 +133,11 @@ def test_a_commit_that_changes_no_code_keeps_the_run_resumable_an_edit_to_the_co
     """The fingerprint names the code by the package's files, not by the git state: a commit of docs or results
     (another commit, the same files) resumes; code edited since the save (the same commit, dirty or not) is refused."""
     from seka_lightning.lit import writers
-    from seka_lightning.provenance import source_sha256
+    from seka_lightning.provenance import SOURCE_SHA256_AT_IMPORT, source_sha256
 
     predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
     whole = json.loads((tmp_path / "whole" / "metric_result.json").read_text())
-    assert whole["provenance"]["source_sha256"] == source_sha256()
+    assert whole["provenance"]["source_sha256"] == SOURCE_SHA256_AT_IMPORT == source_sha256()
     with pytest.raises(RuntimeError, match="interrupted"):
         counting(monkeypatch, fail_at=3)
         predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
@@ -145,7 +145,7 @@ def test_a_commit_that_changes_no_code_keeps_the_run_resumable_an_edit_to_the_co
     saved = partial.read_bytes()
     monkeypatch.undo()
 
-    monkeypatch.setattr(writers, "source_sha256", lambda: "0" * 64)  # edited code, whatever git says
+    monkeypatch.setattr(writers, "SOURCE_SHA256_AT_IMPORT", "0" * 64)  # edited code, whatever git says
     with pytest.raises(ValueError, match=r"was written by a predict run with other settings"):
         predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
     assert partial.read_bytes() == saved

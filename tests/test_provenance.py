@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from types import SimpleNamespace
 
@@ -41,14 +42,22 @@ def test_the_copiers_commit_wins_over_a_stale_checkout(monkeypatch):
 
 
 def test_the_source_hash_follows_the_packages_files_not_their_history(tmp_path):
-    """The hash names the files' paths and bytes: an edit, a rename or a new file changes it; caches, file times and
-    the order the files were made in do not. By default it hashes the installed package."""
+    """The hash names the Python files' paths and bytes: an edit, a rename or a new module changes it; caches, hidden
+    files (editor swap files), other files, a wheel's shipped configs and data, file times and the order the files
+    were made in do not. By default it hashes the installed package, wherever it lies."""
     from pathlib import Path
 
     import seka_lightning
     from seka_lightning.provenance import source_sha256
 
-    assert source_sha256() == source_sha256(Path(seka_lightning.__file__).resolve().parent)
+    package = Path(seka_lightning.__file__).resolve().parent
+    copy = tmp_path / "copy" / "seka_lightning"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "shipped" / "configs").mkdir(parents=True)
+    (copy / "shipped" / "configs" / "x.py").write_text("a shipped file\n")
+    assert source_sha256() == source_sha256(copy)
+    (copy / "lit" / "writers.py").write_text((copy / "lit" / "writers.py").read_text() + "\n")
+    assert source_sha256(copy) != source_sha256()
 
     def tree(root: Path, files: dict[str, bytes]) -> Path:
         for name, data in files.items():
@@ -59,14 +68,17 @@ def test_the_source_hash_follows_the_packages_files_not_their_history(tmp_path):
     files = {"a.py": b"x = 1\n", "sub/b.py": b"y = 2\n", "sub/data.json": b"{}"}
     first = source_sha256(tree(tmp_path / "one", files))
     assert source_sha256(tree(tmp_path / "two", dict(reversed(list(files.items()))))) == first
-    tree(tmp_path / "two", {"__pycache__/a.cpython-311.pyc": b"\0", "sub/b.pyc": b"\1"})
+    ignored = {"__pycache__/a.cpython-311.pyc": b"\0", "sub/b.pyc": b"\1", ".a.py.swp": b"", ".hidden/c.py": b""}
+    tree(tmp_path / "two", {**ignored, "shipped/data/d.py": b"", "notes.txt": b"text"})
     assert source_sha256(tmp_path / "two") == first
     assert source_sha256(tree(tmp_path / "edit", {**files, "a.py": b"x = 2\n"})) != first
     assert source_sha256(tree(tmp_path / "new", {**files, "c.py": b""})) != first
     renamed = {"sub/a.py" if name == "a.py" else name: data for name, data in files.items()}
     assert source_sha256(tree(tmp_path / "renamed", renamed)) != first
-    # a file's bytes cannot pass for its neighbour's name: the length and a separator go in before the bytes
-    assert source_sha256(tree(tmp_path / "p", {"ab": b"c"})) != source_sha256(tree(tmp_path / "q", {"a": b"bc"}))
+    # a file's bytes cannot pass for the next file's name ("a.py" + "b.pyx" = "a.py" + "" + "b.py" + "x"): each
+    # file's length and a separator go in before its bytes
+    one_file = source_sha256(tree(tmp_path / "p", {"a.py": b"b.pyx"}))
+    assert one_file != source_sha256(tree(tmp_path / "q", {"a.py": b"", "b.py": b"x"}))
 
 
 def test_the_command_names_the_entry_point_not_its_location():
@@ -102,19 +114,29 @@ def test_a_run_records_the_git_state_it_started_with_and_any_change_by_its_end(m
     assert record(start) == {**start, "changed_during_run": {"commit": now["commit"], "dirty": now["dirty"]}}
 
 
-def test_the_benchmark_writer_takes_the_git_state_when_prediction_starts(tmp_path, monkeypatch):
+def one_process(**trainer) -> SimpleNamespace:
+    """A stand-in trainer whose strategy broadcasts as one process does: the object itself."""
+    return SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), **trainer)
+
+
+def test_the_benchmark_writer_takes_the_git_state_and_rank_0s_code_hash_when_prediction_starts(tmp_path, monkeypatch):
     from seka_lightning.lit import writers
 
     writer = writers.BenchmarkWriter(str(tmp_path / "run"))
-    assert writer.git_at_start is None
+    assert writer.git_at_start is None and writer.source_at_start is None
     monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})
-    writer.on_predict_start(SimpleNamespace(world_size=1), None)
+    writer.on_predict_start(one_process(world_size=1), None)
     assert writer.git_at_start == {"commit": "f" * 40, "dirty": True}
+    assert writer.source_at_start == writers.SOURCE_SHA256_AT_IMPORT
+    # under DDP every rank checks a partial file against rank 0's hash, not its own
+    broadcasts = []
+    rank_0 = SimpleNamespace(broadcast=lambda obj, src=0: broadcasts.append((obj, src)) or "0" * 64)
+    writer.on_predict_start(SimpleNamespace(world_size=1, strategy=rank_0), None)
+    assert writer.source_at_start == "0" * 64 and broadcasts == [(writers.SOURCE_SHA256_AT_IMPORT, 0)]
 
 
 def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s(tmp_path, monkeypatch, caplog):
     """Runs whose output is a log file still say how far they are: batches done, elapsed, time left."""
-    from types import SimpleNamespace
 
     from seka_lightning.lit import writers
 
@@ -127,7 +149,7 @@ def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s
     monkeypatch.setattr(writers.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": False})
     writer = writers.BenchmarkWriter(str(tmp_path / "run"), progress_every_s=60)
-    trainer = SimpleNamespace(is_global_zero=True, num_predict_batches=[4], received_sigterm=False, world_size=1)
+    trainer = one_process(is_global_zero=True, num_predict_batches=[4], received_sigterm=False, world_size=1)
     writer.on_predict_start(trainer, None)
     with caplog.at_level("INFO", logger=writers.__name__):
         for index in range(3):

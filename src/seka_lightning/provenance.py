@@ -46,17 +46,20 @@ def git_state(source: str | Path | None = None) -> dict[str, Any]:
 
 
 def source_sha256(root: str | Path | None = None) -> str:
-    """SHA-256 over the files of this package as installed (default) or of the package folder ``root``: each file's
-    path relative to the folder and its bytes, in path order, without ``__pycache__`` folders and ``.pyc`` files.
+    """SHA-256 over the Python files of this package as installed (default) or of the package folder ``root``: each
+    ``.py`` file's path relative to the folder, its length and its bytes, in path order. Other files do not count:
+    hidden ones (editor swap files), caches, and the configs and data a wheel ships under ``shipped/`` (a run hashes
+    the ones it reads as its input files), so an editable install and a wheel of one commit hash alike.
 
     It names the code a run imported, where the git state cannot: edits not committed, a copy outside any checkout
     (``$SEKA_SOURCE_COMMIT`` is only what the copier says), and commits that change nothing in the package (docs,
-    tests, results), which leave the code the same."""
+    tests, results), which leave the code the same. See ``SOURCE_SHA256_AT_IMPORT`` for the code a process runs."""
     folder = Path(root) if root is not None else Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
+    for path in sorted(folder.rglob("*.py")):
         relative = path.relative_to(folder)
-        if not path.is_file() or "__pycache__" in relative.parts or path.suffix == ".pyc":
+        skipped = relative.parts[0] == "shipped" or any(part.startswith(".") for part in relative.parts)
+        if skipped or "__pycache__" in relative.parts or not path.is_file():
             continue
         data = path.read_bytes()
         digest.update(f"{relative.as_posix()}\0{len(data)}\0".encode())
@@ -200,8 +203,9 @@ def run_provenance(
 
     ``git_at_start`` is :func:`git_state` when the run began (what the run imported); the record keeps it, and where
     the checkout moved or changed before the end it adds ``changed_during_run`` with the state at the end. None = the
-    state now. ``source_at_start`` is :func:`source_sha256` when the run began (None = the package's files now). ``weights`` is :func:`weights_hash` of ``pretrained`` where the caller took it already (None = take it
-    now)."""
+    state now. ``source_at_start`` is the package's code hash the run imported (None = this process's,
+    ``SOURCE_SHA256_AT_IMPORT``). ``weights`` is :func:`weights_hash` of ``pretrained`` where the caller took it already
+    (None = take it now)."""
     argv = list(sys.argv if argv is None else argv)
     if argv and Path(argv[0]).name in ("cli.py", "__main__.py", "seka"):
         argv[0] = "seka"  # the entry point, not where this machine keeps it
@@ -218,7 +222,7 @@ def run_provenance(
         "data": dict(data),
         "seeds": {**seeds, "global": os.environ.get("PL_GLOBAL_SEED")},
         "versions": library_versions(),
-        "source_sha256": source_at_start if source_at_start is not None else source_sha256(),
+        "source_sha256": source_at_start if source_at_start is not None else SOURCE_SHA256_AT_IMPORT,
     }
 
 
@@ -236,3 +240,8 @@ def library_versions() -> dict[str, str | None]:
     """Python's and the installed versions of the packages a result's numbers depend on (None = not installed)."""
     packages = ("torch", "transformers", "tokenizers", "gguf", "lightning", "torchmetrics", "seka-lightning")
     return {"python": sys.version.split()[0], **{name: installed_version(name) for name in packages}}
+
+
+SOURCE_SHA256_AT_IMPORT = source_sha256()
+"""The package's code as this process imported it: :func:`source_sha256` when this module was first imported (by
+the CLI, before any model loads), so that an edit made while a run loads or runs cannot relabel it."""

@@ -140,7 +140,8 @@ def test_under_ddp_a_signal_only_sets_a_flag_and_the_writer_puts_back_the_handle
 
     from seka_lightning.lit.callbacks import BuildStopped
 
-    trainer = SimpleNamespace(world_size=2, received_sigterm=False)
+    ranks = SimpleNamespace(broadcast=lambda obj, src=0: obj)
+    trainer = SimpleNamespace(world_size=2, received_sigterm=False, strategy=ranks)
     writer = BenchmarkWriter(str(tmp_path / "out"))
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
@@ -165,7 +166,7 @@ def test_under_ddp_a_signal_only_sets_a_flag_and_the_writer_puts_back_the_handle
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
 
         # a SIGTERM that Lightning's handler took before the writer's was installed is not lost
-        writer.on_predict_start(SimpleNamespace(world_size=2, received_sigterm=True), None)
+        writer.on_predict_start(SimpleNamespace(world_size=2, received_sigterm=True, strategy=ranks), None)
         with pytest.raises(BuildStopped) as stopped:
             writer.on_predict_end(trainer, None)
         assert stopped.value.code == 128 + signal.SIGTERM

@@ -62,7 +62,7 @@ for run in "$@"; do
   [ -d "$DONE_ROOT/$run" ] || { echo "mkstage: $DONE_ROOT/$run is not a folder" >&2; exit 2; }
   case "$run" in
     dev/*) mkdir -p "$G/q04/dev"; cp -r "$DONE_ROOT/$run" "$G/q04/dev/" ;;
-    *) mkdir -p "$G/q04/done/$run"; cp "$DONE_ROOT/$run"/* "$G/q04/done/$run/" ;;
+    *) mkdir -p "$G/q04/done/$run"; cp -r "$DONE_ROOT/$run"/. "$G/q04/done/$run/" ;;
   esac
 done
 cp scripts/results/offline/{stage,go,daemon,watch}.sh "$G/s2/"

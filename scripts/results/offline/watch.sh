@@ -1,7 +1,7 @@
 #!/bin/bash
 # On the GPU machine: wait up to $1 s, or until a line of /root/phase starts with $2 (default: done), then print the
 # progress and put what exists into $OUT: res.tgz (the result folders, without an interrupted run's saved state),
-# partial.tgz (that saved state, for a run to resume on a later machine session at the same commit), dev.tgz (the dev
+# partial.tgz (that saved state, for a run to resume on a later machine session with the same package code), dev.tgz (the dev
 # runs written on the machine, not the staged ones), logs.tgz, perf.tgz. Call it as
 # `bash /root/repo/.dev/g/s2/watch.sh 500` within 30 s of the previous call.
 T=${1:-500}; end=$((SECONDS + T))

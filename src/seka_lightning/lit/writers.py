@@ -35,11 +35,11 @@ from seka_lightning.lit.partial import (
     save_partial,
 )
 from seka_lightning.provenance import (
+    SOURCE_SHA256_AT_IMPORT,
     git_state,
     input_files,
     library_versions,
     run_provenance,
-    source_sha256,
     tokenizer_sha256,
     weights_hash,
 )
@@ -177,7 +177,7 @@ class BenchmarkWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.progress_every_s, self.checkpoint_every_s, self.resume = progress_every_s, checkpoint_every_s, resume
         self.git_at_start: dict | None = None
-        self.source_at_start: str | None = None  # source_sha256() when prediction starts
+        self.source_at_start: str | None = None  # the package's code hash this run imported (rank 0's)
         self._weights: dict | None = None  # the model's weights hash, taken once per run (fingerprint, provenance)
         self._started = self._last_progress = self._last_checkpoint = 0.0
         self._partial: PartialRun | None = None
@@ -199,7 +199,9 @@ class BenchmarkWriter(BasePredictionWriter):
             if trainer.received_sigterm:  # a signal that reached Lightning's handler before this one took over
                 self.stop_signal.signum = signal.SIGTERM
         # the code this run imported: a checkout that moves during a long run must not relabel it
-        self.git_at_start, self.source_at_start = git_state(), source_sha256()
+        self.git_at_start = git_state()
+        # the code this process imported, as rank 0 saw it: every rank then checks a partial file against one value
+        self.source_at_start = trainer.strategy.broadcast(SOURCE_SHA256_AT_IMPORT, src=0)
         self._weights = None
         self._started = self._last_progress = time.monotonic()
 

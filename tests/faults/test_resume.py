@@ -196,6 +196,36 @@ def test_a_record_from_before_the_chat_setting_resumes_as_plain_text(tiny_model_
     assert torch.equal(resumed.pos, first.pos)
 
 
+def test_resume_on_other_package_code_is_refused_and_a_checkpoint_from_before_the_code_hash_resumes(
+    tiny_model_dir, qa_file, tmp_path, first_build, monkeypatch
+):
+    """The sums depend on the capture code: a checkpoint written by other code (its Python files' hash) is refused;
+    one from before the hash was recorded is not checked for it, as it was not then."""
+    from seka_lightning.lit import builder
+
+    recorded = torch.load(first_build, weights_only=True)["seka_build"]["code.source_sha256"]
+    assert recorded == builder.SOURCE_SHA256_AT_IMPORT
+    monkeypatch.setattr(builder, "SOURCE_SHA256_AT_IMPORT", "0" * 64)
+    out = tmp_path / "edited.safetensors"
+    with pytest.raises(ValueError) as error:
+        fit(tiny_model_dir, qa_file, out, tmp_path / "ck2", "--ckpt_path", str(first_build))
+    message = str(error.value)
+    assert f"code.source_sha256: checkpoint '{recorded}', command line '{'0' * 64}'" in message
+    assert "the package's code changed since the checkpoint: resume with that code" in message
+    assert "data.batch_size" not in message and not out.exists()
+
+    old = torch.load(first_build, weights_only=True)
+    del old["seka_build"]["code.source_sha256"]
+    torch.save(old, tmp_path / "old.ckpt")
+    fit(
+        tiny_model_dir, qa_file, tmp_path / "o.safetensors", tmp_path / "ck3", "--ckpt_path", str(tmp_path / "old.ckpt")
+    )
+    first = ProjectionBank.load(first_build.parents[1] / "first.safetensors")
+    resumed = ProjectionBank.load(tmp_path / "o.safetensors")
+    assert resumed.metadata["triplets_used"] == first.metadata["triplets_used"] > 0
+    assert torch.equal(resumed.pos, first.pos)
+
+
 def test_checkpoint_hyperparameters_import_nothing_and_redirect_nothing(
     tiny_model_dir, qa_file, tmp_path, first_build, monkeypatch
 ):

@@ -23,7 +23,7 @@ from seka_lightning.lit.callbacks import BatchCheckpoint, BuildStopped, StopSign
 from seka_lightning.lit.frozen import FrozenModelModule
 from seka_lightning.models import model_id
 from seka_lightning.projections import DEFAULT_HEAD_FILTER, DEFAULT_MIN_DIFF, validate_hyperparameters
-from seka_lightning.provenance import weights_hash
+from seka_lightning.provenance import SOURCE_SHA256_AT_IMPORT, weights_hash
 from seka_lightning.stats import KeyStatistics, KeySums, require_finite_sums
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,13 @@ STATISTICS_SETTINGS = (
     "data.max_samples",
     "data.length_window",
     "trainer.world_size",
+    "code.source_sha256",  # the package's Python files (provenance.source_sha256): the capture code makes the sums
 )
 # settings added to the record later, with the value every build before them had (so their checkpoints resume)
 RECORD_DEFAULTS = {"model.chat": False, "model.pack_tokens": None}
+# recorded later, with no value to assume for older checkpoints: not checked on theirs (as before it was recorded)
+UNRECORDED = ("code.source_sha256",)
+RESUME_NOTES = {"code.source_sha256": " (the package's code changed since the checkpoint: resume with that code)"}
 DEFAULT_STOP_CHECK_EVERY_N_BATCHES = 50
 
 
@@ -240,6 +244,7 @@ class ProjectionBuilder(FrozenModelModule):
             "data.max_samples": getattr(datamodule, "max_samples", None),
             "data.length_window": getattr(datamodule, "length_window", None),
             "trainer.world_size": None if self._trainer is None else self._trainer.world_size,
+            "code.source_sha256": SOURCE_SHA256_AT_IMPORT,
         }
 
     def check_resume(self, checkpoint: dict[str, Any]) -> None:
@@ -253,10 +258,11 @@ class ProjectionBuilder(FrozenModelModule):
                 "build again without --ckpt_path"
             )
         current = self.build_record()
-        saved = {name: saved.get(name, RECORD_DEFAULTS.get(name)) for name in STATISTICS_SETTINGS}
+        checked = [name for name in STATISTICS_SETTINGS if name in saved or name not in UNRECORDED]
+        saved = {name: saved.get(name, RECORD_DEFAULTS.get(name)) for name in checked}
         differ = [
-            f"{name}: checkpoint {saved[name]!r}, command line {current[name]!r}"
-            for name in STATISTICS_SETTINGS
+            f"{name}: checkpoint {saved[name]!r}, command line {current[name]!r}{RESUME_NOTES.get(name, '')}"
+            for name in checked
             if saved[name] != current[name]
         ]
         if differ:

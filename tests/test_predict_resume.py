@@ -160,6 +160,16 @@ def test_a_commit_that_changes_no_code_keeps_the_run_resumable_an_edit_to_the_co
     read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
     assert read("cut") == read("whole")
 
+    # code whose files cannot be hashed (None) is named by the git state instead: another commit is refused
+    monkeypatch.undo()
+    monkeypatch.setattr(writers, "SOURCE_SHA256_AT_IMPORT", None)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        counting(monkeypatch, fail_at=3)
+        predict(tiny_model_dir, litm_oracle, tmp_path / "unhashed")
+    monkeypatch.setattr(writers, "git_state", lambda: {"commit": "e" * 40, "dirty": False})
+    with pytest.raises(ValueError, match=r"was written by a predict run with other settings"):
+        predict(tiny_model_dir, litm_oracle, tmp_path / "unhashed")
+
 
 def saved_batches(out: Path) -> int:
     import torch

@@ -81,6 +81,27 @@ def test_the_source_hash_follows_the_packages_files_not_their_history(tmp_path):
     assert one_file != source_sha256(tree(tmp_path / "q", {"a.py": b"", "b.py": b"x"}))
 
 
+def test_code_that_cannot_be_hashed_is_unknown_not_the_same(tmp_path, monkeypatch):
+    """No Python files on disk (a package imported from a zip) or an unreadable one: None, which the resume checks
+    treat as unknown."""
+    from pathlib import Path
+
+    from seka_lightning.provenance import source_sha256
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "data.json").write_text("{}")
+    assert source_sha256(tmp_path / "empty") is None
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "a.py").write_text("x = 1\n")
+    assert source_sha256(tmp_path / "code") is not None
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    assert source_sha256(tmp_path / "code") is None
+
+
 def test_the_command_names_the_entry_point_not_its_location():
     from seka_lightning.provenance import run_provenance
 

@@ -45,7 +45,7 @@ def git_state(source: str | Path | None = None) -> dict[str, Any]:
     }
 
 
-def source_sha256(root: str | Path | None = None) -> str:
+def source_sha256(root: str | Path | None = None) -> str | None:
     """SHA-256 over the Python files of this package as installed (default) or of the package folder ``root``: each
     ``.py`` file's path relative to the folder, its length and its bytes, in path order. Other files do not count:
     hidden ones (editor swap files), caches, and the configs and data a wheel ships under ``shipped/`` (a run hashes
@@ -53,18 +53,25 @@ def source_sha256(root: str | Path | None = None) -> str:
 
     It names the code a run imported, where the git state cannot: edits not committed, a copy outside any checkout
     (``$SEKA_SOURCE_COMMIT`` is only what the copier says), and commits that change nothing in the package (docs,
-    tests, results), which leave the code the same. See ``SOURCE_SHA256_AT_IMPORT`` for the code a process runs."""
+    tests, results), which leave the code the same. See ``SOURCE_SHA256_AT_IMPORT`` for the code a process runs.
+
+    None where the files cannot be read (a package imported from a zip has none on disk; an unreadable file): the
+    code is then unknown, never "the same"."""
     folder = Path(root) if root is not None else Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
-        relative = path.relative_to(folder)
-        skipped = relative.parts[0] == "shipped" or any(part.startswith(".") for part in relative.parts)
-        if skipped or "__pycache__" in relative.parts or not path.is_file():
-            continue
-        data = path.read_bytes()
-        digest.update(f"{relative.as_posix()}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest()
+    digest, hashed = hashlib.sha256(), 0
+    try:
+        for path in sorted(folder.rglob("*.py")):
+            relative = path.relative_to(folder)
+            skipped = relative.parts[0] == "shipped" or any(part.startswith(".") for part in relative.parts)
+            if skipped or "__pycache__" in relative.parts or not path.is_file():
+                continue
+            data = path.read_bytes()
+            digest.update(f"{relative.as_posix()}\0{len(data)}\0".encode())
+            digest.update(data)
+            hashed += 1
+    except OSError:
+        return None
+    return digest.hexdigest() if hashed else None
 
 
 def git_record(at_start: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -213,6 +213,9 @@ def test_resume_on_other_package_code_is_refused_and_a_checkpoint_from_before_th
     assert f"code.source_sha256: checkpoint '{recorded}', command line '{'0' * 64}'" in message
     assert "the package's code changed since the checkpoint: resume with that code" in message
     assert "data.batch_size" not in message and not out.exists()
+    monkeypatch.setattr(builder, "SOURCE_SHA256_AT_IMPORT", None)  # code that cannot be hashed: unknown, not checked
+    fit(tiny_model_dir, qa_file, tmp_path / "unknown.safetensors", tmp_path / "ck4", "--ckpt_path", str(first_build))
+    monkeypatch.undo()
 
     old = torch.load(first_build, weights_only=True)
     del old["seka_build"]["code.source_sha256"]

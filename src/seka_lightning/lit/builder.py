@@ -160,6 +160,7 @@ class ProjectionBuilder(FrozenModelModule):
         self._started = 0.0
         self._examples = 0
         self.stop_signal = StopSignal()
+        self._code_sha256: str | None = None  # rank 0's code hash, taken when a checkpoint is loaded
 
     def configure_optimizers(self) -> None:
         return None
@@ -244,7 +245,7 @@ class ProjectionBuilder(FrozenModelModule):
             "data.max_samples": getattr(datamodule, "max_samples", None),
             "data.length_window": getattr(datamodule, "length_window", None),
             "trainer.world_size": None if self._trainer is None else self._trainer.world_size,
-            "code.source_sha256": SOURCE_SHA256_AT_IMPORT,
+            "code.source_sha256": self._code_sha256 or SOURCE_SHA256_AT_IMPORT,
         }
 
     def check_resume(self, checkpoint: dict[str, Any]) -> None:
@@ -258,7 +259,12 @@ class ProjectionBuilder(FrozenModelModule):
                 "build again without --ckpt_path"
             )
         current = self.build_record()
-        checked = [name for name in STATISTICS_SETTINGS if name in saved or name not in UNRECORDED]
+        # a setting recorded later is checked only where both sides know it (an older checkpoint, unknown code)
+        checked = [
+            name
+            for name in STATISTICS_SETTINGS
+            if name not in UNRECORDED or (saved.get(name) is not None and current[name] is not None)
+        ]
         saved = {name: saved.get(name, RECORD_DEFAULTS.get(name)) for name in checked}
         differ = [
             f"{name}: checkpoint {saved[name]!r}, command line {current[name]!r}{RESUME_NOTES.get(name, '')}"
@@ -275,6 +281,8 @@ class ProjectionBuilder(FrozenModelModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is None:
             return
+        # every rank checks against rank 0's code hash, so that all of them refuse or none does
+        self._code_sha256 = self.trainer.strategy.broadcast(SOURCE_SHA256_AT_IMPORT, src=0)
         self.check_resume(checkpoint)
         if self.trainer.global_rank != 0:
             # the saved sums are global: only rank 0 restores them, so the final all-reduce counts them once

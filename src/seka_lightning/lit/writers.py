@@ -214,7 +214,9 @@ class BenchmarkWriter(BasePredictionWriter):
         if self.checkpoint_every_s is None:
             return
         self._partial = PartialRun(
-            run_fingerprint(trainer, pl_module, self.source_at_start, self.weights(pl_module.hparams.pretrained))
+            run_fingerprint(
+                trainer, pl_module, self.source_at_start, self.git_at_start, self.weights(pl_module.hparams.pretrained)
+            )
         )
         self._last_checkpoint = time.monotonic()
         self._saved_rows = 0
@@ -363,9 +365,12 @@ class BenchmarkWriter(BasePredictionWriter):
         show_metrics(metric_result)
 
 
-def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, source: str | None, weights: dict) -> str:
-    """What a predict run's rows depend on: the code (the package's files, not the git commit: a commit that changes
-    no code keeps the run resumable, an uncommitted edit does not; library versions), the model's weights, the
+def run_fingerprint(
+    trainer: L.Trainer, pl_module: L.LightningModule, source: str | None, git: dict | None, weights: dict
+) -> str:
+    """What a predict run's rows depend on: the code (the hash of the package's Python files, not the git commit: a
+    commit that changes no code keeps the run resumable, an uncommitted edit does not; the git state only where the
+    files cannot be hashed; library versions), the model's weights, the
     evaluator's settings and the trainer's precision and accelerator, the method (with its files' hashes), the data
     (settings, files' hashes, batching), and the number of ranks (a rank's batches depend on it)."""
     method = pl_module.method.describe()
@@ -373,7 +378,7 @@ def run_fingerprint(trainer: L.Trainer, pl_module: L.LightningModule, source: st
     hparams = {key: value for key, value in pl_module.hparams.items() if key != "method"}
     return fingerprint(
         {
-            "code": {"source_sha256": source, "versions": library_versions()},
+            "code": {"source_sha256": source, "versions": library_versions(), **({} if source else {"git": git})},
             "weights": weights,
             "tokenizer": tokenizer_sha256(getattr(pl_module, "tokenizer", None)),
             "evaluator": hparams,

@@ -151,14 +151,11 @@ def test_a_commit_that_changes_no_code_keeps_the_run_resumable_an_edit_to_the_co
     assert partial.read_bytes() == saved
     monkeypatch.undo()
 
-    monkeypatch.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})  # a later commit
-    calls = counting(monkeypatch)
-    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
-    assert len(calls) == 1  # the two saved batches were replayed
+    with pytest.MonkeyPatch.context() as later_commit:  # kept through the helper's undo of ``monkeypatch``
+        later_commit.setattr(writers, "git_state", lambda: {"commit": "f" * 40, "dirty": True})
+        assert_the_last_batch_completes_the_run(tiny_model_dir, litm_oracle, tmp_path, monkeypatch)
     cut = json.loads((tmp_path / "cut" / "metric_result.json").read_text())
     assert cut["provenance"]["git"]["commit"] == "f" * 40  # the resumed run records the code it finished on
-    read = lambda run: (tmp_path / run / "predictions.jsonl.gz").read_bytes()  # noqa: E731
-    assert read("cut") == read("whole")
 
     # code whose files cannot be hashed (None) is named by the git state instead: another commit is refused
     monkeypatch.undo()

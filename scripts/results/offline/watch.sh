@@ -2,7 +2,7 @@
 # On the GPU machine: wait up to $1 s, or until a line of /root/phase starts with $2 (default: done), then print the
 # progress and put what exists into $OUT: res.tgz (the result folders, without an interrupted run's saved state),
 # partial.tgz (that saved state, for a run to resume on a later machine session with the same package code), dev.tgz (the dev
-# runs written on the machine, not the staged ones), logs.tgz, perf.tgz. Call it as
+# runs written on the machine, not the staged ones), logs.tgz, heads.tgz (PASTA's head sets, when built), perf.tgz. Call it as
 # `bash /root/repo/.dev/g/s2/watch.sh 500` within 30 s of the previous call.
 T=${1:-500}; end=$((SECONDS + T))
 while [ $SECONDS -lt $end ]; do grep -q "^${2:-done}" /root/phase 2>/dev/null && break; sleep 5; done
@@ -18,5 +18,6 @@ find gpures -name 'predict_partial*' > /root/partlist  # unfinished runs' saved 
 find results/dev -newer /root/staged -type f ! -path '*predict_partial*' 2>/dev/null > /root/devlist
 [ -s /root/devlist ] && tar czf "$OUT/dev.tgz" -T /root/devlist
 tar czf "$OUT/logs.tgz" results/logs /root/runner.log /root/phase 2>/dev/null
+if [ -d results/pasta ]; then tar czf "$OUT/heads.tgz" results/pasta; fi  # PASTA's head sets, to commit beside its results
 if [ -d /root/perf ]; then tar czf "$OUT/perf.tgz" -C /root perf; fi
 ls -la "$OUT"

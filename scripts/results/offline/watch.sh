@@ -20,4 +20,9 @@ find results/dev -newer /root/staged -type f ! -path '*predict_partial*' 2>/dev/
 tar czf "$OUT/logs.tgz" results/logs /root/runner.log /root/phase 2>/dev/null
 if [ -d results/pasta ]; then tar czf "$OUT/heads.tgz" results/pasta; fi  # PASTA's head sets, to commit beside its results
 if [ -d /root/perf ]; then tar czf "$OUT/perf.tgz" -C /root perf; fi
+# a file over 16 MiB does not come back from the machine: larger tarballs come back in 15 MiB pieces NAME.part-00,
+# NAME.part-01, ...; join them here with `cat NAME.part-* > NAME`
+for f in "$OUT"/*.tgz; do
+  if [ "$(stat -c %s "$f")" -gt 15728640 ]; then split -b 15M -d "$f" "$f.part-" && rm "$f"; fi
+done
 ls -la "$OUT"

@@ -34,14 +34,14 @@ def gqa_attention_reference(query, key, value, mask, scale: float) -> torch.Tens
     return (scores.softmax(-1) @ value).transpose(1, 2)
 
 
-def tiny_gemma3(vocab_size: int, *, sliding_window: int, head_dim: int = 8):
+def tiny_gemma3(vocab_size: int, *, sliding_window: int, head_dim: int = 8, kv_heads: int = 2):
     """A random Gemma-3 with sliding-window layers around a full one (no EOS, so every step decodes)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
+        num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
         pad_token_id=0, bos_token_id=2, eos_token_id=None,
     )  # fmt: skip

@@ -75,8 +75,51 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if attn_implementation is not None and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation)
+    avoid_broken_mem_efficient_sdpa(model)
     prepare_tokenizer(tokenizer)
     return freeze(model), tokenizer
+
+
+SDPA_KV_LENGTH_BUG = "https://github.com/pytorch/pytorch/issues/191937"
+
+
+def single_key_value_head(model: PreTrainedModel) -> bool:
+    """Whether ``model`` (or its text sub-config) attends with SDPA and shares ONE key/value head among several query
+    heads (Gemma-3-270M: 4 query heads, 1 key/value head). transformers then hands SDPA the keys and values as a
+    stride-0 broadcast: its ``repeat_kv`` of a single head is a view, of several heads a copy."""
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    return any(
+        config is not None
+        and getattr(config, "num_key_value_heads", None) == 1
+        and (getattr(config, "num_attention_heads", None) or 1) > 1
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+        for config in configs
+    )
+
+
+def avoid_broken_mem_efficient_sdpa(model: PreTrainedModel) -> bool:
+    """Turn SDPA's memory-efficient CUDA kernel off, for this process, when ``model`` would meet its silent bug.
+
+    That kernel returns wrong attention, with no error, when the keys and values are a stride-0 broadcast and the key
+    length is one more than a multiple of 32 (``SDPA_KV_LENGTH_BUG``; fixed upstream in August 2026, present in torch
+    2.11). A model with a single key/value head (:func:`single_key_value_head`) meets it whenever a padded batch is
+    ``32 k + 1`` tokens long: on an H200 one batch of 64 in Gemma-3's CounterFact runs came back with log-probabilities
+    off by 1 to 47 nats (docs/research/sdpa_kv_len_bug/). With the kernel off, SDPA runs those calls on the flash or
+    cuDNN kernels where they apply and on the math kernel otherwise (float32: more memory for long prompts). Nothing
+    changes without CUDA. Returns whether the kernel is off because of ``model``.
+    """
+    if not torch.cuda.is_available() or not single_key_value_head(model):
+        return False
+    if torch.backends.cuda.mem_efficient_sdp_enabled():
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        log.warning(
+            "%s shares one key/value head among its query heads; SDPA's memory-efficient CUDA kernel returns wrong "
+            "attention for such models at key lengths 32k+1 (%s), so it is turned off for this process "
+            "(torch.backends.cuda.enable_mem_efficient_sdp(False)); attention runs on the flash, cuDNN or math kernels",
+            model_id(model),
+            SDPA_KV_LENGTH_BUG,
+        )
+    return True
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -1,8 +1,8 @@
-"""Gemma-3's PronChange SEKA vs unsteered with the unsteered run's exposed bios (640-703) taken from their CPU re-run.
+"""Gemma-3's PronChange SEKA vs a GPU run, with the run's exposed bios taken from their CPU re-runs here.
 
-The committed unsteered run (GPU) computed its batch of bios 640-703 wrong (README); its other 14 batches are not
-exposed. This recomputes the paired comparison with those 64 bios' scores from the CPU re-run here, an estimate
-until the whole run is re-made:
+The committed unsteered run computed its batch of bios 640-703 wrong on the GPU, and random seed 2 its five exposed
+batches of 16 (README); their other batches are not exposed. This recomputes SEKA's paired comparison with each run
+after replacing the exposed bios' scores by the CPU re-run's, an estimate until the whole run is re-made:
 
     python docs/research/sdpa_kv_len_bug/pronchange_estimate.py
 """
@@ -18,6 +18,10 @@ from seka_lightning.significance import paired_test
 HERE = Path(__file__).parent
 RESULTS = HERE.parents[1] / "results" / "pronchange" / "gemma3-270m"
 METRICS = ("pron_mean_p", "pron_mean_a", "degenerate")
+RERUNS = {  # committed run -> the CPU re-runs of its exposed batches (folders here)
+    "none": ["pronchange-gemma3-270m-none-cpu-bios-640-703"],
+    "random/seed-2": [f"pronchange-gemma3-270m-random-seed-2-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
+}
 
 
 def read(path: Path) -> dict[str, dict]:
@@ -26,22 +30,27 @@ def read(path: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    none, seka = read(RESULTS / "none" / "predictions.jsonl.gz"), read(RESULTS / "seka" / "predictions.jsonl.gz")
-    rerun = read(HERE / "pronchange-gemma3-270m-none-cpu-bios-640-703" / "predictions.jsonl.gz")
-    corrected = {**none, **rerun}
+    seka = read(RESULTS / "seka" / "predictions.jsonl.gz")
     uids = sorted(seka)
-    report = {"bios": len(uids), "replaced": len(rerun)}
-    for name in METRICS:
-        steered = [seka[u]["scores"][name] for u in uids]
-        for label, base in (("committed", none), ("with_cpu_batch", corrected)):
-            test = paired_test(steered, [base[u]["scores"][name] for u in uids])
-            report[f"{name} {label}"] = {
-                "none": sum(base[u]["scores"][name] for u in uids) / len(uids),
-                "seka": sum(steered) / len(uids),
-                "seka_minus_none": test.difference,
-                "p_value": test.p_value,
-                "test": test.test,
-            }
+    report: dict[str, dict] = {}
+    for run, folders in RERUNS.items():
+        committed = read(RESULTS / run / "predictions.jsonl.gz")
+        rerun: dict[str, dict] = {}
+        for folder in folders:
+            rerun.update(read(HERE / folder / "predictions.jsonl.gz"))
+        corrected = {**committed, **rerun}
+        report[run] = {"bios": len(uids), "replaced": len(rerun)}
+        for name in METRICS:
+            steered = [seka[u]["scores"][name] for u in uids]
+            for label, base in (("committed", committed), ("with_cpu_batches", corrected)):
+                test = paired_test(steered, [base[u]["scores"][name] for u in uids])
+                report[run][f"{name} {label}"] = {
+                    run: sum(base[u]["scores"][name] for u in uids) / len(uids),
+                    "seka": sum(steered) / len(uids),
+                    "seka_minus_run": test.difference,
+                    "p_value": test.p_value,
+                    "test": test.test,
+                }
     print(json.dumps(report, indent=2))
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from seka_lightning.families import attention_configs
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
@@ -84,16 +86,15 @@ SDPA_KV_LENGTH_BUG = "https://github.com/pytorch/pytorch/issues/191937"
 
 
 def single_key_value_head(model: PreTrainedModel) -> bool:
-    """Whether ``model`` (or its text sub-config) attends with SDPA and shares ONE key/value head among several query
-    heads (Gemma-3-270M: 4 query heads, 1 key/value head). transformers then hands SDPA the keys and values as a
-    stride-0 broadcast: its ``repeat_kv`` of a single head is a view, of several heads a copy."""
-    configs = [model.config, getattr(model.config, "text_config", None)]
+    """Whether some config ``model``'s attention reads (:func:`~seka_lightning.families.attention_configs`, sub-configs
+    included) attends with SDPA and shares ONE key/value head among several query heads (Gemma-3-270M: 4 query heads,
+    1 key/value head). transformers then hands SDPA the keys and values as a stride-0 broadcast: its ``repeat_kv`` of
+    a single head is a view, of several heads a copy."""
     return any(
-        config is not None
-        and getattr(config, "num_key_value_heads", None) == 1
+        getattr(config, "num_key_value_heads", None) == 1
         and (getattr(config, "num_attention_heads", None) or 1) > 1
         and getattr(config, "_attn_implementation", None) == "sdpa"
-        for config in configs
+        for config in attention_configs(model)
     )
 
 
@@ -104,7 +105,7 @@ def avoid_broken_mem_efficient_sdpa(model: PreTrainedModel) -> bool:
     length is one more than a multiple of 32 (``SDPA_KV_LENGTH_BUG``; fixed upstream in August 2026, present in torch
     2.11). A model with a single key/value head (:func:`single_key_value_head`) meets it whenever a padded batch is
     ``32 k + 1`` tokens long: on an H200 one batch of 64 in Gemma-3's CounterFact runs came back with log-probabilities
-    off by 1 to 47 nats (docs/research/sdpa_kv_len_bug/). With the kernel off, SDPA runs those calls on the flash or
+    off by 1 to 48 nats (docs/research/sdpa_kv_len_bug/). With the kernel off, SDPA runs those calls on the flash or
     cuDNN kernels where they apply and on the math kernel otherwise (float32: more memory for long prompts). Nothing
     changes without CUDA. Returns whether the kernel is off because of ``model``.
     """

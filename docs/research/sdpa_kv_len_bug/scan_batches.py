@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from seka_lightning.benchmarks.evaluate import encode_examples
 from seka_lightning.cli import run_lightning
+from seka_lightning.files import write_json
 
 WINDOW = 512  # Gemma-3's sliding window
 
@@ -109,10 +108,7 @@ def main() -> None:
             flush=True,
         )
     if args.out:
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(found, handle, indent=2)
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, args.out)
+        write_json(args.out, found)
 
 
 if __name__ == "__main__":

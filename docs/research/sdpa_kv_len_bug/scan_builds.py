@@ -19,10 +19,7 @@ width) and prints the exposed ones. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +28,7 @@ from seka_lightning import capture
 from seka_lightning.baselines.pasta_profile import encode_examples, profile_examples
 from seka_lightning.cli import run_lightning
 from seka_lightning.data.triplets import read_pairs
+from seka_lightning.files import write_json
 from seka_lightning.models import load_model
 
 
@@ -123,10 +121,7 @@ def main() -> None:
         found.append(report)
         print(f"PASTA profile of {model}: widths {report['widths']}, exposed: {report['exposed_passes'] or 'none'}")
     if args.out:
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(found, handle, indent=2)
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, args.out)
+        write_json(args.out, found)
 
 
 if __name__ == "__main__":

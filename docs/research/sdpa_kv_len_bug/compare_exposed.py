@@ -1,6 +1,10 @@
-"""Compare the CPU re-runs of the exposed CounterFact batches with the committed GPU records (README's table).
+"""Compare Gemma-3's CounterFact CPU re-runs with the GPU runs they replaced, exposed batches against the rest.
 
-python docs/research/sdpa_kv_len_bug/compare_exposed.py
+Each committed result named in ``REPLACED`` is now a full CPU re-run and the GPU run it replaced is kept here; the
+exposed records are those ``exposed_batches.json`` names for the GPU run. Also compares the earlier CPU re-runs of the
+exposed batches alone (random seeds 1-2, SPA's cases 9696-9743) with the same GPU runs (README's table):
+
+    python docs/research/sdpa_kv_len_bug/compare_exposed.py
 """
 
 from __future__ import annotations
@@ -12,11 +16,34 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE.parents[1] / "results" / "counterfact" / "gemma3-270m"
+REPLACED = {  # committed result (a full CPU re-run now) -> the GPU run it replaced, kept here
+    "none": "counterfact-gemma3-270m-none-gpu",
+    "random/seed-1": "counterfact-gemma3-270m-random-seed-1-gpu",
+    "random/seed-2": "counterfact-gemma3-270m-random-seed-2-gpu",
+    "spa": "counterfact-gemma3-270m-spa-gpu",
+}
 
 
 def read(path: Path) -> list[dict]:
     with gzip.open(path, "rt") as handle:
         return [json.loads(line) for line in handle]
+
+
+def gpu_run(run: str) -> dict[str, dict]:
+    """The GPU run's records: kept here once replaced, else still the committed result."""
+    folder = HERE / REPLACED[run] if (HERE / REPLACED[run]).is_dir() else RESULTS / run
+    return {r["uid"]: r for r in read(folder / "predictions.jsonl.gz")}
+
+
+def exposed_uids() -> dict[str, set[str]]:
+    """Per GPU run (by its folder name here), the uids of its exposed batches."""
+    folders = {f"docs/results/counterfact/gemma3-270m/{run}": folder for run, folder in REPLACED.items()}
+    folders.update({f"docs/research/sdpa_kv_len_bug/{folder}": folder for folder in REPLACED.values()})
+    found = {}
+    for scan in json.loads((HERE / "exposed_batches.json").read_text()):
+        if scan["result"] in folders:
+            found[folders[scan["result"]]] = {uid for batch in scan["exposed_batches"] for uid in batch["uids"]}
+    return found
 
 
 def compare(cpu: list[dict], gpu: dict[str, dict]) -> dict:
@@ -35,21 +62,25 @@ def compare(cpu: list[dict], gpu: dict[str, dict]) -> dict:
 
 def main() -> None:
     report = {}
+    exposed = exposed_uids()
+    for run, folder in REPLACED.items():
+        if not (HERE / folder).is_dir():
+            continue  # not replaced yet
+        cpu, gpu = read(RESULTS / run / "predictions.jsonl.gz"), gpu_run(run)
+        report[f"{run}: full CPU re-run, exposed"] = compare([r for r in cpu if r["uid"] in exposed[folder]], gpu)
+        report[f"{run}: full CPU re-run, elsewhere"] = compare([r for r in cpu if r["uid"] not in exposed[folder]], gpu)
     batches = defaultdict(list)
     for row in read(HERE / "counterfact-gemma3-270m-random-cpu-exposed-batches.jsonl.gz"):
         batches[(row["seed"], row["control"])].append(row)
     for (seed, control), rows in sorted(batches.items()):
-        gpu = {r["uid"]: r for r in read(RESULTS / "random" / f"seed-{seed}" / "predictions.jsonl.gz")}
-        report[f"random seed {seed}" + (" control" if control else " exposed")] = compare(rows, gpu)
-    gpu = {r["uid"]: r for r in read(HERE / "counterfact-gemma3-270m-none-gpu" / "predictions.jsonl.gz")}
-    cpu = read(RESULTS / "none" / "predictions.jsonl.gz")
-    exposed = {f"counterfact/{case}/{kind}" for case in range(9704, 9736) for kind in ("efficacy", "paraphrase/0")}
-    report["unsteered exposed"] = compare([r for r in cpu if r["uid"] in exposed], gpu)
-    report["unsteered elsewhere"] = compare([r for r in cpu if r["uid"] not in exposed], gpu)
-    spa_cpu = read(HERE / "counterfact-gemma3-270m-spa-cpu-cases-9696-9743" / "predictions.jsonl.gz")
-    gpu = {r["uid"]: r for r in read(RESULTS / "spa" / "predictions.jsonl.gz")}
-    report["SPA exposed"] = compare([r for r in spa_cpu if r["uid"] in exposed], gpu)
-    report["SPA elsewhere"] = compare([r for r in spa_cpu if r["uid"] not in exposed], gpu)
+        label = "control" if control else "exposed"
+        report[f"random/seed-{seed}: CPU re-run of its exposed batches, {label}"] = compare(
+            rows, gpu_run(f"random/seed-{seed}")
+        )
+    spa = read(HERE / "counterfact-gemma3-270m-spa-cpu-cases-9696-9743" / "predictions.jsonl.gz")
+    gpu, batch = gpu_run("spa"), exposed[REPLACED["spa"]]
+    report["spa: CPU re-run of cases 9696-9743, exposed"] = compare([r for r in spa if r["uid"] in batch], gpu)
+    report["spa: CPU re-run of cases 9696-9743, elsewhere"] = compare([r for r in spa if r["uid"] not in batch], gpu)
     print(json.dumps(report, indent=2))
 
 

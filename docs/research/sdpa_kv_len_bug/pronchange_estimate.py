@@ -1,6 +1,6 @@
 """Gemma-3's PronChange SEKA vs a GPU run, with the run's exposed bios taken from their CPU re-runs here.
 
-The committed unsteered run computed its batch of bios 640-703 wrong on the GPU, and random seed 2 its five exposed
+The committed unsteered and SPA runs computed their batch of bios 640-703 wrong on the GPU, and random seed 2 its five exposed
 batches of 16 (README); their other batches are not exposed. This recomputes SEKA's paired comparison with each run
 after replacing the exposed bios' scores by the CPU re-run's, an estimate until the whole run is re-made:
 
@@ -20,6 +20,7 @@ RESULTS = HERE.parents[1] / "results" / "pronchange" / "gemma3-270m"
 METRICS = ("pron_mean_p", "pron_mean_a", "degenerate")
 RERUNS = {  # committed run -> the CPU re-runs of its exposed batches (folders here)
     "none": ["pronchange-gemma3-270m-none-cpu-bios-640-703"],
+    "spa": ["pronchange-gemma3-270m-spa-cpu-bios-640-703"],
     "random/seed-2": [f"pronchange-gemma3-270m-random-seed-2-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
 }
 

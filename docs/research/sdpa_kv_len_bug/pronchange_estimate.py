@@ -1,7 +1,7 @@
 """Gemma-3's PronChange SEKA vs a GPU run, with the run's exposed bios taken from their CPU re-runs here.
 
 The committed unsteered and SPA runs computed their batch of bios 640-703 wrong on the GPU, and key scaling and
-random seed 2 their five exposed batches of 16 (README); their other batches are not exposed. This recomputes SEKA's paired comparison with each run
+random seeds 0 and 2 their five exposed batches of 16 (README); their other batches are not exposed. This recomputes SEKA's paired comparison with each run
 after replacing the exposed bios' scores by the CPU re-run's, an estimate until the whole run is re-made:
 
     python docs/research/sdpa_kv_len_bug/pronchange_estimate.py
@@ -22,6 +22,7 @@ RERUNS = {  # committed run -> the CPU re-runs of its exposed batches (folders h
     "none": ["pronchange-gemma3-270m-none-cpu-bios-640-703"],
     "spa": ["pronchange-gemma3-270m-spa-cpu-bios-640-703"],
     "key_scaling": [f"pronchange-gemma3-270m-key_scaling-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
+    "random/seed-0": [f"pronchange-gemma3-270m-random-seed-0-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
     "random/seed-2": [f"pronchange-gemma3-270m-random-seed-2-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
 }
 

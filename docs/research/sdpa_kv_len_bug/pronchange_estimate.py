@@ -1,8 +1,9 @@
 """Gemma-3's PronChange SEKA vs a GPU run, with the run's exposed bios taken from their CPU re-runs here.
 
 The committed unsteered and SPA runs computed their batch of bios 640-703 wrong on the GPU, and key scaling and
-random seeds 0 and 2 their five exposed batches of 16 (README); their other batches are not exposed. This recomputes SEKA's paired comparison with each run
-after replacing the exposed bios' scores by the CPU re-run's, an estimate until the whole run is re-made:
+random seeds 0 and 2 their five exposed batches of 16 (README); their other batches are not exposed. This recomputes
+SEKA's paired comparison with each run after replacing the exposed bios' scores by the CPU re-run's, an estimate until
+the whole run is re-made:
 
     python docs/research/sdpa_kv_len_bug/pronchange_estimate.py
 """
@@ -18,12 +19,18 @@ from seka_lightning.significance import paired_test
 HERE = Path(__file__).parent
 RESULTS = HERE.parents[1] / "results" / "pronchange" / "gemma3-270m"
 METRICS = ("pron_mean_p", "pron_mean_a", "degenerate")
+BATCHES_OF_16 = (112, 304, 368, 688, 832)  # the first bio of each exposed batch of 16 (exposed_batches.json)
 RERUNS = {  # committed run -> the CPU re-runs of its exposed batches (folders here)
     "none": ["pronchange-gemma3-270m-none-cpu-bios-640-703"],
     "spa": ["pronchange-gemma3-270m-spa-cpu-bios-640-703"],
-    "key_scaling": [f"pronchange-gemma3-270m-key_scaling-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
-    "random/seed-0": [f"pronchange-gemma3-270m-random-seed-0-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
-    "random/seed-2": [f"pronchange-gemma3-270m-random-seed-2-cpu-bios-{s}-{s + 15}" for s in (112, 304, 368, 688, 832)],
+    **{
+        run: [f"pronchange-gemma3-270m-{name}-cpu-bios-{s}-{s + 15}" for s in BATCHES_OF_16]
+        for run, name in (
+            ("key_scaling", "key_scaling"),
+            ("random/seed-0", "random-seed-0"),
+            ("random/seed-2", "random-seed-2"),
+        )
+    },
 }
 
 

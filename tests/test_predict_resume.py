@@ -46,7 +46,7 @@ def counting(monkeypatch, fail_at: int | None = None, interrupt=interrupted) -> 
 
 
 def test_an_interrupted_predict_resumes_and_writes_the_files_of_an_uninterrupted_run(
-    tiny_model_dir, litm_oracle, tmp_path, monkeypatch
+    tiny_model_dir, litm_oracle, tmp_path, monkeypatch, caplog
 ):
     predict(tiny_model_dir, litm_oracle, tmp_path / "whole")
 
@@ -58,8 +58,15 @@ def test_an_interrupted_predict_resumes_and_writes_the_files_of_an_uninterrupted
 
     monkeypatch.undo()
     calls = counting(monkeypatch)
-    predict(tiny_model_dir, litm_oracle, tmp_path / "cut")
+    with caplog.at_level("INFO", logger="seka_lightning.lit.writers"):
+        predict(tiny_model_dir, litm_oracle, tmp_path / "cut", "--trainer.callbacks.progress_every_s", "0")
     assert len(calls) == 1  # batches 0 and 1 were replayed from the partial state, only batch 2 ran
+    # the time left is estimated from the batches this process ran, none before one has (replays take no model time)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("predict: ")]
+    assert [line.split(" in ")[0] for line in progress] == [
+        f"predict: {done}/3 batches ({min(done, 2)} resumed)" for done in (1, 2, 3)
+    ]
+    assert ["left" in line for line in progress] == [False, False, True] and progress[-1].endswith("about 0 s left")
     assert not partial.exists()
     read = lambda run, name: (tmp_path / run / name).read_bytes()  # noqa: E731
     assert read("cut", "predictions.jsonl.gz") == read("whole", "predictions.jsonl.gz")

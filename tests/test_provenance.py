@@ -163,6 +163,12 @@ def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s
 
     assert writers.progress_line(3, 44, 60.0) == "predict: 3/44 batches in 60 s, about 820 s left"
     assert writers.progress_line(3, float("inf"), 60.0) == "predict: 3/? batches in 60 s"
+    # a resumed run: 8 of the 17 batches came from its partial file, the 9 others took the 450 s
+    assert (
+        writers.progress_line(17, 157, 450.0, resumed=8)
+        == "predict: 17/157 batches (8 resumed) in 450 s, about 7000 s left"
+    )
+    assert writers.progress_line(8, 157, 2.0, resumed=8) == "predict: 8/157 batches (8 resumed) in 2 s"
     with pytest.raises(ValueError, match=r"^progress_every_s must be >= 0 seconds, got -1$"):
         writers.BenchmarkWriter(str(tmp_path / "bad"), progress_every_s=-1)
 

@@ -180,6 +180,7 @@ class BenchmarkWriter(BasePredictionWriter):
         self.source_at_start: str | None = None  # the package's code hash this run imported (rank 0's)
         self._weights: dict | None = None  # the model's weights hash, taken once per run (fingerprint, provenance)
         self._started = self._last_progress = self._last_checkpoint = 0.0
+        self._resumed_batches = 0  # batches replayed from a partial file (no time of this process spent on them)
         self._partial: PartialRun | None = None
         self.stop_signal: StopSignal | None = None  # under DDP, from the start of the run to its teardown
         self._common_batches, self._batch_ends = 0.0, 0  # batch ends every rank reaches; this rank's so far
@@ -206,7 +207,7 @@ class BenchmarkWriter(BasePredictionWriter):
         self._started = self._last_progress = time.monotonic()
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batch_ends = 0
+        self._batch_ends = self._resumed_batches = 0
         if self.stop_signal is not None:
             common = fewest_over_ranks(trainer, sum(trainer.num_predict_batches))
             self._common_batches = common if math.isfinite(common) else 0  # unknown lengths: agree at the end only
@@ -233,7 +234,7 @@ class BenchmarkWriter(BasePredictionWriter):
         pl_module.skipped_highlight = list(saved.skipped_highlight)
         pl_module.resumed = {"batches": len(saved.rows), "wall_time_s": saved.wall_time_s}
         self._partial = saved
-        self._saved_rows = len(saved.rows)
+        self._saved_rows = self._resumed_batches = len(saved.rows)
         self._mark_consistent(pl_module)
         log.info("resuming from %s: %d of %s batches done", path, len(saved.rows), trainer.num_predict_batches[0])
 
@@ -253,7 +254,8 @@ class BenchmarkWriter(BasePredictionWriter):
         if now - self._last_progress < self.progress_every_s or not trainer.is_global_zero:
             return
         self._last_progress = now
-        log.info(progress_line(batch_idx + 1, trainer.num_predict_batches[dataloader_idx], now - self._started))
+        done, total = batch_idx + 1, trainer.num_predict_batches[dataloader_idx]
+        log.info(progress_line(done, total, now - self._started, resumed=min(self._resumed_batches, done)))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stop_signal is not None and self.stop_signal.signum is not None:
@@ -412,11 +414,16 @@ def plain_attributes(obj: Any) -> dict[str, Any]:
     }
 
 
-def progress_line(done: int, total: float, elapsed_s: float) -> str:
-    """``predict: 3/44 batches in 61 s, about 834 s left`` (no estimate while the total is unknown)."""
-    line = f"predict: {done}/{total if math.isfinite(total) else '?'} batches in {elapsed_s:.0f} s"
-    if math.isfinite(total) and done:
-        line += f", about {elapsed_s / done * (total - done):.0f} s left"
+def progress_line(done: int, total: float, elapsed_s: float, resumed: int = 0) -> str:
+    """``predict: 3/44 batches in 61 s, about 834 s left`` (no estimate while the total is unknown).
+
+    ``resumed`` of the ``done`` batches came from a partial file, not from the ``elapsed_s`` of this process, so the
+    estimate times only the others (none is given until one of them has run).
+    """
+    line = f"predict: {done}/{total if math.isfinite(total) else '?'} batches"
+    line += f" ({resumed} resumed) in {elapsed_s:.0f} s" if resumed else f" in {elapsed_s:.0f} s"
+    if math.isfinite(total) and done > resumed:
+        line += f", about {elapsed_s / (done - resumed) * (total - done):.0f} s left"
     return line
 
 

@@ -1,7 +1,7 @@
 """Gemma-3's PronChange SEKA vs a GPU run, with the run's exposed bios taken from their CPU re-runs here.
 
 The committed unsteered and SPA runs computed their batch of bios 640-703 wrong on the GPU, and key scaling and
-random seeds 0 and 2 their five exposed batches of 16 (README); their other batches are not exposed. This recomputes
+random seeds 0-2 their five exposed batches of 16 (README); their other batches are not exposed. This recomputes
 SEKA's paired comparison with each run after replacing the exposed bios' scores by the CPU re-run's, an estimate until
 the whole run is re-made:
 
@@ -28,6 +28,7 @@ RERUNS = {  # committed run -> the CPU re-runs of its exposed batches (folders h
         for run, name in (
             ("key_scaling", "key_scaling"),
             ("random/seed-0", "random-seed-0"),
+            ("random/seed-1", "random-seed-1"),
             ("random/seed-2", "random-seed-2"),
         )
     },

@@ -178,9 +178,10 @@ def test_the_benchmark_writer_logs_progress_lines_at_most_every_progress_every_s
     writer = writers.BenchmarkWriter(str(tmp_path / "run"), progress_every_s=60)
     trainer = one_process(is_global_zero=True, num_predict_batches=[4], received_sigterm=False, world_size=1)
     writer.on_predict_start(trainer, None)
+    fresh_run = SimpleNamespace(resumed={"batches": 0, "wall_time_s": 0.0})  # the evaluator, nothing resumed
     with caplog.at_level("INFO", logger=writers.__name__):
         for index in range(3):
-            writer.on_predict_batch_end(trainer, None, None, None, index)
+            writer.on_predict_batch_end(trainer, fresh_run, None, None, index)
     assert [r.getMessage() for r in caplog.records] == ["predict: 2/4 batches in 70 s, about 70 s left"]
 
 

@@ -180,7 +180,6 @@ class BenchmarkWriter(BasePredictionWriter):
         self.source_at_start: str | None = None  # the package's code hash this run imported (rank 0's)
         self._weights: dict | None = None  # the model's weights hash, taken once per run (fingerprint, provenance)
         self._started = self._last_progress = self._last_checkpoint = 0.0
-        self._resumed_batches = 0  # batches replayed from a partial file (no time of this process spent on them)
         self._partial: PartialRun | None = None
         self.stop_signal: StopSignal | None = None  # under DDP, from the start of the run to its teardown
         self._common_batches, self._batch_ends = 0.0, 0  # batch ends every rank reaches; this rank's so far
@@ -207,7 +206,7 @@ class BenchmarkWriter(BasePredictionWriter):
         self._started = self._last_progress = time.monotonic()
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batch_ends = self._resumed_batches = 0
+        self._batch_ends = 0
         if self.stop_signal is not None:
             common = fewest_over_ranks(trainer, sum(trainer.num_predict_batches))
             self._common_batches = common if math.isfinite(common) else 0  # unknown lengths: agree at the end only
@@ -234,7 +233,7 @@ class BenchmarkWriter(BasePredictionWriter):
         pl_module.skipped_highlight = list(saved.skipped_highlight)
         pl_module.resumed = {"batches": len(saved.rows), "wall_time_s": saved.wall_time_s}
         self._partial = saved
-        self._saved_rows = self._resumed_batches = len(saved.rows)
+        self._saved_rows = len(saved.rows)
         self._mark_consistent(pl_module)
         log.info("resuming from %s: %d of %s batches done", path, len(saved.rows), trainer.num_predict_batches[0])
 
@@ -255,7 +254,8 @@ class BenchmarkWriter(BasePredictionWriter):
             return
         self._last_progress = now
         done, total = batch_idx + 1, trainer.num_predict_batches[dataloader_idx]
-        log.info(progress_line(done, total, now - self._started, resumed=min(self._resumed_batches, done)))
+        resumed = min(pl_module.resumed["batches"], done)  # replayed from the partial file: no time spent here
+        log.info(progress_line(done, total, now - self._started, resumed=resumed))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stop_signal is not None and self.stop_signal.signum is not None:

@@ -1,8 +1,10 @@
 """Compare Gemma-3's CounterFact CPU re-runs with the GPU runs they replaced, exposed batches against the rest.
 
 Each committed result named in ``REPLACED`` is now a full CPU re-run and the GPU run it replaced is kept here; the
-exposed records are those ``exposed_batches.json`` names for the GPU run. Also compares the earlier CPU re-runs of the
-exposed batches alone (random seeds 1-2, SPA's cases 9696-9743) with the same GPU runs (README's table):
+exposed records are those ``exposed_batches.json`` names for the GPU run. Also compares the CPU re-runs of the
+exposed batches alone (random seeds 1-2; SPA's and AdaSEKA's cases 9696-9743, batch 147) with the same GPU runs
+(README's table), and estimates AdaSEKA's efficacy and its paired tests with its batch 147 taken from the CPU re-run,
+until the whole run is re-made:
 
     python docs/research/sdpa_kv_len_bug/compare_exposed.py
 """
@@ -14,6 +16,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from seka_lightning.significance import paired_test
+
 HERE = Path(__file__).parent
 RESULTS = HERE.parents[1] / "results" / "counterfact" / "gemma3-270m"
 REPLACED = {  # committed result (a full CPU re-run now) -> the GPU run it replaced, kept here
@@ -22,6 +26,11 @@ REPLACED = {  # committed result (a full CPU re-run now) -> the GPU run it repla
     "random/seed-2": "counterfact-gemma3-270m-random-seed-2-gpu",
     "spa": "counterfact-gemma3-270m-spa-gpu",
 }
+BATCH_147 = {  # committed result -> the CPU re-run of its cases 9696-9743 (batch 147 and 32 records outside it)
+    "spa": "counterfact-gemma3-270m-spa-cpu-cases-9696-9743",
+    "adaseka": "counterfact-gemma3-270m-adaseka-cpu-cases-9696-9743",
+}
+ESTIMATED = "adaseka"  # still the GPU run: its efficacy with batch 147 re-run, against SEKA, none and key scaling
 
 
 def read(path: Path) -> list[dict]:
@@ -31,7 +40,7 @@ def read(path: Path) -> list[dict]:
 
 def gpu_run(run: str) -> dict[str, dict]:
     """The GPU run's records: kept here once replaced, else still the committed result."""
-    folder = HERE / REPLACED[run] if (HERE / REPLACED[run]).is_dir() else RESULTS / run
+    folder = HERE / REPLACED[run] if run in REPLACED and (HERE / REPLACED[run]).is_dir() else RESULTS / run
     return {r["uid"]: r for r in read(folder / "predictions.jsonl.gz")}
 
 
@@ -39,6 +48,7 @@ def exposed_uids() -> dict[str, set[str]]:
     """Per GPU run (by its folder name here), the uids of its exposed batches."""
     folders = {f"docs/results/counterfact/gemma3-270m/{run}": folder for run, folder in REPLACED.items()}
     folders.update({f"docs/research/sdpa_kv_len_bug/{folder}": folder for folder in REPLACED.values()})
+    folders[f"docs/results/counterfact/gemma3-270m/{ESTIMATED}"] = ESTIMATED
     found = {}
     for scan in json.loads((HERE / "exposed_batches.json").read_text()):
         if scan["result"] in folders:
@@ -60,6 +70,28 @@ def compare(cpu: list[dict], gpu: dict[str, dict]) -> dict:
     return {"records": len(cpu), "flips": flips, "net_efficacy_cases": net, "largest_logp_difference": largest}
 
 
+def efficacy(rows: dict[str, dict]) -> dict[str, float]:
+    """Per case (the efficacy record's uid), its 0/1 efficacy score."""
+    return {uid: row["scores"]["efficacy_score"] for uid, row in rows.items() if row["kind"] == "efficacy"}
+
+
+def estimate(run: str, rerun: list[dict]) -> dict:
+    """``run``'s efficacy with the re-run records in place of its GPU ones, and SEKA's, none's and key scaling's paired
+    exact McNemar tests against it, before and after."""
+    committed = gpu_run(run)
+    corrected = {**committed, **{row["uid"]: row for row in rerun}}
+    report = {"cases": len(efficacy(committed)), "replaced_records": len(rerun)}
+    for label, rows in (("committed", committed), ("with_cpu_batch", corrected)):
+        scores = efficacy(rows)
+        uids = sorted(scores)
+        report[label] = {"efficacy": 100 * sum(scores.values()) / len(uids)}
+        for other in ("seka", "none", "key_scaling"):
+            theirs = efficacy({r["uid"]: r for r in read(RESULTS / other / "predictions.jsonl.gz")})
+            test = paired_test([scores[u] for u in uids], [theirs[u] for u in uids])
+            report[label][f"{run}_minus_{other}"] = {"points": 100 * test.difference, "p_value": test.p_value}
+    return report
+
+
 def main() -> None:
     report = {}
     exposed = exposed_uids()
@@ -77,10 +109,15 @@ def main() -> None:
         report[f"random/seed-{seed}: CPU re-run of its exposed batches, {label}"] = compare(
             rows, gpu_run(f"random/seed-{seed}")
         )
-    spa = read(HERE / "counterfact-gemma3-270m-spa-cpu-cases-9696-9743" / "predictions.jsonl.gz")
-    gpu, batch = gpu_run("spa"), exposed[REPLACED["spa"]]
-    report["spa: CPU re-run of cases 9696-9743, exposed"] = compare([r for r in spa if r["uid"] in batch], gpu)
-    report["spa: CPU re-run of cases 9696-9743, elsewhere"] = compare([r for r in spa if r["uid"] not in batch], gpu)
+    for run, folder in BATCH_147.items():
+        rows = read(HERE / folder / "predictions.jsonl.gz")
+        gpu, batch = gpu_run(run), exposed[REPLACED.get(run, run)]
+        report[f"{run}: CPU re-run of cases 9696-9743, exposed"] = compare([r for r in rows if r["uid"] in batch], gpu)
+        report[f"{run}: CPU re-run of cases 9696-9743, elsewhere"] = compare(
+            [r for r in rows if r["uid"] not in batch], gpu
+        )
+    rerun = [r for r in read(HERE / BATCH_147[ESTIMATED] / "predictions.jsonl.gz") if r["uid"] in exposed[ESTIMATED]]
+    report[f"{ESTIMATED}: estimate with batch 147 from the CPU re-run"] = estimate(ESTIMATED, rerun)
     print(json.dumps(report, indent=2))
 
 

@@ -80,13 +80,16 @@ def estimate(run: str, rerun: list[dict]) -> dict:
     exact McNemar tests against it, before and after."""
     committed = gpu_run(run)
     corrected = {**committed, **{row["uid"]: row for row in rerun}}
+    others = {
+        other: efficacy({r["uid"]: r for r in read(RESULTS / other / "predictions.jsonl.gz")})
+        for other in ("seka", "none", "key_scaling")
+    }
     report = {"cases": len(efficacy(committed)), "replaced_records": len(rerun)}
     for label, rows in (("committed", committed), ("with_cpu_batch", corrected)):
         scores = efficacy(rows)
         uids = sorted(scores)
         report[label] = {"efficacy": 100 * sum(scores.values()) / len(uids)}
-        for other in ("seka", "none", "key_scaling"):
-            theirs = efficacy({r["uid"]: r for r in read(RESULTS / other / "predictions.jsonl.gz")})
+        for other, theirs in others.items():
             test = paired_test([scores[u] for u in uids], [theirs[u] for u in uids])
             report[label][f"{run}_minus_{other}"] = {"points": 100 * test.difference, "p_value": test.p_value}
     return report

@@ -16,6 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from seka_lightning.evidence import per_id_scores
 from seka_lightning.significance import paired_test
 
 HERE = Path(__file__).parent
@@ -70,23 +71,18 @@ def compare(cpu: list[dict], gpu: dict[str, dict]) -> dict:
     return {"records": len(cpu), "flips": flips, "net_efficacy_cases": net, "largest_logp_difference": largest}
 
 
-def efficacy(rows: dict[str, dict]) -> dict[str, float]:
-    """Per case (the efficacy record's uid), its 0/1 efficacy score."""
-    return {uid: row["scores"]["efficacy_score"] for uid, row in rows.items() if row["kind"] == "efficacy"}
-
-
 def estimate(run: str, rerun: list[dict]) -> dict:
     """``run``'s efficacy with the re-run records in place of its GPU ones, and SEKA's, none's and key scaling's paired
     exact McNemar tests against it, before and after."""
     committed = gpu_run(run)
     corrected = {**committed, **{row["uid"]: row for row in rerun}}
     others = {
-        other: efficacy({r["uid"]: r for r in read(RESULTS / other / "predictions.jsonl.gz")})
+        other: per_id_scores(read(RESULTS / other / "predictions.jsonl.gz"), "efficacy_score")
         for other in ("seka", "none", "key_scaling")
     }
-    report = {"cases": len(efficacy(committed)), "replaced_records": len(rerun)}
+    report = {"cases": len(per_id_scores(committed.values(), "efficacy_score")), "replaced_records": len(rerun)}
     for label, rows in (("committed", committed), ("with_cpu_batch", corrected)):
-        scores = efficacy(rows)
+        scores = per_id_scores(rows.values(), "efficacy_score")  # per case, as seka report pairs them
         uids = sorted(scores)
         report[label] = {"efficacy": 100 * sum(scores.values()) / len(uids)}
         for other, theirs in others.items():

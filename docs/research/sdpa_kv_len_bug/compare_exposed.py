@@ -2,9 +2,9 @@
 
 Each committed result named in ``REPLACED`` is now a full CPU re-run and the GPU run it replaced is kept here; the
 exposed records are those ``exposed_batches.json`` names for the GPU run. Also compares the CPU re-runs of the
-exposed batches alone (random seeds 1-2; SPA's and AdaSEKA's cases 9696-9743, batch 147) with the same GPU runs
-(README's table), and estimates AdaSEKA's efficacy and its paired tests with its batch 147 taken from the CPU re-run,
-until the whole run is re-made:
+exposed batches alone (random seeds 1-2; SPA's, AdaSEKA's and PASTA's cases 9696-9743, batch 147) with the same GPU
+runs (README's table), and estimates AdaSEKA's and PASTA's efficacy and their paired tests with batch 147 taken from
+the CPU re-run, until the whole runs are re-made:
 
     python docs/research/sdpa_kv_len_bug/compare_exposed.py
 """
@@ -30,8 +30,9 @@ REPLACED = {  # committed result (a full CPU re-run now) -> the GPU run it repla
 BATCH_147 = {  # committed result -> the CPU re-run of its cases 9696-9743 (batch 147 and 32 records outside it)
     "spa": "counterfact-gemma3-270m-spa-cpu-cases-9696-9743",
     "adaseka": "counterfact-gemma3-270m-adaseka-cpu-cases-9696-9743",
+    "pasta": "counterfact-gemma3-270m-pasta-cpu-cases-9696-9743",
 }
-ESTIMATED = "adaseka"  # still the GPU run: its efficacy with batch 147 re-run, against SEKA, none and key scaling
+ESTIMATED = ("adaseka", "pasta")  # still GPU runs: efficacy with batch 147 re-run, against SEKA, none and key scaling
 
 
 def read(path: Path) -> list[dict]:
@@ -49,7 +50,7 @@ def exposed_uids() -> dict[str, set[str]]:
     """Per GPU run (by its folder name here), the uids of its exposed batches."""
     folders = {f"docs/results/counterfact/gemma3-270m/{run}": folder for run, folder in REPLACED.items()}
     folders.update({f"docs/research/sdpa_kv_len_bug/{folder}": folder for folder in REPLACED.values()})
-    folders[f"docs/results/counterfact/gemma3-270m/{ESTIMATED}"] = ESTIMATED
+    folders.update({f"docs/results/counterfact/gemma3-270m/{run}": run for run in ESTIMATED})
     found = {}
     for scan in json.loads((HERE / "exposed_batches.json").read_text()):
         if scan["result"] in folders:
@@ -115,8 +116,9 @@ def main() -> None:
         report[f"{run}: CPU re-run of cases 9696-9743, elsewhere"] = compare(
             [r for r in rows if r["uid"] not in batch], gpu
         )
-    rerun = [r for r in read(HERE / BATCH_147[ESTIMATED] / "predictions.jsonl.gz") if r["uid"] in exposed[ESTIMATED]]
-    report[f"{ESTIMATED}: estimate with batch 147 from the CPU re-run"] = estimate(ESTIMATED, rerun)
+    for run in ESTIMATED:
+        rerun = [r for r in read(HERE / BATCH_147[run] / "predictions.jsonl.gz") if r["uid"] in exposed[run]]
+        report[f"{run}: estimate with batch 147 from the CPU re-run"] = estimate(run, rerun)
     print(json.dumps(report, indent=2))
 
 

@@ -26,13 +26,14 @@ REPLACED = {  # committed result (a full CPU re-run now) -> the GPU run it repla
     "random/seed-1": "counterfact-gemma3-270m-random-seed-1-gpu",
     "random/seed-2": "counterfact-gemma3-270m-random-seed-2-gpu",
     "spa": "counterfact-gemma3-270m-spa-gpu",
+    "adaseka": "counterfact-gemma3-270m-adaseka-gpu",
 }
 BATCH_147 = {  # committed result -> the CPU re-run of its cases 9696-9743 (batch 147 and 32 records outside it)
     "spa": "counterfact-gemma3-270m-spa-cpu-cases-9696-9743",
     "adaseka": "counterfact-gemma3-270m-adaseka-cpu-cases-9696-9743",
     "pasta": "counterfact-gemma3-270m-pasta-cpu-cases-9696-9743",
 }
-ESTIMATED = ("adaseka", "pasta")  # still GPU runs: efficacy with batch 147 re-run, against SEKA, none and key scaling
+ESTIMATED = ("adaseka", "pasta")  # each GPU run with batch 147 re-run, against SEKA, none and key scaling
 
 
 def read(path: Path) -> list[dict]:
@@ -47,14 +48,18 @@ def gpu_run(run: str) -> dict[str, dict]:
 
 
 def exposed_uids() -> dict[str, set[str]]:
-    """Per GPU run (by its folder name here), the uids of its exposed batches."""
-    folders = {f"docs/results/counterfact/gemma3-270m/{run}": folder for run, folder in REPLACED.items()}
-    folders.update({f"docs/research/sdpa_kv_len_bug/{folder}": folder for folder in REPLACED.values()})
-    folders.update({f"docs/results/counterfact/gemma3-270m/{run}": run for run in ESTIMATED})
+    """Per GPU run (by its folder name here once replaced, and by its run name while estimated), the uids of its
+    exposed batches; ``exposed_batches.json`` names each run by the folder it was scanned in."""
+    names = defaultdict(set)
+    for run, folder in REPLACED.items():
+        names[f"docs/results/counterfact/gemma3-270m/{run}"].add(folder)
+        names[f"docs/research/sdpa_kv_len_bug/{folder}"].add(folder)
+    for run in ESTIMATED:
+        names[f"docs/results/counterfact/gemma3-270m/{run}"].add(run)
     found = {}
     for scan in json.loads((HERE / "exposed_batches.json").read_text()):
-        if scan["result"] in folders:
-            found[folders[scan["result"]]] = {uid for batch in scan["exposed_batches"] for uid in batch["uids"]}
+        for name in names.get(scan["result"], ()):
+            found[name] = {uid for batch in scan["exposed_batches"] for uid in batch["uids"]}
     return found
 
 

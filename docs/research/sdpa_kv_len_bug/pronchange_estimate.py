@@ -22,7 +22,10 @@ HERE = Path(__file__).parent
 RESULTS = HERE.parents[1] / "results" / "pronchange" / "gemma3-270m"
 METRICS = ("pron_mean_p", "pron_mean_a", "degenerate")
 BATCHES_OF_16 = (112, 304, 368, 688, 832)  # the first bio of each exposed batch of 16 (exposed_batches.json)
-REPLACED = {"none": "pronchange-gemma3-270m-none-gpu"}  # committed result (a full CPU re-run) -> GPU run kept here
+REPLACED = {  # committed result (a full CPU re-run) -> the GPU run, kept here
+    "none": "pronchange-gemma3-270m-none-gpu",
+    "pasta": "pronchange-gemma3-270m-pasta-gpu",
+}
 RERUNS = {  # GPU run -> the CPU re-runs of its batches (folders here)
     "none": ["pronchange-gemma3-270m-none-cpu-bios-0-63", "pronchange-gemma3-270m-none-cpu-bios-640-703"],
     "pasta": ["pronchange-gemma3-270m-pasta-cpu-bios-640-703"],

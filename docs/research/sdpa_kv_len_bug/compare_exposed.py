@@ -78,16 +78,16 @@ def compare(cpu: list[dict], gpu: dict[str, dict]) -> dict:
 
 
 def estimate(run: str, rerun: list[dict]) -> dict:
-    """``run``'s efficacy with the re-run records in place of its GPU ones, and SEKA's, none's and key scaling's paired
-    exact McNemar tests against it, before and after."""
-    committed = gpu_run(run)
-    corrected = {**committed, **{row["uid"]: row for row in rerun}}
+    """``run``'s GPU efficacy, and with the re-run records in place of its GPU ones, with SEKA's, none's and key
+    scaling's paired exact McNemar tests against each."""
+    gpu = gpu_run(run)
+    corrected = {**gpu, **{row["uid"]: row for row in rerun}}
     others = {
         other: per_id_scores(read(RESULTS / other / "predictions.jsonl.gz"), "efficacy_score")
         for other in ("seka", "none", "key_scaling")
     }
-    report = {"cases": len(per_id_scores(committed.values(), "efficacy_score")), "replaced_records": len(rerun)}
-    for label, rows in (("committed", committed), ("with_cpu_batch", corrected)):
+    report = {"cases": len(per_id_scores(gpu.values(), "efficacy_score")), "replaced_records": len(rerun)}
+    for label, rows in (("gpu_run", gpu), ("with_cpu_batch", corrected)):
         scores = per_id_scores(rows.values(), "efficacy_score")  # per case, as seka report pairs them
         uids = sorted(scores)
         report[label] = {"efficacy": 100 * sum(scores.values()) / len(uids)}

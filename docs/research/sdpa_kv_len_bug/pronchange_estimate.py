@@ -47,10 +47,14 @@ def read(path: Path) -> dict[str, dict]:
         return {row["uid"]: row for row in map(json.loads, handle)}
 
 
+def replaced(run: str) -> bool:
+    """Whether ``run``'s committed result is a full CPU re-run, its GPU run kept here."""
+    return run in REPLACED and (HERE / REPLACED[run]).is_dir()
+
+
 def gpu_run(run: str) -> dict[str, dict]:
     """The GPU run's records: kept here once replaced, else still the committed result."""
-    folder = HERE / REPLACED[run] if run in REPLACED and (HERE / REPLACED[run]).is_dir() else RESULTS / run
-    return read(folder / "predictions.jsonl.gz")
+    return read((HERE / REPLACED[run] if replaced(run) else RESULTS / run) / "predictions.jsonl.gz")
 
 
 def exposed_uids(run: str) -> set[str]:
@@ -76,7 +80,7 @@ def main() -> None:
             rerun.update(read(HERE / folder / "predictions.jsonl.gz"))
         runs = {"gpu_run": gpu, "with_cpu_batches": {**gpu, **rerun}}
         report[run] = {"bios": len(uids), "replaced": len(rerun), "identical_generations": identical(rerun, gpu)}
-        if run in REPLACED and (HERE / REPLACED[run]).is_dir():
+        if replaced(run):
             runs["full_cpu_rerun"] = full = read(RESULTS / run / "predictions.jsonl.gz")
             exposed = exposed_uids(run)
             report[run]["full_cpu_rerun_identical_generations"] = {

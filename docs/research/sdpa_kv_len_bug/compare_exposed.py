@@ -27,6 +27,7 @@ REPLACED = {  # committed result (a full CPU re-run now) -> the GPU run it repla
     "random/seed-2": "counterfact-gemma3-270m-random-seed-2-gpu",
     "spa": "counterfact-gemma3-270m-spa-gpu",
     "adaseka": "counterfact-gemma3-270m-adaseka-gpu",
+    "pasta": "counterfact-gemma3-270m-pasta-gpu",
 }
 BATCH_147 = {  # committed result -> the CPU re-run of its cases 9696-9743 (batch 147 and 32 records outside it)
     "spa": "counterfact-gemma3-270m-spa-cpu-cases-9696-9743",

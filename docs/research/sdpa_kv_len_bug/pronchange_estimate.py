@@ -25,6 +25,7 @@ BATCHES_OF_16 = (112, 304, 368, 688, 832)  # the first bio of each exposed batch
 REPLACED = {  # committed result (a full CPU re-run) -> the GPU run, kept here
     "none": "pronchange-gemma3-270m-none-gpu",
     "pasta": "pronchange-gemma3-270m-pasta-gpu",
+    "spa": "pronchange-gemma3-270m-spa-gpu",
 }
 RERUNS = {  # GPU run -> the CPU re-runs of its batches (folders here)
     "none": ["pronchange-gemma3-270m-none-cpu-bios-0-63", "pronchange-gemma3-270m-none-cpu-bios-640-703"],

@@ -26,6 +26,7 @@ REPLACED = {  # committed result (a full CPU re-run) -> the GPU run, kept here
     "none": "pronchange-gemma3-270m-none-gpu",
     "pasta": "pronchange-gemma3-270m-pasta-gpu",
     "spa": "pronchange-gemma3-270m-spa-gpu",
+    "key_scaling": "pronchange-gemma3-270m-key_scaling-gpu",
 }
 RERUNS = {  # GPU run -> the CPU re-runs of its batches (folders here)
     "none": ["pronchange-gemma3-270m-none-cpu-bios-0-63", "pronchange-gemma3-270m-none-cpu-bios-640-703"],
